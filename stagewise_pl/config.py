@@ -1,0 +1,343 @@
+"""Structured configuration: YAML files in conf/ merged onto typed dataclasses, grouped by concern.
+
+``load_config("default", ["optim.lr=1e-3"])`` reads conf/default.yaml, merges it onto :class:`Config`,
+applies the dotted overrides and checks every value. An unknown key, a wrong type, a missing file or
+a bad value raises :class:`ConfigError` naming the key and where it came from (the YAML file or the
+command line) before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported before any work starts."""
+
+
+def doc(default: Any = MISSING, help: str = "", factory: Any = None) -> Any:
+    """A dataclass field with a help text that ``--help`` prints."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes, how it is seeded and logged, and whether it resumes."""
+
+    dir: str = doc("", "run directory; empty = runs/<conf>-<timestamp>")
+    seed: int = doc(0, "seeds python, numpy and torch (Lightning's seed_everything)")
+    resume: str = doc("", "'' = fresh run; 'last' = continue run.dir from its last checkpoint; or a .ckpt path")
+    logger: str = doc("csv", "csv | tensorboard | wandb (wandb runs offline unless WANDB_MODE says otherwise)")
+    threads: int = doc(0, "torch intra-op threads; 0 = torch's default")
+    deterministic: bool = doc(False, "torch deterministic algorithms (Trainer(deterministic=True))")
+    progress_bar: bool = doc(True, "show progress bars for training, generation and evaluation")
+
+
+@dataclass
+class TinyModelConfig:
+    """The built-in tiny Qwen2 model (random init, local tokenizer)."""
+
+    hidden_size: int = doc(128, "width")
+    num_layers: int = doc(4, "transformer blocks")
+    num_heads: int = doc(4, "attention heads")
+    num_kv_heads: int = doc(2, "key/value heads (grouped-query attention)")
+    intermediate_size: int = doc(384, "MLP width")
+    vocab_size: int = doc(384, "BPE vocabulary the local tokenizer is trained to (special tokens included)")
+    max_position_embeddings: int = doc(512, "longest sequence")
+    initializer_range: float = doc(0.02, "std of the random init")
+
+
+@dataclass
+class WarmupConfig:
+    """The warm-up SFT that turns the random tiny model into the base model (cached on disk)."""
+
+    steps: int = doc(700, "optimizer steps; 0 = use the random model as base")
+    batch_size: int = doc(64, "problems per step")
+    lr: float = doc(2e-3, "peak learning rate (cosine, 50 warm-up steps)")
+    level_weights: list[float] = doc(help="sampling weight of each task level during warm-up",
+                                     factory=lambda: [3.0, 3.0, 3.0, 1.0, 1.0, 0.0])
+
+
+@dataclass
+class ModelConfig:
+    """The policy: a hub name, a local path, or 'tiny' for the built-in tiny model."""
+
+    name_or_path: str = doc("tiny", "'tiny', a Hugging Face hub name or a local directory")
+    dtype: str = doc("float32", "float32 | bfloat16 | float16")
+    attn_implementation: str = doc("sdpa", "sdpa | eager | flash_attention_2")
+    cache_dir: str = doc("~/.cache/stagewise_pl", "where the tiny base model is cached (keyed by its config)")
+    tiny: TinyModelConfig = doc(help="tiny model shape", factory=TinyModelConfig)
+    warmup: WarmupConfig = doc(help="tiny model warm-up", factory=WarmupConfig)
+
+
+@dataclass
+class LevelConfig:
+    """One difficulty level of the synthetic arithmetic task."""
+
+    steps: int = doc(1, "number of operations (one line of the trace each)")
+    max_operand: int = doc(9, "operands are drawn from 1..max_operand")
+
+
+@dataclass
+class TaskConfig:
+    """The built-in synthetic task: left-to-right integer arithmetic with + and -."""
+
+    seed: int = doc(1234, "fixes the problems of every split (independent of run.seed)")
+    levels: list[LevelConfig] = doc(help="difficulty levels, easiest first", factory=lambda: [
+        LevelConfig(1, 9), LevelConfig(2, 9), LevelConfig(3, 9),
+        LevelConfig(2, 40), LevelConfig(3, 40), LevelConfig(6, 60)])
+    train_per_level: int = doc(2000, "training problems per level")
+    test_per_level: int = doc(50, "held-out problems per level (never in train)")
+
+
+@dataclass
+class DataConfig:
+    """The training pool and how it becomes SFT examples."""
+
+    source: str = doc("synthetic", "synthetic | jsonl | hf | benchmark")
+    path: str = doc("", "file or directory for jsonl / hf / benchmark sources")
+    format: str = doc("", "benchmark format (math500, gsm8k, aime24, amc23, minerva_math, olympiadbench); "
+                          "empty = from the file name")
+    fields: dict[str, str] = doc(help="field map for jsonl/hf rows: id, prompt, answer, solution, level",
+                                 factory=lambda: {"prompt": "prompt", "answer": "answer"})
+    split: str = doc("train", "split of an hf dataset or of the synthetic task")
+    limit: int = doc(0, "keep only the first N problems; 0 = all")
+    target: str = doc("teacher_trace", "SFT target: teacher_trace | reference (the short solution)")
+    on_bad_row: str = doc("error", "error = stop at the first bad row with file:line; skip = count and skip")
+    max_bad_fraction: float = doc(0.05, "with on_bad_row=skip, abort if more rows than this are bad")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and cosine decay."""
+
+    lr: float = doc(1e-3, "peak learning rate")
+    weight_decay: float = doc(0.01, "AdamW weight decay")
+    betas: list[float] = doc(help="AdamW betas", factory=lambda: [0.9, 0.98])
+    warmup_steps: int = doc(20, "linear warm-up steps")
+    min_lr_ratio: float = doc(0.1, "cosine floor as a fraction of lr")
+    grad_clip: float = doc(1.0, "gradient norm clip; 0 = off")
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer settings and batch shape."""
+
+    accelerator: str = doc("auto", "cpu | gpu | auto")
+    devices: Any = doc(1, "devices per node (int, list or 'auto')")
+    num_nodes: int = doc(1, "nodes")
+    strategy: str = doc("auto", "auto | ddp | fsdp | ...")
+    precision: str = doc("32-true", "Lightning precision, e.g. 32-true, bf16-mixed")
+    batch_size: int = doc(64, "sequences per micro-batch")
+    accumulate_grad_batches: int = doc(1, "micro-batches per optimizer step")
+    max_length: int = doc(128, "longest training sequence in tokens; longer examples are truncated")
+    packing: bool = doc(False, "pack examples into rows of max_length (attention never crosses examples)")
+    log_every_n_steps: int = doc(10, "logging interval")
+    checkpoint_every_n_steps: int = doc(100, "Lightning checkpoint interval (and at the end of each phase)")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation: greedy pass@1 and sampled pass@k."""
+
+    split: str = doc("test", "synthetic split to evaluate on; '' = none")
+    benchmarks: list[str] = doc(help="benchmark JSONL files to evaluate on as well", factory=list)
+    limit: int = doc(0, "at most N problems per benchmark file; 0 = all")
+    k: int = doc(8, "samples per problem for pass@k; 0 = greedy only")
+    temperature: float = doc(1.0, "sampling temperature for pass@k")
+    max_new_tokens: int = doc(0, "generation budget; 0 = derived from the task")
+    batch_size: int = doc(64, "prompts per generation batch")
+    verifier: str = doc("exact", "verifier name or dotted path")
+    before: bool = doc(True, "evaluate before the first phase")
+
+
+@dataclass
+class PhaseConfig:
+    """One phase of the plan."""
+
+    kind: str = doc("sft", "phase kind (registered: see stagewise_pl.phases)")
+    name: str = doc("", "label in logs and directories; empty = <index>-<kind>")
+    steps: int = doc(100, "optimizer steps")
+    lr: Optional[float] = doc(None, "overrides optim.lr for this phase")
+    batch_size: Optional[int] = doc(None, "overrides trainer.batch_size for this phase")
+
+
+@dataclass
+class Config:
+    run: RunConfig = doc(help="run directory, seed, logging, resume", factory=RunConfig)
+    model: ModelConfig = doc(help="policy model", factory=ModelConfig)
+    task: TaskConfig = doc(help="built-in synthetic task", factory=TaskConfig)
+    data: DataConfig = doc(help="training pool", factory=DataConfig)
+    optim: OptimConfig = doc(help="optimiser and schedule", factory=OptimConfig)
+    trainer: TrainerConfig = doc(help="Lightning trainer", factory=TrainerConfig)
+    eval: EvalConfig = doc(help="evaluation", factory=EvalConfig)
+    phases: list[PhaseConfig] = doc(help="the plan: phases run in order", factory=lambda: [PhaseConfig()])
+    conf_name: str = doc("default", "name of the conf file this config came from (set by the loader)")
+
+
+GROUPS = ["run", "model", "task", "data", "optim", "trainer", "eval", "phases"]
+_CHOICES = {
+    "run.logger": {"csv", "tensorboard", "wandb"},
+    "model.dtype": {"float32", "bfloat16", "float16"},
+    "model.attn_implementation": {"sdpa", "eager", "flash_attention_2"},
+    "data.source": {"synthetic", "jsonl", "hf", "benchmark"},
+    "data.target": {"teacher_trace", "reference"},
+    "data.on_bad_row": {"error", "skip"},
+}
+_POSITIVE = ["trainer.batch_size", "trainer.accumulate_grad_batches", "trainer.max_length",
+             "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps", "eval.batch_size",
+             "task.train_per_level", "task.test_per_level", "model.warmup.batch_size",
+             "model.tiny.hidden_size", "model.tiny.num_layers", "model.tiny.vocab_size"]
+_NON_NEGATIVE = ["optim.lr", "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip", "eval.k",
+                 "eval.limit", "eval.max_new_tokens", "data.limit", "model.warmup.steps", "run.threads"]
+
+
+def _get(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _problems(cfg: Config) -> list[tuple[str, str]]:
+    """Every bad value as (key, message): choices, ranges and cross-field rules."""
+    bad: list[tuple[str, str]] = []
+    for key, choices in _CHOICES.items():
+        if _get(cfg, key) not in choices:
+            bad.append((key, f"{_get(cfg, key)!r} is not one of {sorted(choices)}"))
+    bad += [(k, f"must be > 0, got {_get(cfg, k)}") for k in _POSITIVE if _get(cfg, k) <= 0]
+    bad += [(k, f"must be >= 0, got {_get(cfg, k)}") for k in _NON_NEGATIVE if _get(cfg, k) < 0]
+    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
+        bad.append(("optim.min_lr_ratio", f"must be in [0, 1], got {cfg.optim.min_lr_ratio}"))
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        bad.append(("optim.betas", f"must be two numbers in [0, 1), got {cfg.optim.betas}"))
+    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
+        bad.append(("data.max_bad_fraction", f"must be in [0, 1], got {cfg.data.max_bad_fraction}"))
+    if cfg.data.source != "synthetic" and not cfg.data.path:
+        bad.append(("data.path", f"data.source={cfg.data.source} needs a path"))
+    if not cfg.task.levels:
+        bad.append(("task.levels", "needs at least one level"))
+    for i, level in enumerate(cfg.task.levels):
+        if level.steps < 1 or level.max_operand < 1:
+            bad.append((f"task.levels.{i}", f"steps and max_operand must be >= 1, got {level}"))
+    if len(cfg.model.warmup.level_weights) != len(cfg.task.levels):
+        bad.append(("model.warmup.level_weights",
+                    f"has {len(cfg.model.warmup.level_weights)} weights for {len(cfg.task.levels)} task levels"))
+    elif cfg.model.warmup.steps and sum(cfg.model.warmup.level_weights) <= 0:
+        bad.append(("model.warmup.level_weights", "needs a positive weight"))
+    if cfg.eval.temperature <= 0 and cfg.eval.k > 0:
+        bad.append(("eval.temperature", "must be > 0 when eval.k > 0"))
+    if cfg.model.tiny.hidden_size % cfg.model.tiny.num_heads or cfg.model.tiny.num_heads % cfg.model.tiny.num_kv_heads:
+        bad.append(("model.tiny.num_heads", "hidden_size must divide by num_heads, num_heads by num_kv_heads"))
+    if not cfg.phases:
+        bad.append(("phases", "the plan needs at least one phase"))
+    for i, phase in enumerate(cfg.phases):
+        if phase.steps <= 0:
+            bad.append((f"phases.{i}.steps", f"must be > 0, got {phase.steps}"))
+        if phase.lr is not None and phase.lr < 0:
+            bad.append((f"phases.{i}.lr", f"must be >= 0, got {phase.lr}"))
+    return bad
+
+
+def find_conf(name: str) -> Path:
+    """conf=NAME: a path to a YAML file, ./conf/NAME.yaml, or the project's conf/NAME.yaml."""
+    candidates = [Path(name)] if name.endswith((".yaml", ".yml")) else []
+    candidates += [Path("conf") / f"{name}.yaml", CONF_DIR / f"{name}.yaml"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise ConfigError(f"conf={name}: no such file (looked at {', '.join(str(p) for p in candidates)}); "
+                      f"available: {', '.join(available_confs())}")
+
+
+def available_confs() -> list[str]:
+    return sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+
+
+def _merge(base: Any, layer: Any, source: str) -> Any:
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"{source}: key '{key}': {msg}") from None
+
+
+def load_config(conf: str = "default", overrides: Optional[list[str]] = None) -> Config:
+    """Merge conf/<conf>.yaml and ``key=value`` overrides onto :class:`Config`, then check values."""
+    overrides = list(overrides or [])
+    path = find_conf(conf)
+    try:
+        file_layer = OmegaConf.load(path)
+    except Exception as exc:  # YAML syntax errors
+        raise ConfigError(f"{path}: cannot parse: {exc}") from None
+    if file_layer is None or not isinstance(file_layer, type(OmegaConf.create({}))):
+        raise ConfigError(f"{path}: must hold a mapping of config groups")
+    merged = _merge(OmegaConf.structured(Config), file_layer, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command line: {item!r} is not key=value")
+        try:
+            layer = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"command line: cannot parse {item!r}: {exc}") from None
+        merged = _merge(merged, layer, f"command line ({item})")
+    merged.conf_name = path.stem
+    try:
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{path}: key '{getattr(exc, 'full_key', '?')}': {exc}") from None
+    problems = _problems(cfg)
+    if problems:
+        given = {o.split("=", 1)[0] for o in overrides}
+        lines = [f"{'command line' if _set_by(key, given) else path}: key '{key}': {msg}" for key, msg in problems]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
+    return cfg
+
+
+def _set_by(key: str, given: set[str]) -> bool:
+    return any(key == g or key.startswith(g + ".") or g.startswith(key + ".") for g in given)
+
+
+def resolve_run_dir(cfg: Config) -> Path:
+    """run.dir, or runs/<conf>-<timestamp> for a fresh run."""
+    if cfg.run.dir:
+        return Path(cfg.run.dir).expanduser()
+    return Path("runs") / f"{cfg.conf_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[str]:
+    """One line per config field, with its default and help, for ``--help``."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    lines: list[str] = []
+    for f in dataclasses.fields(cls):
+        if f.name == "conf_name":
+            continue
+        key, help_text, kind = f"{prefix}{f.name}", f.metadata.get("help", ""), hints[f.name]
+        item = typing.get_args(kind)[0] if typing.get_origin(kind) is list and typing.get_args(kind) else None
+        if dataclasses.is_dataclass(kind):
+            lines.append(f"\n[{key}] {help_text}" if not prefix else f"  {key}.*  ({help_text})")
+            lines += describe(kind, key + ".")
+            continue
+        if item is not None and dataclasses.is_dataclass(item):
+            lines.append(f"\n[{key}] {help_text}; each item:" if not prefix else f"  {key}: list of ({help_text}):")
+            lines += describe(item, f"{key}[i].")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"  {key} = {default!r}  # {help_text}")
+    return lines

@@ -1,0 +1,263 @@
+"""Problem pools from the built-in task, JSONL files, local Hugging Face datasets and benchmark files.
+
+Every source is mapped onto :class:`~stagewise_pl.data.problems.Problem`. A row that cannot be
+mapped (invalid JSON or UTF-8, no problem text, no gold answer, a duplicate id, ...) raises
+:class:`BadRowError` naming the file and line, or -- with ``on_bad_row="skip"`` -- is skipped and
+counted per reason; more bad rows than ``max_bad_fraction`` of the file aborts the load.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+from stagewise_pl.data.problems import BadRowError, Problem
+from stagewise_pl.verify.exact import last_boxed
+
+
+@dataclass
+class LoadReport:
+    """What a load kept and skipped: counts per reason and the first few places of each."""
+
+    source: str
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def skip(self, err: BadRowError) -> None:
+        self.skipped[err.reason] += 1
+        self.examples.setdefault(err.reason, [])
+        if len(self.examples[err.reason]) < 5:
+            self.examples[err.reason].append(err.where)
+
+    def summary(self) -> str:
+        if not self.skipped:
+            return f"{self.source}: {self.kept} problems"
+        parts = ", ".join(f"{reason} {n} (e.g. {', '.join(self.examples[reason][:2])})"
+                          for reason, n in sorted(self.skipped.items()))
+        return f"{self.source}: {self.kept} problems, skipped {sum(self.skipped.values())}: {parts}"
+
+
+RowMapper = Callable[[dict, str, int], Problem]
+
+
+def _text(row: dict, key: str, where: str, reason: str) -> str:
+    value = row.get(key)
+    if value is None:
+        raise BadRowError(where, reason, f"field {key!r} is missing or null")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = _number_text(value)
+    if not isinstance(value, str):
+        raise BadRowError(where, "bad_type", f"field {key!r} is {type(value).__name__}, not text")
+    if not value.strip():
+        raise BadRowError(where, reason, f"field {key!r} is empty")
+    return value
+
+
+def _number_text(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def field_mapper(fields: dict[str, str], source: str) -> RowMapper:
+    """Map a row by a field map {id, prompt, answer, solution, level} -> row keys."""
+    def mapper(row: dict, stem: str, line: int) -> Problem:
+        where = f"{source}:{line}"
+        prompt = _text(row, fields.get("prompt", "prompt"), where, "no_prompt")
+        answer = _text(row, fields.get("answer", "answer"), where, "no_answer")
+        pid = row.get(fields.get("id", "id")) if fields.get("id", "id") in row else None
+        solution = row.get(fields["solution"]) if "solution" in fields else None
+        level = row.get(fields["level"]) if "level" in fields else None
+        return Problem(id=str(pid) if pid is not None else f"{stem}-{line}", prompt=prompt, answer=answer,
+                       source=stem, solution=solution if isinstance(solution, str) else None,
+                       level=None if level is None else str(level))
+    return mapper
+
+
+def strip_calculator(text: str) -> str:
+    """GSM8K solutions carry calculator annotations <<48/2=24>>: drop them."""
+    return re.sub(r"<<[^>]*>>", "", text)
+
+
+def _gsm8k(row: dict, stem: str, line: int) -> Problem:
+    where = f"{stem}.jsonl:{line}"
+    question = _text(row, "question", where, "no_prompt")
+    full = _text(row, "answer", where, "no_answer")
+    if "####" not in full:
+        raise BadRowError(where, "no_answer", "no '#### answer' in field 'answer'")
+    solution, gold = full.rsplit("####", 1)
+    gold = gold.strip().replace(",", "")
+    if not gold:
+        raise BadRowError(where, "no_answer", "empty answer after '####'")
+    return Problem(id=f"{stem}-{line}", prompt=question, answer=gold, source=stem,
+                   solution=strip_calculator(solution).strip() + f"\n#### {gold}")
+
+
+def _with_solution(prompt_key: str) -> RowMapper:
+    def mapper(row: dict, stem: str, line: int) -> Problem:
+        where = f"{stem}.jsonl:{line}"
+        solution = row.get("solution") if isinstance(row.get("solution"), str) else None
+        level = row.get("level")
+        return Problem(id=str(row.get("unique_id") or row.get("id") or f"{stem}-{line}"),
+                       prompt=_text(row, prompt_key, where, "no_prompt"), answer=_text(row, "answer", where, "no_answer"),
+                       source=stem, solution=solution, level=None if level is None else str(level))
+    return mapper
+
+
+def _minerva(row: dict, stem: str, line: int) -> Problem:
+    where = f"{stem}.jsonl:{line}"
+    solution = _text(row, "solution", where, "no_answer")
+    gold = last_boxed(solution)
+    if gold is None or not gold.strip():
+        raise BadRowError(where, "no_answer", "no \\boxed{} answer in field 'solution'")
+    return Problem(id=f"{stem}-{line}", prompt=_text(row, "problem", where, "no_prompt"), answer=gold.strip(),
+                   source=stem, solution=solution)
+
+
+def _olympiad(row: dict, stem: str, line: int) -> Problem:
+    where = f"{stem}.jsonl:{line}"
+    final = row.get("final_answer")
+    if isinstance(final, list):
+        final = [str(a).strip() for a in final if a is not None and str(a).strip()]
+        gold = ", ".join(final)
+    else:
+        gold = final.strip() if isinstance(final, str) else ""
+    if not gold:
+        raise BadRowError(where, "no_answer", "field 'final_answer' is missing or empty")
+    return Problem(id=str(row.get("id", f"{stem}-{line}")), prompt=_text(row, "question", where, "no_prompt"),
+                   answer=gold, source=stem, solution=None,
+                   meta={"unit": row.get("unit"), "is_multiple_answer": bool(row.get("is_multiple_answer"))})
+
+
+BENCHMARK_FORMATS: dict[str, RowMapper] = {
+    "math500": _with_solution("problem"),
+    "aime24": _with_solution("problem"),
+    "amc23": _with_solution("question"),
+    "gsm8k": _gsm8k,
+    "minerva_math": _minerva,
+    "olympiadbench": _olympiad,
+}
+
+
+def benchmark_format(path: Path, fmt: str = "") -> str:
+    if fmt:
+        if fmt not in BENCHMARK_FORMATS:
+            raise ValueError(f"unknown benchmark format {fmt!r}; known: {', '.join(sorted(BENCHMARK_FORMATS))}")
+        return fmt
+    for name in sorted(BENCHMARK_FORMATS, key=len, reverse=True):
+        if path.stem.startswith(name):
+            return name
+    raise ValueError(f"{path}: cannot tell the benchmark format from the file name; set data.format "
+                     f"({', '.join(sorted(BENCHMARK_FORMATS))})")
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed row or BadRowError) for every non-blank line; BOM and CRLF tolerated."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield number, BadRowError(where, "invalid_utf8", str(exc))
+                continue
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as exc:
+                yield number, BadRowError(where, "invalid_json", exc.msg)
+                continue
+            if not isinstance(row, dict):
+                yield number, BadRowError(where, "not_an_object", type(row).__name__)
+                continue
+            yield number, row
+
+
+def collect(rows: Iterable[tuple[int, Any]], mapper: RowMapper, stem: str, source: str, on_bad_row: str = "error",
+            max_bad_fraction: float = 0.0, limit: int = 0) -> tuple[list[Problem], LoadReport]:
+    report = LoadReport(source=source)
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    total = 0
+    for number, row in rows:
+        total += 1
+        try:
+            if isinstance(row, BadRowError):
+                raise row
+            problem = mapper(row, stem, number)
+            if problem.id in seen:
+                raise BadRowError(f"{source}:{number}", "duplicate_id", f"id {problem.id!r} seen before")
+        except BadRowError as err:
+            if err.where.split(":")[0] != source:  # mappers name the file by stem: use the real path
+                err = BadRowError(f"{source}:{number}", err.reason, str(err).split(": ", 1)[-1])
+            if on_bad_row == "error":
+                raise err from None
+            report.skip(err)
+            continue
+        seen.add(problem.id)
+        problems.append(problem)
+        if limit and len(problems) >= limit:
+            break
+    report.kept = len(problems)
+    bad = sum(report.skipped.values())
+    if total and bad / total > max_bad_fraction:
+        raise BadRowError(source, "too_many_bad_rows",
+                          f"{bad} of {total} rows are bad, above data.max_bad_fraction={max_bad_fraction}: "
+                          + report.summary())
+    return problems, report
+
+
+def load_jsonl(path: str | Path, mapper: Optional[RowMapper] = None, fields: Optional[dict] = None,
+               on_bad_row: str = "error", max_bad_fraction: float = 0.0, limit: int = 0):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    mapper = mapper or field_mapper(fields or {"prompt": "prompt", "answer": "answer"}, str(path))
+    return collect(_jsonl_rows(path), mapper, path.stem, str(path), on_bad_row, max_bad_fraction, limit)
+
+
+def load_benchmark(path: str | Path, fmt: str = "", on_bad_row: str = "error", max_bad_fraction: float = 0.0,
+                   limit: int = 0):
+    path = Path(path)
+    return load_jsonl(path, BENCHMARK_FORMATS[benchmark_format(path, fmt)], on_bad_row=on_bad_row,
+                      max_bad_fraction=max_bad_fraction, limit=limit)
+
+
+def load_hf(path: str | Path, split: str, fields: dict, on_bad_row: str = "error", max_bad_fraction: float = 0.0,
+            limit: int = 0):
+    """A Hugging Face dataset from local files: a save_to_disk directory, or a json/jsonl/parquet/csv file."""
+    import datasets
+
+    path = Path(path)
+    if path.is_dir():
+        loaded = datasets.load_from_disk(str(path))
+        dataset = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    elif path.is_file():
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
+        if kind is None:
+            raise ValueError(f"{path}: unsupported file type for data.source=hf")
+        dataset = datasets.load_dataset(kind, data_files={split: str(path)}, split=split)
+    else:
+        raise FileNotFoundError(f"no such dataset: {path}")
+    rows = ((i + 1, dict(row)) for i, row in enumerate(dataset))
+    return collect(rows, field_mapper(fields, f"{path}[{split}]"), path.stem, f"{path}[{split}]", on_bad_row,
+                   max_bad_fraction, limit)
+
+
+def load_pool(data_cfg, task=None) -> tuple[list[Problem], LoadReport]:
+    """The training pool that ``data`` describes."""
+    kw = dict(on_bad_row=data_cfg.on_bad_row, max_bad_fraction=data_cfg.max_bad_fraction, limit=data_cfg.limit)
+    if data_cfg.source == "synthetic":
+        problems = task.split(data_cfg.split)
+        problems = problems[:data_cfg.limit] if data_cfg.limit else problems
+        return problems, LoadReport(source=f"synthetic[{data_cfg.split}]", kept=len(problems))
+    if data_cfg.source == "jsonl":
+        return load_jsonl(data_cfg.path, fields=dict(data_cfg.fields), **kw)
+    if data_cfg.source == "hf":
+        return load_hf(data_cfg.path, data_cfg.split, dict(data_cfg.fields), **kw)
+    return load_benchmark(data_cfg.path, data_cfg.format, **kw)

@@ -1,0 +1,169 @@
+"""SFT examples: tokenisation with the prompt masked, padding or packing, and a resumable batch order.
+
+Packing puts several examples in one row and gives the model a block-diagonal causal mask (a 4-D
+additive mask) with position ids restarting at each example, so attention never crosses an example
+boundary and the packed loss equals the unpacked loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from stagewise_pl.losses import IGNORE_INDEX
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX on the prompt
+    truncated: bool = False
+
+
+def encode_example(tokenizer, prompt_text: str, completion: str, max_length: int) -> Example:
+    """Prompt (already chat-rendered) + completion + EOS; loss only on completion and EOS."""
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = prompt_ids + completion_ids
+    labels = [IGNORE_INDEX] * len(prompt_ids) + completion_ids
+    truncated = len(ids) > max_length
+    return Example(ids[:max_length], labels[:max_length], truncated)
+
+
+class ExampleDataset(Dataset):
+    def __init__(self, examples: Sequence[Example]):
+        self.examples = list(examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Example:
+        return self.examples[i]
+
+
+def pad_collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, labels, attention_mask, all (B, T)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def pack_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """First-fit-decreasing assignment of examples to rows of at most ``max_length`` tokens."""
+    rows: list[list[int]] = []
+    space: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, free in enumerate(space):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                space[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            space.append(max_length - lengths[i])
+    return rows
+
+
+def pack_collate(examples: Sequence[Example], pad_id: int, max_length: int,
+                 dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Packed batch: input_ids, labels, position_ids (B, T) and a block-diagonal causal mask (B, 1, T, T)."""
+    rows = pack_rows([len(e.input_ids) for e in examples], max_length)
+    width = max(sum(len(examples[i].input_ids) for i in row) for row in rows)
+    n_rows = len(rows)
+    ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
+    labels = torch.full((n_rows, width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((n_rows, width), dtype=torch.long)
+    segment = torch.full((n_rows, width), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for s, i in enumerate(row):
+            e = examples[i]
+            n = len(e.input_ids)
+            ids[r, start:start + n] = torch.tensor(e.input_ids)
+            labels[r, start:start + n] = torch.tensor(e.labels)
+            positions[r, start:start + n] = torch.arange(n)
+            segment[r, start:start + n] = s
+            start += n
+        # padding: each pad token is its own segment, so no row of the mask is empty
+        segment[r, start:] = torch.arange(width - start) + len(row)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = (segment[:, :, None] == segment[:, None, :]) & causal  # (B, T, T)
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return {"input_ids": ids, "labels": labels, "position_ids": positions, "attention_mask": mask[:, None]}
+
+
+class Collator:
+    def __init__(self, pad_id: int, max_length: int, packing: bool):
+        self.pad_id, self.max_length, self.packing = pad_id, max_length, packing
+
+    def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        if self.packing:
+            return pack_collate(examples, self.pad_id, self.max_length)
+        return pad_collate(examples, self.pad_id)
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """A fixed, seeded sequence of ``num_batches`` batches that can start at any batch.
+
+    Batch b is a pure function of (seed, b): uniform order reshuffles each pass over the data;
+    with ``weights`` every batch is drawn with replacement by weight. ``start`` skips batches already
+    trained on, which is how a resumed run continues with exactly the data it had not seen.
+    With several ranks, each takes its slice of a global batch of ``batch_size * world_size``.
+    """
+
+    def __init__(self, n_examples: int, batch_size: int, num_batches: int, seed: int,
+                 weights: Optional[Sequence[float]] = None, rank: int = 0, world_size: int = 1):
+        if n_examples <= 0:
+            raise ValueError("no training examples")
+        self.n, self.batch_size, self.num_batches, self.seed = n_examples, batch_size, num_batches, seed
+        self.rank, self.world = rank, world_size
+        self.weights = None if weights is None else np.asarray(weights, dtype=np.float64) / np.sum(weights)
+        self.start = 0
+
+    def global_batch(self, b: int) -> np.ndarray:
+        size = self.batch_size * self.world
+        if self.weights is not None:
+            return np.random.default_rng([self.seed, b]).choice(self.n, size=size, p=self.weights)
+        per_pass = max(1, self.n // size) if self.n >= size else 1
+        epoch, offset = divmod(b, per_pass)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        if self.n < size:  # fewer examples than a batch: repeat the permutation
+            order = np.resize(order, size)
+            offset = 0
+        return order[offset * size:(offset + 1) * size]
+
+    def __iter__(self):
+        for b in range(self.start, self.num_batches):
+            batch = self.global_batch(b)
+            yield batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist()
+
+    def __len__(self) -> int:
+        return self.num_batches - self.start
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose position is saved in Lightning checkpoints (Lightning's _Stateful protocol).
+
+    ``consumed`` says how many batches training has used at checkpoint time; loading the state
+    moves the sampler past them.
+    """
+
+    def __init__(self, dataset, batch_sampler: StepBatchSampler, collate_fn, consumed):
+        super().__init__(dataset, batch_sampler=batch_sampler, collate_fn=collate_fn)
+        self._consumed = consumed
+
+    def state_dict(self) -> dict:
+        return {"batches_consumed": int(self._consumed())}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_sampler.start = int(state["batches_consumed"])

@@ -1,0 +1,89 @@
+"""Greedy pass@1 and sampled pass@k over a problem set, broken down by difficulty level.
+
+pass@1 is greedy decoding (one sample at temperature 0). With ``k`` samples at the configured
+temperature, a problem's pass rate is p = correct / k and pass@k is 1 when any sample is correct
+(the unbiased estimator of Chen et al. 2021 with n = k). Per-level and overall means are
+aggregated with torchmetrics, so they reduce across ranks the same way training metrics do.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torchmetrics.aggregation import MeanMetric
+
+from stagewise_pl.data.problems import Problem
+from stagewise_pl.models.load import render_prompts
+from stagewise_pl.rollout.base import SamplingParams
+
+ALL = "all"
+
+
+@dataclass
+class EvalResult:
+    """Per level (and ``all``): problems, greedy pass@1, mean sampled pass rate, pass@k."""
+
+    name: str
+    k: int
+    by_level: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "k": self.k, "by_level": self.by_level}
+
+
+def _level_key(problem: Problem) -> str:
+    return problem.level if problem.level is not None else ALL
+
+
+def evaluate_problems(engine, tokenizer, verifier, problems: Sequence[Problem], name: str, k: int = 8,
+                      temperature: float = 1.0, max_new_tokens: int = 64, seed: int = 0) -> EvalResult:
+    prompts = render_prompts(tokenizer, [p.prompt for p in problems])
+    golds = [p.answer for p in problems]
+    greedy = engine.generate(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens),
+                             desc=f"eval {name} greedy")
+    greedy_rewards = [v.reward for v in verifier.score_batch(greedy.texts, golds)]
+    sampled_rates, any_correct = [None] * len(problems), [None] * len(problems)
+    if k > 0:
+        sampled = engine.generate(prompts, SamplingParams(n=k, temperature=temperature, max_new_tokens=max_new_tokens,
+                                                          seed=seed), desc=f"eval {name} pass@{k}")
+        rewards = [v.reward for v in verifier.score_batch(sampled.texts, [g for g in golds for _ in range(k)])]
+        for i in range(len(problems)):
+            r = rewards[i * k:(i + 1) * k]
+            sampled_rates[i], any_correct[i] = sum(r) / k, float(max(r) > 0)
+    levels = sorted({_level_key(p) for p in problems}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+    metrics: dict[str, dict[str, MeanMetric]] = OrderedDict(
+        (lvl, {"pass@1": MeanMetric(), "mean_p": MeanMetric(), f"pass@{k}": MeanMetric()}) for lvl in levels + [ALL])
+    counts = {lvl: 0 for lvl in levels + [ALL]}
+    for i, p in enumerate(problems):
+        for lvl in {_level_key(p), ALL}:
+            counts[lvl] += 1
+            metrics[lvl]["pass@1"].update(torch.tensor(greedy_rewards[i]))
+            if k > 0:
+                metrics[lvl]["mean_p"].update(torch.tensor(sampled_rates[i]))
+                metrics[lvl][f"pass@{k}"].update(torch.tensor(any_correct[i]))
+    result = EvalResult(name=name, k=k)
+    for lvl, ms in metrics.items():
+        row = {"n": counts[lvl], "pass@1": float(ms["pass@1"].compute())}
+        if k > 0:
+            row["mean_p"] = float(ms["mean_p"].compute())
+            row[f"pass@{k}"] = float(ms[f"pass@{k}"].compute())
+        result.by_level[lvl] = row
+    return result
+
+
+def format_table(columns: "OrderedDict[str, EvalResult]") -> str:
+    """A Markdown table: one row per level, greedy pass@1 (and mean p) for each labelled result."""
+    labels = list(columns)
+    levels = list(next(iter(columns.values())).by_level)
+    header = "| level | n | " + " | ".join(f"{lab} pass@1 | {lab} mean p" for lab in labels) + " |"
+    lines = [header, "|" + "---|" * (2 + 2 * len(labels))]
+    for lvl in levels:
+        cells = []
+        for lab in labels:
+            row = columns[lab].by_level.get(lvl, {})
+            cells += [f"{row.get('pass@1', float('nan')):.2f}", f"{row.get('mean_p', float('nan')):.3f}"]
+        n = next(iter(columns.values())).by_level[lvl]["n"]
+        lines.append(f"| {lvl} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,30 @@
+"""Entry point: ``python -m stagewise_pl.fit [conf=NAME] [key=value ...]``. See ``--help``."""
+from __future__ import annotations
+
+import sys
+
+from stagewise_pl.cli import help_text, parse_args
+from stagewise_pl.config import ConfigError, load_config, to_yaml
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.help:
+        print(help_text())
+        return 0
+    try:
+        cfg = load_config(args.conf, args.overrides)
+        from stagewise_pl.run import Run, plan_phases
+
+        if args.dry_run:
+            print(to_yaml(cfg) + "\nplan:\n" + "\n".join(f"  {p.name}: {p.kind}, {p.steps} steps" for p in plan_phases(cfg)))
+            return 0
+        Run(cfg).execute()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

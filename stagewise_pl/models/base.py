@@ -1,0 +1,82 @@
+"""The tiny base model: random tiny Qwen2 + warm-up SFT on the synthetic task, cached on disk.
+
+The cache key is a hash of everything that determines the weights (tiny shape, warm-up settings,
+task definition, format version), so a second run -- or another array task -- reuses the same
+base model, and a changed setting builds a new one. The directory is built under a temporary name
+and renamed into place, under a file lock, so concurrent runs never see half a model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+from stagewise_pl.data.problems import Problem
+
+FORMAT_VERSION = 1
+
+
+def base_key(cfg) -> str:
+    blob = json.dumps({"v": FORMAT_VERSION, "tiny": dataclasses.asdict(cfg.model.tiny),
+                       "warmup": dataclasses.asdict(cfg.model.warmup), "task": dataclasses.asdict(cfg.task),
+                       "optim": dataclasses.asdict(cfg.optim)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def warmup_weights(problems: list[Problem], level_weights: list[float]) -> list[float]:
+    """Per-example sampling weights so that each level gets its configured share of the warm-up."""
+    per_level: dict[int, int] = {}
+    for p in problems:
+        per_level[p.meta["level"]] = per_level.get(p.meta["level"], 0) + 1
+    return [level_weights[p.meta["level"] - 1] / per_level[p.meta["level"]] for p in problems]
+
+
+def tiny_base_model(cfg, task, log=print) -> Path:
+    """Path of the cached tiny base model, building it (random init + warm-up SFT) when missing."""
+    cache = Path(cfg.model.cache_dir).expanduser()
+    target = cache / f"tiny-base-{base_key(cfg)}"
+    if (target / "config.json").is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").is_file():  # built by another process meanwhile
+            return target
+        tmp = cache / f".building-{target.name}-{time.time_ns()}"
+        try:
+            _build(cfg, task, tmp, log)
+            tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _build(cfg, task, directory: Path, log) -> None:
+    import torch
+
+    from stagewise_pl.models.load import load_policy
+    from stagewise_pl.models.tiny import save_random_tiny
+    from stagewise_pl.train import build_examples, fit_sft, make_trainer, sft_module
+
+    log(f"building the tiny base model in {directory.parent} (random init + {cfg.model.warmup.steps} warm-up steps)")
+    save_random_tiny(directory, cfg.model.tiny, task, seed=0)
+    warm = cfg.model.warmup
+    if warm.steps > 0:
+        policy, tokenizer = load_policy(str(directory))
+        problems = task.split("train")
+        examples = build_examples(tokenizer, problems, "teacher_trace", cfg.trainer.max_length)
+        trainer_cfg = dataclasses.replace(cfg.trainer, accumulate_grad_batches=1, devices=1, num_nodes=1,
+                                          strategy="auto", log_every_n_steps=50)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            trainer = make_trainer(trainer_cfg, cfg.run, warm.steps, cfg.optim.grad_clip, checkpointing=False)
+            module = sft_module(policy, dataclasses.replace(cfg.optim, warmup_steps=50), warm.steps, lr=warm.lr)
+            fit_sft(trainer, module, examples, tokenizer.pad_token_id, warm.batch_size, cfg.trainer.max_length,
+                    packing=cfg.trainer.packing, seed=0, weights=warmup_weights(problems, warm.level_weights))
+        policy.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+    (directory / "stagewise_base.json").write_text(json.dumps({"key": base_key(cfg), "warmup": dataclasses.asdict(warm)}))

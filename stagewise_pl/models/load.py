@@ -1,0 +1,48 @@
+"""Load any causal LM and its tokenizer by hub name or local path; render prompts with the chat template."""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_policy(name_or_path: str, dtype: str = "float32", attn_implementation: str = "sdpa"):
+    """``(model, tokenizer)`` through ``from_pretrained``: the same path for the tiny model and a hub model.
+
+    flash_attention_2 falls back to sdpa with a warning when flash-attn is not installed.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if attn_implementation == "flash_attention_2":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            import warnings
+
+            warnings.warn("flash-attn is not installed (pip install 'stagewise_pl[gpu]'); using sdpa")
+            attn_implementation = "sdpa"
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype],
+                                                 attn_implementation=attn_implementation)
+    return model, tokenizer
+
+
+def render_prompt(tokenizer, prompt: str, system_prompt: Optional[str] = None) -> str:
+    """The prompt as the model sees it: the tokenizer's chat template with the generation prompt."""
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
+    messages.append({"role": "user", "content": prompt})
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return prompt + "\n"
+
+
+def render_prompts(tokenizer, prompts: Iterable[str], system_prompt: Optional[str] = None) -> list[str]:
+    return [render_prompt(tokenizer, p, system_prompt) for p in prompts]
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())

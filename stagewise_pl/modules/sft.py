@@ -1,0 +1,56 @@
+"""Supervised fine-tuning: next-token NLL on completion tokens only.
+
+The loss is the token-mean over the supervised tokens of each micro-batch (prompt and padding
+masked). With gradient accumulation Lightning averages micro-batch losses, so micro-batches with
+fewer completion tokens weigh a little more than in a global token-mean; this matches TRL's
+SFTTrainer. Optimiser: AdamW; schedule: linear warm-up then cosine decay to ``min_lr_ratio``.
+"""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+
+from stagewise_pl.losses import masked_mean_nll
+
+
+def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of the peak learning rate at ``step``: linear ramp, then cosine to ``min_lr_ratio``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class SFTModule(L.LightningModule):
+    def __init__(self, policy: torch.nn.Module, lr: float, total_steps: int, weight_decay: float = 0.01,
+                 betas: tuple[float, float] = (0.9, 0.98), warmup_steps: int = 20, min_lr_ratio: float = 0.1):
+        super().__init__()
+        self.policy = policy
+        self.lr, self.total_steps, self.weight_decay = lr, total_steps, weight_decay
+        self.betas, self.warmup_steps, self.min_lr_ratio = tuple(betas), warmup_steps, min_lr_ratio
+        self.log_prefix = ""  # the phase name, so metrics of several phases share one logger
+
+    def on_fit_start(self) -> None:
+        self.policy.train()  # from_pretrained returns the model in eval mode
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
+        return self.policy(input_ids=batch["input_ids"], use_cache=False, **kwargs).logits  # (B, T, V)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, tokens = masked_mean_nll(self(batch), batch["labels"])
+        rows = batch["input_ids"].shape[0]
+        self.log(f"{self.log_prefix}train/loss", loss, prog_bar=True, batch_size=rows)
+        self.log(f"{self.log_prefix}train/tokens", tokens.float(), reduce_fx="sum", batch_size=rows)
+        return loss
+
+    def configure_optimizers(self):
+        decay = [p for n, p in self.policy.named_parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for n, p in self.policy.named_parameters() if p.requires_grad and p.ndim < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=self.betas)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(
+            s, self.warmup_steps, self.total_steps, self.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

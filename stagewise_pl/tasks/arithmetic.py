@@ -1,0 +1,205 @@
+"""The built-in synthetic reasoning task: left-to-right integer arithmetic.
+
+A problem is an expression such as ``17+5-9`` evaluated strictly left to right. Its difficulty is
+set by the number of operations (one reasoning step each) and the operand size (carries and
+borrows). Running values never go negative: a subtraction that would is turned into an addition
+when the problem is drawn.
+
+Three kinds of text per problem:
+- the *teacher trace*: one line per step (``17+5=22``, ``22-9=13``), then ``#### 13``;
+- the *reference solution*: the short form a human dataset would hold (``17+5-9 = 13``, then
+  ``#### 13``), correct but with no intermediate steps;
+- for a wrong solution, :meth:`ArithmeticTask.first_error` names the first wrong step and the
+  correct value there: the programmatic teacher behind critiques.
+
+Splits are drawn from ``task.seed`` alone: the held-out split is drawn first, and the training
+split never contains an expression of the held-out one.
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from stagewise_pl.data.problems import Problem
+
+ANSWER_MARK = "####"
+_STEP = re.compile(r"^\s*(\d+)\s*([+\-])\s*(\d+)\s*=\s*(-?\d+)\s*$")
+_FINAL = re.compile(r"####\s*(-?\d+)")
+
+
+@dataclass(frozen=True)
+class Level:
+    steps: int
+    max_operand: int
+
+
+@dataclass
+class StepError:
+    """The first wrong step of a solution: 0-based step index, what was written, what was due."""
+
+    step: int
+    kind: str  # wrong_value | wrong_operands | missing_step | wrong_final | no_answer
+    written: str
+    expected: str
+    correct_value: int
+
+    def describe(self) -> str:
+        if self.kind == "no_answer":
+            return f"The solution never states a final answer; it should end with {self.expected}."
+        if self.kind == "wrong_final":
+            return f"The steps are right but the final answer is wrong: '{self.written}' should be '{self.expected}'."
+        if self.kind == "missing_step":
+            return f"Step {self.step + 1} is missing: it should be '{self.expected}'."
+        return (f"Step {self.step + 1} is wrong: '{self.written}' should be '{self.expected}' "
+                f"(the correct value there is {self.correct_value}).")
+
+
+def evaluate(operands: Sequence[int], ops: Sequence[str]) -> list[int]:
+    """Running values after each operation."""
+    values, value = [], operands[0]
+    for op, x in zip(ops, operands[1:]):
+        value = value + x if op == "+" else value - x
+        values.append(value)
+    return values
+
+
+def expression(operands: Sequence[int], ops: Sequence[str]) -> str:
+    return str(operands[0]) + "".join(f"{op}{x}" for op, x in zip(ops, operands[1:]))
+
+
+def parse_expression(text: str) -> tuple[list[int], list[str]]:
+    tokens = re.findall(r"\d+|[+\-]", text.strip())
+    return [int(t) for t in tokens[0::2]], tokens[1::2]
+
+
+class ArithmeticTask:
+    """Problem generator, reference solutions and programmatic teacher for the synthetic task."""
+
+    source = "synthetic"
+
+    def __init__(self, levels: Sequence[Level], seed: int = 1234, train_per_level: int = 2000,
+                 test_per_level: int = 50):
+        if not levels:
+            raise ValueError("the task needs at least one level")
+        self.levels = [Level(int(lv.steps), int(lv.max_operand)) for lv in levels]
+        self.seed, self.train_per_level, self.test_per_level = seed, train_per_level, test_per_level
+        self._splits: dict[str, list[Problem]] = {}
+
+    @classmethod
+    def from_config(cls, task_cfg) -> "ArithmeticTask":
+        return cls([Level(lv.steps, lv.max_operand) for lv in task_cfg.levels], task_cfg.seed,
+                   task_cfg.train_per_level, task_cfg.test_per_level)
+
+    # ----------------------------------------------------------------- problems
+    def draw(self, level: int, rng: random.Random) -> tuple[list[int], list[str]]:
+        spec = self.levels[level - 1]
+        operands = [rng.randint(1, spec.max_operand)]
+        ops: list[str] = []
+        value = operands[0]
+        for _ in range(spec.steps):
+            x, op = rng.randint(1, spec.max_operand), rng.choice("+-")
+            if op == "-" and x > value:
+                op = "+"
+            value = value + x if op == "+" else value - x
+            operands.append(x)
+            ops.append(op)
+        return operands, ops
+
+    def problem(self, operands: Sequence[int], ops: Sequence[str], level: int, pid: str) -> Problem:
+        expr = expression(operands, ops)
+        answer = str(evaluate(operands, ops)[-1])
+        return Problem(id=pid, prompt=expr, answer=answer, source=self.source,
+                       solution=self.reference_solution(expr), teacher_traces=[self.trace(expr)],
+                       level=str(level), meta={"level": level})
+
+    def split(self, name: str) -> list[Problem]:
+        """'train' or 'test': deterministic from the task seed; train never repeats a test expression."""
+        if name not in ("train", "test"):
+            raise ValueError(f"unknown split {name!r} of the synthetic task (train | test)")
+        if name not in self._splits:
+            test = self._draw_split("test", self.test_per_level, exclude=set())
+            self._splits["test"] = test
+            self._splits["train"] = self._draw_split("train", self.train_per_level,
+                                                     exclude={p.prompt for p in test})
+        return self._splits[name]
+
+    def _draw_split(self, name: str, per_level: int, exclude: set[str]) -> list[Problem]:
+        problems = []
+        for level in range(1, len(self.levels) + 1):
+            rng = random.Random(f"{self.seed}-{name}-{level}")
+            seen: set[str] = set()
+            attempts = 0
+            while len(seen) < per_level and attempts < per_level * 50:
+                attempts += 1
+                operands, ops = self.draw(level, rng)
+                expr = expression(operands, ops)
+                if expr in exclude or expr in seen:
+                    continue
+                seen.add(expr)
+                problems.append(self.problem(operands, ops, level, f"arith-{name}-L{level}-{len(seen) - 1:05d}"))
+        return problems
+
+    def sample(self, level: int, rng: random.Random, exclude: set[str]) -> Problem:
+        """A fresh problem of a level that is not in ``exclude`` (used by the warm-up stream)."""
+        while True:
+            operands, ops = self.draw(level, rng)
+            if expression(operands, ops) not in exclude:
+                return self.problem(operands, ops, level, f"arith-stream-L{level}")
+
+    # ----------------------------------------------------------------- solutions
+    @staticmethod
+    def trace(expr: str) -> str:
+        """The teacher's full step-by-step trace."""
+        operands, ops = parse_expression(expr)
+        values = evaluate(operands, ops)
+        lines, left = [], operands[0]
+        for op, x, value in zip(ops, operands[1:], values):
+            lines.append(f"{left}{op}{x}={value}")
+            left = value
+        return "\n".join(lines) + f"\n{ANSWER_MARK} {values[-1]}"
+
+    @staticmethod
+    def reference_solution(expr: str) -> str:
+        """The short human-style solution: the result with no intermediate steps."""
+        operands, ops = parse_expression(expr)
+        return f"{expr} = {evaluate(operands, ops)[-1]}\n{ANSWER_MARK} {evaluate(operands, ops)[-1]}"
+
+    @staticmethod
+    def final_answer(completion: str) -> Optional[str]:
+        """The integer after the first ``####`` (what the model commits to), or None."""
+        match = _FINAL.search(completion)
+        return match.group(1) if match else None
+
+    def first_error(self, expr: str, solution: str) -> Optional[StepError]:
+        """The first wrong step of ``solution`` to ``expr``; None if the solution is fully correct."""
+        operands, ops = parse_expression(expr)
+        values = evaluate(operands, ops)
+        body = solution.split(ANSWER_MARK, 1)[0]
+        lines = [ln.strip() for ln in body.strip().splitlines() if ln.strip()]
+        left = operands[0]
+        for i, (op, x, value) in enumerate(zip(ops, operands[1:], values)):
+            expected = f"{left}{op}{x}={value}"
+            if i >= len(lines):
+                return StepError(i, "missing_step", "", expected, value)
+            match = _STEP.match(lines[i])
+            if not match or (int(match.group(1)), match.group(2), int(match.group(3))) != (left, op, x):
+                return StepError(i, "wrong_operands", lines[i], expected, value)
+            if int(match.group(4)) != value:
+                return StepError(i, "wrong_value", lines[i], expected, value)
+            left = value
+        final = self.final_answer(solution)
+        expected_final = f"{ANSWER_MARK} {values[-1]}"
+        if final is None:
+            return StepError(len(values), "no_answer", "", expected_final, values[-1])
+        if int(final) != values[-1]:
+            return StepError(len(values), "wrong_final", f"{ANSWER_MARK} {final}", expected_final, values[-1])
+        return None
+
+    def max_new_tokens(self) -> int:
+        """Enough tokens for the longest trace of any level (digits are one token each)."""
+        longest = max(self.levels, key=lambda lv: lv.steps * len(str(lv.max_operand)))
+        digits = len(str(longest.max_operand * (longest.steps + 1)))
+        per_step = 2 * digits + len(str(longest.max_operand)) + 3
+        return longest.steps * per_step + digits + 8

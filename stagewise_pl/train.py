@@ -1,0 +1,69 @@
+"""Build SFT examples and run one SFT fit through a Lightning Trainer (warm-up and plan phases alike)."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import lightning as L
+
+from stagewise_pl.data.problems import Problem
+from stagewise_pl.data.sft import Collator, Example, ResumableLoader, StepBatchSampler, ExampleDataset, encode_example
+from stagewise_pl.models.load import render_prompt
+from stagewise_pl.modules.sft import SFTModule
+
+
+def sft_target(problem: Problem, target: str) -> str:
+    """The completion to learn: the first teacher trace, or the dataset's reference solution."""
+    if target == "teacher_trace":
+        if not problem.teacher_traces:
+            raise ValueError(f"problem {problem.id} has no teacher trace (data.target=teacher_trace)")
+        return problem.teacher_traces[0]
+    if not problem.solution:
+        raise ValueError(f"problem {problem.id} has no reference solution (data.target=reference)")
+    return problem.solution
+
+
+def build_examples(tokenizer, problems: Sequence[Problem], target: str, max_length: int) -> list[Example]:
+    examples = [encode_example(tokenizer, render_prompt(tokenizer, p.prompt), sft_target(p, target), max_length)
+                for p in problems]
+    truncated = sum(e.truncated for e in examples)
+    if truncated:
+        warnings.warn(f"{truncated} of {len(examples)} SFT examples were longer than trainer.max_length="
+                      f"{max_length} and were truncated")
+    return examples
+
+
+def make_trainer(trainer_cfg, run_cfg, max_steps: int, grad_clip: float, logger=None, callbacks=(),
+                 default_root_dir: Optional[Path] = None, checkpointing: bool = True) -> L.Trainer:
+    return L.Trainer(
+        accelerator=trainer_cfg.accelerator, devices=trainer_cfg.devices, num_nodes=trainer_cfg.num_nodes,
+        strategy=trainer_cfg.strategy, precision=trainer_cfg.precision, max_steps=max_steps, max_epochs=-1,
+        accumulate_grad_batches=trainer_cfg.accumulate_grad_batches, gradient_clip_val=grad_clip or None,
+        logger=logger if logger is not None else False, callbacks=list(callbacks),
+        enable_checkpointing=checkpointing, enable_progress_bar=run_cfg.progress_bar, enable_model_summary=False,
+        log_every_n_steps=trainer_cfg.log_every_n_steps, num_sanity_val_steps=0, limit_val_batches=0,
+        use_distributed_sampler=False, deterministic=run_cfg.deterministic or None,
+        default_root_dir=str(default_root_dir) if default_root_dir else None,
+    )
+
+
+def fit_sft(trainer: L.Trainer, module: SFTModule, examples: Sequence[Example], pad_id: int, batch_size: int,
+            max_length: int, packing: bool, seed: int, weights: Optional[Sequence[float]] = None,
+            ckpt_path: Optional[str] = None) -> None:
+    """Train ``module`` for ``trainer.max_steps`` optimizer steps on a seeded, resumable batch order."""
+    accumulate = trainer.accumulate_grad_batches
+    sampler = StepBatchSampler(len(examples), batch_size, trainer.max_steps * accumulate, seed, weights,
+                               rank=trainer.global_rank, world_size=trainer.world_size)
+    loader = ResumableLoader(ExampleDataset(examples), sampler, Collator(pad_id, max_length, packing),
+                             consumed=lambda: trainer.global_step * accumulate)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
+
+
+def sft_module(policy, optim_cfg, steps: int, lr: Optional[float] = None) -> SFTModule:
+    return SFTModule(policy, lr=optim_cfg.lr if lr is None else lr, total_steps=steps,
+                     weight_decay=optim_cfg.weight_decay, betas=tuple(optim_cfg.betas),
+                     warmup_steps=min(optim_cfg.warmup_steps, max(0, steps // 5)),
+                     min_lr_ratio=optim_cfg.min_lr_ratio)
