@@ -272,6 +272,23 @@ def _merge(base: Any, layer: Any, source: str) -> Any:
         raise ConfigError(f"{source}: key '{key}': {msg}") from None
 
 
+def _apply_override(merged: Any, item: str) -> Any:
+    """``a.b=value`` (list items by index: ``phases.0.steps=5``), typed by YAML and checked by the schema."""
+    source = f"command line ({item})"
+    if "=" not in item:
+        raise ConfigError(f"command line: {item!r} is not key=value")
+    key, _, text = item.partition("=")
+    try:
+        value = OmegaConf.from_dotlist([f"value={text}"])["value"]
+        if isinstance(value, (dict, list)) or OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value)
+        OmegaConf.update(merged, key, value, merge=True, force_add=False)
+    except (OmegaConfBaseException, TypeError, ValueError, IndexError) as exc:
+        full_key = getattr(exc, "full_key", None) or key
+        raise ConfigError(f"{source}: key '{full_key}': {str(exc).splitlines()[0]}") from None
+    return merged
+
+
 def load_config(conf: str = "default", overrides: Optional[list[str]] = None) -> Config:
     """Merge conf/<conf>.yaml and ``key=value`` overrides onto :class:`Config`, then check values."""
     overrides = list(overrides or [])
@@ -284,13 +301,7 @@ def load_config(conf: str = "default", overrides: Optional[list[str]] = None) ->
         raise ConfigError(f"{path}: must hold a mapping of config groups")
     merged = _merge(OmegaConf.structured(Config), file_layer, str(path))
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"command line: {item!r} is not key=value")
-        try:
-            layer = OmegaConf.from_dotlist([item])
-        except OmegaConfBaseException as exc:
-            raise ConfigError(f"command line: cannot parse {item!r}: {exc}") from None
-        merged = _merge(merged, layer, f"command line ({item})")
+        merged = _apply_override(merged, item)
     merged.conf_name = path.stem
     try:
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]

@@ -14,7 +14,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = load_config(args.conf, args.overrides)
+        from stagewise_pl.logging import quiet_third_party
         from stagewise_pl.run import Run, plan_phases
+
+        quiet_third_party()
 
         if args.dry_run:
             print(to_yaml(cfg) + "\nplan:\n" + "\n".join(f"  {p.name}: {p.kind}, {p.steps} steps" for p in plan_phases(cfg)))

@@ -23,3 +23,25 @@ def make_logger(kind: str, run_dir: Path):
         offline = os.environ.get("WANDB_MODE", "offline") == "offline"
         return loggers.WandbLogger(save_dir=str(run_dir), project="stagewise_pl", name=run_dir.name, offline=offline)
     raise ValueError(f"unknown logger {kind!r} (csv | tensorboard | wandb)")
+
+
+def quiet_third_party() -> None:
+    """Keep the console to what the run does: no hardware banners, tips or weight-loading bars."""
+    import logging
+    import warnings
+
+    import lightning.pytorch  # noqa: F401  (its import sets its loggers to INFO: lower them after)
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")  # on resume
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists")  # kept: see Run.setup
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass

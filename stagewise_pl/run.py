@@ -133,8 +133,6 @@ class Run:
         from stagewise_pl.tasks.arithmetic import ArithmeticTask
 
         cfg = self.cfg
-        if cfg.run.resume:
-            self._check_resumed_config()
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write(self.dir / "config.yaml", to_yaml(cfg))
         if cfg.run.threads:
@@ -143,6 +141,7 @@ class Run:
         self.task = ArithmeticTask.from_config(cfg.task)
         self.pool, report = load_pool(cfg.data, self.task)
         self.log(f"training pool: {report.summary()}")
+        self._keep_previous_csv()
         self.logger = make_logger(cfg.run.logger, self.dir)
         path = self.base_model_path()
         done = [p for p in self.phases if p.name in self._state()["completed"]]
@@ -150,6 +149,13 @@ class Run:
             path = str(self.dir / "export" / done[-1].name)
             self.log(f"resume: phases {', '.join(p.name for p in done)} are complete; loading {path}")
         self.policy, self.tokenizer = load_policy(path, cfg.model.dtype, cfg.model.attn_implementation)
+
+    def _keep_previous_csv(self) -> None:
+        """Lightning's CSV logger deletes an existing metrics.csv: keep an earlier launch's under another name."""
+        previous = self.dir / "logs" / "metrics.csv"
+        if previous.is_file():
+            launch = len(list(previous.parent.glob("metrics.launch-*.csv"))) + 1
+            previous.rename(previous.with_name(f"metrics.launch-{launch}.csv"))
 
     def base_model_path(self) -> str:
         if self.cfg.model.name_or_path == "tiny":
@@ -214,6 +220,8 @@ class Run:
 
         for phase in self.phases:  # unknown kinds fail before any work
             PHASES.get(phase.kind)
+        if self.cfg.run.resume:
+            self._check_resumed_config()
         state = self._state()
         if self.cfg.run.resume and self.phases and all(p.name in state["completed"] for p in self.phases):
             self.log(f"resume: {self.dir} has completed every phase; nothing to do")

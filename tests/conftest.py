@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny configuration that runs the real entry point in seconds, and a tiny model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_BENCHMARKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One tiny-base-model cache for the whole session (the warm-up is built once)."""
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture
+def fast_overrides(cache_dir) -> list[str]:
+    """Overrides that make the default conf run through every part in a few seconds."""
+    return [
+        f"model.cache_dir={cache_dir}", "model.warmup.steps=20", "model.warmup.batch_size=16",
+        "task.train_per_level=40", "task.test_per_level=4", "eval.k=2", "eval.batch_size=32",
+        "trainer.batch_size=8", "phases.0.steps=6", "trainer.checkpoint_every_n_steps=3",
+        "trainer.log_every_n_steps=1", "run.progress_bar=false", "optim.warmup_steps=2",
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random tiny model and its locally trained tokenizer, saved with save_pretrained."""
+    from stagewise_pl.config import TinyModelConfig
+    from stagewise_pl.models.tiny import save_random_tiny
+    from stagewise_pl.tasks.arithmetic import ArithmeticTask, Level
+
+    task = ArithmeticTask([Level(1, 9), Level(2, 40)], train_per_level=60, test_per_level=5)
+    directory = tmp_path_factory.mktemp("tiny") / "model"
+    return save_random_tiny(directory, TinyModelConfig(), task, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir):
+    from stagewise_pl.models.load import load_policy
+
+    return load_policy(str(tiny_model_dir))
+
+
+def benchmarks_dir() -> Path:
+    if not SHARED_BENCHMARKS.is_dir():
+        pytest.skip(f"benchmark data not found at {SHARED_BENCHMARKS} (the project's shared/ checkout)")
+    return SHARED_BENCHMARKS

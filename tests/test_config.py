@@ -1,0 +1,102 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stagewise_pl.cli import help_text
+from stagewise_pl.config import CONF_DIR, Config, ConfigError, available_confs, load_config
+
+
+def test_defaults_load():
+    cfg = load_config("default")
+    assert isinstance(cfg, Config)
+    assert cfg.model.name_or_path == "tiny" and cfg.conf_name == "default"
+
+
+@pytest.mark.parametrize("name", available_confs())
+def test_every_conf_file_validates(name):
+    cfg = load_config(name)
+    assert cfg.phases, f"conf/{name}.yaml has an empty plan"
+
+
+def test_unknown_key_in_override_names_key_and_source():
+    with pytest.raises(ConfigError, match=r"command line.*'optim\.lrr'"):
+        load_config("default", ["optim.lrr=3"])
+
+
+def test_unknown_key_in_file_names_key_and_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  learning_rate: 1.0\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(bad))
+    assert str(bad) in str(err.value) and "learning_rate" in str(err.value)
+
+
+def test_wrong_type_names_key():
+    with pytest.raises(ConfigError, match=r"'trainer\.batch_size'.*could not be converted"):
+        load_config("default", ["trainer.batch_size=many"])
+
+
+def test_wrong_type_in_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  packing: sometimes\n")
+    with pytest.raises(ConfigError, match="trainer.packing"):
+        load_config(str(bad))
+
+
+def test_missing_file_lists_available():
+    with pytest.raises(ConfigError, match="no such file.*available: .*default"):
+        load_config("does-not-exist")
+
+
+@pytest.mark.parametrize("override,key", [
+    ("trainer.batch_size=0", "trainer.batch_size"),
+    ("run.logger=papyrus", "run.logger"),
+    ("optim.min_lr_ratio=2", "optim.min_lr_ratio"),
+    ("data.source=jsonl", "data.path"),
+    ("phases.0.steps=-1", "phases.0.steps"),
+    ("model.warmup.level_weights=[1,1]", "model.warmup.level_weights"),
+])
+def test_bad_values_name_key_and_source(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config("default", [override])
+    assert f"'{key}'" in str(err.value)
+    assert "command line" in str(err.value) or "default.yaml" in str(err.value)
+
+
+def test_bad_value_from_file_names_file(tmp_path):
+    bad = tmp_path / "neg.yaml"
+    bad.write_text("optim:\n  lr: -1.0\n")
+    with pytest.raises(ConfigError, match=rf"{bad}.*'optim.lr'"):
+        load_config(str(bad))
+
+
+def test_list_items_by_index_and_lists():
+    cfg = load_config("default", ["phases.0.steps=7", "optim.betas=[0.8,0.9]"])
+    assert cfg.phases[0].steps == 7 and cfg.optim.betas == [0.8, 0.9]
+
+
+def test_help_lists_confs_and_every_group():
+    text = help_text()
+    for group in ("[run]", "[model]", "[task]", "[data]", "[optim]", "[trainer]", "[eval]", "[phases]"):
+        assert group in text
+    assert "optim.lr =" in text and "default" in text
+
+
+def test_cli_help_and_error_exit_codes():
+    ok = subprocess.run([sys.executable, "-m", "stagewise_pl.fit", "--help"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "conf=NAME" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "stagewise_pl.fit", "optim.nope=1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "optim.nope" in bad.stderr
+
+
+def test_dry_run_prints_plan():
+    out = subprocess.run([sys.executable, "-m", "stagewise_pl.fit", "--dry-run", "phases.0.steps=9"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "1-sft: sft, 9 steps" in out.stdout
+
+
+def test_conf_dir_is_the_projects():
+    assert (CONF_DIR / "default.yaml").is_file()
+    assert Path(CONF_DIR).parent.joinpath("stagewise_pl").is_dir()

@@ -1,0 +1,129 @@
+"""The real entry point, a few steps on the tiny model: files written, resume, refusals."""
+import json
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stagewise_pl.config import ConfigError, load_config
+from stagewise_pl.fit import main
+from stagewise_pl.run import Run
+
+
+def weights(directory):
+    return load_file(str(directory / "model.safetensors"))
+
+
+def test_fit_writes_the_run_directory(tmp_path, fast_overrides, cache_dir):
+    run_dir = tmp_path / "run"
+    assert main(fast_overrides + [f"run.dir={run_dir}"]) == 0
+    for path in ["config.yaml", "state.json", "summary.md", "eval/before.json", "eval/1-sft.json",
+                 "checkpoints/1-sft/last.ckpt", "checkpoints/1-sft/step-3.ckpt", "checkpoints/1-sft/step-6.ckpt",
+                 "export/1-sft/model.safetensors", "export/1-sft/tokenizer.json", "final/model.safetensors",
+                 "final/config.json", "logs/metrics.csv"]:
+        assert (run_dir / path).is_file(), path
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["completed"]["1-sft"]["steps"] == 6
+    assert "phases:" in (run_dir / "config.yaml").read_text()
+    metrics = (run_dir / "logs" / "metrics.csv").read_text()
+    assert "1-sft/train/loss" in metrics and "eval/before/synthetic-test/all/pass@1" in metrics
+    summary = (run_dir / "summary.md").read_text()
+    assert "before pass@1" in summary and "1-sft pass@1" in summary and "| all |" in summary
+    # final/ is the policy after the last phase, and training moved it away from the cached base model
+    final = weights(run_dir / "final")
+    assert all(torch.equal(final[k], v) for k, v in weights(run_dir / "export" / "1-sft").items())
+    (base_dir,) = cache_dir.glob("tiny-base-*")
+    base = weights(base_dir)
+    assert any(not torch.equal(final[k], base[k]) for k in base)
+
+
+class CrashAt(L.Callback):
+    """Raises after optimizer step ``step`` (a crash mid-phase; checkpoints before it survive)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            raise RuntimeError("injected crash")
+
+
+def test_resume_continues_at_the_same_step_and_matches(tmp_path, fast_overrides):
+    overrides = fast_overrides + ["eval.before=false", "eval.k=0"]
+    straight = tmp_path / "straight"
+    assert main(overrides + [f"run.dir={straight}"]) == 0
+
+    crashed = tmp_path / "crashed"
+    run = Run(load_config("default", overrides + [f"run.dir={crashed}"]), log=lambda *_: None)
+    run.callbacks.append(CrashAt(4))
+    with pytest.raises(RuntimeError, match="injected crash"):
+        run.execute()
+    assert not (crashed / "state.json").exists()
+    assert torch.load(crashed / "checkpoints/1-sft/last.ckpt", weights_only=False)["global_step"] == 3
+
+    resumed = Run(load_config("default", overrides + [f"run.dir={crashed}", "run.resume=last"]), log=lambda *_: None)
+    phase, ckpt = resumed.resume_point()
+    assert phase.name == "1-sft" and ckpt.endswith("last.ckpt")
+    steps_seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            steps_seen.append(trainer.global_step)
+
+    resumed.callbacks.append(Record())
+    resumed.execute()
+    assert steps_seen == [3, 4, 5]  # continued at the checkpointed step, not from zero
+    final, reference = weights(crashed / "final"), weights(straight / "final")
+    assert final.keys() == reference.keys()
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+def test_resume_of_a_finished_run_is_a_no_op(tmp_path, fast_overrides, capsys):
+    run_dir = tmp_path / "done"
+    assert main(fast_overrides + [f"run.dir={run_dir}", "eval.k=0"]) == 0
+    before = (run_dir / "final" / "model.safetensors").stat().st_mtime_ns
+    assert main(fast_overrides + [f"run.dir={run_dir}", "eval.k=0", "resume=last"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert (run_dir / "final" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_refusals(tmp_path, fast_overrides):
+    run_dir = tmp_path / "r"
+    assert main(fast_overrides + [f"run.dir={run_dir}", "eval.k=0"]) == 0
+    with pytest.raises(ConfigError, match="already holds a run"):
+        Run(load_config("default", fast_overrides + [f"run.dir={run_dir}", "eval.k=0"]))
+    with pytest.raises(ConfigError, match="differs.*optim.lr"):
+        Run(load_config("default", fast_overrides + [f"run.dir={run_dir}", "eval.k=0", "optim.lr=0.5",
+                                                    "phases.0.steps=9", "run.resume=last"])).execute()
+    with pytest.raises(ConfigError, match="no config.yaml"):
+        Run(load_config("default", [f"run.dir={tmp_path / 'empty'}", "run.resume=last"]))
+    with pytest.raises(ConfigError, match="no such checkpoint"):
+        Run(load_config("default", [f"run.resume={tmp_path / 'missing.ckpt'}"]))
+
+
+def test_unknown_phase_kind_fails_before_work(tmp_path, fast_overrides):
+    cfg = load_config("default", fast_overrides + [f"run.dir={tmp_path / 'x'}", "phases.0.kind=grpo"])
+    with pytest.raises(KeyError, match="unknown phase kind 'grpo'"):
+        Run(cfg).execute()
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("logger,pattern", [("tensorboard", "events.out.tfevents*"), ("wandb", "wandb/offline-run-*")])
+def test_other_loggers_write_offline(tmp_path, fast_overrides, logger, pattern, monkeypatch):
+    pytest.importorskip(logger)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / logger
+    assert main(fast_overrides + [f"run.dir={run_dir}", f"run.logger={logger}", "eval.k=0",
+                                  "phases.0.steps=2"]) == 0
+    assert list(run_dir.rglob(pattern.split("/")[-1])), f"no {pattern} under {run_dir}"
+
+
+def test_entry_point_as_a_module(tmp_path, fast_overrides):
+    out = subprocess.run([sys.executable, "-m", "stagewise_pl.fit", *fast_overrides, f"run.dir={tmp_path / 'm'}",
+                          "eval.k=0", "phases.0.steps=2"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "greedy pass@1" in out.stdout and (tmp_path / "m" / "final" / "model.safetensors").is_file()
