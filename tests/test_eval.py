@@ -36,8 +36,10 @@ def test_pass_at_1_mean_p_and_pass_at_k_by_level():
     assert (lv1["pass@1"], lv1["mean_p"], lv1["pass@4"]) == (0.5, 0.25, 0.5)
     assert (lv2["pass@1"], lv2["mean_p"], lv2["pass@4"]) == (1.0, 0.625, 1.0)
     assert overall["n"] == 4 and overall["pass@1"] == 0.75 and overall["mean_p"] == pytest.approx(0.4375)
+    assert (lv1["easy"], lv1["medium"], lv1["hard"]) == (0.0, 0.5, 0.5)
+    assert (lv2["easy"], lv2["medium"], lv2["hard"]) == (0.5, 0.5, 0.0)
     table = format_table({"before": result})
-    assert "| 1 | 2 | 0.50 | 0.250 |" in table and "| all | 4 |" in table
+    assert "| 1 | 2 | 0.50 | 0.250 | 0.00/0.50/0.50 |" in table and "| all | 4 |" in table
 
 
 def test_problems_without_level_go_to_all():
@@ -45,6 +47,7 @@ def test_problems_without_level_go_to_all():
     result = evaluate_problems(ScriptedEngine(["\\boxed{1}", "The answer is 3"], []), PlainTokenizer(),
                                get_verifier("exact"), problems, "bench", k=0)
     assert list(result.by_level) == ["all"] and result.by_level["all"]["pass@1"] == 0.5
+    assert "| all | 2 | 0.50 | - | - |" in format_table({"x": result})
 
 
 def test_hf_engine_generates_n_per_prompt_and_is_seeded(tiny):

@@ -127,3 +127,39 @@ def test_entry_point_as_a_module(tmp_path, fast_overrides):
                           "eval.k=0", "phases.0.steps=2"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "greedy pass@1" in out.stdout and (tmp_path / "m" / "final" / "model.safetensors").is_file()
+
+
+def test_resume_from_a_given_checkpoint(tmp_path, fast_overrides):
+    overrides = fast_overrides + ["eval.before=false", "eval.k=0", f"run.dir={tmp_path / 'c'}"]
+    run = Run(load_config("default", overrides), log=lambda *_: None)
+    run.callbacks.append(CrashAt(5))
+    with pytest.raises(RuntimeError):
+        run.execute()
+    step3 = tmp_path / "c" / "checkpoints" / "1-sft" / "step-3.ckpt"
+    resumed = Run(load_config("default", overrides + [f"run.resume={step3}"]), log=lambda *_: None)
+    assert resumed.dir == tmp_path / "c"
+    phase, ckpt = resumed.resume_point()
+    assert (phase.name, ckpt) == ("1-sft", str(step3))
+    steps_seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            steps_seen.append(trainer.global_step)
+
+    resumed.callbacks.append(Record())
+    resumed.execute()
+    assert steps_seen == [3, 4, 5]
+
+
+def test_accumulation_packing_and_benchmark_eval(tmp_path, fast_overrides):
+    from conftest import benchmarks_dir
+
+    gsm8k = benchmarks_dir() / "gsm8k_test.jsonl"
+    run_dir = tmp_path / "acc"
+    assert main(fast_overrides + [f"run.dir={run_dir}", "trainer.accumulate_grad_batches=2", "trainer.packing=false",
+                                  "phases.0.steps=4", "eval.k=0", f"eval.benchmarks=[{gsm8k}]", "eval.limit=3",
+                                  "eval.max_new_tokens=8"]) == 0
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["completed"]["1-sft"]["steps"] == 4  # optimizer steps, each of 2 micro-batches
+    results = json.loads((run_dir / "eval" / "1-sft.json").read_text())
+    assert set(results) == {"synthetic-test", "gsm8k_test"} and results["gsm8k_test"]["by_level"]["all"]["n"] == 3

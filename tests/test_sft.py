@@ -77,8 +77,7 @@ def test_packed_loss_equals_unpacked_loss(tiny_model_dir, attn):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn, dtype=torch.float64)
     examples = random_examples(9, model.config.vocab_size, seed=1)
     module = SFTModule(model, lr=1e-3, total_steps=10)
-    padded, packed = pad_collate(examples, pad_id=0), pack_collate(examples, pad_id=0, max_length=40,
-                                                                  dtype=torch.float64)
+    padded, packed = pad_collate(examples, pad_id=0), pack_collate(examples, pad_id=0, max_length=40)
     assert packed["input_ids"].shape[0] < len(examples)  # really packed
     loss_pad, n_pad = masked_mean_nll(module(padded), padded["labels"])
     grad_pad = torch.autograd.grad(loss_pad, model.model.embed_tokens.weight)[0]
@@ -95,7 +94,7 @@ def test_packing_without_block_mask_would_differ(tiny_model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
     examples = random_examples(6, model.config.vocab_size, seed=2)
-    padded, packed = pad_collate(examples, 0), pack_collate(examples, 0, 40, dtype=torch.float64)
+    padded, packed = pad_collate(examples, 0), pack_collate(examples, 0, 40)
     with torch.no_grad():
         ref = masked_mean_nll(model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits,
                               padded["labels"])[0]

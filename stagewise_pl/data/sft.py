@@ -74,9 +74,12 @@ def pack_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
     return rows
 
 
-def pack_collate(examples: Sequence[Example], pad_id: int, max_length: int,
-                 dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Packed batch: input_ids, labels, position_ids (B, T) and a block-diagonal causal mask (B, 1, T, T)."""
+def pack_collate(examples: Sequence[Example], pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
+    """Packed batch: input_ids, labels, position_ids (B, T) and a block-diagonal causal mask (B, 1, T, T).
+
+    The mask is boolean (True = may attend), which sdpa takes directly and faster than an additive
+    float mask; :func:`additive_mask` converts it for attention implementations that need one.
+    """
     rows = pack_rows([len(e.input_ids) for e in examples], max_length)
     width = max(sum(len(examples[i].input_ids) for i in row) for row in rows)
     n_rows = len(rows)
@@ -98,8 +101,12 @@ def pack_collate(examples: Sequence[Example], pad_id: int, max_length: int,
         segment[r, start:] = torch.arange(width - start) + len(row)
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     allowed = (segment[:, :, None] == segment[:, None, :]) & causal  # (B, T, T)
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-    return {"input_ids": ids, "labels": labels, "position_ids": positions, "attention_mask": mask[:, None]}
+    return {"input_ids": ids, "labels": labels, "position_ids": positions, "attention_mask": allowed[:, None]}
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean (True = attend) 4-D mask -> additive mask (0 or the dtype's minimum), for eager attention."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 class Collator:

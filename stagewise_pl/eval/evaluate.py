@@ -2,7 +2,8 @@
 
 pass@1 is greedy decoding (one sample at temperature 0). With ``k`` samples at the configured
 temperature, a problem's pass rate is p = correct / k and pass@k is 1 when any sample is correct
-(the unbiased estimator of Chen et al. 2021 with n = k). Per-level and overall means are
+(the unbiased estimator of Chen et al. 2021 with n = k); the fractions of problems with p = 1,
+0 < p < 1 and p = 0 (easy, medium, hard) are reported too. Per-level and overall means are
 aggregated with torchmetrics, so they reduce across ranks the same way training metrics do.
 """
 from __future__ import annotations
@@ -19,6 +20,8 @@ from stagewise_pl.models.load import render_prompts
 from stagewise_pl.rollout.base import SamplingParams
 
 ALL = "all"
+# Fractions of problems by sampled pass rate: the buckets the method routes by (p=1, 0<p<1, p=0).
+BUCKETS = {"easy": lambda p: p == 1.0, "medium": lambda p: 0.0 < p < 1.0, "hard": lambda p: p == 0.0}
 
 
 @dataclass
@@ -54,7 +57,7 @@ def evaluate_problems(engine, tokenizer, verifier, problems: Sequence[Problem], 
             sampled_rates[i], any_correct[i] = sum(r) / k, float(max(r) > 0)
     levels = sorted({_level_key(p) for p in problems}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
     metrics: dict[str, dict[str, MeanMetric]] = OrderedDict(
-        (lvl, {"pass@1": MeanMetric(), "mean_p": MeanMetric(), f"pass@{k}": MeanMetric()}) for lvl in levels + [ALL])
+        (lvl, {name: MeanMetric() for name in ("pass@1", "mean_p", f"pass@{k}", *BUCKETS)}) for lvl in levels + [ALL])
     counts = {lvl: 0 for lvl in levels + [ALL]}
     for i, p in enumerate(problems):
         for lvl in {_level_key(p), ALL}:
@@ -63,27 +66,32 @@ def evaluate_problems(engine, tokenizer, verifier, problems: Sequence[Problem], 
             if k > 0:
                 metrics[lvl]["mean_p"].update(torch.tensor(sampled_rates[i]))
                 metrics[lvl][f"pass@{k}"].update(torch.tensor(any_correct[i]))
+                for name, in_bucket in BUCKETS.items():
+                    metrics[lvl][name].update(torch.tensor(float(in_bucket(sampled_rates[i]))))
     result = EvalResult(name=name, k=k)
     for lvl, ms in metrics.items():
         row = {"n": counts[lvl], "pass@1": float(ms["pass@1"].compute())}
         if k > 0:
             row["mean_p"] = float(ms["mean_p"].compute())
             row[f"pass@{k}"] = float(ms[f"pass@{k}"].compute())
+            row.update({name: float(ms[name].compute()) for name in BUCKETS})
         result.by_level[lvl] = row
     return result
 
 
 def format_table(columns: "OrderedDict[str, EvalResult]") -> str:
-    """A Markdown table: one row per level, greedy pass@1 (and mean p) for each labelled result."""
+    """A Markdown table: one row per level; per labelled result greedy pass@1, mean p and the bucket fractions."""
     labels = list(columns)
     levels = list(next(iter(columns.values())).by_level)
-    header = "| level | n | " + " | ".join(f"{lab} pass@1 | {lab} mean p" for lab in labels) + " |"
-    lines = [header, "|" + "---|" * (2 + 2 * len(labels))]
+    header = "| level | n | " + " | ".join(f"{lab} pass@1 | {lab} mean p | {lab} easy/medium/hard" for lab in labels) + " |"
+    lines = [header, "|" + "---|" * (2 + 3 * len(labels))]
     for lvl in levels:
         cells = []
         for lab in labels:
             row = columns[lab].by_level.get(lvl, {})
-            cells += [f"{row.get('pass@1', float('nan')):.2f}", f"{row.get('mean_p', float('nan')):.3f}"]
+            buckets = "/".join(f"{row[b]:.2f}" for b in BUCKETS) if "easy" in row else "-"
+            mean_p = f"{row['mean_p']:.3f}" if "mean_p" in row else "-"
+            cells += [f"{row.get('pass@1', float('nan')):.2f}", mean_p, buckets]
         n = next(iter(columns.values())).by_level[lvl]["n"]
         lines.append(f"| {lvl} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ import math
 import lightning as L
 import torch
 
+from stagewise_pl.data.sft import additive_mask
 from stagewise_pl.losses import masked_mean_nll
 
 
@@ -37,6 +38,10 @@ class SFTModule(L.LightningModule):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.ndim == 4 and mask.dtype == torch.bool and \
+                getattr(self.policy.config, "_attn_implementation", "sdpa") != "sdpa":
+            kwargs["attention_mask"] = additive_mask(mask, self.policy.dtype)  # packed rows, eager attention
         return self.policy(input_ids=batch["input_ids"], use_cache=False, **kwargs).logits  # (B, T, V)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -46,11 +51,16 @@ class SFTModule(L.LightningModule):
         self.log(f"{self.log_prefix}train/tokens", tokens.float(), reduce_fx="sum", batch_size=rows)
         return loss
 
+    def _fused_ok(self) -> bool:
+        """torch's fused AdamW (one kernel for all parameters) where it exists: CPU and CUDA floating tensors."""
+        return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in self.policy.parameters())
+
     def configure_optimizers(self):
         decay = [p for n, p in self.policy.named_parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for n, p in self.policy.named_parameters() if p.requires_grad and p.ndim < 2]
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=self.betas)
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=self.betas,
+                                      fused=self._fused_ok())
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(
             s, self.warmup_steps, self.total_steps, self.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

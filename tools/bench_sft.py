@@ -1,0 +1,212 @@
+"""SFT throughput and memory: stagewise_pl's SFT phase beside TRL's SFTTrainer, in the same run.
+
+Work per variant: the tiny model (random init), batch 16 examples, length 64, completion-only loss,
+50 optimizer steps, AdamW with cosine schedule, 2 threads. Both variants get the same pre-tokenised
+examples (chat-rendered prompt + teacher trace + EOS, truncated to 64 tokens) and see them in a
+seeded order. Each run is a fresh process (so peak RSS is that variant's own); runs are interleaved
+(ours, TRL, ours, TRL, ...) and the median of the repeats is reported.
+
+Real tokens/s counts non-padding tokens fed to the model, over the wall time of the training loop
+(from the first step to the end of the last; model loading and data preparation excluded).
+
+    python tools/bench_sft.py [--repeats 3] [--steps 50] [--json PATH]
+
+With --json the figures are written with a top-level "goal_ratio": our seconds per real token over
+TRL's, both padding each batch (lower is better; the goal, 1.5x TRL's tokens/s, is a ratio of at most
+0.667). ours-packed (trainer.packing=true) is shown beside them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BATCH, LENGTH, THREADS = 16, 64, 2
+
+
+def prepare(directory: Path, n_examples: int = 4000) -> None:
+    """Random tiny model + tokenizer, and the tokenised examples (JSON) both variants read."""
+    from stagewise_pl.config import load_config
+    from stagewise_pl.models.load import load_policy
+    from stagewise_pl.models.tiny import save_random_tiny
+    from stagewise_pl.tasks.arithmetic import ArithmeticTask
+    from stagewise_pl.train import build_examples
+
+    cfg = load_config("default")
+    task = ArithmeticTask.from_config(cfg.task)
+    save_random_tiny(directory / "model", cfg.model.tiny, task, seed=0)
+    _, tokenizer = load_policy(str(directory / "model"))
+    problems = task.split("train")[:n_examples]
+    examples = build_examples(tokenizer, problems, "teacher_trace", LENGTH)
+    rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+    (directory / "examples.json").write_text(json.dumps(rows))
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_ours(directory: Path, steps: int, packing: bool) -> dict:
+    import lightning as L
+    import torch
+
+    from stagewise_pl.config import load_config
+    from stagewise_pl.data.sft import Example
+    from stagewise_pl.logging import quiet_third_party
+    from stagewise_pl.models.load import load_policy
+    from stagewise_pl.train import fit_sft, make_trainer, sft_module
+
+    quiet_third_party()
+    torch.set_num_threads(THREADS)
+    L.seed_everything(0, verbose=False)
+    model, tokenizer = load_policy(str(directory / "model"))
+    examples = [Example(r["input_ids"], r["labels"]) for r in json.loads((directory / "examples.json").read_text())]
+    cfg = load_config("default", ["run.progress_bar=false", f"trainer.max_length={LENGTH}",
+                                  f"trainer.packing={str(packing).lower()}", "optim.warmup_steps=5"])
+    timer = _LightningTimer()
+    trainer = make_trainer(cfg.trainer, cfg.run, steps, cfg.optim.grad_clip, callbacks=[timer], checkpointing=False)
+    module = sft_module(model, cfg.optim, steps, lr=1e-3)
+    fit_sft(trainer, module, examples, tokenizer.pad_token_id, BATCH, LENGTH, packing=packing, seed=0)
+    sampler_batches = [b for b in range(steps)]
+    real = sum(len(examples[i].input_ids) for b in sampler_batches for i in timer.batches[b])
+    return {"seconds": timer.seconds, "real_tokens": real, "steps": trainer.global_step}
+
+
+class _LightningTimer:
+    """Callback: wall time from the first batch to the end of training, and the example indices seen."""
+
+    def __new__(cls):
+        import lightning as L
+
+        class Timer(L.Callback):
+            def __init__(self):
+                self.start = self.seconds = None
+                self.batches = []
+
+            def on_train_batch_start(self, trainer, module, batch, batch_idx):
+                if self.start is None:
+                    self.start = time.perf_counter()
+                loader = trainer.train_dataloader
+                self.batches.append(loader.batch_sampler.global_batch(batch_idx)[:BATCH].tolist())
+
+            def on_train_end(self, trainer, module):
+                self.seconds = time.perf_counter() - self.start
+
+        return Timer()
+
+
+def run_trl(directory: Path, steps: int) -> dict:
+    import datasets
+    import torch
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from stagewise_pl.models.load import load_policy
+
+    torch.set_num_threads(THREADS)
+    model, tokenizer = load_policy(str(directory / "model"))
+    rows = json.loads((directory / "examples.json").read_text())
+    data = datasets.Dataset.from_list([
+        {"input_ids": r["input_ids"], "completion_mask": [int(x != -100) for x in r["labels"]]} for r in rows])
+    seen = {"tokens": 0}
+
+    class Timer(TrainerCallback):
+        start = end = None
+
+        def on_step_begin(self, args, state, control, **kw):
+            if Timer.start is None:
+                Timer.start = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kw):
+            Timer.end = time.perf_counter()
+
+    with tempfile.TemporaryDirectory() as out:
+        config = SFTConfig(output_dir=out, max_length=LENGTH, per_device_train_batch_size=BATCH, max_steps=steps,
+                           completion_only_loss=True, learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=5,
+                           weight_decay=0.01, max_grad_norm=1.0, logging_steps=10, report_to=[], save_strategy="no",
+                           use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0)
+        trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
+                             callbacks=[Timer()])
+        collate = trainer.data_collator
+
+        def counting_collator(features):
+            batch = collate(features)
+            seen["tokens"] += int(batch["attention_mask"].sum()) if "attention_mask" in batch else \
+                int((batch["input_ids"] != tokenizer.pad_token_id).sum())
+            return batch
+
+        trainer.data_collator = counting_collator
+        trainer.train()
+    return {"seconds": Timer.end - Timer.start, "real_tokens": seen["tokens"], "steps": steps}
+
+
+def child(variant: str, directory: Path, steps: int) -> None:
+    if variant == "trl":
+        result = run_trl(directory, steps)
+    else:
+        result = run_ours(directory, steps, packing=variant == "ours-packed")
+    result["peak_rss_mb"] = peak_rss_mb()
+    print("RESULT " + json.dumps(result))
+
+
+def measure(variant: str, directory: Path, steps: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS))
+    out = subprocess.run([sys.executable, __file__, "--child", variant, "--dir", str(directory), "--steps", str(steps)],
+                         capture_output=True, text=True, env=env)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"{variant} failed:\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child, args.dir, args.steps)
+    variants = ["ours-packed", "ours-padded", "trl"]
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        prepare(directory)
+        for r in range(args.repeats):
+            for v in variants:
+                runs[v].append(measure(v, directory, args.steps))
+                print(f"repeat {r + 1}/{args.repeats} {v}: {runs[v][-1]}", file=sys.stderr)
+    table = {}
+    for v, results in runs.items():
+        tps = [x["real_tokens"] / x["seconds"] for x in results]
+        table[v] = {"real_tokens_per_s": statistics.median(tps), "seconds": statistics.median(x["seconds"] for x in results),
+                    "real_tokens": results[0]["real_tokens"], "peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in results),
+                    "runs": results}
+    trl_tps = table["trl"]["real_tokens_per_s"]
+    print(f"\nSFT, tiny model, batch {BATCH}, length {LENGTH}, {args.steps} steps, {THREADS} threads, "
+          f"median of {args.repeats} interleaved runs\n")
+    print("| variant | real tokens/s | x TRL | seconds | real tokens | peak RSS MB |")
+    print("|---|---|---|---|---|---|")
+    for v, row in table.items():
+        print(f"| {v} | {row['real_tokens_per_s']:.0f} | {row['real_tokens_per_s'] / trl_tps:.2f} | {row['seconds']:.2f} | "
+              f"{row['real_tokens']} | {row['peak_rss_mb']:.0f} |")
+    # the goal compares equal settings: TRL's default pads each batch, so does ours-padded
+    ours = table["ours-padded"]["real_tokens_per_s"]
+    goal_ratio = trl_tps / ours  # our seconds per token over TRL's
+    print(f"\ngoal_ratio (our s/token over TRL's, goal <= 0.667): {goal_ratio:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps({"goal_ratio": goal_ratio, "peer": "trl SFTTrainer", "batch": BATCH,
+                                         "length": LENGTH, "steps": args.steps, "variants": table}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
