@@ -51,6 +51,16 @@ class CrashAt(L.Callback):
             raise RuntimeError("injected crash")
 
 
+class StepRecorder(L.Callback):
+    """Records the global step at the start of every training batch."""
+
+    def __init__(self):
+        self.steps: list[int] = []
+
+    def on_train_batch_start(self, trainer, *args):
+        self.steps.append(trainer.global_step)
+
+
 def test_resume_continues_at_the_same_step_and_matches(tmp_path, fast_overrides):
     overrides = fast_overrides + ["eval.before=false", "eval.k=0"]
     straight = tmp_path / "straight"
@@ -67,15 +77,10 @@ def test_resume_continues_at_the_same_step_and_matches(tmp_path, fast_overrides)
     resumed = Run(load_config("default", overrides + [f"run.dir={crashed}", "run.resume=last"]), log=lambda *_: None)
     phase, ckpt = resumed.resume_point()
     assert phase.name == "1-sft" and ckpt.endswith("last.ckpt")
-    steps_seen = []
-
-    class Record(L.Callback):
-        def on_train_batch_start(self, trainer, *args):
-            steps_seen.append(trainer.global_step)
-
-    resumed.callbacks.append(Record())
+    record = StepRecorder()
+    resumed.callbacks.append(record)
     resumed.execute()
-    assert steps_seen == [3, 4, 5]  # continued at the checkpointed step, not from zero
+    assert record.steps == [3, 4, 5]  # continued at the checkpointed step, not from zero
     final, reference = weights(crashed / "final"), weights(straight / "final")
     assert final.keys() == reference.keys()
     assert all(torch.equal(final[k], reference[k]) for k in reference)
@@ -140,15 +145,10 @@ def test_resume_from_a_given_checkpoint(tmp_path, fast_overrides):
     assert resumed.dir == tmp_path / "c"
     phase, ckpt = resumed.resume_point()
     assert (phase.name, ckpt) == ("1-sft", str(step3))
-    steps_seen = []
-
-    class Record(L.Callback):
-        def on_train_batch_start(self, trainer, *args):
-            steps_seen.append(trainer.global_step)
-
-    resumed.callbacks.append(Record())
+    record = StepRecorder()
+    resumed.callbacks.append(record)
     resumed.execute()
-    assert steps_seen == [3, 4, 5]
+    assert record.steps == [3, 4, 5]
 
 
 def test_accumulation_packing_and_benchmark_eval(tmp_path, fast_overrides):
