@@ -124,7 +124,7 @@ class OptimConfig:
     lr: float = doc(1e-3, "peak learning rate")
     weight_decay: float = doc(0.01, "AdamW weight decay")
     betas: list[float] = doc(help="AdamW betas", factory=lambda: [0.9, 0.98])
-    warmup_steps: int = doc(20, "linear warm-up steps")
+    warmup_steps: int = doc(20, "linear warm-up steps (at most a fifth of a phase's steps)")
     min_lr_ratio: float = doc(0.1, "cosine floor as a fraction of lr")
     grad_clip: float = doc(1.0, "gradient norm clip; 0 = off")
 

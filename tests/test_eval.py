@@ -68,3 +68,21 @@ def test_hf_engine_generates_n_per_prompt_and_is_seeded(tiny):
     greedy = engine.generate(prompts, SamplingParams(n=1, temperature=0, max_new_tokens=6))
     one_by_one = [engine.generate([p], SamplingParams(n=1, temperature=0, max_new_tokens=6)).texts[0] for p in prompts]
     assert greedy.texts == one_by_one  # left padding does not change greedy output
+
+
+def test_hf_engine_cuts_at_stop_strings(tiny):
+    from stagewise_pl.models.load import render_prompts
+    from stagewise_pl.rollout import SamplingParams
+    from stagewise_pl.rollout.hf import HFEngine
+
+    model, tokenizer = tiny
+    engine = HFEngine(model, tokenizer)
+    prompts = render_prompts(tokenizer, ["1+2"])
+    free = engine.generate(prompts, SamplingParams(n=4, temperature=1.0, max_new_tokens=12, seed=1))
+    stop = next(t[2:4] for t in free.texts if len(t) >= 4)  # a string that occurs in a completion
+    cut = engine.generate(prompts, SamplingParams(n=4, temperature=1.0, max_new_tokens=12, seed=1, stop=(stop,)))
+    for full, text, reason in zip(free.texts, cut.texts, cut.finish_reasons):
+        if stop in full:
+            assert text == full[:full.index(stop)] and reason == "stop"
+        else:
+            assert text == full

@@ -23,7 +23,8 @@ FORMAT_VERSION = 1
 def base_key(cfg) -> str:
     blob = json.dumps({"v": FORMAT_VERSION, "tiny": dataclasses.asdict(cfg.model.tiny),
                        "warmup": dataclasses.asdict(cfg.model.warmup), "task": dataclasses.asdict(cfg.task),
-                       "optim": dataclasses.asdict(cfg.optim)}, sort_keys=True)
+                       "optim": dataclasses.asdict(cfg.optim), "max_length": cfg.trainer.max_length,
+                       "packing": cfg.trainer.packing}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

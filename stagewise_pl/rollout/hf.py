@@ -49,9 +49,10 @@ class HFEngine:
                     if row % sampling.n == 0:
                         out.prompt_ids.append(prompt_row[prompt_mask.bool()].tolist())
                     ids, reason = self._cut(seq[width:], eos, sampling)
+                    text, stopped = self._text(ids, sampling)
                     out.completion_ids.append(ids)
-                    out.texts.append(self._text(ids, sampling))
-                    out.finish_reasons.append(reason)
+                    out.texts.append(text)
+                    out.finish_reasons.append("stop" if stopped else reason)
         model.train(was_training)
         return out
 
@@ -63,9 +64,8 @@ class HFEngine:
             ids = ids[:-1]
         return ids, "length" if len(ids) >= sampling.max_new_tokens else "stop"
 
-    def _text(self, ids: list[int], sampling: SamplingParams) -> str:
+    def _text(self, ids: list[int], sampling: SamplingParams) -> tuple[str, bool]:
+        """Decoded text cut before the first stop string, and whether a stop string was found."""
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        for stop in sampling.stop:
-            if stop in text:
-                text = text[:text.index(stop)]
-        return text
+        cuts = [text.index(stop) for stop in sampling.stop if stop in text]
+        return (text[:min(cuts)], True) if cuts else (text, False)
