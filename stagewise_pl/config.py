@@ -147,6 +147,18 @@ class TrainerConfig:
 
 
 @dataclass
+class VerifierConfig:
+    """How completions are graded: which verifier, and the grading pool that bounds every call."""
+
+    name: str = doc("exact", "registered verifier (exact | math) or a dotted path package.module:Class")
+    after_think: bool = doc(False, "grade only the text after the last </think>")
+    options: dict[str, Any] = doc(help="extra keyword arguments for a third-party verifier", factory=dict)
+    workers: int = doc(1, "grading processes")
+    timeout_s: float = doc(5.0, "hard wall-clock bound per completion; over it the verdict is 'timeout'")
+    memory_mb: int = doc(2048, "address-space limit of each grading process; 0 = none")
+
+
+@dataclass
 class EvalConfig:
     """Held-out evaluation: greedy pass@1 and sampled pass@k."""
 
@@ -157,7 +169,6 @@ class EvalConfig:
     temperature: float = doc(1.0, "sampling temperature for pass@k")
     max_new_tokens: int = doc(0, "generation budget; 0 = derived from the task")
     batch_size: int = doc(64, "prompts per generation batch")
-    verifier: str = doc("exact", "verifier name or dotted path")
     before: bool = doc(True, "evaluate before the first phase")
 
 
@@ -180,12 +191,13 @@ class Config:
     data: DataConfig = doc(help="training pool", factory=DataConfig)
     optim: OptimConfig = doc(help="optimiser and schedule", factory=OptimConfig)
     trainer: TrainerConfig = doc(help="Lightning trainer", factory=TrainerConfig)
+    verifier: VerifierConfig = doc(help="grading of completions", factory=VerifierConfig)
     eval: EvalConfig = doc(help="evaluation", factory=EvalConfig)
     phases: list[PhaseConfig] = doc(help="the plan: phases run in order", factory=lambda: [PhaseConfig()])
     conf_name: str = doc("default", "name of the conf file this config came from (set by the loader)")
 
 
-GROUPS = ["run", "model", "task", "data", "optim", "trainer", "eval", "phases"]
+GROUPS = ["run", "model", "task", "data", "optim", "trainer", "verifier", "eval", "phases"]
 _CHOICES = {
     "run.logger": {"csv", "tensorboard", "wandb"},
     "model.dtype": {"float32", "bfloat16", "float16"},
@@ -194,11 +206,11 @@ _CHOICES = {
     "data.target": {"teacher_trace", "reference"},
     "data.on_bad_row": {"error", "skip"},
 }
-_POSITIVE = ["trainer.batch_size", "trainer.accumulate_grad_batches", "trainer.max_length",
+_POSITIVE = ["verifier.workers", "verifier.timeout_s", "trainer.batch_size", "trainer.accumulate_grad_batches", "trainer.max_length",
              "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps", "eval.batch_size",
              "task.train_per_level", "task.test_per_level", "model.warmup.batch_size",
              "model.tiny.hidden_size", "model.tiny.num_layers", "model.tiny.vocab_size"]
-_NON_NEGATIVE = ["optim.lr", "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip", "eval.k",
+_NON_NEGATIVE = ["verifier.memory_mb", "optim.lr", "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip", "eval.k",
                  "eval.limit", "eval.max_new_tokens", "data.limit", "model.warmup.steps", "run.threads"]
 
 

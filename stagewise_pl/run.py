@@ -77,7 +77,7 @@ class Run:
         self.phases = plan_phases(cfg)
         self.dir = self._locate_dir()
         self.callbacks: list = []
-        self.policy = self.tokenizer = self.logger = self.task = None
+        self.policy = self.tokenizer = self.logger = self.task = self.verifier = None
         self.pool: list = []
 
     # ------------------------------------------------------------------ layout
@@ -131,6 +131,7 @@ class Run:
         from stagewise_pl.logging import make_logger
         from stagewise_pl.models.load import load_policy
         from stagewise_pl.tasks.arithmetic import ArithmeticTask
+        from stagewise_pl.verify import make_verifier
 
         cfg = self.cfg
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -141,6 +142,8 @@ class Run:
         self.task = ArithmeticTask.from_config(cfg.task)
         self.pool, report = load_pool(cfg.data, self.task)
         self.log(f"training pool: {report.summary()}")
+        self.verifier = make_verifier(cfg.verifier)
+        self._check_golds(self.pool, "training pool")
         self._keep_previous_csv()
         self.logger = make_logger(cfg.run.logger, self.dir)
         path = self.base_model_path()
@@ -157,6 +160,17 @@ class Run:
             launch = len(list(previous.parent.glob("metrics.launch-*.csv"))) + 1
             previous.rename(previous.with_name(f"metrics.launch-{launch}.csv"))
 
+    def _check_golds(self, problems, label: str) -> list:
+        """Flag golds the verifier cannot grade; return the gradable problems."""
+        from stagewise_pl.verify.gold import flag_ungradable_golds, gradable
+
+        flagged = flag_ungradable_golds(problems, self.verifier, progress=self.cfg.run.progress_bar)
+        if flagged:
+            self.log(f"{label}: {sum(flagged.values())} of {len(problems)} gold answers cannot be graded by "
+                     f"verifier {self.cfg.verifier.name!r} ({dict(flagged)}); they are left out of evaluation, "
+                     f"profiling and RL")
+        return gradable(problems)
+
     def base_model_path(self) -> str:
         if self.cfg.model.name_or_path == "tiny":
             from stagewise_pl.models.base import tiny_base_model
@@ -169,7 +183,6 @@ class Run:
         from stagewise_pl.data.loaders import load_benchmark
         from stagewise_pl.eval.evaluate import EvalResult, evaluate_problems
         from stagewise_pl.rollout.hf import HFEngine
-        from stagewise_pl.verify import get_verifier
 
         out_path = self.dir / "eval" / f"{label}.json"
         if out_path.is_file():
@@ -177,16 +190,16 @@ class Run:
             return OrderedDict((name, EvalResult(**r)) for name, r in stored.items())
         ev = self.cfg.eval
         engine = HFEngine(self.policy, self.tokenizer, batch_size=ev.batch_size, progress=self.cfg.run.progress_bar)
-        verifier = get_verifier(ev.verifier)
         sets = []
         if ev.split:
-            sets.append((f"synthetic-{ev.split}", self.task.split(ev.split), self.task.max_new_tokens()))
+            problems = self._check_golds(self.task.split(ev.split), f"synthetic-{ev.split}")
+            sets.append((f"synthetic-{ev.split}", problems, self.task.max_new_tokens()))
         for bench in ev.benchmarks:
             problems, _ = load_benchmark(bench, limit=ev.limit)
-            sets.append((Path(bench).stem, problems, ev.max_new_tokens or 256))
+            sets.append((Path(bench).stem, self._check_golds(problems, Path(bench).stem), ev.max_new_tokens or 256))
         results = OrderedDict()
         for name, problems, budget in sets:
-            results[name] = evaluate_problems(engine, self.tokenizer, verifier, problems, name, k=ev.k,
+            results[name] = evaluate_problems(engine, self.tokenizer, self.verifier, problems, name, k=ev.k,
                                               temperature=ev.temperature,
                                               max_new_tokens=ev.max_new_tokens or budget, seed=self.cfg.run.seed)
             if self.logger is not None:
@@ -227,6 +240,14 @@ class Run:
             self.log(f"resume: {self.dir} has completed every phase; nothing to do")
             return self.dir
         self.setup()
+        try:
+            return self._execute_plan()
+        finally:
+            self.verifier.close()
+
+    def _execute_plan(self) -> Path:
+        from stagewise_pl.phases import PHASES
+
         started = time.time()
         columns = OrderedDict()
         if self.cfg.eval.before:

@@ -13,6 +13,7 @@ from typing import Optional
 
 from stagewise_pl.verify.base import VERIFIERS, Verdict
 
+THINK_END = "</think>"
 _HASHES = re.compile(r"####\s*([^\n]*)")
 _ANSWER_IS = re.compile(r"answer is[:\s]*([^\n]+)", re.IGNORECASE)
 
@@ -57,10 +58,17 @@ def as_number(text: str) -> Optional[Fraction]:
 
 @VERIFIERS.register("exact")
 class ExactVerifier:
+    def __init__(self, after_think: bool = False):
+        self.after_think = after_think
+
     def score(self, completion: str, gold: str) -> Verdict:
         gold_n = normalise(gold or "")
         if not gold_n:
             return Verdict(0.0, "ungradable_gold")
+        if self.after_think:
+            if THINK_END not in completion:
+                return Verdict(0.0, "no_answer")
+            completion = completion.rsplit(THINK_END, 1)[1]
         raw = extract_answer(completion)
         if raw is None or not normalise(raw):
             return Verdict(0.0, "no_answer")
