@@ -2,8 +2,10 @@
 
 Extraction (ours, so that what is graded is explicit): with ``after_think`` only the text after the
 last ``</think>`` counts (none: no answer). The final answer is the content of the last
-``\\boxed{...}``; else the last ``#### X`` line; else the last "The answer is X". Nothing else: a
-completion that only repeats numbers has no answer. The extracted span and the gold are then
+``\\boxed{...}``; else the last ``#### X`` line; else the last "The answer is X"; else, with
+``final_equation`` (default on), a last line that ends by stating a number (``... = 204$.``).
+Nothing else: a completion that only repeats numbers has no answer. The span loses a trailing
+period and ``\\textbf{}``/``\\text{}`` wrappers, and a lone parenthesised number its parentheses. The extracted span and the gold are then
 parsed and compared by math-verify (LaTeX and plain numbers, fractions, sets, intervals, percent
 and units as it handles them). A gold math-verify cannot parse gives ``ungradable_gold``.
 
@@ -21,9 +23,37 @@ from stagewise_pl.verify.exact import THINK_END, last_boxed
 
 _HASHES = re.compile(r"####[ \t]*([^\n]+)")
 _ANSWER_IS = re.compile(r"answer is[:\s]*\$?([^\n$]+)", re.IGNORECASE)
+_WRAPPER = re.compile(r"\\(?:textbf|mathbf|text|mathrm)\{(.*)\}", re.DOTALL)
+_LONE_NUMBER = re.compile(r"\(\s*(-?\d+(?:\.\d+)?)\s*\)")
+# A last line that ends by stating a value: "... = 204$." (a careful reader takes 204)
+_FINAL_EQUATION = re.compile(r"=\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)\s*\$?\s*\.?\s*(?:-\S+)?\s*$")
 
 
-def extract_final_answer(completion: str, after_think: bool = False) -> Optional[str]:
+def _balanced(text: str) -> bool:
+    depth = 0
+    for ch in text:
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def clean_span(span: str) -> Optional[str]:
+    """Answer-span cleanup a human grader does without thinking: a trailing period, a bold or text
+    wrapper, and parentheses around a lone number (AIME/AMC style ``\textbf{(073)}``)."""
+    span = span.strip().rstrip(".").strip()
+    for _ in range(3):
+        wrapped = _WRAPPER.fullmatch(span)
+        if not wrapped or not _balanced(wrapped.group(1)):  # "\text{a} + \text{b}" is not one wrapper
+            break
+        span = wrapped.group(1).strip()
+    lone = _LONE_NUMBER.fullmatch(span)
+    if lone:
+        span = lone.group(1)
+    return span or None
+
+
+def extract_final_answer(completion: str, after_think: bool = False, final_equation: bool = True) -> Optional[str]:
     """The span the completion commits to as its final answer, or None."""
     if after_think:
         if THINK_END not in completion:
@@ -31,13 +61,18 @@ def extract_final_answer(completion: str, after_think: bool = False) -> Optional
         completion = completion.rsplit(THINK_END, 1)[1]
     boxed = last_boxed(completion)
     if boxed is not None:
-        return boxed.strip() or None
+        return clean_span(boxed)
     hashes = _HASHES.findall(completion)
     if hashes:
-        return hashes[-1].strip() or None
+        return clean_span(hashes[-1])
     found = _ANSWER_IS.findall(completion)
     if found:
-        return found[-1].strip().rstrip(".").strip() or None
+        return clean_span(found[-1])
+    if final_equation:
+        lines = [ln for ln in completion.strip().splitlines() if ln.strip()]
+        match = _FINAL_EQUATION.search(lines[-1]) if lines else None
+        if match:
+            return clean_span(match.group(1))
     return None
 
 
@@ -57,8 +92,8 @@ def parse_gold(gold: str):
 
 @VERIFIERS.register("math")
 class MathVerifier:
-    def __init__(self, after_think: bool = False):
-        self.after_think = after_think
+    def __init__(self, after_think: bool = False, final_equation: bool = True):
+        self.after_think, self.final_equation = after_think, final_equation
 
     def score(self, completion: str, gold: str) -> Verdict:
         from math_verify import verify
@@ -66,7 +101,7 @@ class MathVerifier:
         gold_parsed = parse_gold(gold)
         if not gold_parsed:
             return Verdict(0.0, "ungradable_gold")
-        answer = extract_final_answer(completion, self.after_think)
+        answer = extract_final_answer(completion, self.after_think, self.final_equation)
         if answer is None:
             return Verdict(0.0, "no_answer")
         answer_parsed = _parse(answer)

@@ -1,0 +1,35 @@
+"""Third-party verifiers for the tests, loaded by dotted path (never registered in the core)."""
+import os
+
+from stagewise_pl.verify.base import Verdict
+
+
+class LengthVerifier:
+    """Correct when the completion has exactly ``gold`` characters."""
+
+    def __init__(self, after_think: bool = False, scale: int = 1):
+        self.scale = scale
+
+    def score(self, completion: str, gold: str) -> Verdict:
+        return Verdict(1.0, "correct") if len(completion) * self.scale == int(gold) else Verdict(0.0, "wrong")
+
+
+class MisbehavingVerifier:
+    """Crashes the process, eats memory or sleeps on command; grades everything else correct."""
+
+    def __init__(self, after_think: bool = False):
+        pass
+
+    def score(self, completion: str, gold: str) -> Verdict:
+        if completion == "crash":
+            os._exit(3)
+        if completion == "hog":
+            blocks = [bytearray(256 * 1024 * 1024) for _ in range(64)]  # 16 GiB, over any worker limit
+            return Verdict(float(len(blocks)), "correct")
+        if completion == "sleep":
+            import time
+
+            time.sleep(60)
+        if completion == "raise":
+            raise ValueError("a verifier bug")
+        return Verdict(1.0, "correct")
