@@ -142,6 +142,7 @@ class TrainerConfig:
     accumulate_grad_batches: int = doc(1, "micro-batches per optimizer step")
     max_length: int = doc(128, "longest training sequence in tokens; longer examples are truncated")
     packing: bool = doc(False, "pack examples into rows of max_length (attention never crosses examples)")
+    kernel: str = doc("auto", "fused log-prob kernel backend: auto (triton on CUDA when installed) | torch | triton")
     log_every_n_steps: int = doc(10, "logging interval")
     checkpoint_every_n_steps: int = doc(100, "Lightning checkpoint interval (and at the end of each phase)")
 
@@ -205,6 +206,7 @@ _CHOICES = {
     "data.source": {"synthetic", "jsonl", "hf", "benchmark"},
     "data.target": {"teacher_trace", "reference"},
     "data.on_bad_row": {"error", "skip"},
+    "trainer.kernel": {"auto", "torch", "triton"},
 }
 _POSITIVE = ["verifier.workers", "verifier.timeout_s", "trainer.batch_size", "trainer.accumulate_grad_batches", "trainer.max_length",
              "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps", "eval.batch_size",

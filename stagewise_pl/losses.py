@@ -1,8 +1,13 @@
 """Losses as pure tensor functions: tensors in, tensors out, no config reads."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+
+from stagewise_pl.registry import Registry
 
 IGNORE_INDEX = -100
 
@@ -14,7 +19,8 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-token negative log-likelihood of ``labels`` (already shifted), 0 where ignored.  (B, T)"""
-    nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                           reduction="none")  # (B*T,)
     return nll.view(labels.shape)
 
@@ -28,3 +34,79 @@ def masked_mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     count = (targets != IGNORE_INDEX).sum()
     nll = token_nll(logits, targets)  # (B, T)
     return nll.sum() / count.clamp(min=1), count
+
+
+# ------------------------------------------------------------------------------------------ policy loss
+@dataclass(frozen=True)
+class PolicyLossConfig:
+    """The clipped policy-gradient surrogate (PPO/GRPO family) and how per-token terms are aggregated.
+
+    ``epsilon_high > epsilon_low`` is DAPO's clip-higher. ``beta`` weighs the k3 estimate of
+    KL(policy || reference) (Schulman 2020); ``entropy_coef`` an entropy bonus.
+    """
+
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    aggregation: str = "token_mean"  # see AGGREGATIONS
+    max_tokens: Optional[int] = None  # the constant normaliser of "constant" (default: the padded length)
+    beta: float = 0.0
+    entropy_coef: float = 0.0
+
+
+AGGREGATIONS: Registry = Registry("loss aggregation")
+
+
+@AGGREGATIONS.register("token_mean")
+def token_mean_weights(mask: torch.Tensor, max_tokens: Optional[int] = None) -> torch.Tensor:
+    """Every completion token of the batch weighs the same (DAPO; TRL's 'bnpo' per batch)."""
+    return mask / mask.sum().clamp(min=1)
+
+
+@AGGREGATIONS.register("seq_mean_token_mean")
+def seq_mean_token_mean_weights(mask: torch.Tensor, max_tokens: Optional[int] = None) -> torch.Tensor:
+    """Mean over sequences of each sequence's token-mean (the original GRPO)."""
+    return mask / mask.sum(-1, keepdim=True).clamp(min=1) / mask.shape[0]
+
+
+@AGGREGATIONS.register("constant")
+def constant_weights(mask: torch.Tensor, max_tokens: Optional[int] = None) -> torch.Tensor:
+    """Sum over tokens divided by a constant, batch size x max tokens (Dr. GRPO): no length bias."""
+    return mask / (mask.shape[0] * (max_tokens or mask.shape[-1]))
+
+
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, epsilon_low: float,
+                      epsilon_high: float) -> torch.Tensor:
+    """Per-token -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A), r = exp(logp - old_logp)."""
+    ratio = torch.exp(logp - old_logp)
+    return -torch.minimum(ratio * advantages, torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * advantages)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(policy || reference): exp(d) - d - 1 with d = ref_logp - logp."""
+    delta = ref_logp - logp
+    return torch.exp(delta) - delta - 1
+
+
+def policy_token_loss(logp, old_logp, advantages, cfg: PolicyLossConfig, ref_logp=None) -> torch.Tensor:
+    """Per-token policy loss before aggregation: the clipped surrogate plus beta * k3 KL."""
+    loss = clipped_surrogate(logp, old_logp, advantages, cfg.epsilon_low, cfg.epsilon_high)
+    if cfg.beta:
+        loss = loss + cfg.beta * k3_kl(logp, ref_logp)
+    return loss
+
+
+def aggregation_weights(mask: torch.Tensor, cfg: PolicyLossConfig) -> torch.Tensor:
+    """(B, T) weights w such that the loss is sum(w * per-token loss)."""
+    mask = mask if mask.is_floating_point() else mask.float()
+    return AGGREGATIONS.get(cfg.aggregation)(mask, cfg.max_tokens)
+
+
+def policy_loss(logp, old_logp, advantages, mask, cfg: PolicyLossConfig, ref_logp=None, entropy=None) -> torch.Tensor:
+    """The policy loss from per-token log-probs (B, T); the reference for the fused kernel."""
+    if advantages.dim() == logp.dim() - 1:
+        advantages = advantages.unsqueeze(-1)
+    weights = aggregation_weights(mask, cfg)
+    loss = (weights * policy_token_loss(logp, old_logp, advantages, cfg, ref_logp)).sum()
+    if cfg.entropy_coef:
+        loss = loss - cfg.entropy_coef * (weights * entropy).sum()
+    return loss

@@ -29,7 +29,7 @@ def run_sft_phase(ctx, phase, ckpt_path: Optional[str]) -> dict:
                                  save_last=True, auto_insert_metric_name=False)
     trainer = make_trainer(cfg.trainer, cfg.run, phase.steps, cfg.optim.grad_clip, logger=ctx.logger,
                            callbacks=[checkpoint, *ctx.callbacks])
-    module = sft_module(ctx.policy, cfg.optim, phase.steps, lr=phase.lr)
+    module = sft_module(ctx.policy, cfg.optim, phase.steps, lr=phase.lr, kernel=cfg.trainer.kernel)
     module.log_prefix = f"{phase.name}/"
     started = time.time()
     fit_sft(trainer, module, examples, ctx.tokenizer.pad_token_id, phase.batch_size or cfg.trainer.batch_size,

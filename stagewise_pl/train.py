@@ -62,8 +62,8 @@ def fit_sft(trainer: L.Trainer, module: SFTModule, examples: Sequence[Example], 
         trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
 
 
-def sft_module(policy, optim_cfg, steps: int, lr: Optional[float] = None) -> SFTModule:
+def sft_module(policy, optim_cfg, steps: int, lr: Optional[float] = None, kernel: str = "auto") -> SFTModule:
     return SFTModule(policy, lr=optim_cfg.lr if lr is None else lr, total_steps=steps,
                      weight_decay=optim_cfg.weight_decay, betas=tuple(optim_cfg.betas),
                      warmup_steps=min(optim_cfg.warmup_steps, max(0, steps // 5)),
-                     min_lr_ratio=optim_cfg.min_lr_ratio)
+                     min_lr_ratio=optim_cfg.min_lr_ratio, kernel_backend=kernel)

@@ -1,10 +1,16 @@
 """Shared fixtures: a tiny configuration that runs the real entry point in seconds, and a tiny model."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Triton kernels run under Triton's CPU interpreter in CPU-only test runs; the variable must be set
+# before any kernel is defined (triton.jit reads it at decoration time).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHARED_BENCHMARKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
 

@@ -79,9 +79,9 @@ def test_packed_loss_equals_unpacked_loss(tiny_model_dir, attn):
     module = SFTModule(model, lr=1e-3, total_steps=10)
     padded, packed = pad_collate(examples, pad_id=0), pack_collate(examples, pad_id=0, max_length=40)
     assert packed["input_ids"].shape[0] < len(examples)  # really packed
-    loss_pad, n_pad = masked_mean_nll(module(padded), padded["labels"])
+    loss_pad, n_pad = module.loss(padded)
     grad_pad = torch.autograd.grad(loss_pad, model.model.embed_tokens.weight)[0]
-    loss_pack, n_pack = masked_mean_nll(module(packed), packed["labels"])
+    loss_pack, n_pack = module.loss(packed)
     grad_pack = torch.autograd.grad(loss_pack, model.model.embed_tokens.weight)[0]
     assert n_pad == n_pack
     assert loss_pack.item() == pytest.approx(loss_pad.item(), abs=1e-10)
@@ -138,3 +138,18 @@ def test_weighted_order_follows_weights():
     weights = [0.0] * 10 + [1.0] * 10
     seen = {i for b in StepBatchSampler(20, 16, 10, seed=0, weights=weights) for i in b}
     assert seen <= set(range(10, 20))
+
+
+def test_module_loss_equals_the_logits_path(tiny_model_dir):
+    """The fused-kernel SFT loss equals cross-entropy over full logits, value and gradient."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
+    batch = pad_collate(random_examples(5, model.config.vocab_size, seed=3), pad_id=0)
+    fused, count = SFTModule(model, lr=1e-3, total_steps=1).loss(batch)
+    grad_fused = torch.autograd.grad(fused, model.model.embed_tokens.weight)[0]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    plain, plain_count = masked_mean_nll(logits, batch["labels"])
+    grad_plain = torch.autograd.grad(plain, model.model.embed_tokens.weight)[0]
+    assert count == plain_count and fused.item() == pytest.approx(plain.item(), abs=1e-12)
+    assert torch.allclose(grad_fused, grad_plain, atol=1e-12)

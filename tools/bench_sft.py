@@ -72,7 +72,7 @@ def run_ours(directory: Path, steps: int, packing: bool) -> dict:
                                   f"trainer.packing={str(packing).lower()}", "optim.warmup_steps=5"])
     timer = _LightningTimer()
     trainer = make_trainer(cfg.trainer, cfg.run, steps, cfg.optim.grad_clip, callbacks=[timer], checkpointing=False)
-    module = sft_module(model, cfg.optim, steps, lr=1e-3)
+    module = sft_module(model, cfg.optim, steps, lr=1e-3, kernel=cfg.trainer.kernel)
     fit_sft(trainer, module, examples, tokenizer.pad_token_id, BATCH, LENGTH, packing=packing, seed=0)
     sampler_batches = [b for b in range(steps)]
     real = sum(len(examples[i].input_ids) for b in sampler_batches for i in timer.batches[b])

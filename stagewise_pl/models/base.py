@@ -75,7 +75,8 @@ def _build(cfg, task, directory: Path, log) -> None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             trainer = make_trainer(trainer_cfg, cfg.run, warm.steps, cfg.optim.grad_clip, checkpointing=False)
-            module = sft_module(policy, dataclasses.replace(cfg.optim, warmup_steps=50), warm.steps, lr=warm.lr)
+            module = sft_module(policy, dataclasses.replace(cfg.optim, warmup_steps=50), warm.steps, lr=warm.lr,
+                                kernel=cfg.trainer.kernel)
             fit_sft(trainer, module, examples, tokenizer.pad_token_id, warm.batch_size, cfg.trainer.max_length,
                     packing=cfg.trainer.packing, seed=0, weights=warmup_weights(problems, warm.level_weights))
         policy.save_pretrained(directory)

@@ -1,7 +1,8 @@
 """Supervised fine-tuning: next-token NLL on completion tokens only.
 
 The loss is the token-mean over the supervised tokens of each micro-batch (prompt and padding
-masked). With gradient accumulation Lightning averages micro-batch losses, so micro-batches with
+masked), computed from the decoder's hidden states by the fused log-prob kernel
+(:func:`stagewise_pl.kernels.fused_nll_loss`): no [tokens x vocab] logits are materialised. With gradient accumulation Lightning averages micro-batch losses, so micro-batches with
 fewer completion tokens weigh a little more than in a global token-mean; this matches TRL's
 SFTTrainer. Optimiser: AdamW; schedule: linear warm-up then cosine decay to ``min_lr_ratio``.
 """
@@ -13,7 +14,8 @@ import lightning as L
 import torch
 
 from stagewise_pl.data.sft import additive_mask
-from stagewise_pl.losses import masked_mean_nll
+from stagewise_pl.kernels import fused_nll_loss
+from stagewise_pl.losses import shift_labels
 
 
 def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -26,26 +28,37 @@ def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int, min_lr_ra
 
 class SFTModule(L.LightningModule):
     def __init__(self, policy: torch.nn.Module, lr: float, total_steps: int, weight_decay: float = 0.01,
-                 betas: tuple[float, float] = (0.9, 0.98), warmup_steps: int = 20, min_lr_ratio: float = 0.1):
+                 betas: tuple[float, float] = (0.9, 0.98), warmup_steps: int = 20, min_lr_ratio: float = 0.1,
+                 kernel_backend: str = "auto"):
         super().__init__()
         self.policy = policy
         self.lr, self.total_steps, self.weight_decay = lr, total_steps, weight_decay
         self.betas, self.warmup_steps, self.min_lr_ratio = tuple(betas), warmup_steps, min_lr_ratio
+        self.kernel_backend = kernel_backend
         self.log_prefix = ""  # the phase name, so metrics of several phases share one logger
 
     def on_fit_start(self) -> None:
         self.policy.train()  # from_pretrained returns the model in eval mode
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def hidden_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Final hidden states (B, T, H) of the policy's decoder: the LM head is applied by the kernel."""
         kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.ndim == 4 and mask.dtype == torch.bool and \
                 getattr(self.policy.config, "_attn_implementation", "sdpa") != "sdpa":
             kwargs["attention_mask"] = additive_mask(mask, self.policy.dtype)  # packed rows, eager attention
-        return self.policy(input_ids=batch["input_ids"], use_cache=False, **kwargs).logits  # (B, T, V)
+        decoder = getattr(self.policy, self.policy.base_model_prefix)
+        return decoder(input_ids=batch["input_ids"], use_cache=False, **kwargs).last_hidden_state
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token-mean NLL of the completion tokens and their count, through the fused log-prob kernel
+        (no [tokens x vocab] logits are kept)."""
+        head = self.policy.get_output_embeddings()
+        return fused_nll_loss(self.hidden_states(batch), head.weight, shift_labels(batch["labels"]),
+                              getattr(head, "bias", None), backend=self.kernel_backend)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, tokens = masked_mean_nll(self(batch), batch["labels"])
+        loss, tokens = self.loss(batch)
         rows = batch["input_ids"].shape[0]
         self.log(f"{self.log_prefix}train/loss", loss, prog_bar=True, batch_size=rows)
         self.log(f"{self.log_prefix}train/tokens", tokens.float(), reduce_fx="sum", batch_size=rows)

@@ -1,0 +1,135 @@
+"""Fused log-prob kernels: per-token log-probs, entropy and losses without materialising logits.
+
+- :func:`logprobs` -- ``(logp, entropy)`` of the chosen tokens, differentiable (recompute in backward);
+- :func:`fused_nll_loss` -- the SFT loss (mean NLL over non-ignored tokens), gradients in forward;
+- :func:`fused_policy_loss` -- the GRPO surrogate of :func:`stagewise_pl.losses.policy_loss`,
+  gradients in forward.
+
+``backend``: "torch" (everywhere), "triton" (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``),
+or "auto" (triton on CUDA when it imports, else torch). See ``linear_logprob.py`` for the method.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from stagewise_pl.kernels.linear_logprob import (DEFAULT_BUDGET_BYTES, FusedTokenLoss, LinearLogProb, plan)
+from stagewise_pl.losses import PolicyLossConfig, aggregation_weights, policy_token_loss
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}; one of {BACKENDS}")
+    if backend == "auto":
+        return "triton" if tensor.is_cuda and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise ImportError("kernel backend 'triton' needs triton: pip install triton")
+        if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("kernel backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+    return backend
+
+
+def _prepare(hidden, weight, targets, chunk_tokens, vocab_block, budget_bytes):
+    x = hidden.reshape(-1, hidden.shape[-1])
+    t = targets.reshape(-1)
+    if x.shape[0] != t.shape[0]:
+        raise ValueError(f"hidden has {x.shape[0]} tokens, targets {t.shape[0]}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight is {tuple(weight.shape)}, hidden size is {x.shape[1]}")
+    chunk_plan = plan(x.shape[0], weight.shape[0], x.shape[1], hidden.dtype, budget_bytes, chunk_tokens, vocab_block)
+    return x, t, chunk_plan
+
+
+def logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: Optional[torch.Tensor] = None,
+             temperature: float = 1.0, ignore_index: int = -100, with_entropy: bool = False, *, backend: str = "auto",
+             chunk_tokens: Optional[int] = None, vocab_block: Optional[int] = None,
+             budget_bytes: int = DEFAULT_BUDGET_BYTES) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """log softmax((hidden @ weight.T + bias) / temperature)[targets] and optionally the entropy.
+
+    hidden (..., H), weight (V, H), targets (...): returns tensors of targets' shape; 0 where
+    ``targets == ignore_index`` (and no gradient flows from those rows).
+    """
+    x, t, chunk_plan = _prepare(hidden, weight, targets, chunk_tokens, vocab_block, budget_bytes)
+    logp, entropy = LinearLogProb.apply(x, weight, bias, t, float(temperature), ignore_index, with_entropy,
+                                        chunk_plan, resolve_backend(backend, hidden))
+    return logp.view(targets.shape), (entropy.view(targets.shape) if entropy is not None else None)
+
+
+def fused_nll_loss(hidden, weight, targets, bias=None, ignore_index: int = -100, temperature: float = 1.0, *,
+                   backend: str = "auto", chunk_tokens=None, vocab_block=None,
+                   budget_bytes: int = DEFAULT_BUDGET_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+    """SFT loss: mean negative log-likelihood of the non-ignored targets, and their count."""
+    x, t, chunk_plan = _prepare(hidden, weight, targets, chunk_tokens, vocab_block, budget_bytes)
+    count = (t != ignore_index).sum()
+    scale = 1.0 / count.clamp(min=1).to(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+
+    def token_loss(logp, entropy, rows):
+        return -logp.sum() * scale
+
+    loss, _, _ = FusedTokenLoss.apply(x, weight, bias, t, float(temperature), ignore_index, False, chunk_plan,
+                                      resolve_backend(backend, hidden), token_loss)
+    return loss, count
+
+
+@dataclass
+class PolicyLossOutput:
+    loss: torch.Tensor  # scalar, differentiable
+    logp: torch.Tensor  # (B, T) detached
+    entropy: Optional[torch.Tensor]  # (B, T) detached, when computed
+    clip_fraction: torch.Tensor  # fraction of completion tokens whose ratio was clipped
+
+
+def fused_policy_loss(hidden, weight, targets, old_logp, advantages, mask, cfg: PolicyLossConfig,
+                      ref_logp=None, bias=None, temperature: float = 1.0, with_entropy: Optional[bool] = None, *,
+                      backend: str = "auto", chunk_tokens=None, vocab_block=None,
+                      budget_bytes: int = DEFAULT_BUDGET_BYTES) -> PolicyLossOutput:
+    """:func:`stagewise_pl.losses.policy_loss` computed from hidden states (B, T, H), gradients in forward.
+
+    targets, old_logp, mask (and ref_logp) are (B, T); advantages (B,) or (B, T). Tokens with mask 0
+    contribute nothing (their targets may be anything in range).
+    """
+    if cfg.beta and ref_logp is None:
+        raise ValueError("beta > 0 needs ref_logp")
+    with_entropy = bool(cfg.entropy_coef) if with_entropy is None else with_entropy
+    if advantages.dim() == targets.dim() - 1:
+        advantages = advantages.unsqueeze(-1)
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    weights = aggregation_weights(mask.to(acc), cfg).reshape(-1)
+    old = old_logp.reshape(-1).to(acc)
+    adv = advantages.expand_as(targets).reshape(-1).to(acc)
+    ref = None if ref_logp is None else ref_logp.reshape(-1).to(acc)
+    masked_targets = torch.where(mask.bool(), targets, torch.full_like(targets, -100))
+    x, t, chunk_plan = _prepare(hidden, weight, masked_targets, chunk_tokens, vocab_block, budget_bytes)
+
+    def token_loss(logp, entropy, rows):
+        terms = policy_token_loss(logp, old[rows], adv[rows], cfg, None if ref is None else ref[rows])
+        loss = (weights[rows] * terms).sum()
+        if cfg.entropy_coef:
+            loss = loss - cfg.entropy_coef * (weights[rows] * entropy).sum()
+        return loss
+
+    loss, logp, entropy = FusedTokenLoss.apply(x, weight, bias, t, float(temperature), -100, with_entropy,
+                                               chunk_plan, resolve_backend(backend, hidden), token_loss)
+    ratio = torch.exp(logp - old)
+    clipped = ((ratio < 1 - cfg.epsilon_low) | (ratio > 1 + cfg.epsilon_high)) & (t != -100)
+    clip_fraction = clipped.sum() / (t != -100).sum().clamp(min=1)
+    return PolicyLossOutput(loss, logp.view(targets.shape), None if entropy is None else entropy.view(targets.shape),
+                            clip_fraction)
+
+
+__all__ = ["logprobs", "fused_nll_loss", "fused_policy_loss", "PolicyLossOutput", "PolicyLossConfig",
+           "resolve_backend", "triton_available"]
