@@ -43,14 +43,15 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
     return backend
 
 
-def _prepare(hidden, weight, targets, chunk_tokens, vocab_block, budget_bytes):
+def _prepare(hidden, weight, targets, chunk_tokens, vocab_block, budget_bytes, single_pass=True):
     x = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1)
     if x.shape[0] != t.shape[0]:
         raise ValueError(f"hidden has {x.shape[0]} tokens, targets {t.shape[0]}")
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"weight is {tuple(weight.shape)}, hidden size is {x.shape[1]}")
-    chunk_plan = plan(x.shape[0], weight.shape[0], x.shape[1], hidden.dtype, budget_bytes, chunk_tokens, vocab_block)
+    chunk_plan = plan(x.shape[0], weight.shape[0], x.shape[1], hidden.dtype, budget_bytes, chunk_tokens, vocab_block,
+                      single_pass)
     return x, t, chunk_plan
 
 
@@ -63,7 +64,7 @@ def logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
     hidden (..., H), weight (V, H), targets (...): returns tensors of targets' shape; 0 where
     ``targets == ignore_index`` (and no gradient flows from those rows).
     """
-    x, t, chunk_plan = _prepare(hidden, weight, targets, chunk_tokens, vocab_block, budget_bytes)
+    x, t, chunk_plan = _prepare(hidden, weight, targets, chunk_tokens, vocab_block, budget_bytes, single_pass=False)
     logp, entropy = LinearLogProb.apply(x, weight, bias, t, float(temperature), ignore_index, with_entropy,
                                         chunk_plan, resolve_backend(backend, hidden))
     return logp.view(targets.shape), (entropy.view(targets.shape) if entropy is not None else None)

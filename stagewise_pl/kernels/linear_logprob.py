@@ -28,6 +28,7 @@ import torch
 
 DEFAULT_BUDGET_BYTES = 128 * 2**20  # one chunk's logits block, in float32
 MIN_CHUNK_TOKENS = 16
+TILE_VOCAB, TILE_ELEMENTS = 4096, 4 * 2**20
 
 
 @dataclass(frozen=True)
@@ -37,16 +38,26 @@ class Plan:
 
 
 def plan(n_tokens: int, vocab: int, hidden: int, dtype: torch.dtype, budget_bytes: int = DEFAULT_BUDGET_BYTES,
-         chunk_tokens: Optional[int] = None, vocab_block: Optional[int] = None) -> Plan:
-    """Chunk and block sizes so that one float32 logits block stays within ``budget_bytes``."""
-    if chunk_tokens is None:
-        chunk_tokens = max(MIN_CHUNK_TOKENS, budget_bytes // (4 * vocab))
-    chunk_tokens = max(1, min(chunk_tokens, n_tokens))
+         chunk_tokens: Optional[int] = None, vocab_block: Optional[int] = None, single_pass: bool = False) -> Plan:
+    """Chunk and block sizes.
+
+    ``single_pass`` (the fused losses): the whole vocabulary in one block, so the gradient comes
+    from the logits block of the forward pass (3 matrix products); chunks sized so that the float32
+    block stays within ``budget_bytes``. Otherwise (log-probs, recompute in backward): tiles of
+    about 1 024 tokens x 4 096 vocabulary rows, which measured ~25% faster than whole-vocabulary
+    chunks on a 2-core CPU (the 16 MB tile stays in cache between the product and the statistics).
+    """
     if vocab_block is None:
-        vocab_block = vocab if chunk_tokens * vocab * 4 <= budget_bytes else max(256, budget_bytes // (4 * chunk_tokens))
+        if single_pass:
+            vocab_block = vocab if MIN_CHUNK_TOKENS * vocab * 4 <= budget_bytes else budget_bytes // (4 * MIN_CHUNK_TOKENS)
+        else:
+            vocab_block = min(vocab, TILE_VOCAB)
         if dtype in (torch.bfloat16, torch.float16):  # the float32 copy of a weight block counts too
             vocab_block = min(vocab_block, max(256, budget_bytes // (4 * hidden)))
-    return Plan(chunk_tokens, max(1, min(vocab_block, vocab)))
+    vocab_block = max(1, min(vocab_block, vocab))
+    if chunk_tokens is None:
+        chunk_tokens = max(MIN_CHUNK_TOKENS, budget_bytes // (4 * vocab_block) if single_pass else TILE_ELEMENTS // vocab_block)
+    return Plan(max(1, min(chunk_tokens, n_tokens)), vocab_block)
 
 
 # ------------------------------------------------------------------------------------------ row ops
@@ -301,5 +312,10 @@ class FusedTokenLoss(torch.autograd.Function):
     def backward(ctx, g_total, _g_logp, _g_entropy):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         h_dtype, w_dtype, b_dtype = ctx.dtypes
-        return ((grad_h * g_total).to(h_dtype), (grad_w * g_total).to(w_dtype),
-                (grad_b * g_total).to(b_dtype) if ctx.has_bias else None, None, None, None, None, None, None, None)
+        # scaled in place: a second copy of a [vocab x hidden] gradient is what this kernel exists to avoid
+        grads = [grad_h, grad_w] + ([grad_b] if ctx.has_bias else [])
+        if not bool(g_total == 1):
+            for grad in grads:
+                grad.mul_(g_total)
+        return (grad_h.to(h_dtype), grad_w.to(w_dtype), grad_b.to(b_dtype) if ctx.has_bias else None,
+                None, None, None, None, None, None, None)
