@@ -17,7 +17,7 @@ from pathlib import Path
 
 from stagewise_pl.data.problems import Problem
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: SFT through the fused NLL kernel
 
 
 def base_key(cfg) -> str:
