@@ -79,6 +79,7 @@ class Run:
         self.callbacks: list = []
         self.policy = self.tokenizer = self.logger = self.task = self.verifier = None
         self.pool: list = []
+        self._eval_cache: Optional[list] = None
 
     # ------------------------------------------------------------------ layout
     def _locate_dir(self) -> Path:
@@ -179,8 +180,22 @@ class Run:
         return self.cfg.model.name_or_path
 
     # ------------------------------------------------------------------ evaluation
+    def _eval_sets(self) -> list:
+        """(name, gradable problems, generation budget) per evaluation set; loaded and gold-checked once."""
+        if self._eval_cache is None:
+            from stagewise_pl.data.loaders import load_benchmark
+
+            ev, sets = self.cfg.eval, []
+            if ev.split:
+                problems = self._check_golds(self.task.split(ev.split), f"synthetic-{ev.split}")
+                sets.append((f"synthetic-{ev.split}", problems, self.task.max_new_tokens()))
+            for bench in ev.benchmarks:
+                problems, _ = load_benchmark(bench, limit=ev.limit)
+                sets.append((Path(bench).stem, self._check_golds(problems, Path(bench).stem), ev.max_new_tokens or 256))
+            self._eval_cache = sets
+        return self._eval_cache
+
     def evaluate(self, label: str):
-        from stagewise_pl.data.loaders import load_benchmark
         from stagewise_pl.eval.evaluate import EvalResult, evaluate_problems
         from stagewise_pl.rollout.hf import HFEngine
 
@@ -190,15 +205,8 @@ class Run:
             return OrderedDict((name, EvalResult(**r)) for name, r in stored.items())
         ev = self.cfg.eval
         engine = HFEngine(self.policy, self.tokenizer, batch_size=ev.batch_size, progress=self.cfg.run.progress_bar)
-        sets = []
-        if ev.split:
-            problems = self._check_golds(self.task.split(ev.split), f"synthetic-{ev.split}")
-            sets.append((f"synthetic-{ev.split}", problems, self.task.max_new_tokens()))
-        for bench in ev.benchmarks:
-            problems, _ = load_benchmark(bench, limit=ev.limit)
-            sets.append((Path(bench).stem, self._check_golds(problems, Path(bench).stem), ev.max_new_tokens or 256))
         results = OrderedDict()
-        for name, problems, budget in sets:
+        for name, problems, budget in self._eval_sets():
             results[name] = evaluate_problems(engine, self.tokenizer, self.verifier, problems, name, k=ev.k,
                                               temperature=ev.temperature,
                                               max_new_tokens=ev.max_new_tokens or budget, seed=self.cfg.run.seed)
@@ -231,8 +239,11 @@ class Run:
         """Run (or continue) the plan; returns the run directory."""
         from stagewise_pl.phases import PHASES
 
-        for phase in self.phases:  # unknown kinds fail before any work
-            PHASES.get(phase.kind)
+        for i, phase in enumerate(self.phases):  # unknown kinds fail before any work
+            try:
+                PHASES.get(phase.kind)
+            except (KeyError, ImportError) as exc:
+                raise ConfigError(f"phases.{i}.kind: {exc.args[0] if exc.args else exc}") from None
         if self.cfg.run.resume:
             self._check_resumed_config()
         state = self._state()

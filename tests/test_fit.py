@@ -111,7 +111,7 @@ def test_refusals(tmp_path, fast_overrides):
 
 def test_unknown_phase_kind_fails_before_work(tmp_path, fast_overrides):
     cfg = load_config("default", fast_overrides + [f"run.dir={tmp_path / 'x'}", "phases.0.kind=grpo"])
-    with pytest.raises(KeyError, match="unknown phase kind 'grpo'"):
+    with pytest.raises(ConfigError, match="phases.0.kind: unknown phase kind 'grpo'"):
         Run(cfg).execute()
     assert not (tmp_path / "x").exists()
 
