@@ -3,7 +3,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from stagewise_pl.data.sft import Example, encode_example, pack_collate, pack_rows, pad_collate, ResumableLoader, StepBatchSampler
 from stagewise_pl.losses import IGNORE_INDEX, masked_mean_nll

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchlib import report, run_child
 
 BATCH, LENGTH, THREADS = 16, 64, 2
 
@@ -47,10 +46,6 @@ def prepare(directory: Path, n_examples: int = 4000) -> None:
     examples = build_examples(tokenizer, problems, "teacher_trace", LENGTH)
     rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
     (directory / "examples.json").write_text(json.dumps(rows))
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_ours(directory: Path, steps: int, packing: bool) -> dict:
@@ -152,18 +147,12 @@ def child(variant: str, directory: Path, steps: int) -> None:
         result = run_trl(directory, steps)
     else:
         result = run_ours(directory, steps, packing=variant == "ours-packed")
-    result["peak_rss_mb"] = peak_rss_mb()
-    print("RESULT " + json.dumps(result))
+    report(result)
 
 
 def measure(variant: str, directory: Path, steps: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS))
-    out = subprocess.run([sys.executable, __file__, "--child", variant, "--dir", str(directory), "--steps", str(steps)],
-                         capture_output=True, text=True, env=env)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    if out.returncode or not lines:
-        raise RuntimeError(f"{variant} failed:\n{out.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_child(__file__, ["--child", variant, "--dir", str(directory), "--steps", str(steps)],
+                     env={"OMP_NUM_THREADS": str(THREADS)})
 
 
 def main() -> None:
