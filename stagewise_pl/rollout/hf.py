@@ -1,12 +1,22 @@
-"""HFEngine: batched ``transformers`` generate with a KV cache and left padding (CPU and GPU).
+"""HFEngine: sampling with a transformers model and its KV cache (CPU and GPU), no vLLM needed.
 
-Each prompt is encoded once and expanded to ``n`` samples inside ``generate``
-(``num_return_sequences``). Completions are cut at EOS or at the first stop string; a completion
-that hit ``max_new_tokens`` is marked ``length``. Sampling is seeded per call, so the same seed on
-CPU gives the same completions.
+Where the time goes and what is cut (measured on the tiny base model, 64 prompts x 8 samples):
+``model.generate`` keeps computing every row until the longest one ends, so with completions of
+very different lengths most of its work is on finished rows. Here the decoding loop is our own:
+- each prompt is encoded and prefilled once, and its KV cache copied to its ``n`` samples
+  (``batch_repeat_interleave``), instead of ``n`` prefills of the same prompt;
+- only the last position's logits are computed (``logits_to_keep=1``);
+- a row that emits EOS leaves the batch at once (``batch_select_indices`` on the cache), so each
+  step costs what the unfinished rows need. This measured about 2x one batched ``generate`` call.
+Prompts are left-padded, position ids follow the attention mask. Sampling is seeded per call with
+its own generator (same seed on CPU, same completions). Greedy when temperature is 0; nucleus
+filtering when top_p < 1. With ``logprobs`` each sampled token's log-prob under the sampling
+distribution (temperature applied) is returned. Stop strings cut the decoded text afterwards.
+Models whose cache cannot be expanded or filtered fall back to ``model.generate``.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
@@ -15,54 +25,129 @@ from tqdm.auto import tqdm
 from stagewise_pl.rollout.base import ENGINES, RolloutBatch, SamplingParams
 
 
+def sample_next(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator, with_logprobs: bool = True):
+    """Next tokens (rows,) and, if asked, their log-probs under the sampling distribution (rows,)."""
+    logits = logits.float()
+    if sampling.temperature <= 0:
+        tokens = logits.argmax(-1)
+        logp = torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0] if with_logprobs else None
+        return tokens, logp
+    scaled = logits / sampling.temperature if sampling.temperature != 1.0 else logits
+    if sampling.top_p < 1.0:
+        sorted_logits, order = scaled.sort(-1, descending=True)
+        sorted_probs = torch.softmax(sorted_logits, -1)
+        drop_sorted = sorted_probs.cumsum(-1) - sorted_probs > sampling.top_p  # keep the smallest set reaching top_p
+        scaled = scaled.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
+    tokens = torch.multinomial(torch.softmax(scaled, -1), 1, generator=generator)[:, 0]
+    if not with_logprobs:
+        return tokens, None
+    return tokens, scaled.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(scaled, -1)
+
+
 @ENGINES.register("hf")
 class HFEngine:
     def __init__(self, model, tokenizer, batch_size: int = 64, progress: bool = False):
         self.model, self.tokenizer, self.batch_size, self.progress = model, tokenizer, batch_size, progress
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], sampling: SamplingParams, desc: str = "generate") -> RolloutBatch:
         """``prompts`` are rendered texts (chat template already applied)."""
-        tok, model = self.tokenizer, self.model
-        was_training = model.training
-        model.eval()
-        device = next(model.parameters()).device
-        eos = tok.eos_token_id
-        out = RolloutBatch(n=sampling.n, prompt_ids=[], completion_ids=[], texts=[], finish_reasons=[])
-        greedy = sampling.temperature <= 0
-        starts = range(0, len(prompts), self.batch_size)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(sampling.seed)
-            for start in tqdm(starts, desc=desc, disable=not self.progress, leave=False):
+        was_training = self.model.training
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+        out = RolloutBatch(n=sampling.n, prompt_ids=[], completion_ids=[], texts=[], finish_reasons=[],
+                           logprobs=[] if sampling.logprobs else None)
+        try:
+            for start in tqdm(range(0, len(prompts), self.batch_size), desc=desc, disable=not self.progress,
+                              leave=False):
                 chunk = list(prompts[start:start + self.batch_size])
-                enc = tok(chunk, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+                enc = self.tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left",
+                                     add_special_tokens=False)
                 enc = {k: v.to(device) for k, v in enc.items()}
-                generated = model.generate(
-                    **enc, max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
-                    temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
-                    top_k=None if greedy else 0, num_return_sequences=sampling.n, eos_token_id=eos,
-                    pad_token_id=tok.pad_token_id, return_dict_in_generate=False)
-                width = enc["input_ids"].shape[1]
-                for row, seq in enumerate(generated.tolist()):
-                    prompt_row = enc["input_ids"][row // sampling.n]
-                    prompt_mask = enc["attention_mask"][row // sampling.n]
-                    if row % sampling.n == 0:
-                        out.prompt_ids.append(prompt_row[prompt_mask.bool()].tolist())
-                    ids, reason = self._cut(seq[width:], eos, sampling)
-                    text, stopped = self._text(ids, sampling)
-                    out.completion_ids.append(ids)
+                for row in range(len(chunk)):
+                    out.prompt_ids.append(enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist())
+                ids, logps, reasons = self._decode(enc["input_ids"], enc["attention_mask"], sampling, generator)
+                for i, tokens in enumerate(ids):
+                    text, stopped = self._text(tokens, sampling)
+                    out.completion_ids.append(tokens)
                     out.texts.append(text)
-                    out.finish_reasons.append("stop" if stopped else reason)
-        model.train(was_training)
+                    out.finish_reasons.append("stop" if stopped else reasons[i])
+                    if out.logprobs is not None:
+                        out.logprobs.append(logps[i])
+        finally:
+            self.model.train(was_training)
         return out
 
-    def _cut(self, ids: list[int], eos: int, sampling: SamplingParams) -> tuple[list[int], str]:
-        if eos in ids:
-            return ids[:ids.index(eos) + 1], "stop"
-        pad = self.tokenizer.pad_token_id
-        while ids and ids[-1] == pad and pad != eos:
-            ids = ids[:-1]
-        return ids, "length" if len(ids) >= sampling.max_new_tokens else "stop"
+    def _decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingParams,
+                generator: torch.Generator) -> tuple[list[list[int]], list[list[float]], list[str]]:
+        """Token ids, log-probs and finish reasons of ``n`` completions per prompt row, prompt-major."""
+        model, n, eos = self.model, sampling.n, self.tokenizer.eos_token_id
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        first = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                      logits_to_keep=1)
+        cache = getattr(first, "past_key_values", None)
+        if cache is None or not hasattr(cache, "batch_repeat_interleave") or not hasattr(cache, "batch_select_indices"):
+            return self._decode_with_generate(input_ids, attention_mask, sampling, generator)
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+        logits = first.logits[:, -1].repeat_interleave(n, 0)  # (rows, V)
+        mask = attention_mask.repeat_interleave(n, 0)
+        position = positions[:, -1].repeat_interleave(n, 0)
+        total = logits.shape[0]
+        rows = torch.arange(total, device=logits.device)  # original row of each live row
+        out_tokens = torch.full((total, sampling.max_new_tokens), -1, dtype=torch.long, device=logits.device)
+        out_logp = torch.zeros((total, sampling.max_new_tokens), device=logits.device) if sampling.logprobs else None
+        stopped = torch.zeros(total, dtype=torch.bool, device=logits.device)
+        for step in range(sampling.max_new_tokens):
+            nxt, nxt_logp = sample_next(logits, sampling, generator, with_logprobs=sampling.logprobs)
+            out_tokens[rows, step] = nxt
+            if out_logp is not None:
+                out_logp[rows, step] = nxt_logp
+            alive = nxt != eos
+            stopped[rows[~alive]] = True
+            if step == sampling.max_new_tokens - 1 or not alive.any():
+                break
+            if not alive.all():  # finished rows leave the batch, cache included
+                keep = alive.nonzero()[:, 0]
+                cache.batch_select_indices(keep)
+                rows, nxt, mask, position = rows[keep], nxt[keep], mask[keep], position[keep]
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            position = position + 1
+            step_out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=position[:, None],
+                             use_cache=True, **{self._cache_kwarg: cache})
+            logits = step_out.logits[:, -1]
+        lengths = (out_tokens >= 0).sum(-1).tolist()
+        tokens = [row[:length] for row, length in zip(out_tokens.tolist(), lengths)]
+        logps = [row[:length] for row, length in zip(out_logp.tolist(), lengths)] if out_logp is not None else \
+            [[] for _ in tokens]
+        reasons = ["stop" if s else "length" for s in stopped.tolist()]
+        return tokens, logps, reasons
+
+    def _decode_with_generate(self, input_ids, attention_mask, sampling, generator):
+        """Fallback for caches that cannot be expanded or filtered: plain ``model.generate``."""
+        if sampling.logprobs:
+            raise ValueError(f"{type(self.model).__name__}: its cache cannot be expanded or filtered, and the "
+                             f"generate fallback returns no log-probs")
+        greedy = sampling.temperature <= 0
+        with torch.random.fork_rng(devices=[input_ids.device] if input_ids.is_cuda else []):
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+            seqs = self.model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=sampling.max_new_tokens,
+                do_sample=not greedy, temperature=None if greedy else sampling.temperature,
+                top_p=None if greedy else sampling.top_p, top_k=None if greedy else 0,
+                num_return_sequences=sampling.n, eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id)
+        eos, tokens, reasons = self.tokenizer.eos_token_id, [], []
+        for seq in seqs[:, input_ids.shape[1]:].tolist():
+            if eos in seq:
+                tokens.append(seq[:seq.index(eos) + 1])
+                reasons.append("stop")
+            else:
+                tokens.append(seq)
+                reasons.append("length")
+        return tokens, [[] for _ in tokens], reasons
 
     def _text(self, ids: list[int], sampling: SamplingParams) -> tuple[str, bool]:
         """Decoded text cut before the first stop string, and whether a stop string was found."""

@@ -1,0 +1,71 @@
+"""HFEngine: log-probs that match the model, finish reasons, top-p, and the generate fallback."""
+import torch
+
+from stagewise_pl.models.load import render_prompts
+from stagewise_pl.rollout import SamplingParams
+from stagewise_pl.rollout.hf import HFEngine, sample_next
+
+
+def test_logprobs_match_the_model_recomputed(tiny):
+    model, tokenizer = tiny
+    engine = HFEngine(model, tokenizer, batch_size=3)
+    prompts = render_prompts(tokenizer, ["1+2", "30-4+5", "7", "12+9-3"])
+    batch = engine.generate(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=3, logprobs=True))
+    for i, (ids, logps) in enumerate(zip(batch.completion_ids, batch.logprobs)):
+        prompt = batch.prompt_ids[i // 2]
+        full = torch.tensor([prompt + ids])
+        with torch.no_grad():
+            logsm = torch.log_softmax(model(full).logits[0, len(prompt) - 1:-1].float(), -1)
+        expected = logsm.gather(-1, torch.tensor(ids)[:, None])[:, 0]
+        assert len(logps) == len(ids)
+        assert torch.allclose(torch.tensor(logps), expected, atol=1e-4)
+
+
+def test_finish_reasons_and_eos(tiny):
+    model, tokenizer = tiny
+    engine = HFEngine(model, tokenizer)
+    batch = engine.generate(render_prompts(tokenizer, ["1+2"] * 3),
+                            SamplingParams(n=4, temperature=1.0, max_new_tokens=5, seed=0))
+    for ids, reason in zip(batch.completion_ids, batch.finish_reasons):
+        if reason == "stop":
+            assert ids[-1] == tokenizer.eos_token_id and tokenizer.eos_token_id not in ids[:-1]
+        else:
+            assert len(ids) == 5 and tokenizer.eos_token_id not in ids
+
+
+def test_rows_that_finish_leave_the_batch_without_changing_the_others(tiny):
+    """Greedy completions are the same whatever finishes around them (compaction keeps rows aligned)."""
+    model, tokenizer = tiny
+    engine = HFEngine(model, tokenizer, batch_size=8)
+    prompts = render_prompts(tokenizer, ["1+2", "30-4+5", "7", "12+9-3", "5", "44-40"])
+    greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=12)
+    together = engine.generate(prompts, greedy).completion_ids
+    alone = [engine.generate([p], greedy).completion_ids[0] for p in prompts]
+    assert together == alone
+
+
+def test_top_p_keeps_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    gen = torch.Generator().manual_seed(0)
+    seen = {int(sample_next(logits, SamplingParams(temperature=1.0, top_p=0.7), gen)[0]) for _ in range(200)}
+    assert seen == {0, 1}  # 0.5 + 0.3 reaches 0.7; the tail is never sampled
+    tokens, logp = sample_next(logits, SamplingParams(temperature=0.0), gen)
+    assert int(tokens) == 0 and abs(float(logp) - float(torch.log(torch.tensor(0.5)))) < 1e-6
+
+
+def test_generate_fallback_for_other_caches(tiny, monkeypatch):
+    model, tokenizer = tiny
+    engine = HFEngine(model, tokenizer)
+    calls = []
+    original = engine._decode_with_generate
+
+    def spy(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(engine, "_decode_with_generate", spy)
+    from transformers.cache_utils import Cache
+
+    monkeypatch.delattr(Cache, "batch_select_indices")  # a cache that cannot drop finished rows
+    batch = engine.generate(render_prompts(tokenizer, ["1+2"]), SamplingParams(n=2, max_new_tokens=4))
+    assert calls and len(batch.texts) == 2

@@ -1,0 +1,124 @@
+"""Rollout throughput: HFEngine beside a per-prompt generate loop and one batched generate call.
+
+Work: the tiny base model of the default run (built and cached if missing), 64 held-out prompts of
+the synthetic task (all levels), 8 samples each at temperature 1, at most 64 new tokens, 2 threads.
+Throughput counts generated tokens (EOS included; padding after EOS not). Variants, each run in a
+fresh process, interleaved, median of ``--repeats``:
+- naive: ``model.generate`` once per prompt with ``num_return_sequences=8``;
+- batched generate: one ``model.generate`` call over all prompts with ``num_return_sequences=8``
+  (what TRL's GRPOTrainer does without vLLM);
+- ours: ``HFEngine.generate`` (prefill once per prompt, finished rows leave the batch);
+- vllm: VLLMEngine, when it exists and vllm imports (not yet: reported as not run).
+
+    python tools/bench_rollout.py [--repeats 3] [--json PATH]
+
+--json writes the figures with a top-level "goal_ratio": our seconds per token over the batched
+generate call's (goal: 1.5x its tokens/s, i.e. a ratio of at most 0.667).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from benchlib import report, run_child
+
+PROMPTS, SAMPLES, MAX_NEW, THREADS = 64, 8, 64, 2
+VARIANTS = ["naive", "batched-generate", "ours"]
+
+
+def setup():
+    import torch
+
+    from stagewise_pl.config import load_config
+    from stagewise_pl.logging import quiet_third_party
+    from stagewise_pl.models.base import tiny_base_model
+    from stagewise_pl.models.load import load_policy, render_prompts
+    from stagewise_pl.tasks.arithmetic import ArithmeticTask
+
+    quiet_third_party()
+    torch.set_num_threads(THREADS)
+    cfg = load_config("default", ["run.progress_bar=false"])
+    task = ArithmeticTask.from_config(cfg.task)
+    model, tokenizer = load_policy(str(tiny_base_model(cfg, task, log=lambda *_: None)))
+    model.eval()
+    test = task.split("test")
+    prompts = render_prompts(tokenizer, [p.prompt for p in test[:: max(1, len(test) // PROMPTS)][:PROMPTS]])
+    return model, tokenizer, prompts
+
+
+def generated_tokens(sequences, prompt_width: int, tokenizer) -> int:
+    """Tokens up to and including the first EOS of each row."""
+    total = 0
+    for row in sequences[:, prompt_width:].tolist():
+        total += row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
+    return total
+
+
+def child(variant: str) -> dict:
+    import torch
+
+    model, tokenizer, prompts = setup()
+    kwargs = dict(max_new_tokens=MAX_NEW, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                  num_return_sequences=SAMPLES, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    started, tokens = time.perf_counter(), 0
+    with torch.no_grad():
+        if variant == "naive":
+            for prompt in prompts:
+                enc = tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
+                tokens += generated_tokens(model.generate(**enc, **kwargs), enc["input_ids"].shape[1], tokenizer)
+        elif variant == "batched-generate":
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+            tokens = generated_tokens(model.generate(**enc, **kwargs), enc["input_ids"].shape[1], tokenizer)
+        else:
+            from stagewise_pl.rollout import SamplingParams
+            from stagewise_pl.rollout.hf import HFEngine
+
+            batch = HFEngine(model, tokenizer, batch_size=PROMPTS).generate(
+                prompts, SamplingParams(n=SAMPLES, temperature=1.0, max_new_tokens=MAX_NEW, seed=0))
+            tokens = sum(len(ids) for ids in batch.completion_ids)
+    return {"seconds": time.perf_counter() - started, "tokens": tokens}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        report(child(args.child))
+        return
+    setup()  # builds and caches the base model once, outside the timed runs
+    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    for r in range(args.repeats):
+        for v in VARIANTS:
+            runs[v].append(run_child(__file__, ["--child", v], env={"OMP_NUM_THREADS": str(THREADS)}))
+            print(f"repeat {r + 1} {v}: {runs[v][-1]}", file=sys.stderr)
+    table = {}
+    for v, rs in runs.items():
+        tps = [x["tokens"] / x["seconds"] for x in rs]
+        table[v] = {"tokens_per_s": statistics.median(tps), "seconds": statistics.median(x["seconds"] for x in rs),
+                    "tokens": statistics.median(x["tokens"] for x in rs), "runs": rs}
+    peer = table["batched-generate"]["tokens_per_s"]
+    print(f"\n{PROMPTS} prompts x {SAMPLES} samples, <= {MAX_NEW} new tokens, tiny base model, {THREADS} threads, "
+          f"median of {args.repeats}\n")
+    print("| variant | generated tokens/s | x batched generate | seconds | tokens |")
+    print("|---|---|---|---|---|")
+    for v, row in table.items():
+        print(f"| {v} | {row['tokens_per_s']:.0f} | {row['tokens_per_s'] / peer:.2f} | {row['seconds']:.2f} | "
+              f"{row['tokens']:.0f} |")
+    print("| vllm | not run: VLLMEngine is not built yet | | | |")
+    goal_ratio = peer / table["ours"]["tokens_per_s"]
+    print(f"\ngoal_ratio (our s/token over batched generate's, goal <= 0.667): {goal_ratio:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps({"goal_ratio": goal_ratio, "peer": "one batched model.generate call",
+                                         "variants": table}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
