@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny configuration that runs the real entry point in seconds, and a tiny model."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -11,6 +12,9 @@ import torch
 # before any kernel is defined (triton.jit reads it at decoration time).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The vLLM tests run in their own environment (.ci/run_vllm); elsewhere they are not collected.
+collect_ignore_glob = [] if importlib.util.find_spec("vllm") else ["vllm_engine/*"]
 
 SHARED_BENCHMARKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
 

@@ -8,9 +8,11 @@ fresh process, interleaved, median of ``--repeats``:
 - batched generate: one ``model.generate`` call over all prompts with ``num_return_sequences=8``
   (what TRL's GRPOTrainer does without vLLM);
 - ours: ``HFEngine.generate`` (prefill once per prompt, finished rows leave the batch);
-- vllm: VLLMEngine, when it exists and vllm imports (not yet: reported as not run).
+- vllm: VLLMEngine (in-process vLLM, float32), run with the interpreter of ``--vllm-python``
+  (default: .venv-vllm/bin/python, which .ci/run_vllm builds), when it exists.
+Every variant first warms up on one prompt (2 tokens), untimed.
 
-    python tools/bench_rollout.py [--repeats 3] [--json PATH]
+    python tools/bench_rollout.py [--repeats 3] [--vllm-python PATH] [--json PATH]
 
 --json writes the figures with a top-level "goal_ratio": our seconds per token over the batched
 generate call's (goal: 1.5x its tokens/s, i.e. a ratio of at most 0.667).
@@ -64,6 +66,11 @@ def child(variant: str) -> dict:
     model, tokenizer, prompts = setup()
     kwargs = dict(max_new_tokens=MAX_NEW, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                   num_return_sequences=SAMPLES, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if variant == "vllm":
+        return vllm_child(model, tokenizer, prompts)
+    with torch.no_grad():
+        warm = tokenizer(prompts[:1], return_tensors="pt", add_special_tokens=False)
+        model.generate(**warm, **dict(kwargs, max_new_tokens=2))
     torch.manual_seed(0)
     started, tokens = time.perf_counter(), 0
     with torch.no_grad():
@@ -84,20 +91,41 @@ def child(variant: str) -> dict:
     return {"seconds": time.perf_counter() - started, "tokens": tokens}
 
 
+def vllm_child(model, tokenizer, prompts) -> dict:
+    import tempfile
+
+    from stagewise_pl.rollout import SamplingParams
+    from stagewise_pl.rollout.vllm_engine import VLLMEngine
+
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        engine = VLLMEngine(directory, dtype="float32", max_model_len=256)
+        engine.generate(prompts[:1], SamplingParams(n=1, max_new_tokens=2))
+        started = time.perf_counter()
+        batch = engine.generate(prompts, SamplingParams(n=SAMPLES, temperature=1.0, max_new_tokens=MAX_NEW, seed=0))
+        seconds = time.perf_counter() - started
+    return {"seconds": seconds, "tokens": sum(len(ids) for ids in batch.completion_ids)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--vllm-python", default=str(Path(__file__).resolve().parents[1] / ".venv-vllm/bin/python"),
+                        help="interpreter with vllm installed, for the vllm variant")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         report(child(args.child))
         return
     setup()  # builds and caches the base model once, outside the timed runs
-    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    variants = VARIANTS + (["vllm"] if Path(args.vllm_python).is_file() else [])
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
     for r in range(args.repeats):
-        for v in VARIANTS:
-            runs[v].append(run_child(__file__, ["--child", v], env={"OMP_NUM_THREADS": str(THREADS)}))
+        for v in variants:
+            python = args.vllm_python if v == "vllm" else None
+            runs[v].append(run_child(__file__, ["--child", v], env={"OMP_NUM_THREADS": str(THREADS)}, python=python))
             print(f"repeat {r + 1} {v}: {runs[v][-1]}", file=sys.stderr)
     table = {}
     for v, rs in runs.items():
@@ -112,7 +140,8 @@ def main() -> None:
     for v, row in table.items():
         print(f"| {v} | {row['tokens_per_s']:.0f} | {row['tokens_per_s'] / peer:.2f} | {row['seconds']:.2f} | "
               f"{row['tokens']:.0f} |")
-    print("| vllm | not run: VLLMEngine is not built yet | | | |")
+    if "vllm" not in table:
+        print(f"| vllm | not run: no interpreter with vllm at {args.vllm_python} (bash .ci/run_vllm builds one) | | | |")
     goal_ratio = peer / table["ours"]["tokens_per_s"]
     print(f"\ngoal_ratio (our s/token over batched generate's, goal <= 0.667): {goal_ratio:.3f}")
     if args.json:

@@ -16,9 +16,9 @@ def report(result: dict) -> None:
     print(MARK + json.dumps(result), flush=True)
 
 
-def run_child(script: str, args: list[str], env: dict | None = None) -> dict:
-    """Run ``python script args`` in a fresh process and return what it reported."""
-    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+def run_child(script: str, args: list[str], env: dict | None = None, python: str | None = None) -> dict:
+    """Run ``python script args`` in a fresh process (another interpreter if given) and return its report."""
+    out = subprocess.run([python or sys.executable, script, *args], capture_output=True, text=True,
                          env=dict(os.environ, **(env or {})))
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith(MARK)]
     if out.returncode or not lines:
