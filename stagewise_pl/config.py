@@ -148,6 +148,18 @@ class TrainerConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """The rollout engine used for sampling (evaluation now; profiling and RL later)."""
+
+    engine: str = doc("hf", "hf (transformers, CPU and GPU) | vllm (needs vllm; weights pushed in memory)")
+    gpu_memory_utilization: float = doc(0.3, "vllm: share of GPU memory for weights and KV cache")
+    tensor_parallel_size: int = doc(1, "vllm: GPUs per engine")
+    max_model_len: int = doc(1024, "vllm: longest prompt + completion")
+    kv_cache_mb: int = doc(128, "vllm on CPU: KV cache size (uncapped it takes ~90% of RAM)")
+    canary_tolerance: float = doc(1e-3, "vllm: largest log-prob gap to the training model after a weight push")
+
+
+@dataclass
 class VerifierConfig:
     """How completions are graded: which verifier, and the grading pool that bounds every call."""
 
@@ -192,13 +204,14 @@ class Config:
     data: DataConfig = doc(help="training pool", factory=DataConfig)
     optim: OptimConfig = doc(help="optimiser and schedule", factory=OptimConfig)
     trainer: TrainerConfig = doc(help="Lightning trainer", factory=TrainerConfig)
+    rollout: RolloutConfig = doc(help="sampling engine", factory=RolloutConfig)
     verifier: VerifierConfig = doc(help="grading of completions", factory=VerifierConfig)
     eval: EvalConfig = doc(help="evaluation", factory=EvalConfig)
     phases: list[PhaseConfig] = doc(help="the plan: phases run in order", factory=lambda: [PhaseConfig()])
     conf_name: str = doc("default", "name of the conf file this config came from (set by the loader)")
 
 
-GROUPS = ["run", "model", "task", "data", "optim", "trainer", "verifier", "eval", "phases"]
+GROUPS = ["run", "model", "task", "data", "optim", "trainer", "rollout", "verifier", "eval", "phases"]
 _CHOICES = {
     "run.logger": {"csv", "tensorboard", "wandb"},
     "model.dtype": {"float32", "bfloat16", "float16"},
@@ -207,8 +220,10 @@ _CHOICES = {
     "data.target": {"teacher_trace", "reference"},
     "data.on_bad_row": {"error", "skip"},
     "trainer.kernel": {"auto", "torch", "triton"},
+    "rollout.engine": {"hf", "vllm"},
 }
-_POSITIVE = ["verifier.workers", "verifier.timeout_s", "trainer.batch_size", "trainer.accumulate_grad_batches", "trainer.max_length",
+_POSITIVE = ["rollout.tensor_parallel_size", "rollout.max_model_len", "rollout.kv_cache_mb",
+             "verifier.workers", "verifier.timeout_s", "trainer.batch_size", "trainer.accumulate_grad_batches", "trainer.max_length",
              "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps", "eval.batch_size",
              "task.train_per_level", "task.test_per_level", "model.warmup.batch_size",
              "model.tiny.hidden_size", "model.tiny.num_layers", "model.tiny.vocab_size"]

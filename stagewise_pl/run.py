@@ -80,6 +80,7 @@ class Run:
         self.policy = self.tokenizer = self.logger = self.task = self.verifier = None
         self.pool: list = []
         self._eval_cache: Optional[list] = None
+        self._engine = None
 
     # ------------------------------------------------------------------ layout
     def _locate_dir(self) -> Path:
@@ -195,16 +196,30 @@ class Run:
             self._eval_cache = sets
         return self._eval_cache
 
+    def engine(self):
+        """The rollout engine, built once; a vLLM engine gets the current policy's weights pushed and checked."""
+        from stagewise_pl.models.load import render_prompts
+        from stagewise_pl.rollout import make_engine
+
+        cfg = self.cfg
+        if self._engine is None:
+            self._engine = make_engine(cfg.rollout, self.policy, self.tokenizer, self.base_model_path(), cfg.model.dtype,
+                                       cfg.eval.batch_size, cfg.run.progress_bar)
+        if cfg.rollout.engine == "vllm":
+            self._engine.sync_weights(self.policy)
+            gap = self._engine.canary(self.policy, render_prompts(self.tokenizer, [p.prompt for p in self.pool[:4]]))
+            self.log(f"rollout engine: weights pushed (sync {self._engine.syncs}), canary log-prob gap {gap:.2e}")
+        return self._engine
+
     def evaluate(self, label: str):
         from stagewise_pl.eval.evaluate import EvalResult, evaluate_problems
-        from stagewise_pl.rollout.hf import HFEngine
 
         out_path = self.dir / "eval" / f"{label}.json"
         if out_path.is_file():
             stored = json.loads(out_path.read_text())
             return OrderedDict((name, EvalResult(**r)) for name, r in stored.items())
         ev = self.cfg.eval
-        engine = HFEngine(self.policy, self.tokenizer, batch_size=ev.batch_size, progress=self.cfg.run.progress_bar)
+        engine = self.engine()
         results = OrderedDict()
         for name, problems, budget in self._eval_sets():
             results[name] = evaluate_problems(engine, self.tokenizer, self.verifier, problems, name, k=ev.k,

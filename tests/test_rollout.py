@@ -1,4 +1,7 @@
 """HFEngine: log-probs that match the model, finish reasons, top-p, and the generate fallback."""
+import importlib.util
+
+import pytest
 import torch
 
 from stagewise_pl.models.load import render_prompts
@@ -69,3 +72,21 @@ def test_generate_fallback_for_other_caches(tiny, monkeypatch):
     monkeypatch.delattr(Cache, "batch_select_indices")  # a cache that cannot drop finished rows
     batch = engine.generate(render_prompts(tokenizer, ["1+2"]), SamplingParams(n=2, max_new_tokens=4))
     assert calls and len(batch.texts) == 2
+
+
+def test_engine_from_config(tiny):
+    from stagewise_pl.config import load_config
+    from stagewise_pl.rollout import make_engine
+    from stagewise_pl.rollout.hf import HFEngine
+
+    model, tokenizer = tiny
+    engine = make_engine(load_config("default").rollout, model, tokenizer, "unused", batch_size=7)
+    assert isinstance(engine, HFEngine) and engine.batch_size == 7
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_vllm_engine_without_vllm_names_the_extra():
+    from stagewise_pl.rollout.vllm_engine import VLLMEngine
+
+    with pytest.raises(ImportError, match=r"stagewise_pl\[gpu\]"):
+        VLLMEngine("unused")

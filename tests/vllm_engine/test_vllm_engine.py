@@ -71,3 +71,18 @@ def test_sleep_and_wake_are_guarded_on_cpu(setup):
     engine.sleep()  # no-op on CPU: vLLM has no sleep mode there (what frees memory is unverified here)
     engine.wake_up()
     assert len(engine.generate(prompts[:1], SamplingParams(n=1, max_new_tokens=2)).texts) == 1
+
+
+def test_a_run_evaluates_through_vllm(tmp_path, fast_overrides, capsys):
+    """The real entry point with rollout.engine=vllm: weights pushed before evaluation, canary passed."""
+    import json
+
+    from stagewise_pl.fit import main
+
+    run_dir = tmp_path / "run"
+    assert main(fast_overrides + [f"run.dir={run_dir}", "rollout.engine=vllm", "rollout.max_model_len=256",
+                                  "phases.0.steps=2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("rollout engine: weights pushed") == 2  # before, and after the SFT phase
+    results = json.loads((run_dir / "eval" / "1-sft.json").read_text())
+    assert results["synthetic-test"]["by_level"]["all"]["n"] > 0
