@@ -81,8 +81,11 @@ def test_hf_engine_cuts_at_stop_strings(tiny):
     free = engine.generate(prompts, SamplingParams(n=4, temperature=1.0, max_new_tokens=12, seed=1))
     stop = next(t[2:4] for t in free.texts if len(t) >= 4)  # a string that occurs in a completion
     cut = engine.generate(prompts, SamplingParams(n=4, temperature=1.0, max_new_tokens=12, seed=1, stop=(stop,)))
-    for full, text, reason in zip(free.texts, cut.texts, cut.finish_reasons):
+    for full, full_ids, text, ids, reason in zip(free.texts, free.completion_ids, cut.texts, cut.completion_ids,
+                                                 cut.finish_reasons):
         if stop in full:
             assert text == full[:full.index(stop)] and reason == "stop"
+            assert ids == full_ids[:len(ids)] and stop in tokenizer.decode(ids, skip_special_tokens=True)
+            assert stop not in tokenizer.decode(ids[:-1], skip_special_tokens=True)  # cut right after it
         else:
-            assert text == full
+            assert text == full and ids == full_ids

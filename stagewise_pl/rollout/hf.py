@@ -11,7 +11,9 @@ very different lengths most of its work is on finished rows. Here the decoding l
 Prompts are left-padded, position ids follow the attention mask. Sampling is seeded per call with
 its own generator (same seed on CPU, same completions). Greedy when temperature is 0; nucleus
 filtering when top_p < 1. With ``logprobs`` each sampled token's log-prob under the sampling
-distribution (temperature applied) is returned. Stop strings cut the decoded text afterwards.
+distribution (temperature applied) is returned. Stop strings are applied after decoding: the text
+is cut before the first one and the token ids after the token that completes it (decoding does not
+stop early at a stop string, only at EOS).
 Models whose cache cannot be expanded or filtered fall back to ``model.generate``.
 """
 from __future__ import annotations
@@ -70,12 +72,12 @@ class HFEngine:
                     out.prompt_ids.append(enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist())
                 ids, logps, reasons = self._decode(enc["input_ids"], enc["attention_mask"], sampling, generator)
                 for i, tokens in enumerate(ids):
-                    text, stopped = self._text(tokens, sampling)
-                    out.completion_ids.append(tokens)
+                    text, kept = self._cut_at_stop(tokens, sampling)
+                    out.completion_ids.append(tokens[:kept])
                     out.texts.append(text)
-                    out.finish_reasons.append("stop" if stopped else reasons[i])
+                    out.finish_reasons.append("stop" if kept < len(tokens) or reasons[i] == "stop" else "length")
                     if out.logprobs is not None:
-                        out.logprobs.append(logps[i])
+                        out.logprobs.append(logps[i][:kept])
         finally:
             self.model.train(was_training)
         return out
@@ -149,8 +151,15 @@ class HFEngine:
                 reasons.append("length")
         return tokens, [[] for _ in tokens], reasons
 
-    def _text(self, ids: list[int], sampling: SamplingParams) -> tuple[str, bool]:
-        """Decoded text cut before the first stop string, and whether a stop string was found."""
+    def _cut_at_stop(self, ids: list[int], sampling: SamplingParams) -> tuple[str, int]:
+        """Decoded text cut before the first stop string, and how many tokens to keep: the shortest
+        prefix whose text reaches the stop string (its tokens are part of the completion, its text not)."""
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         cuts = [text.index(stop) for stop in sampling.stop if stop in text]
-        return (text[:min(cuts)], True) if cuts else (text, False)
+        if not cuts:
+            return text, len(ids)
+        for kept in range(1, len(ids) + 1):
+            prefix = self.tokenizer.decode(ids[:kept], skip_special_tokens=True)
+            if any(stop in prefix for stop in sampling.stop):
+                return text[:min(cuts)], kept
+        return text[:min(cuts)], len(ids)
