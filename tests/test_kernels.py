@@ -158,6 +158,25 @@ def test_backend_resolution(monkeypatch):
         resolve_backend("triton", cpu)
 
 
+@pytest.mark.skipif(not __import__("stagewise_pl.kernels", fromlist=["x"]).triton_available(),
+                    reason="triton is not installed")
+def test_triton_self_test_passes_and_catches_a_broken_kernel(monkeypatch):
+    """auto mode runs this once per CUDA device before trusting Triton; here on CPU under the interpreter."""
+    from stagewise_pl import kernels
+    from stagewise_pl.kernels import triton_rows
+
+    assert kernels.triton_self_test(torch.device("cpu"))
+    kernels._SELF_TESTS.clear()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("does not compile")
+
+    monkeypatch.setattr(triton_rows.TritonRowOps, "stats", staticmethod(broken))
+    with pytest.warns(UserWarning, match="self-test"):
+        assert not kernels.triton_self_test(torch.device("cpu"))
+    kernels._SELF_TESTS.clear()
+
+
 def test_sft_never_builds_full_logits(tiny_model_dir):
     """The SFT loss goes through the kernel: the LM head's own forward is never called."""
     from transformers import AutoModelForCausalLM

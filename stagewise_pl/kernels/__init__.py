@@ -30,11 +30,49 @@ def triton_available() -> bool:
     return True
 
 
+_SELF_TESTS: dict[str, bool] = {}
+
+
+def triton_self_test(device: torch.device) -> bool:
+    """Once per device: the Triton row ops against the torch ones on a small block. ``auto`` uses
+    Triton only if they compile and agree; otherwise it warns and stays on torch."""
+    key = str(device)
+    if key not in _SELF_TESTS:
+        import warnings
+
+        from stagewise_pl.kernels.linear_logprob import TorchRowOps
+
+        try:
+            from stagewise_pl.kernels.triton_rows import TritonRowOps
+
+            g = torch.Generator(device="cpu").manual_seed(0)
+            z = (torch.randn(5, 300, generator=g) * 3).to(device)
+            target = torch.tensor([0, 299, 7, -5, 150], device=device)
+            inside = target >= 0
+            ok = True
+            for with_entropy in (False, True):
+                a = TorchRowOps.stats(z.clone(), target, inside, with_entropy)
+                b = TritonRowOps.stats(z.clone(), target, inside, with_entropy)
+                ok &= all(x is None or torch.allclose(x, y, atol=1e-4) for x, y in zip(a, b))
+            lse, h, grad = torch.logsumexp(z, -1), torch.rand(5, device=device), torch.randn(5, device=device)
+            ok &= torch.allclose(TorchRowOps.grad_(z.clone(), lse, h, grad, grad, target, inside),
+                                 TritonRowOps.grad_(z.clone(), lse, h, grad, grad, target, inside), atol=1e-5)
+        except Exception as exc:  # noqa: BLE001  (a kernel that does not compile here must not stop training)
+            warnings.warn(f"Triton row ops failed their self-test on {device} ({type(exc).__name__}: {exc}); "
+                          f"using the torch kernels")
+            ok = False
+        else:
+            if not ok:
+                warnings.warn(f"Triton row ops disagree with the torch ones on {device}; using the torch kernels")
+        _SELF_TESTS[key] = bool(ok)
+    return _SELF_TESTS[key]
+
+
 def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}; one of {BACKENDS}")
     if backend == "auto":
-        return "triton" if tensor.is_cuda and triton_available() else "torch"
+        return "triton" if tensor.is_cuda and triton_available() and triton_self_test(tensor.device) else "torch"
     if backend == "triton":
         if not triton_available():
             raise ImportError("kernel backend 'triton' needs triton: pip install triton")
