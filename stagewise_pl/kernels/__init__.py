@@ -16,7 +16,8 @@ from typing import Optional
 
 import torch
 
-from stagewise_pl.kernels.linear_logprob import (DEFAULT_BUDGET_BYTES, FusedTokenLoss, LinearLogProb, plan)
+from stagewise_pl.kernels.linear_logprob import (DEFAULT_BUDGET_BYTES, FusedTokenLoss, LinearLogProb,
+                                                 accumulation_dtype, plan)
 from stagewise_pl.losses import PolicyLossConfig, aggregation_weights, policy_token_loss
 
 BACKENDS = ("auto", "torch", "triton")
@@ -114,7 +115,7 @@ def fused_nll_loss(hidden, weight, targets, bias=None, ignore_index: int = -100,
     """SFT loss: mean negative log-likelihood of the non-ignored targets, and their count."""
     x, t, chunk_plan = _prepare(hidden, weight, targets, chunk_tokens, vocab_block, budget_bytes)
     count = (t != ignore_index).sum()
-    scale = 1.0 / count.clamp(min=1).to(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+    scale = 1.0 / count.clamp(min=1).to(accumulation_dtype(hidden))
 
     def token_loss(logp, entropy, rows):
         return -logp.sum() * scale
@@ -146,7 +147,7 @@ def fused_policy_loss(hidden, weight, targets, old_logp, advantages, mask, cfg: 
     with_entropy = bool(cfg.entropy_coef) if with_entropy is None else with_entropy
     if advantages.dim() == targets.dim() - 1:
         advantages = advantages.unsqueeze(-1)
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(hidden)
     weights = aggregation_weights(mask.to(acc), cfg).reshape(-1)
     old = old_logp.reshape(-1).to(acc)
     adv = advantages.expand_as(targets).reshape(-1).to(acc)

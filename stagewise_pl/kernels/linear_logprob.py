@@ -201,10 +201,6 @@ def accumulation_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
 
-def _flatten(hidden, targets):
-    return hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-
-
 class LinearLogProb(torch.autograd.Function):
     """(logp, entropy) of ``targets`` under softmax((hidden @ W.T + b) / T); recompute in backward."""
 
