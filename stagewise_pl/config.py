@@ -172,6 +172,41 @@ class VerifierConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """The RL phase (kind grpo): sampling, advantages, the clipped surrogate and its updates."""
+
+    levels: list[str] = doc(help="standalone: train on pool problems of these levels; [] = the whole pool",
+                            factory=list)
+    prompts_per_step: int = doc(16, "prompts per rollout step")
+    num_generations: int = doc(8, "completions per prompt (the group)")
+    max_new_tokens: int = doc(0, "generation budget; 0 = derived from the task")
+    temperature: float = doc(1.0, "sampling temperature (log-probs are taken at the same temperature)")
+    top_p: float = doc(1.0, "nucleus sampling")
+    advantage: str = doc("grpo", "advantage estimator: grpo | dr_grpo | rloo (or a registered name)")
+    std_scale: str = doc("default", "divide advantages by the reward std: group | batch | none | default "
+                                    "(grpo: group, dr_grpo and rloo: none)")
+    loss_aggregation: str = doc("token_mean", "token_mean (DAPO) | seq_mean_token_mean (GRPO) | "
+                                              "constant (Dr. GRPO: batch x max_new_tokens)")
+    epsilon_low: float = doc(0.2, "clip ratio below 1 - epsilon_low")
+    epsilon_high: float = doc(0.2, "clip ratio above 1 + epsilon_high (> epsilon_low: DAPO clip-higher)")
+    beta: float = doc(0.0, "weight of the k3 KL to a frozen copy of the phase's starting policy; "
+                           "0 = no reference model is kept")
+    entropy_coef: float = doc(0.0, "entropy bonus weight")
+    mask_truncated: bool = doc(False, "completions cut by the budget get no loss (DAPO overlong filtering)")
+    num_iterations: int = doc(1, "passes over each rollout batch (>1: old log-probs are stored and ratios clip)")
+    minibatches: int = doc(1, "optimizer steps per pass: the rollout batch is split into this many mini-batches")
+    micro_batch_size: int = doc(0, "sequences per forward/backward (gradient accumulation); 0 = a whole mini-batch")
+    drop_flat_groups: bool = doc(True, "groups whose rewards are all equal (no signal) are left out of the update; "
+                                       "a step with none left makes no update")
+    dynamic_sampling: bool = doc(False, "refill the batch with fresh prompts until it has prompts_per_step "
+                                        "informative groups (DAPO), at most max_extra_rounds more rounds")
+    max_extra_rounds: int = doc(2, "dynamic sampling: extra generation rounds per step")
+    max_rollout_factor: int = doc(4, "a phase stops after steps x this many rollout steps even if too few made "
+                                     "an update (a pool that is all solved or all failed)")
+    zero_reward_log: bool = doc(True, "write the records of all-zero groups to <run>/zero_reward.jsonl")
+
+
+@dataclass
 class EvalConfig:
     """Held-out evaluation: greedy pass@1 and sampled pass@k."""
 
@@ -207,11 +242,12 @@ class Config:
     rollout: RolloutConfig = doc(help="sampling engine", factory=RolloutConfig)
     verifier: VerifierConfig = doc(help="grading of completions", factory=VerifierConfig)
     eval: EvalConfig = doc(help="evaluation", factory=EvalConfig)
+    grpo: GRPOConfig = doc(help="RL phases (kind grpo)", factory=GRPOConfig)
     phases: list[PhaseConfig] = doc(help="the plan: phases run in order", factory=lambda: [PhaseConfig()])
     conf_name: str = doc("default", "name of the conf file this config came from (set by the loader)")
 
 
-GROUPS = ["run", "model", "task", "data", "optim", "trainer", "rollout", "verifier", "eval", "phases"]
+GROUPS = ["run", "model", "task", "data", "optim", "trainer", "rollout", "verifier", "eval", "grpo", "phases"]
 _CHOICES = {
     "run.logger": {"csv", "tensorboard", "wandb"},
     "model.dtype": {"float32", "bfloat16", "float16"},
@@ -221,14 +257,20 @@ _CHOICES = {
     "data.on_bad_row": {"error", "skip"},
     "trainer.kernel": {"auto", "torch", "triton"},
     "rollout.engine": {"hf", "vllm"},
+    "grpo.std_scale": {"default", "group", "batch", "none"},
+    "grpo.loss_aggregation": {"token_mean", "seq_mean_token_mean", "constant"},
 }
 _POSITIVE = ["rollout.tensor_parallel_size", "rollout.max_model_len", "rollout.kv_cache_mb",
              "verifier.workers", "verifier.timeout_s", "trainer.batch_size", "trainer.accumulate_grad_batches", "trainer.max_length",
              "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps", "eval.batch_size",
              "task.train_per_level", "task.test_per_level", "model.warmup.batch_size",
-             "model.tiny.hidden_size", "model.tiny.num_layers", "model.tiny.vocab_size"]
+             "model.tiny.hidden_size", "model.tiny.num_layers", "model.tiny.vocab_size",
+             "grpo.prompts_per_step", "grpo.num_generations", "grpo.num_iterations", "grpo.minibatches",
+             "grpo.max_rollout_factor"]
 _NON_NEGATIVE = ["verifier.memory_mb", "optim.lr", "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip", "eval.k",
-                 "eval.limit", "eval.max_new_tokens", "data.limit", "model.warmup.steps", "run.threads"]
+                 "eval.limit", "eval.max_new_tokens", "data.limit", "model.warmup.steps", "run.threads",
+                 "grpo.max_new_tokens", "grpo.beta", "grpo.entropy_coef", "grpo.micro_batch_size",
+                 "grpo.max_extra_rounds", "grpo.epsilon_low", "grpo.epsilon_high"]
 
 
 def _get(cfg: Any, key: str) -> Any:
@@ -265,6 +307,18 @@ def _problems(cfg: Config) -> list[tuple[str, str]]:
         bad.append(("model.warmup.level_weights", "needs a positive weight"))
     if cfg.eval.temperature <= 0 and cfg.eval.k > 0:
         bad.append(("eval.temperature", "must be > 0 when eval.k > 0"))
+    g = cfg.grpo
+    if g.temperature <= 0:
+        bad.append(("grpo.temperature", f"must be > 0 (GRPO samples), got {g.temperature}"))
+    if not 0.0 < g.top_p <= 1.0:
+        bad.append(("grpo.top_p", f"must be in (0, 1], got {g.top_p}"))
+    if g.epsilon_low >= 1.0:
+        bad.append(("grpo.epsilon_low", f"must be < 1, got {g.epsilon_low}"))
+    if g.advantage == "rloo" and g.num_generations < 2:
+        bad.append(("grpo.num_generations", "rloo needs at least 2 completions per prompt"))
+    if g.minibatches > g.prompts_per_step * g.num_generations:
+        bad.append(("grpo.minibatches", f"{g.minibatches} mini-batches for {g.prompts_per_step * g.num_generations} "
+                                        f"completions per step"))
     if cfg.model.tiny.hidden_size % cfg.model.tiny.num_heads or cfg.model.tiny.num_heads % cfg.model.tiny.num_kv_heads:
         bad.append(("model.tiny.num_heads", "hidden_size must divide by num_heads, num_heads by num_kv_heads"))
     if not cfg.phases:

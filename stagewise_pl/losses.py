@@ -42,7 +42,8 @@ class PolicyLossConfig:
     """The clipped policy-gradient surrogate (PPO/GRPO family) and how per-token terms are aggregated.
 
     ``epsilon_high > epsilon_low`` is DAPO's clip-higher. ``beta`` weighs the k3 estimate of
-    KL(policy || reference) (Schulman 2020); ``entropy_coef`` an entropy bonus.
+    KL(policy || reference) (Schulman 2020); ``entropy_coef`` an entropy bonus on the token-mean
+    entropy (the same normalisation under every aggregation).
     """
 
     epsilon_low: float = 0.2
@@ -108,5 +109,21 @@ def policy_loss(logp, old_logp, advantages, mask, cfg: PolicyLossConfig, ref_log
     weights = aggregation_weights(mask, cfg)
     loss = (weights * policy_token_loss(logp, old_logp, advantages, cfg, ref_logp)).sum()
     if cfg.entropy_coef:
-        loss = loss - cfg.entropy_coef * (weights * entropy).sum()
+        loss = loss - cfg.entropy_coef * (entropy_weights(mask) * entropy).sum()
     return loss
+
+
+def entropy_weights(mask: torch.Tensor) -> torch.Tensor:
+    """The entropy bonus is the token-mean entropy, whatever the policy term's aggregation (as in TRL):
+    its strength then means the same thing under every aggregation."""
+    mask = mask if mask.is_floating_point() else mask.float()
+    return mask / mask.sum().clamp(min=1)
+
+
+def clipped_fraction(ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, epsilon_low: float,
+                     epsilon_high: float) -> torch.Tensor:
+    """Share of completion tokens where the clip is active: ratio > 1 + eps_high with A > 0, or
+    ratio < 1 - eps_low with A < 0 (there the token gets no gradient from the surrogate)."""
+    active = ((ratio > 1 + epsilon_high) & (advantages > 0)) | ((ratio < 1 - epsilon_low) & (advantages < 0))
+    mask = mask if mask.is_floating_point() else mask.float()
+    return (active.to(mask.dtype) * mask).sum() / mask.sum().clamp(min=1)

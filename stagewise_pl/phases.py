@@ -38,3 +38,70 @@ def run_sft_phase(ctx, phase, ckpt_path: Optional[str]) -> dict:
     return {"kind": "sft", "steps": trainer.global_step, "examples": len(examples),
             "final_loss": None if loss is None else float(loss), "seconds": round(time.time() - started, 1),
             "target": cfg.data.target}
+
+
+def grpo_problems(ctx) -> list:
+    """The RL set when no stage manager chooses it: the gradable pool problems of ``grpo.levels``."""
+    from stagewise_pl.config import ConfigError
+    from stagewise_pl.verify.gold import gradable
+
+    levels = [str(level) for level in ctx.cfg.grpo.levels]
+    problems = [p for p in gradable(ctx.pool) if not levels or str(p.level) in levels]
+    if not problems:
+        raise ConfigError(f"grpo.levels={levels}: no gradable problem of the training pool is at these levels")
+    return problems
+
+
+@PHASES.register("grpo")
+def run_grpo_phase(ctx, phase, ckpt_path: Optional[str]) -> dict:
+    """GRPO on the RL set (see :mod:`stagewise_pl.modules.grpo`)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from stagewise_pl.advantages import ADVANTAGES
+    from stagewise_pl.config import ConfigError
+    from stagewise_pl.modules.grpo import GRPOModule, GRPOSettings
+    from stagewise_pl.records import NullSink, ZeroRewardLog
+    from stagewise_pl.train import fit_grpo, make_trainer
+
+    cfg, g = ctx.cfg, ctx.cfg.grpo
+    try:
+        ADVANTAGES.get(g.advantage)
+    except (KeyError, ImportError) as exc:
+        raise ConfigError(f"grpo.advantage: {exc.args[0] if exc.args else exc}") from None
+    budget = g.max_new_tokens or (ctx.task.max_new_tokens() if cfg.data.source == "synthetic"
+                                  else cfg.eval.max_new_tokens or 512)
+    settings = GRPOSettings.from_config(g, budget)
+    problems = grpo_problems(ctx)
+    sink = getattr(ctx, "ledger", None) or (ZeroRewardLog(ctx.dir / "zero_reward.jsonl") if g.zero_reward_log
+                                            else NullSink())
+    per_step = settings.updates_per_step
+    checkpoint = ModelCheckpoint(dirpath=ctx.checkpoint_dir(phase), filename="step-{step}",
+                                 every_n_train_steps=cfg.trainer.checkpoint_every_n_steps * per_step, save_top_k=-1,
+                                 save_last=True, auto_insert_metric_name=False)
+    trainer = make_trainer(cfg.trainer, cfg.run, phase.steps * per_step, 0.0, logger=ctx.logger,
+                           callbacks=[checkpoint, *ctx.callbacks], max_epochs=1, accumulate=1)
+    lr = cfg.optim.lr if phase.lr is None else phase.lr
+    module = GRPOModule(ctx.policy, ctx.tokenizer, ctx.engine(), ctx.verifier, problems, settings, lr=lr,
+                        total_steps=phase.steps, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas),
+                        warmup_steps=min(cfg.optim.warmup_steps, phase.steps // 5), min_lr_ratio=cfg.optim.min_lr_ratio,
+                        grad_clip=cfg.optim.grad_clip, seed=cfg.run.seed + 1000 * phase.index, sink=sink,
+                        phase_name=phase.name, kernel_backend=cfg.trainer.kernel)
+    started = time.time()
+    fit_grpo(trainer, module, max_rollout_steps=phase.steps * g.max_rollout_factor, ckpt_path=ckpt_path)
+    h = module.history
+    tenth = max(1, len(h) // 10)
+
+    def mean(key, rows):
+        return round(sum(r[key] for r in rows) / len(rows), 4) if rows else None
+
+    if module.update_steps < phase.steps:
+        ctx.log(f"phase {phase.name}: only {module.update_steps} of {phase.steps} rollout steps had a group with "
+                f"signal within {phase.steps * g.max_rollout_factor} rollout steps (grpo.max_rollout_factor)")
+    return {"kind": "grpo", "steps": module.update_steps, "optimizer_steps": trainer.global_step,
+            "rollout_steps": module.rollout_steps, "problems": len(problems),
+            "reward_first_tenth": mean("reward", h[:tenth]), "reward_last_tenth": mean("reward", h[-tenth:]),
+            "zero_groups": mean("zero_groups", h), "one_groups": mean("one_groups", h),
+            "seconds": round(time.time() - started, 1),
+            "seconds_generation": round(sum(r["s_generation"] for r in h), 1),
+            "seconds_grading": round(sum(r["s_grading"] for r in h), 1),
+            "seconds_training": round(sum(r["s_training"] for r in h), 1)}

@@ -35,11 +35,13 @@ def build_examples(tokenizer, problems: Sequence[Problem], target: str, max_leng
 
 
 def make_trainer(trainer_cfg, run_cfg, max_steps: int, grad_clip: float, logger=None, callbacks=(),
-                 default_root_dir: Optional[Path] = None, checkpointing: bool = True) -> L.Trainer:
+                 default_root_dir: Optional[Path] = None, checkpointing: bool = True, max_epochs: int = -1,
+                 accumulate: Optional[int] = None) -> L.Trainer:
     return L.Trainer(
         accelerator=trainer_cfg.accelerator, devices=trainer_cfg.devices, num_nodes=trainer_cfg.num_nodes,
-        strategy=trainer_cfg.strategy, precision=trainer_cfg.precision, max_steps=max_steps, max_epochs=-1,
-        accumulate_grad_batches=trainer_cfg.accumulate_grad_batches, gradient_clip_val=grad_clip or None,
+        strategy=trainer_cfg.strategy, precision=trainer_cfg.precision, max_steps=max_steps, max_epochs=max_epochs,
+        accumulate_grad_batches=trainer_cfg.accumulate_grad_batches if accumulate is None else accumulate,
+        gradient_clip_val=grad_clip or None,
         logger=logger if logger is not None else False, callbacks=list(callbacks),
         enable_checkpointing=checkpointing, enable_progress_bar=run_cfg.progress_bar, enable_model_summary=False,
         log_every_n_steps=trainer_cfg.log_every_n_steps, num_sanity_val_steps=0, limit_val_batches=0,
@@ -67,3 +69,27 @@ def sft_module(policy, optim_cfg, steps: int, lr: Optional[float] = None, kernel
                      weight_decay=optim_cfg.weight_decay, betas=tuple(optim_cfg.betas),
                      warmup_steps=min(optim_cfg.warmup_steps, max(0, steps // 5)),
                      min_lr_ratio=optim_cfg.min_lr_ratio, kernel_backend=kernel)
+
+
+class IndexDataset:
+    """Items are their own indices: a GRPO batch is a list of problem indices."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+def fit_grpo(trainer: L.Trainer, module, max_rollout_steps: int, ckpt_path: Optional[str] = None) -> None:
+    """Run ``module`` (a GRPOModule) until ``trainer.max_steps`` optimizer steps or ``max_rollout_steps``
+    rollout steps; the prompt order is seeded and resumes where the checkpoint left it."""
+    sampler = StepBatchSampler(len(module.problems), module.s.prompts_per_step, max_rollout_steps, module.seed,
+                               rank=trainer.global_rank, world_size=trainer.world_size)
+    loader = ResumableLoader(IndexDataset(len(module.problems)), sampler, list, consumed=lambda: module.rollout_steps)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)

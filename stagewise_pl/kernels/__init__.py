@@ -18,7 +18,8 @@ import torch
 
 from stagewise_pl.kernels.linear_logprob import (DEFAULT_BUDGET_BYTES, FusedTokenLoss, LinearLogProb,
                                                  accumulation_dtype, plan)
-from stagewise_pl.losses import PolicyLossConfig, aggregation_weights, policy_token_loss
+from stagewise_pl.losses import (PolicyLossConfig, aggregation_weights, clipped_fraction, entropy_weights,
+                                 policy_token_loss)
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -135,12 +136,19 @@ class PolicyLossOutput:
 
 def fused_policy_loss(hidden, weight, targets, old_logp, advantages, mask, cfg: PolicyLossConfig,
                       ref_logp=None, bias=None, temperature: float = 1.0, with_entropy: Optional[bool] = None, *,
-                      backend: str = "auto", chunk_tokens=None, vocab_block=None,
-                      budget_bytes: int = DEFAULT_BUDGET_BYTES) -> PolicyLossOutput:
+                      weights: Optional[torch.Tensor] = None, entropy_weight: Optional[torch.Tensor] = None,
+                      backend: str = "auto", chunk_tokens=None,
+                      vocab_block=None, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> PolicyLossOutput:
     """:func:`stagewise_pl.losses.policy_loss` computed from hidden states (B, T, H), gradients in forward.
 
     targets, old_logp, mask (and ref_logp) are (B, T); advantages (B,) or (B, T). Tokens with mask 0
-    contribute nothing (their targets may be anything in range).
+    contribute nothing (their targets may be anything in range). ``old_logp=None`` means on-policy:
+    the old log-probs are the current ones (ratio 1, no second forward pass). ``weights`` (B, T)
+    replaces the aggregation weights of ``cfg``: a mini-batch split into micro-batches passes each
+    micro-batch its slice of the mini-batch's weights, so the accumulated gradient equals the
+    mini-batch's; ``entropy_weight`` (B, T) does the same for the entropy bonus's token mean.
+    ``clip_fraction`` counts the tokens where the clip is active (see
+    :func:`stagewise_pl.losses.clipped_fraction`).
     """
     if cfg.beta and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp")
@@ -148,25 +156,28 @@ def fused_policy_loss(hidden, weight, targets, old_logp, advantages, mask, cfg: 
     if advantages.dim() == targets.dim() - 1:
         advantages = advantages.unsqueeze(-1)
     acc = accumulation_dtype(hidden)
-    weights = aggregation_weights(mask.to(acc), cfg).reshape(-1)
-    old = old_logp.reshape(-1).to(acc)
+    weights = (aggregation_weights(mask.to(acc), cfg) if weights is None else weights.to(acc) * mask.to(acc)
+               ).reshape(-1)
+    ent_w = (entropy_weights(mask.to(acc)) if entropy_weight is None else entropy_weight.to(acc) * mask.to(acc)
+             ).reshape(-1)
+    old = None if old_logp is None else old_logp.reshape(-1).to(acc)
     adv = advantages.expand_as(targets).reshape(-1).to(acc)
     ref = None if ref_logp is None else ref_logp.reshape(-1).to(acc)
     masked_targets = torch.where(mask.bool(), targets, torch.full_like(targets, -100))
     x, t, chunk_plan = _prepare(hidden, weight, masked_targets, chunk_tokens, vocab_block, budget_bytes)
 
     def token_loss(logp, entropy, rows):
-        terms = policy_token_loss(logp, old[rows], adv[rows], cfg, None if ref is None else ref[rows])
+        terms = policy_token_loss(logp, logp.detach() if old is None else old[rows], adv[rows], cfg,
+                                  None if ref is None else ref[rows])
         loss = (weights[rows] * terms).sum()
         if cfg.entropy_coef:
-            loss = loss - cfg.entropy_coef * (weights[rows] * entropy).sum()
+            loss = loss - cfg.entropy_coef * (ent_w[rows] * entropy).sum()
         return loss
 
     loss, logp, entropy = FusedTokenLoss.apply(x, weight, bias, t, float(temperature), -100, with_entropy,
                                                chunk_plan, resolve_backend(backend, hidden), token_loss)
-    ratio = torch.exp(logp - old)
-    clipped = ((ratio < 1 - cfg.epsilon_low) | (ratio > 1 + cfg.epsilon_high)) & (t != -100)
-    clip_fraction = clipped.sum() / (t != -100).sum().clamp(min=1)
+    ratio = torch.exp(logp - old) if old is not None else torch.ones_like(logp)
+    clip_fraction = clipped_fraction(ratio, adv, (t != -100).to(acc), cfg.epsilon_low, cfg.epsilon_high)
     return PolicyLossOutput(loss, logp.view(targets.shape), None if entropy is None else entropy.view(targets.shape),
                             clip_fraction)
 

@@ -1,0 +1,245 @@
+"""GRPO step time and memory: stagewise_pl's GRPO module beside TRL's GRPOTrainer, in the same run.
+
+Work per variant, the same for both: the tiny base model of the default run (built and cached if
+missing), 4 prompts per step x 8 completions at temperature 1 (top-k/top-p off), at most 32 new
+tokens, reward 1.0 when the ``exact`` verifier finds the gold answer else 0, no reference model
+(beta 0), one update per rollout batch (num_iterations 1, one optimizer step per batch, no gradient
+accumulation), AdamW at lr 5e-5, 2 threads, float32 on the CPU. The prompts are level 4 and 5
+problems of the synthetic task's train split (a seeded draw), rendered with the chat template, the
+same list for both variants, consumed in order (4 per step, no shuffling). Each run is a fresh
+process (so peak RSS is that variant's own); runs are interleaved (ours, TRL, ours, TRL, ...) and the
+median of the repeats is reported.
+
+Seconds per step is the wall time from the end of the first step to the end of the last, over
+``steps - 1``: the first step (warm-up) is excluded, and model loading and data preparation too.
+Generation, grading and training are split the same way (first step excluded):
+- TRL: generation is the time inside ``GRPOTrainer._generate_single_turn`` (the method that pads the
+  prompts and calls ``model.generate``); grading is the time inside ``_calculate_rewards`` (the reward
+  function, which calls the exact verifier in-process); training is the rest of the step
+  (tokenising the prompts, decoding, advantages, the forward/backward, the optimizer step, logging).
+- ours: the figures ``stagewise_pl.modules.grpo.bench_steps`` returns, which follow the same
+  convention (first step excluded; training = step - generation - grading).
+Completion tokens count generated tokens up to and including the first EOS, per step; the TRL
+child also checks that it runs on the CPU and that every step generates 4 x 8 = 32 completions.
+
+    python tools/bench_grpo.py [--repeats 3] [--steps 10] [--only ours|trl] [--json PATH]
+
+The prompts file both children read (``prompts.json`` in a temporary directory) is a list of
+``{"id", "problem", "prompt", "answer", "level"}``: ``prompt`` is the rendered chat text (what the
+model sees), ``problem`` the raw problem text, ``answer`` the gold.
+
+With --json the figures are written with a top-level "goal_ratio": our median seconds per step over
+TRL's (lower is better; the goal is at most 0.5). It is null when --only leaves one variant out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchlib import report, run_child
+
+PROMPTS_PER_STEP, GENERATIONS, MAX_NEW, LR, THREADS, LEVELS = 4, 8, 32, 5e-5, 2, ("4", "5")
+OURS_KEYS = ("seconds_per_step", "generation_s_per_step", "grading_s_per_step", "training_s_per_step",
+             "completion_tokens_per_step")
+# GRPOConfig beyond output_dir and max_steps; activation (gradient) checkpointing is off (GRPOConfig defaults it on),
+# as it is in ours, so that neither side recomputes activations
+TRL_CONFIG = dict(per_device_train_batch_size=PROMPTS_PER_STEP * GENERATIONS, num_generations=GENERATIONS,
+                  gradient_accumulation_steps=1, max_completion_length=MAX_NEW, learning_rate=LR, beta=0.0,
+                  num_iterations=1, temperature=1.0, top_p=1.0, top_k=0, use_vllm=False,
+                  use_transformers_continuous_batching=False, activation_checkpointing=False, report_to="none",
+                  logging_steps=1, save_strategy="no", bf16=False, fp16=False, use_cpu=True, seed=0,
+                  dataloader_num_workers=0, shuffle_dataset=False, disable_tqdm=True, log_completions=False)
+
+
+def our_bench_steps():
+    """``stagewise_pl.modules.grpo.bench_steps``, or exit with a clear message when it is not there."""
+    try:
+        from stagewise_pl.modules.grpo import bench_steps
+    except Exception as exc:  # ImportError, or the module failing while it is being written
+        sys.exit(f"our GRPO module is not available: {type(exc).__name__}: {exc}")
+    return bench_steps
+
+
+def prepare(directory: Path, steps: int) -> None:
+    """The tiny base model's path and the rendered prompts (JSON) both variants read."""
+    from stagewise_pl.config import load_config
+    from stagewise_pl.logging import quiet_third_party
+    from stagewise_pl.models.base import tiny_base_model
+    from stagewise_pl.models.load import load_policy, render_prompt
+    from stagewise_pl.tasks.arithmetic import ArithmeticTask
+
+    quiet_third_party()
+    cfg = load_config("default", ["run.progress_bar=false"])
+    task = ArithmeticTask.from_config(cfg.task)
+    path = tiny_base_model(cfg, task)
+    _, tokenizer = load_policy(str(path))
+    pool = [p for p in task.split("train") if p.level in LEVELS]
+    chosen = random.Random(0).sample(pool, steps * PROMPTS_PER_STEP)
+    rows = [{"id": p.id, "problem": p.prompt, "prompt": render_prompt(tokenizer, p.prompt), "answer": p.answer,
+             "level": p.level} for p in chosen]
+    (directory / "prompts.json").write_text(json.dumps(rows))
+    (directory / "setup.json").write_text(json.dumps({"model": str(path)}))
+
+
+def model_path(directory: Path) -> str:
+    return json.loads((directory / "setup.json").read_text())["model"]
+
+
+def run_ours(directory: Path, steps: int) -> dict:
+    import torch
+
+    torch.set_num_threads(THREADS)
+    bench_steps = our_bench_steps()
+    result = bench_steps(model_path(directory), str(directory / "prompts.json"), steps=steps,
+                         prompts_per_step=PROMPTS_PER_STEP, num_generations=GENERATIONS, max_new_tokens=MAX_NEW, lr=LR)
+    missing = [k for k in OURS_KEYS if k not in result]
+    if missing:
+        sys.exit(f"our bench_steps returned no {missing} (got {sorted(result)})")
+    return dict(result)
+
+
+def run_trl(directory: Path, steps: int) -> dict:
+    import datasets
+    import torch
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from stagewise_pl.logging import quiet_third_party
+    from stagewise_pl.models.load import load_policy
+    from stagewise_pl.verify.base import get_verifier
+
+    if steps < 2:
+        sys.exit("--steps must be at least 2 (the first step is excluded from the timing)")
+    quiet_third_party()
+    torch.set_num_threads(THREADS)
+    model, tokenizer = load_policy(model_path(directory))
+    rows = json.loads((directory / "prompts.json").read_text())
+    # the prompt is the rendered chat text, a plain string: TRL tokenises it as it is (no chat template)
+    data = datasets.Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in rows])
+    verifier = get_verifier("exact")
+
+    def exact_reward(prompts, completions, answer, **kwargs):
+        return [verifier.score(c, g).reward for c, g in zip(completions, answer)]
+
+    timings = {"generation": [], "grading": [], "completions": [], "tokens": [], "step_end": []}
+
+    class Timed(GRPOTrainer):
+        def _generate_single_turn(self, prompt_ids, *args, **kwargs):
+            started = time.perf_counter()
+            completion_ids, logprobs = super()._generate_single_turn(prompt_ids, *args, **kwargs)
+            timings["generation"].append(time.perf_counter() - started)
+            timings["completions"].append(len(completion_ids))
+            timings["tokens"].append(sum(len(ids) for ids in completion_ids))  # EOS kept, nothing after it
+            return completion_ids, logprobs
+
+        def _calculate_rewards(self, *args, **kwargs):
+            started = time.perf_counter()
+            rewards = super()._calculate_rewards(*args, **kwargs)
+            timings["grading"].append(time.perf_counter() - started)
+            timings.setdefault("reward_mean", []).append(float(rewards.mean()))
+            return rewards
+
+    class StepEnd(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            timings["step_end"].append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as out:
+        config = GRPOConfig(output_dir=out, max_steps=steps, **TRL_CONFIG)
+        trainer = Timed(model=model, reward_funcs=[exact_reward], args=config, train_dataset=data,
+                        processing_class=tokenizer, callbacks=[StepEnd()])
+        if trainer.accelerator.device.type != "cpu" or next(trainer.model.parameters()).device.type != "cpu":
+            sys.exit(f"TRL is not on the CPU: {trainer.accelerator.device}")
+        trainer.train()
+    ends, n = timings["step_end"], len(timings["step_end"])
+    if n != steps or timings["completions"] != [PROMPTS_PER_STEP * GENERATIONS] * steps:
+        sys.exit(f"TRL ran {n} steps and generated {timings['completions']} completions; expected {steps} x "
+                 f"{PROMPTS_PER_STEP * GENERATIONS}")
+    timed = steps - 1  # the first step is the warm-up
+
+    def per_step(key):
+        return sum(timings[key][1:]) / timed
+
+    seconds = (ends[-1] - ends[0]) / timed
+    generation, grading = per_step("generation"), per_step("grading")
+    return {"seconds_per_step": seconds, "generation_s_per_step": generation, "grading_s_per_step": grading,
+            "training_s_per_step": seconds - generation - grading, "completion_tokens_per_step": per_step("tokens"),
+            "completions_per_step": PROMPTS_PER_STEP * GENERATIONS, "mean_reward": statistics.mean(timings["reward_mean"]),
+            "optimizer_steps": trainer.state.global_step, "optimizer": type(trainer.optimizer).__name__,
+            "device": str(trainer.accelerator.device), "threads": torch.get_num_threads(), "steps": steps}
+
+
+def child(variant: str, directory: Path, steps: int) -> None:
+    report(run_trl(directory, steps) if variant == "trl" else run_ours(directory, steps))
+
+
+def measure(variant: str, directory: Path, steps: int) -> dict:
+    """One run in a fresh process; warns when other processes keep the CPUs busy (2 threads then crawl)."""
+    import psutil
+
+    busy = psutil.cpu_percent(interval=1.0)
+    if busy > 25:
+        print(f"warning: the CPUs are {busy:.0f}% busy before this {variant} run; with {THREADS} threads each "
+              f"competing process slows it down many times over, so its timings are not comparable", file=sys.stderr)
+    result = run_child(__file__, ["--child", variant, "--dir", str(directory), "--steps", str(steps)],
+                       env={"OMP_NUM_THREADS": str(THREADS)})
+    result["cpu_busy_before_pct"] = busy
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--only", choices=["ours", "trl"], help="run one variant only (no goal_ratio)")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child, args.dir, args.steps)
+    if args.steps < 2:
+        parser.error("--steps must be at least 2 (the first step is excluded from the timing)")
+    variants = [args.only] if args.only else ["ours", "trl"]
+    if "ours" in variants:
+        our_bench_steps()  # fail now, before the model and the prompts, when our module is missing
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        prepare(directory, args.steps)
+        for r in range(args.repeats):
+            for v in variants:
+                runs[v].append(measure(v, directory, args.steps))
+                print(f"repeat {r + 1}/{args.repeats} {v}: {runs[v][-1]}", file=sys.stderr)
+    table = {}
+    for v, results in runs.items():
+        table[v] = {k: statistics.median(x[k] for x in results) for k in (*OURS_KEYS, "peak_rss_mb")}
+        table[v]["runs"] = results
+    trl_seconds = table["trl"]["seconds_per_step"] if "trl" in table else None
+    print(f"\nGRPO, tiny base model, {PROMPTS_PER_STEP} prompts x {GENERATIONS} completions x <= {MAX_NEW} new tokens, "
+          f"{args.steps} steps (first excluded), {THREADS} threads, median of {args.repeats} interleaved runs\n")
+    print("| variant | s/step | x TRL | generation s | grading s | training s | completion tokens/step | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for v, row in table.items():
+        ratio = f"{row['seconds_per_step'] / trl_seconds:.2f}" if trl_seconds else "-"
+        print(f"| {v} | {row['seconds_per_step']:.3f} | {ratio} | {row['generation_s_per_step']:.3f} | "
+              f"{row['grading_s_per_step']:.4f} | {row['training_s_per_step']:.3f} | "
+              f"{row['completion_tokens_per_step']:.0f} | {row['peak_rss_mb']:.0f} |")
+    goal_ratio = table["ours"]["seconds_per_step"] / trl_seconds if "ours" in table and trl_seconds else None
+    if goal_ratio is not None:
+        print(f"\ngoal_ratio (our s/step over TRL's, goal <= 0.5): {goal_ratio:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps({"goal_ratio": goal_ratio, "peer": "trl GRPOTrainer", "steps": args.steps,
+                                         "warmup_steps_excluded": 1, "prompts_per_step": PROMPTS_PER_STEP,
+                                         "num_generations": GENERATIONS, "max_new_tokens": MAX_NEW, "lr": LR,
+                                         "threads": THREADS, "repeats": args.repeats, "trl_config": TRL_CONFIG,
+                                         "variants": table}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
