@@ -92,4 +92,6 @@ def fit_grpo(trainer: L.Trainer, module, max_rollout_steps: int, ckpt_path: Opti
     loader = ResumableLoader(IndexDataset(len(module.problems)), sampler, list, consumed=lambda: module.rollout_steps)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        # checkpoints are taken after a rollout step's updates, which is what resume needs
+        warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
         trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)

@@ -110,8 +110,8 @@ def test_refusals(tmp_path, fast_overrides):
 
 
 def test_unknown_phase_kind_fails_before_work(tmp_path, fast_overrides):
-    cfg = load_config("default", fast_overrides + [f"run.dir={tmp_path / 'x'}", "phases.0.kind=grpo"])
-    with pytest.raises(ConfigError, match="phases.0.kind: unknown phase kind 'grpo'"):
+    cfg = load_config("default", fast_overrides + [f"run.dir={tmp_path / 'x'}", "phases.0.kind=nonexistent"])
+    with pytest.raises(ConfigError, match="phases.0.kind: unknown phase kind 'nonexistent'"):
         Run(cfg).execute()
     assert not (tmp_path / "x").exists()
 

@@ -8,7 +8,9 @@ accumulation), AdamW at lr 5e-5, 2 threads, float32 on the CPU. The prompts are 
 problems of the synthetic task's train split (a seeded draw), rendered with the chat template, the
 same list for both variants, consumed in order (4 per step, no shuffling). Each run is a fresh
 process (so peak RSS is that variant's own); runs are interleaved (ours, TRL, ours, TRL, ...) and the
-median of the repeats is reported.
+median of the repeats is reported. Run it on an otherwise idle machine: with 2 threads on 2 cores,
+any other busy process slows a step down many times over (each run records "others_cores", the CPU
+other processes took meanwhile, in cores, and a warning is printed above 0.1).
 
 Seconds per step is the wall time from the end of the first step to the end of the last, over
 ``steps - 1``: the first step (warm-up) is excluded, and model loading and data preparation too.
@@ -108,15 +110,17 @@ def run_trl(directory: Path, steps: int) -> dict:
     import datasets
     import torch
     from transformers import TrainerCallback
+    from transformers.utils import logging as hf_logging
     from trl import GRPOConfig, GRPOTrainer
 
-    from stagewise_pl.logging import quiet_third_party
     from stagewise_pl.models.load import load_policy
     from stagewise_pl.verify.base import get_verifier
 
     if steps < 2:
         sys.exit("--steps must be at least 2 (the first step is excluded from the timing)")
-    quiet_third_party()
+    # quiet, without stagewise_pl.logging.quiet_third_party: it imports lightning, which TRL's RSS should not carry
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     torch.set_num_threads(THREADS)
     model, tokenizer = load_policy(model_path(directory))
     rows = json.loads((directory / "prompts.json").read_text())
@@ -179,16 +183,32 @@ def child(variant: str, directory: Path, steps: int) -> None:
 
 
 def measure(variant: str, directory: Path, steps: int) -> dict:
-    """One run in a fresh process; warns when other processes keep the CPUs busy (2 threads then crawl)."""
+    """One run in a fresh process, with how much CPU other processes took meanwhile (``others_cores``).
+
+    With 2 threads on 2 cores, any other busy process slows a run down many times over: a warning
+    is printed when others took more than 0.1 core on average.
+    """
+    import resource
+
     import psutil
 
-    busy = psutil.cpu_percent(interval=1.0)
-    if busy > 25:
-        print(f"warning: the CPUs are {busy:.0f}% busy before this {variant} run; with {THREADS} threads each "
-              f"competing process slows it down many times over, so its timings are not comparable", file=sys.stderr)
+    def busy_seconds():
+        t = psutil.cpu_times()
+        return t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
+
+    def child_seconds():
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
+    busy, own, wall = busy_seconds(), child_seconds(), time.perf_counter()
     result = run_child(__file__, ["--child", variant, "--dir", str(directory), "--steps", str(steps)],
                        env={"OMP_NUM_THREADS": str(THREADS)})
-    result["cpu_busy_before_pct"] = busy
+    wall = time.perf_counter() - wall
+    result["others_cores"] = max(0.0, (busy_seconds() - busy) - (child_seconds() - own)) / wall
+    if result["others_cores"] > 0.1:
+        print(f"warning: other processes took {result['others_cores']:.2f} cores on average during this {variant} "
+              f"run; its timings are not comparable (with {THREADS} threads a competing process slows a run down "
+              f"many times over)", file=sys.stderr)
     return result
 
 

@@ -335,9 +335,10 @@ class GRPOModule(L.LightningModule):
                 weights = aggregation_weights(t["mask"][mb], s.loss)  # over the whole mini-batch
                 ent_weights = entropy_weights(t["mask"][mb])
                 tokens = t["mask"][mb].sum().clamp(min=1)
-                for part, rows in zip(torch.tensor_split(torch.arange(len(mb), device=self.device),
-                                                         math.ceil(len(mb) / (s.micro_batch_size or len(mb)))),
-                                      self._micro_batches(mb)):
+                size = s.micro_batch_size or len(mb)
+                for start in range(0, len(mb), size):
+                    part = slice(start, start + size)
+                    rows = mb[part]
                     out = fused_policy_loss(
                         self._hidden(self.policy, t, rows), head.weight, t["targets"][rows],
                         None if old is None else old[rows], t["advantages"][rows], t["mask"][rows], s.loss,
@@ -352,7 +353,7 @@ class GRPOModule(L.LightningModule):
                     sums["entropy"] += float((out.entropy * m).sum() / tokens)
                     if ref is not None:
                         d = ref[rows] - out.logp
-                        sums["kl"] += float(((torch.exp(d) - d - 1) * m).sum() / tokens)
+                        sums["kl"] += float(((torch.exp(d) - d - 1) * m).sum().detach() / tokens)
                 if self.grad_clip:
                     self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
                 optimizer.step()
