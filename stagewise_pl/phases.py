@@ -15,6 +15,11 @@ PhaseRunner = Callable[[Any, Any, Optional[str]], dict]
 PHASES: Registry[PhaseRunner] = Registry("phase kind")
 
 
+def save_final_checkpoint(trainer, directory) -> None:
+    """last.ckpt is the phase's end state, whether or not the last step fell on the checkpoint interval."""
+    trainer.save_checkpoint(str(directory / "last.ckpt"))
+
+
 @PHASES.register("sft")
 def run_sft_phase(ctx, phase, ckpt_path: Optional[str]) -> dict:
     """SFT on the training pool with ``data.target`` (teacher traces or reference solutions)."""
@@ -34,6 +39,7 @@ def run_sft_phase(ctx, phase, ckpt_path: Optional[str]) -> dict:
     started = time.time()
     fit_sft(trainer, module, examples, ctx.tokenizer.pad_token_id, phase.batch_size or cfg.trainer.batch_size,
             cfg.trainer.max_length, cfg.trainer.packing, seed=cfg.run.seed + phase.index, ckpt_path=ckpt_path)
+    save_final_checkpoint(trainer, ctx.checkpoint_dir(phase))
     loss = trainer.callback_metrics.get(f"{phase.name}/train/loss")
     return {"kind": "sft", "steps": trainer.global_step, "examples": len(examples),
             "final_loss": None if loss is None else float(loss), "seconds": round(time.time() - started, 1),
@@ -88,6 +94,7 @@ def run_grpo_phase(ctx, phase, ckpt_path: Optional[str]) -> dict:
                         phase_name=phase.name, kernel_backend=cfg.trainer.kernel)
     started = time.time()
     fit_grpo(trainer, module, max_rollout_steps=phase.steps * g.max_rollout_factor, ckpt_path=ckpt_path)
+    save_final_checkpoint(trainer, ctx.checkpoint_dir(phase))
     h = module.history
     tenth = max(1, len(h) // 10)
 

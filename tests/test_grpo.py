@@ -243,3 +243,31 @@ def test_grpo_raises_pass_at_1_on_the_partly_solved_levels(tmp_path, seed):
     assert level_pass(after, [1, 2, 3]) >= level_pass(before, [1, 2, 3]) - 0.05  # no collapse elsewhere
     state = json.loads((run_dir / "state.json").read_text())["completed"]["1-grpo"]
     assert state["reward_last_tenth"] > state["reward_first_tenth"]
+
+
+def test_shared_prefix_forward_gives_the_same_hidden_states_and_gradients(tiny):
+    """Each distinct prompt run once and its cache gathered to its G rows == G full forwards."""
+    from stagewise_pl.data.problems import Problem
+    from stagewise_pl.modules.grpo import GRPOModule, GRPOSettings, Groups
+    from stagewise_pl.rollout.hf import HFEngine
+    from stagewise_pl.verify import get_verifier
+
+    model, tokenizer = tiny
+    problems = [Problem(f"p{i}", text, "0", "t") for i, text in enumerate(["1+2", "30-4+5", "7"])]
+    module = GRPOModule(model, tokenizer, HFEngine(model, tokenizer), get_verifier("exact"), problems,
+                        GRPOSettings(num_generations=4, max_new_tokens=6), lr=1e-4, total_steps=1)
+    groups, _, _ = module._sample_and_grade(problems, 0)
+    t = module._tensors(groups, torch.randn(3, 4))
+    rows = torch.tensor([0, 1, 2, 3, 4, 5, 8, 9, 10])  # uneven: 4, 2 and 3 rows of the three prompts
+    probe = torch.randn(model.config.hidden_size)
+    results = []
+    for shared in (False, True):
+        module.shared_prefix = shared
+        model.zero_grad()
+        hidden = module._hidden(model, t, rows)
+        ((hidden * probe).sum(-1) * t["mask"][rows]).sum().backward()
+        results.append((hidden.detach(), [p.grad.clone() for p in model.parameters()]))
+    (h1, g1), (h2, g2) = results
+    assert torch.allclose(h1, h2, atol=1e-5)
+    for a, b in zip(g1, g2):
+        assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())

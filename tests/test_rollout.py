@@ -90,3 +90,58 @@ def test_vllm_engine_without_vllm_names_the_extra():
 
     with pytest.raises(ImportError, match=r"stagewise_pl\[gpu\]"):
         VLLMEngine("unused")
+
+
+# ------------------------------------------------------------------ the lean decode step
+def _compare_paths(model, tokenizer, prompts, sampling):
+    fast = HFEngine(model, tokenizer, fast_decode=True).generate(prompts, sampling)
+    slow = HFEngine(model, tokenizer, fast_decode=False).generate(prompts, sampling)
+    assert fast.completion_ids == slow.completion_ids and fast.finish_reasons == slow.finish_reasons
+    for a, b in zip(fast.logprobs, slow.logprobs):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4)
+    return fast
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_fast_decode_matches_the_transformers_path(tiny, temperature):
+    from stagewise_pl.rollout import fast_decode
+
+    model, tokenizer = tiny
+    assert fast_decode.supports(model)
+    prompts = render_prompts(tokenizer, ["1+2", "30-4+5", "7", "12+9-3", "5", "44-40"])
+    _compare_paths(model, tokenizer, prompts, SamplingParams(n=3, temperature=temperature, max_new_tokens=10,
+                                                             seed=1, logprobs=True))
+
+
+def test_fast_decode_on_a_llama_with_grouped_heads_and_biases(tiny):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from stagewise_pl.rollout import fast_decode
+
+    _, tokenizer = tiny
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=1, attention_bias=True, mlp_bias=True,
+                         max_position_embeddings=128, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config).eval()
+    assert fast_decode.supports(model)
+    prompts = render_prompts(tokenizer, ["1+2", "30-4+5", "7"])
+    _compare_paths(model, tokenizer, prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=12, seed=4,
+                                                             logprobs=True))
+
+
+def test_unsupported_models_keep_the_transformers_path(tiny, monkeypatch):
+    from stagewise_pl.rollout import fast_decode
+
+    model, tokenizer = tiny
+    monkeypatch.setattr(model.config, "use_sliding_window", True, raising=False)
+    assert not fast_decode.supports(model)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the lean step must not be used for this model")
+
+    monkeypatch.setattr(fast_decode, "FastDecoder", refuse)
+    batch = HFEngine(model, tokenizer).generate(render_prompts(tokenizer, ["1+2"]),
+                                                SamplingParams(n=2, temperature=1.0, max_new_tokens=4))
+    assert len(batch.completion_ids) == 2

@@ -47,6 +47,10 @@ from pathlib import Path
 from benchlib import report, run_child
 
 PROMPTS_PER_STEP, GENERATIONS, MAX_NEW, LR, THREADS, LEVELS = 4, 8, 32, 5e-5, 2, ("4", "5")
+# ours: equal work (every group trained, as TRL); ours-drop-flat: our default (groups with no signal left out);
+# trl: GRPOTrainer without activation checkpointing (its fastest here: the goal's peer); trl-default: with
+# TRL's default activation checkpointing (what a user gets without changing it).
+VARIANTS = ("ours", "ours-drop-flat", "trl", "trl-default")
 OURS_KEYS = ("seconds_per_step", "generation_s_per_step", "grading_s_per_step", "training_s_per_step",
              "completion_tokens_per_step")
 # GRPOConfig beyond output_dir and max_steps; activation (gradient) checkpointing is off (GRPOConfig defaults it on),
@@ -57,15 +61,6 @@ TRL_CONFIG = dict(per_device_train_batch_size=PROMPTS_PER_STEP * GENERATIONS, nu
                   use_transformers_continuous_batching=False, activation_checkpointing=False, report_to="none",
                   logging_steps=1, save_strategy="no", bf16=False, fp16=False, use_cpu=True, seed=0,
                   dataloader_num_workers=0, shuffle_dataset=False, disable_tqdm=True, log_completions=False)
-
-
-def our_bench_steps():
-    """``stagewise_pl.modules.grpo.bench_steps``, or exit with a clear message when it is not there."""
-    try:
-        from stagewise_pl.modules.grpo import bench_steps
-    except Exception as exc:  # ImportError, or the module failing while it is being written
-        sys.exit(f"our GRPO module is not available: {type(exc).__name__}: {exc}")
-    return bench_steps
 
 
 def prepare(directory: Path, steps: int) -> None:
@@ -93,20 +88,66 @@ def model_path(directory: Path) -> str:
     return json.loads((directory / "setup.json").read_text())["model"]
 
 
-def run_ours(directory: Path, steps: int) -> dict:
+def run_ours(directory: Path, steps: int, drop_flat_groups: bool = False) -> dict:
+    """Our GRPOModule in a Lightning Trainer, as the grpo phase runs it: the HF rollout engine on the
+    policy itself, grading in the verifier's process pool, the fused policy loss. The loss is the
+    token mean over the batch (TRL's default "dapo") with per-group std scaling (TRL's default).
+    ``drop_flat_groups=False`` trains on every group as TRL does (equal work); True is our default
+    (groups with no signal are left out of the update)."""
+    import lightning as L
     import torch
+    from torch.utils.data import DataLoader
 
+    from stagewise_pl.config import load_config
+    from stagewise_pl.data.problems import Problem
+    from stagewise_pl.logging import quiet_third_party
+    from stagewise_pl.models.load import load_policy
+    from stagewise_pl.modules.grpo import GRPOModule, GRPOSettings
+    from stagewise_pl.rollout.hf import HFEngine
+    from stagewise_pl.train import IndexDataset, make_trainer
+    from stagewise_pl.verify.pool import GradingPool
+
+    quiet_third_party()
     torch.set_num_threads(THREADS)
-    bench_steps = our_bench_steps()
-    result = bench_steps(model_path(directory), str(directory / "prompts.json"), steps=steps,
-                         prompts_per_step=PROMPTS_PER_STEP, num_generations=GENERATIONS, max_new_tokens=MAX_NEW, lr=LR)
-    missing = [k for k in OURS_KEYS if k not in result]
-    if missing:
-        sys.exit(f"our bench_steps returned no {missing} (got {sorted(result)})")
-    return dict(result)
+    policy, tokenizer = load_policy(model_path(directory))
+    rows = json.loads((directory / "prompts.json").read_text())
+    problems = [Problem(r["id"], r["problem"], r["answer"], "synthetic", level=r["level"]) for r in rows]
+    settings = GRPOSettings(prompts_per_step=PROMPTS_PER_STEP, num_generations=GENERATIONS, max_new_tokens=MAX_NEW,
+                            drop_flat_groups=drop_flat_groups)
+    ends: list[float] = []
+
+    class StepEnd(L.Callback):
+        def on_train_batch_end(self, *args):
+            ends.append(time.perf_counter())
+
+    cfg = load_config("default", ["run.progress_bar=false"])
+    with GradingPool("exact", {}, workers=1) as verifier:
+        module = GRPOModule(policy, tokenizer, HFEngine(policy, tokenizer), verifier, problems, settings, lr=LR,
+                            total_steps=steps, grad_clip=1.0)
+        trainer = make_trainer(cfg.trainer, cfg.run, steps, 0.0, callbacks=[StepEnd()], max_epochs=1, accumulate=1,
+                               checkpointing=False)
+        batches = [list(range(i * PROMPTS_PER_STEP, (i + 1) * PROMPTS_PER_STEP)) for i in range(steps)]
+        loader = DataLoader(IndexDataset(len(problems)), batch_sampler=batches, collate_fn=list)
+        trainer.fit(module, train_dataloaders=loader)
+    h, timed = module.history[1:], steps - 1  # the first step is the warm-up
+    if len(ends) != steps or any(r["rounds"] != 1 for r in module.history):
+        sys.exit(f"ours ran {len(ends)} rollout steps; expected {steps}")
+
+    def per_step(key):
+        return sum(r[key] for r in h) / timed
+
+    seconds = (ends[-1] - ends[0]) / timed
+    generation, grading = per_step("s_generation"), per_step("s_grading")
+    tokens = per_step("completion_len") * PROMPTS_PER_STEP * GENERATIONS
+    return {"seconds_per_step": seconds, "generation_s_per_step": generation, "grading_s_per_step": grading,
+            "training_s_per_step": seconds - generation - grading, "completion_tokens_per_step": tokens,
+            "completions_per_step": PROMPTS_PER_STEP * GENERATIONS,
+            "mean_reward": statistics.mean(r["reward"] for r in module.history),
+            "groups_trained_per_step": per_step("groups_trained"), "optimizer_steps": trainer.global_step,
+            "threads": torch.get_num_threads(), "steps": steps}
 
 
-def run_trl(directory: Path, steps: int) -> dict:
+def run_trl(directory: Path, steps: int, checkpointing: bool = False) -> dict:
     import datasets
     import torch
     from transformers import TrainerCallback
@@ -150,11 +191,14 @@ def run_trl(directory: Path, steps: int) -> dict:
             return rewards
 
     class StepEnd(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            timings["train_begin"] = time.perf_counter()
+
         def on_step_end(self, args, state, control, **kw):
             timings["step_end"].append(time.perf_counter())
 
     with tempfile.TemporaryDirectory() as out:
-        config = GRPOConfig(output_dir=out, max_steps=steps, **TRL_CONFIG)
+        config = GRPOConfig(output_dir=out, max_steps=steps, **dict(TRL_CONFIG, activation_checkpointing=checkpointing))
         trainer = Timed(model=model, reward_funcs=[exact_reward], args=config, train_dataset=data,
                         processing_class=tokenizer, callbacks=[StepEnd()])
         if trainer.accelerator.device.type != "cpu" or next(trainer.model.parameters()).device.type != "cpu":
@@ -170,16 +214,21 @@ def run_trl(directory: Path, steps: int) -> dict:
         return sum(timings[key][1:]) / timed
 
     seconds = (ends[-1] - ends[0]) / timed
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # inside accelerate's wrapper
     generation, grading = per_step("generation"), per_step("grading")
     return {"seconds_per_step": seconds, "generation_s_per_step": generation, "grading_s_per_step": grading,
             "training_s_per_step": seconds - generation - grading, "completion_tokens_per_step": per_step("tokens"),
             "completions_per_step": PROMPTS_PER_STEP * GENERATIONS, "mean_reward": statistics.mean(timings["reward_mean"]),
-            "optimizer_steps": trainer.state.global_step, "optimizer": type(trainer.optimizer).__name__,
+            "first_step_s": ends[0] - timings["train_begin"], "optimizer_steps": trainer.state.global_step,
+            "optimizer": f"{type(optimizer).__name__}(fused={optimizer.defaults.get('fused')})",
             "device": str(trainer.accelerator.device), "threads": torch.get_num_threads(), "steps": steps}
 
 
 def child(variant: str, directory: Path, steps: int) -> None:
-    report(run_trl(directory, steps) if variant == "trl" else run_ours(directory, steps))
+    if variant.startswith("trl"):
+        report(run_trl(directory, steps, checkpointing=variant == "trl-default"))
+    else:
+        report(run_ours(directory, steps, drop_flat_groups=variant == "ours-drop-flat"))
 
 
 def measure(variant: str, directory: Path, steps: int) -> dict:
@@ -216,7 +265,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--only", choices=["ours", "trl"], help="run one variant only (no goal_ratio)")
+    parser.add_argument("--only", choices=VARIANTS, help="run one variant only (no goal_ratio)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
@@ -225,9 +274,7 @@ def main() -> None:
         return child(args.child, args.dir, args.steps)
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the first step is excluded from the timing)")
-    variants = [args.only] if args.only else ["ours", "trl"]
-    if "ours" in variants:
-        our_bench_steps()  # fail now, before the model and the prompts, when our module is missing
+    variants = [args.only] if args.only else list(VARIANTS)
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)

@@ -27,6 +27,7 @@ count, the sampling position and everything else it needs in the checkpoint.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -112,6 +113,11 @@ class Groups:
                       [self.rounds[i] for i in keep])
 
 
+def _cache_kwarg(module) -> str:
+    """The name a decoder's forward takes its key/value cache under (newer transformers: ``cache``)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
 def informative(rewards: torch.Tensor) -> list[int]:
     """Indices of groups whose rewards are not all equal."""
     return (rewards.max(-1).values > rewards.min(-1).values).nonzero()[:, 0].tolist()
@@ -121,7 +127,8 @@ class GRPOModule(L.LightningModule):
     def __init__(self, policy, tokenizer, engine, verifier, problems: Sequence[Problem], settings: GRPOSettings,
                  lr: float, total_steps: int, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.98),
                  warmup_steps: int = 0, min_lr_ratio: float = 1.0, grad_clip: float = 1.0, seed: int = 0,
-                 sink: Optional[RolloutSink] = None, phase_name: str = "grpo", kernel_backend: str = "auto"):
+                 sink: Optional[RolloutSink] = None, phase_name: str = "grpo", kernel_backend: str = "auto",
+                 shared_prefix: bool = True):
         super().__init__()
         self.policy, self.tokenizer, self.engine, self.verifier = policy, tokenizer, engine, verifier
         self.problems, self.s = list(problems), settings
@@ -129,6 +136,7 @@ class GRPOModule(L.LightningModule):
         self.warmup_steps, self.min_lr_ratio, self.grad_clip = warmup_steps, min_lr_ratio, grad_clip
         self.seed, self.sink, self.phase_name = seed, sink or NullSink(), phase_name
         self.kernel_backend = kernel_backend
+        self.shared_prefix = shared_prefix
         self.log_prefix = f"{phase_name}/"
         self.automatic_optimization = False
         self.rollout_steps = 0  # rollout steps done (the loader's position)
@@ -237,14 +245,33 @@ class GRPOModule(L.LightningModule):
         positions = (attn.cumsum(-1) - 1).clamp(min=0)
         return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "position_ids": positions.to(device),
                 "targets": ids[:, lp:].to(device), "mask": mask.to(device), "prompt_len": lp,
+                "prompt_index": torch.arange(n, device=device) // g,
                 "advantages": advantages.reshape(-1).to(device)}
 
     def _hidden(self, model, t: dict, rows) -> torch.Tensor:
-        """Hidden states that predict the completion tokens: positions Lp-1 .. Lp+Lc-2."""
+        """Hidden states that predict the completion tokens of ``rows``: (R, Lc, H).
+
+        When the rows share prompts (a group's G samples), each distinct prompt is run once and its
+        key/value cache gathered to its rows (``shared_prefix``); the gradient flows through the
+        shared prompt computation exactly as through G copies. Otherwise one forward pass over
+        prompt + completion.
+        """
         decoder = getattr(model, model.base_model_prefix)
+        lp, lc = t["prompt_len"], t["targets"].shape[1]
+        prompts, inverse = torch.unique(t["prompt_index"][rows], return_inverse=True)
+        if self.shared_prefix and len(prompts) * 2 <= len(rows):
+            first = rows.new_empty(len(prompts))
+            first[inverse] = rows  # one row per distinct prompt
+            head = decoder(input_ids=t["input_ids"][first, :lp], attention_mask=t["attention_mask"][first, :lp],
+                           position_ids=t["position_ids"][first, :lp], use_cache=True)
+            cache = getattr(head, "cache", None) or head.past_key_values
+            cache.batch_select_indices(inverse)  # gather (differentiable): each row gets its prompt's keys/values
+            tail = decoder(input_ids=t["input_ids"][rows, lp:], attention_mask=t["attention_mask"][rows],
+                           position_ids=t["position_ids"][rows, lp:], use_cache=False,
+                           **{_cache_kwarg(decoder): cache}).last_hidden_state
+            return torch.cat([head.last_hidden_state[inverse, -1:], tail[:, :-1]], 1)
         out = decoder(input_ids=t["input_ids"][rows], attention_mask=t["attention_mask"][rows],
                       position_ids=t["position_ids"][rows], use_cache=False).last_hidden_state
-        lp, lc = t["prompt_len"], t["targets"].shape[1]
         return out[:, lp - 1:lp - 1 + lc]
 
     @torch.no_grad()
@@ -308,10 +335,14 @@ class GRPOModule(L.LightningModule):
             **stats,
         }
         self.history.append(metrics)
-        for name, value in metrics.items():
-            self.log(f"{self.log_prefix}train/{name}", float(value), on_step=True, prog_bar=name == "reward",
-                     batch_size=len(batch))
-        self.log(f"{self.log_prefix}train/rollout_step", float(self.rollout_steps), on_step=True, batch_size=1)
+        # every metric of every rollout step straight to the loggers (one call, not one self.log per metric:
+        # those cost about a millisecond each); the reward also goes to the progress bar
+        row = {f"{self.log_prefix}train/{name}": float(value) for name, value in metrics.items()}
+        row[f"{self.log_prefix}train/rollout_step"] = float(self.rollout_steps)
+        for logger in self.loggers:
+            logger.log_metrics(row, step=self.global_step)
+        if self.trainer.progress_bar_callback is not None:  # self.log costs milliseconds: only for the bar
+            self.log(f"{self.log_prefix}train/reward", metrics["reward"], prog_bar=True, logger=False, batch_size=1)
 
     def _update(self, groups: Groups, advantages: torch.Tensor) -> dict[str, float]:
         s = self.s
