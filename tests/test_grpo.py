@@ -245,28 +245,38 @@ def test_grpo_raises_pass_at_1_on_the_partly_solved_levels(tmp_path, seed):
     assert state["reward_last_tenth"] > state["reward_first_tenth"]
 
 
-def test_shared_prefix_forward_gives_the_same_hidden_states_and_gradients(tiny):
-    """Each distinct prompt run once and its cache gathered to its G rows == G full forwards."""
+@pytest.mark.parametrize("pack_limit", [1024, 1])  # packed completions, or the gathered prompt cache
+def test_shared_prefix_forward_gives_the_same_hidden_states_and_gradients(tiny, monkeypatch, pack_limit):
+    """Each distinct prompt computed once == G full forwards, on every completion token."""
     from stagewise_pl.data.problems import Problem
-    from stagewise_pl.modules.grpo import GRPOModule, GRPOSettings, Groups
+    from stagewise_pl.models.load import render_prompts
+    from stagewise_pl.modules import grpo
     from stagewise_pl.rollout.hf import HFEngine
     from stagewise_pl.verify import get_verifier
 
+    monkeypatch.setattr(grpo, "PACK_LIMIT", pack_limit)
     model, tokenizer = tiny
-    problems = [Problem(f"p{i}", text, "0", "t") for i, text in enumerate(["1+2", "30-4+5", "7"])]
-    module = GRPOModule(model, tokenizer, HFEngine(model, tokenizer), get_verifier("exact"), problems,
-                        GRPOSettings(num_generations=4, max_new_tokens=6), lr=1e-4, total_steps=1)
-    groups, _, _ = module._sample_and_grade(problems, 0)
+    texts = ["1+2", "30-4+5", "7"]
+    problems = [Problem(f"p{i}", text, "0", "t") for i, text in enumerate(texts)]
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in render_prompts(tokenizer, texts)]
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 1, 7, 3, 2, 7, 4, 6, 1, 7, 2, 5]  # ragged completions, 4 per prompt
+    completions = [torch.randint(5, 300, (n,), generator=g).tolist() for n in lengths]
+    groups = grpo.Groups(problems, prompt_ids, completions, [""] * 12, [False] * 12, torch.zeros(3, 4), ["wrong"] * 12,
+                         [0, 0, 0])
+    module = grpo.GRPOModule(model, tokenizer, HFEngine(model, tokenizer), get_verifier("exact"), problems,
+                             grpo.GRPOSettings(num_generations=4, max_new_tokens=7), lr=1e-4, total_steps=1)
     t = module._tensors(groups, torch.randn(3, 4))
     rows = torch.tensor([0, 1, 2, 3, 4, 5, 8, 9, 10])  # uneven: 4, 2 and 3 rows of the three prompts
+    mask = t["mask"][rows]
     probe = torch.randn(model.config.hidden_size)
     results = []
     for shared in (False, True):
         module.shared_prefix = shared
         model.zero_grad()
         hidden = module._hidden(model, t, rows)
-        ((hidden * probe).sum(-1) * t["mask"][rows]).sum().backward()
-        results.append((hidden.detach(), [p.grad.clone() for p in model.parameters()]))
+        ((hidden * probe).sum(-1) * mask).sum().backward()
+        results.append((hidden.detach() * mask[..., None], [p.grad.clone() for p in model.parameters()]))
     (h1, g1), (h2, g2) = results
     assert torch.allclose(h1, h2, atol=1e-5)
     for a, b in zip(g1, g2):

@@ -39,12 +39,16 @@ import torch
 
 from stagewise_pl.advantages import compute_advantages, group_stats
 from stagewise_pl.data.problems import Problem
+from stagewise_pl.data.sft import additive_mask
 from stagewise_pl.kernels import fused_policy_loss, logprobs
 from stagewise_pl.losses import PolicyLossConfig, aggregation_weights, entropy_weights
 from stagewise_pl.models.load import render_prompts
 from stagewise_pl.modules.sft import cosine_with_warmup
 from stagewise_pl.records import NullSink, RolloutRecord, RolloutSink
 from stagewise_pl.rollout.base import SamplingParams
+
+
+PACK_LIMIT = 1024  # longest packed prompt + completions sequence (its dense block mask is PACK_LIMIT^2)
 
 
 @dataclass
@@ -246,20 +250,28 @@ class GRPOModule(L.LightningModule):
         return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "position_ids": positions.to(device),
                 "targets": ids[:, lp:].to(device), "mask": mask.to(device), "prompt_len": lp,
                 "prompt_index": torch.arange(n, device=device) // g,
+                "prompt_lens": torch.tensor([len(groups.prompt_ids[r // g]) for r in range(n)], device=device),
+                "completion_lens": torch.tensor([len(c) for c in groups.completion_ids], device=device),
                 "advantages": advantages.reshape(-1).to(device)}
 
     def _hidden(self, model, t: dict, rows) -> torch.Tensor:
         """Hidden states that predict the completion tokens of ``rows``: (R, Lc, H).
 
-        When the rows share prompts (a group's G samples), each distinct prompt is run once and its
-        key/value cache gathered to its rows (``shared_prefix``); the gradient flows through the
-        shared prompt computation exactly as through G copies. Otherwise one forward pass over
-        prompt + completion.
+        When the rows share prompts (a group's G samples), each distinct prompt is computed once
+        (``shared_prefix``): its rows' completions are packed after it in one sequence, each
+        completion seeing the prompt and itself only (a block mask), when that sequence is at most
+        ``PACK_LIMIT`` tokens; otherwise the prompt's key/value cache is gathered to its rows and
+        the completions run as a batch. Either way the gradient flows through the shared prompt
+        computation exactly as through G copies (tested). Without sharing, one forward pass over
+        prompt + completion per row.
         """
         decoder = getattr(model, model.base_model_prefix)
         lp, lc = t["prompt_len"], t["targets"].shape[1]
         prompts, inverse = torch.unique(t["prompt_index"][rows], return_inverse=True)
         if self.shared_prefix and len(prompts) * 2 <= len(rows):
+            packed = self._packed_hidden(decoder, t, rows, inverse, len(prompts))
+            if packed is not None:
+                return packed
             first = rows.new_empty(len(prompts))
             first[inverse] = rows  # one row per distinct prompt
             head = decoder(input_ids=t["input_ids"][first, :lp], attention_mask=t["attention_mask"][first, :lp],
@@ -273,6 +285,44 @@ class GRPOModule(L.LightningModule):
         out = decoder(input_ids=t["input_ids"][rows], attention_mask=t["attention_mask"][rows],
                       position_ids=t["position_ids"][rows], use_cache=False).last_hidden_state
         return out[:, lp - 1:lp - 1 + lc]
+
+    def _packed_hidden(self, decoder, t: dict, rows: torch.Tensor, inverse: torch.Tensor, n_prompts: int):
+        """One sequence per distinct prompt: the prompt, then each of its rows' completions; None when
+        the longest such sequence exceeds PACK_LIMIT tokens."""
+        lp, lc = t["prompt_len"], t["targets"].shape[1]
+        plen, clen = t["prompt_lens"][rows].tolist(), t["completion_lens"][rows].tolist()
+        members: list[list[int]] = [[] for _ in range(n_prompts)]
+        for i, u in enumerate(inverse.tolist()):
+            members[u].append(i)
+        lengths = [plen[m[0]] + sum(clen[i] for i in m) for m in members]
+        width = max(lengths)
+        if width > PACK_LIMIT:
+            return None
+        device, source = rows.device, t["input_ids"][rows]
+        ids = torch.full((n_prompts, width), self.tokenizer.pad_token_id, dtype=torch.long, device=device)
+        pos = torch.zeros((n_prompts, width), dtype=torch.long, device=device)
+        seg = -2 - torch.arange(n_prompts * width, device=device).view(n_prompts, width)  # padding: its own segment
+        gather = torch.zeros((len(rows), lc), dtype=torch.long, device=device)
+        for u, m in enumerate(members):
+            p = plen[m[0]]
+            ids[u, :p], pos[u, :p], seg[u, :p] = source[m[0], lp - p:lp], torch.arange(p, device=device), 0
+            offset = p
+            for k, i in enumerate(m, start=1):
+                c = clen[i]
+                ids[u, offset:offset + c] = source[i, lp:lp + c]
+                pos[u, offset:offset + c] = torch.arange(p, p + c, device=device)
+                seg[u, offset:offset + c] = k
+                # completion token j is predicted at the position before it: the prompt's last token for j = 0
+                gather[i, 0] = u * width + p - 1
+                gather[i, 1:c] = u * width + offset + torch.arange(c - 1, device=device)
+                offset += c
+        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        allowed = ((seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0)) & causal  # (U, L, L)
+        mask = allowed[:, None]
+        if getattr(self.policy.config, "_attn_implementation", "sdpa") != "sdpa":
+            mask = additive_mask(mask, self.policy.dtype)
+        out = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+        return out.reshape(n_prompts * width, -1)[gather]
 
     @torch.no_grad()
     def _logprobs(self, model, t: dict) -> torch.Tensor:
