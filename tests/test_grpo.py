@@ -198,6 +198,8 @@ def test_grpo_resume_reaches_the_same_weights_and_records(tmp_path, base_overrid
     resumed = Run(load_config("default", grpo_overrides(base_overrides, crashed, extra=extra + ["run.resume=last"])),
                   log=lambda *_: None)
     resumed.execute()
+    ckpt = torch.load(crashed / "checkpoints/1-grpo/last.ckpt", weights_only=False)
+    assert ckpt["grpo"]["rollout_steps"] == 6 and "reference" not in ckpt["grpo"]  # beta = 0: no reference kept
     a, b = load_file(str(straight / "final" / "model.safetensors")), load_file(str(crashed / "final" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (straight / "zero_reward.jsonl").read_text() == (crashed / "zero_reward.jsonl").read_text()
@@ -219,28 +221,33 @@ def test_grpo_config_errors(tmp_path, base_overrides):
 
 
 # ------------------------------------------------------------------ learning
-LEARNING_MARGIN = 0.08  # measured gains on levels 4-5 (greedy pass@1, 100 held-out problems): +0.15 and +0.14
+# Sampled pass@1 (mean over 8 samples at T=1) on levels 4-5, 100 held-out problems, after 100 rollout
+# steps: measured +0.19 and +0.13 (seeds 0, 1) from the default base model, and +0.15 and +0.13 from a
+# base warmed up without packing (another base model: the margin does not hang on one base's luck).
+# Greedy pass@1 rose on all four (+0.05 to +0.23).
+LEARNING_MARGIN = 0.08
 
 
-def level_pass(result: dict, levels) -> float:
+def level_mean(result: dict, levels, metric: str) -> float:
     rows = [result["synthetic-test"]["by_level"][str(level)] for level in levels]
-    return sum(r["pass@1"] * r["n"] for r in rows) / sum(r["n"] for r in rows)
+    return sum(r[metric] * r["n"] for r in rows) / sum(r["n"] for r in rows)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_grpo_raises_pass_at_1_on_the_partly_solved_levels(tmp_path, seed):
-    """60 rollout steps (16 prompts x 8 samples, lr 1e-4) on levels 4-5 from the tiny base model:
-    about 40 s on 2 cores. Levels 4 and 5 are the partly solved ones (greedy about 0.54 and 0.38)."""
+    """100 rollout steps (16 prompts x 8 samples, lr 1e-4) on levels 4-5 from the tiny base model:
+    about a minute on 2 cores. Levels 4 and 5 are the partly solved ones (sampled pass@1 about 0.4 and 0.25)."""
     run_dir = tmp_path / f"learn-{seed}"
-    Run(load_config("default", ["run.progress_bar=false", "eval.k=0", f"run.seed={seed}", f"run.dir={run_dir}",
-                                "phases=[{kind: grpo, steps: 60, lr: 1e-4}]", "grpo.levels=[4,5]"]),
+    Run(load_config("default", ["run.progress_bar=false", "eval.k=8", f"run.seed={seed}", f"run.dir={run_dir}",
+                                "phases=[{kind: grpo, steps: 100, lr: 1e-4}]", "grpo.levels=[4,5]"]),
         log=lambda *_: None).execute()
     before = json.loads((run_dir / "eval" / "before.json").read_text())
     after = json.loads((run_dir / "eval" / "1-grpo.json").read_text())
-    gain = level_pass(after, [4, 5]) - level_pass(before, [4, 5])
-    assert gain >= LEARNING_MARGIN, f"levels 4-5 pass@1 {level_pass(before, [4, 5]):.2f} -> {level_pass(after, [4, 5]):.2f}"
-    assert level_pass(after, [1, 2, 3]) >= level_pass(before, [1, 2, 3]) - 0.05  # no collapse elsewhere
+    sampled = level_mean(after, [4, 5], "mean_p") - level_mean(before, [4, 5], "mean_p")
+    assert sampled >= LEARNING_MARGIN, f"levels 4-5 sampled pass@1 rose by {sampled:.3f}"
+    assert level_mean(after, [4, 5], "pass@1") > level_mean(before, [4, 5], "pass@1")  # greedy too
+    assert level_mean(after, [1, 2, 3], "mean_p") >= level_mean(before, [1, 2, 3], "mean_p") - 0.08  # no collapse
     state = json.loads((run_dir / "state.json").read_text())["completed"]["1-grpo"]
     assert state["reward_last_tenth"] > state["reward_first_tenth"]
 

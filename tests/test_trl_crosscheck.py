@@ -17,7 +17,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-pytest.importorskip("trl")
 from trl import GRPOTrainer  # noqa: E402
 
 from stagewise_pl.kernels import fused_policy_loss  # noqa: E402

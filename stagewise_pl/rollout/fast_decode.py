@@ -7,9 +7,10 @@ arithmetic. This step does the same arithmetic with fewer ops, on the model's ow
   call, so they are the current training weights);
 - a preallocated key/value cache written in place (no ``torch.cat`` per step), rows dropped
   with ``index_select`` when they finish;
-- cos/sin for every position computed once per batch by the model's own rotary module, and its
-  ``apply_rotary_pos_emb`` (so static rope variants behave as in transformers); RMSNorm as one
-  ``F.rms_norm``; ``scaled_dot_product_attention`` with grouped heads.
+- cos/sin for every position computed once per batch by the model's own rotary module (so static
+  rope variants behave as in transformers), applied to queries and keys in one go with the
+  modelling file's ``rotate_half``; RMSNorm as one ``F.rms_norm``; ``scaled_dot_product_attention``
+  with grouped heads; weights and biases gathered once per batch (no module lookups per token).
 The prompt is still prefilled by ``model(...)``; its cache is copied into the preallocated one.
 Anything this step does not cover (other architectures, sliding windows, q/k norms) makes
 :func:`supports` return False and HFEngine keeps the transformers path. The tests check that
@@ -55,6 +56,11 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), -1)
+
+
 def _cat_bias(*linears):
     biases = [lin.bias for lin in linears]
     if all(b is None for b in biases):
@@ -70,19 +76,29 @@ class FastDecoder:
     def __init__(self, model, rows: int, max_len: int):
         self.model = model
         self.decoder = getattr(model, model.base_model_prefix)
-        self.rope = sys.modules[type(self.decoder.layers[0].self_attn).__module__].apply_rotary_pos_emb
+        self.rotate_half = getattr(sys.modules[type(self.decoder.layers[0].self_attn).__module__], "rotate_half",
+                                   _rotate_half)
         attn = self.decoder.layers[0].self_attn
         cfg = model.config
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
         self.gqa = self.n_heads != self.n_kv
-        self.fused = []
+        # per layer, everything the step reads (attribute lookups on modules cost microseconds each)
+        self.plan = []
         for layer in self.decoder.layers:
             a, m = layer.self_attn, layer.mlp
-            self.fused.append((torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
-                               _cat_bias(a.q_proj, a.k_proj, a.v_proj),
-                               torch.cat([m.gate_proj.weight, m.up_proj.weight]), _cat_bias(m.gate_proj, m.up_proj)))
+            self.plan.append((
+                layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
+                torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), _cat_bias(a.q_proj, a.k_proj, a.v_proj),
+                a.o_proj.weight, a.o_proj.bias,
+                layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
+                torch.cat([m.gate_proj.weight, m.up_proj.weight]), _cat_bias(m.gate_proj, m.up_proj),
+                m.down_proj.weight, m.down_proj.bias))
+        head = model.get_output_embeddings()
+        self.embed = self.decoder.embed_tokens.weight
+        self.final = (self.decoder.norm.weight, self.decoder.norm.variance_epsilon, head.weight,
+                      getattr(head, "bias", None))
         p = next(model.parameters())
         shape = (rows, self.n_kv, max_len, self.head_dim)
         self.keys = [torch.empty(shape, dtype=p.dtype, device=p.device) for _ in self.decoder.layers]
@@ -93,8 +109,6 @@ class FastDecoder:
         probe = torch.zeros((1, 1, 1), dtype=p.dtype, device=p.device)
         cos, sin = self.decoder.rotary_emb(probe, torch.arange(max_len, device=p.device)[None])
         self.cos, self.sin = cos[0], sin[0]  # (max_len, head_dim)
-        self.norm_eps = [(layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon)
-                         for layer in self.decoder.layers]
 
     def load_prefill(self, cache, attention_mask: torch.Tensor, repeat: int) -> None:
         """Copy the prompt's cache (prompt rows) into the preallocated cache, each row ``repeat`` times."""
@@ -119,31 +133,27 @@ class FastDecoder:
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits (rows, V) of the next token after ``tokens`` (rows,) at ``positions`` (rows,)."""
         rows, t = tokens.shape[0], self.length
-        x = self.decoder.embed_tokens(tokens[:, None])  # (R, 1, H)
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (R, 1, head_dim)
+        x = F.embedding(tokens[:, None], self.embed)  # (R, 1, H)
+        cos, sin = self.cos[positions][:, None, None], self.sin[positions][:, None, None]  # (R, 1, 1, head_dim)
         self.valid[:, t] = True
         mask = self.valid[:, None, None, :t + 1]
         nq, nkv, hd = self.n_heads, self.n_kv, self.head_dim
-        for i, layer in enumerate(self.decoder.layers):
-            w_qkv, b_qkv, w_gu, b_gu = self.fused[i]
-            a = layer.self_attn
-            h = _rms(x, layer.input_layernorm.weight, self.norm_eps[i][0])
-            qkv = F.linear(h, w_qkv, b_qkv)
-            q = qkv[..., :nq * hd].view(rows, 1, nq, hd).transpose(1, 2)
-            k = qkv[..., nq * hd:(nq + nkv) * hd].view(rows, 1, nkv, hd).transpose(1, 2)
-            v = qkv[..., (nq + nkv) * hd:].view(rows, 1, nkv, hd).transpose(1, 2)
-            q, k = self.rope(q, k, cos, sin)
-            self.keys[i][:, :, t:t + 1] = k
-            self.values[i][:, :, t:t + 1] = v
+        gqa = {"enable_gqa": True} if self.gqa and _NATIVE_GQA else {}
+        for i, (w_in, eps_in, w_qkv, b_qkv, w_o, b_o, w_post, eps_post, w_gu, b_gu, w_down, b_down) in \
+                enumerate(self.plan):
+            qkv = F.linear(_rms(x, w_in, eps_in), w_qkv, b_qkv).view(rows, nq + 2 * nkv, hd)
+            qk = qkv[:, :nq + nkv, None]  # (R, nq + nkv, 1, hd): one rope for queries and keys
+            qk = qk * cos + self.rotate_half(qk) * sin
+            self.keys[i][:, :, t] = qk[:, nq:, 0]
+            self.values[i][:, :, t] = qkv[:, nq + nkv:]
             keys, values = self.keys[i][:, :, :t + 1], self.values[i][:, :, :t + 1]
             if self.gqa and not _NATIVE_GQA:
                 keys = keys.repeat_interleave(nq // nkv, 1)
                 values = values.repeat_interleave(nq // nkv, 1)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
-                                                 **({"enable_gqa": True} if self.gqa and _NATIVE_GQA else {}))
-            x = x + a.o_proj(out.transpose(1, 2).reshape(rows, 1, nq * hd))
-            h = _rms(x, layer.post_attention_layernorm.weight, self.norm_eps[i][1])
-            gate, up = F.linear(h, w_gu, b_gu).chunk(2, -1)
-            x = x + layer.mlp.down_proj(F.silu(gate) * up)
+            out = F.scaled_dot_product_attention(qk[:, :nq], keys, values, attn_mask=mask, scale=self.scaling, **gqa)
+            x = x + F.linear(out.view(rows, 1, nq * hd), w_o, b_o)
+            gate, up = F.linear(_rms(x, w_post, eps_post), w_gu, b_gu).chunk(2, -1)
+            x = x + F.linear(F.silu(gate) * up, w_down, b_down)
         self.length = t + 1
-        return self.model.get_output_embeddings()(self.decoder.norm(x)[:, 0])
+        w_norm, eps, w_head, b_head = self.final
+        return F.linear(_rms(x[:, 0], w_norm, eps), w_head, b_head)
