@@ -114,6 +114,21 @@ def test_crash_memory_hog_hang_and_bug_are_contained(monkeypatch):
         assert pool.restarts == 2 and pool.timeouts == 1 and pool.errors == 1  # crash, sleep; hog and raise are caught
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_batch_streams_past_crashes_and_hangs(monkeypatch, workers):
+    """score_batch sends shares of the batch as one message each; every verdict still has its own bound,
+    and a worker that dies or hangs mid-share is replaced and the rest of its share graded."""
+    monkeypatch.setenv("PYTHONPATH", f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    batch = ["fine", "crash", "fine", "sleep", "raise", "fine", "hog", "fine"]
+    with GradingPool("verifier_plugins:MisbehavingVerifier", workers=workers, timeout_s=2.0, memory_mb=1024) as pool:
+        started = time.monotonic()
+        reasons = [v.reason for v in pool.score_batch(batch, ["1"] * len(batch))]
+        assert time.monotonic() - started < 2.0 + 3.0  # one hang, one bound (plus worker restarts)
+        assert reasons == ["correct", "error", "correct", "timeout", "error", "correct", "error", "correct"]
+        assert pool.timeouts == 1 and pool.restarts == 2
+        assert [v.reason for v in pool.score_batch(["fine"] * 5, ["1"] * 5)] == ["correct"] * 5
+
+
 # ---------------------------------------------------------------- reward hacking
 @pytest.fixture(scope="module")
 def math_verifier():

@@ -57,12 +57,13 @@ def worker_main(fd: int, name: str, kwargs: dict, memory_mb: int) -> None:
             return
         if item is None:
             return
-        completion, gold = item
-        try:
-            verdict = verifier.score(completion, gold)
-            conn.send((float(verdict.reward), verdict.reason))
-        except BaseException:  # noqa: BLE001  (anything a verifier raises, MemoryError too, is 'error')
-            conn.send((0.0, "error"))
+        # ("many", pairs): a stream of verdicts, one message each, as soon as each is ready
+        for completion, gold in (item[1] if item[0] == "many" else [item]):
+            try:
+                verdict = verifier.score(completion, gold)
+                conn.send((float(verdict.reward), verdict.reason))
+            except BaseException:  # noqa: BLE001  (anything a verifier raises, MemoryError too, is 'error')
+                conn.send((0.0, "error"))
 
 
 class _Worker:
@@ -177,18 +178,58 @@ class GradingPool:
         finally:
             self._idle.put(worker)
 
+    def score_many(self, pairs: Sequence[tuple[str, str]], progress=None) -> list[Verdict]:
+        """Grade ``pairs`` on one worker: sent as one message, answered as a stream, each answer
+        waited for at most ``timeout_s`` (the bound per completion holds). A worker that times out
+        or dies is replaced and the rest of the pairs go to its replacement."""
+        if self._closed:
+            raise RuntimeError("this grading pool is closed")
+        out: list[Verdict] = []
+        worker = self._idle.get()
+        try:
+            while len(out) < len(pairs):
+                todo = pairs[len(out):]
+                worker.wait_ready(self.start_timeout_s)
+                try:
+                    worker.conn.send(("many", list(todo)))
+                    for _ in todo:
+                        if not worker.conn.poll(self.timeout_s):
+                            with self._lock:
+                                self.timeouts += 1
+                            out.append(Verdict(0.0, "timeout"))
+                            worker = self._replace(worker)
+                            break
+                        reward, reason = worker.conn.recv()
+                        out.append(Verdict(reward, reason))
+                        if progress is not None:
+                            progress.update(1)
+                except (EOFError, OSError, BrokenPipeError):  # the worker died (memory limit, crash)
+                    with self._lock:
+                        self.errors += 1
+                    out.append(Verdict(0.0, "error"))
+                    worker = self._replace(worker)
+            return out
+        finally:
+            self._idle.put(worker)
+
     def score_batch(self, completions: Sequence[str], golds: Sequence[str], progress: bool = False,
                     desc: str = "grading") -> list[Verdict]:
-        """Grade many pairs in parallel over the workers; the order of the result is the input's."""
+        """Grade many pairs in parallel over the workers (one contiguous share each, streamed: see
+        :meth:`score_many`); the order of the result is the input's."""
         if len(completions) != len(golds):
             raise ValueError(f"{len(completions)} completions for {len(golds)} golds")
         if not completions:
             return []
         from tqdm.auto import tqdm
 
-        with ThreadPoolExecutor(max_workers=self.workers) as threads:
-            results = threads.map(self.score, completions, golds)
-            return list(tqdm(results, total=len(completions), desc=desc, disable=not progress, leave=False))
+        pairs = list(zip(completions, golds))
+        chunk = -(-len(pairs) // (4 * self.workers))  # a few shares per worker: slow items do not idle the others
+        shares = [pairs[i:i + chunk] for i in range(0, len(pairs), chunk)]
+        with tqdm(total=len(pairs), desc=desc, disable=not progress, leave=False) as bar:
+            if self.workers == 1:
+                return self.score_many(pairs, bar)
+            with ThreadPoolExecutor(max_workers=self.workers) as threads:
+                return [v for part in threads.map(lambda share: self.score_many(share, bar), shares) for v in part]
 
     def close(self) -> None:
         if self._closed:
