@@ -226,9 +226,11 @@ class PhaseConfig:
 
     kind: str = doc("sft", "phase kind (registered: see stagewise_pl.phases)")
     name: str = doc("", "label in logs and directories; empty = <index>-<kind>")
-    steps: int = doc(100, "optimizer steps")
+    steps: int = doc(100, "sft: optimizer steps; grpo: rollout steps that make an update (each makes "
+                          "grpo.num_iterations x grpo.minibatches optimizer steps)")
     lr: Optional[float] = doc(None, "overrides optim.lr for this phase")
-    batch_size: Optional[int] = doc(None, "overrides trainer.batch_size for this phase")
+    batch_size: Optional[int] = doc(None, "overrides trainer.batch_size (sft) or grpo.prompts_per_step (grpo) "
+                                          "for this phase")
 
 
 @dataclass

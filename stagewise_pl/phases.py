@@ -77,6 +77,8 @@ def run_grpo_phase(ctx, phase, ckpt_path: Optional[str]) -> dict:
     budget = g.max_new_tokens or (ctx.task.max_new_tokens() if cfg.data.source == "synthetic"
                                   else cfg.eval.max_new_tokens or 512)
     settings = GRPOSettings.from_config(g, budget)
+    if phase.batch_size:
+        settings.prompts_per_step = phase.batch_size
     problems = grpo_problems(ctx)
     sink = getattr(ctx, "ledger", None) or (ZeroRewardLog(ctx.dir / "zero_reward.jsonl") if g.zero_reward_log
                                             else NullSink())

@@ -123,7 +123,8 @@ def test_a_batch_streams_past_crashes_and_hangs(monkeypatch, workers):
     with GradingPool("verifier_plugins:MisbehavingVerifier", workers=workers, timeout_s=2.0, memory_mb=1024) as pool:
         started = time.monotonic()
         reasons = [v.reason for v in pool.score_batch(batch, ["1"] * len(batch))]
-        assert time.monotonic() - started < 2.0 + 3.0  # one hang, one bound (plus worker restarts)
+        # the hang sleeps 60 s: it costs one bound of 2 s (plus starting replacement workers), not 60
+        assert time.monotonic() - started < 12.0
         assert reasons == ["correct", "error", "correct", "timeout", "error", "correct", "error", "correct"]
         assert pool.timeouts == 1 and pool.restarts == 2
         assert [v.reason for v in pool.score_batch(["fine"] * 5, ["1"] * 5)] == ["correct"] * 5
