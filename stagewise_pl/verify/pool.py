@@ -36,7 +36,8 @@ from stagewise_pl.verify.base import Verdict, get_verifier
 _SOURCE_ROOT = str(Path(__file__).resolve().parents[2])
 
 def worker_main(fd: int, name: str, kwargs: dict, memory_mb: int) -> None:
-    """Worker loop: build the verifier once, then answer (completion, gold) with (reward, reason)."""
+    """Worker loop: build the verifier once, then answer each list of (completion, gold) pairs with one
+    (reward, reason) message per pair."""
     conn = Connection(fd)
     if memory_mb > 0:
         import resource
@@ -57,8 +58,8 @@ def worker_main(fd: int, name: str, kwargs: dict, memory_mb: int) -> None:
             return
         if item is None:
             return
-        # ("many", pairs): a stream of verdicts, one message each, as soon as each is ready
-        for completion, gold in (item[1] if item[0] == "many" else [item]):
+        # a list of (completion, gold) pairs: a stream of verdicts, one message each, as soon as each is ready
+        for completion, gold in item:
             try:
                 verdict = verifier.score(completion, gold)
                 conn.send((float(verdict.reward), verdict.reason))
@@ -157,26 +158,7 @@ class GradingPool:
         return replacement if replacement is not None else self._spawn()
 
     def score(self, completion: str, gold: str) -> Verdict:
-        if self._closed:
-            raise RuntimeError("this grading pool is closed")
-        worker = self._idle.get()
-        try:
-            worker.wait_ready(self.start_timeout_s)
-            worker.conn.send((completion, gold))
-            if worker.conn.poll(self.timeout_s):
-                reward, reason = worker.conn.recv()
-                return Verdict(reward, reason)
-            with self._lock:
-                self.timeouts += 1
-            worker = self._replace(worker)
-            return Verdict(0.0, "timeout")
-        except (EOFError, OSError, BrokenPipeError):  # the worker died (memory limit, crash)
-            with self._lock:
-                self.errors += 1
-            worker = self._replace(worker)
-            return Verdict(0.0, "error")
-        finally:
-            self._idle.put(worker)
+        return self.score_many([(completion, gold)])[0]
 
     def score_many(self, pairs: Sequence[tuple[str, str]], progress=None) -> list[Verdict]:
         """Grade ``pairs`` on one worker: sent as one message, answered as a stream, each answer
@@ -191,7 +173,7 @@ class GradingPool:
                 todo = pairs[len(out):]
                 worker.wait_ready(self.start_timeout_s)
                 try:
-                    worker.conn.send(("many", list(todo)))
+                    worker.conn.send(list(todo))
                     for _ in todo:
                         if not worker.conn.poll(self.timeout_s):
                             with self._lock:
