@@ -42,7 +42,6 @@ the machine's slow drift in speed); lower is better, the goal is at most 0.5. It
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import statistics
@@ -51,7 +50,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import report, run_child
+from benchlib import bench_parser, interleave, report, run_child
 
 PROMPTS_PER_STEP, GENERATIONS, MAX_NEW, LR, THREADS, LEVELS = 4, 8, 32, 5e-5, 2, ("4", "5")
 # ours: equal work (every group trained, as TRL); ours-drop-flat: our default (groups with no signal left out);
@@ -269,27 +268,18 @@ def measure(variant: str, directory: Path, steps: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
+    parser = bench_parser(__doc__, steps=10)
     parser.add_argument("--only", choices=VARIANTS, help="run one variant only (no goal_ratio)")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.dir, args.steps)
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the first step is excluded from the timing)")
     variants = [args.only] if args.only else list(VARIANTS)
-    runs: dict[str, list[dict]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         prepare(directory, args.steps)
-        for r in range(args.repeats):
-            for v in variants:
-                runs[v].append(measure(v, directory, args.steps))
-                print(f"repeat {r + 1}/{args.repeats} {v}: {runs[v][-1]}", file=sys.stderr)
+        runs = interleave(variants, args.repeats, lambda v: measure(v, directory, args.steps))
     table = {}
     for v, results in runs.items():
         table[v] = {k: statistics.median(x[k] for x in results) for k in (*OURS_KEYS, "peak_rss_mb")}

@@ -17,15 +17,13 @@ TRL's, both padding each batch (lower is better; the goal, 1.5x TRL's tokens/s, 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchlib import report, run_child
+from benchlib import bench_parser, interleave, report, run_child
 
 BATCH, LENGTH, THREADS = 16, 64, 2
 
@@ -156,24 +154,15 @@ def measure(variant: str, directory: Path, steps: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--json", type=Path, help="also write the figures here")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
+    parser = bench_parser(__doc__, steps=50)
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.dir, args.steps)
     variants = ["ours-packed", "ours-padded", "trl"]
-    runs: dict[str, list[dict]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         prepare(directory)
-        for r in range(args.repeats):
-            for v in variants:
-                runs[v].append(measure(v, directory, args.steps))
-                print(f"repeat {r + 1}/{args.repeats} {v}: {runs[v][-1]}", file=sys.stderr)
+        runs = interleave(variants, args.repeats, lambda v: measure(v, directory, args.steps))
     table = {}
     for v, results in runs.items():
         tps = [x["real_tokens"] / x["seconds"] for x in results]

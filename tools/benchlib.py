@@ -1,11 +1,14 @@
 """What the bench scripts share: a measurement in a fresh process, reported back as one JSON line."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
 import subprocess
 import sys
+from pathlib import Path
+from typing import Callable
 
 MARK = "RESULT "
 
@@ -24,3 +27,25 @@ def run_child(script: str, args: list[str], env: dict | None = None, python: str
     if out.returncode or not lines:
         raise RuntimeError(f"{script} {' '.join(args)} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(lines[-1][len(MARK):])
+
+
+def bench_parser(doc: str, steps: int, repeats: int = 3) -> argparse.ArgumentParser:
+    """The options every step bench takes: --repeats, --steps, --json, and the hidden child mode."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
+    return parser
+
+
+def interleave(variants: list[str], repeats: int, measure: Callable[[str], dict]) -> dict[str, list[dict]]:
+    """Each repeat measures every variant once, in order (a, b, a, b, ...), so slow drift in the machine's
+    speed spreads over all of them; progress goes to stderr."""
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for r in range(repeats):
+        for v in variants:
+            runs[v].append(measure(v))
+            print(f"repeat {r + 1}/{repeats} {v}: {runs[v][-1]}", file=sys.stderr)
+    return runs
