@@ -80,8 +80,9 @@ def run_grpo_phase(ctx, phase, ckpt_path: Optional[str]) -> dict:
     if phase.batch_size:
         settings.prompts_per_step = phase.batch_size
     problems = grpo_problems(ctx)
-    sink = getattr(ctx, "ledger", None) or (ZeroRewardLog(ctx.dir / "zero_reward.jsonl") if g.zero_reward_log
-                                            else NullSink())
+    sink = getattr(ctx, "ledger", None)  # the difficulty ledger when the run has one (an empty one is falsy)
+    if sink is None:
+        sink = ZeroRewardLog(ctx.dir / "zero_reward.jsonl") if g.zero_reward_log else NullSink()
     per_step = settings.updates_per_step
     checkpoint = ModelCheckpoint(dirpath=ctx.checkpoint_dir(phase), filename="step-{step}",
                                  every_n_train_steps=cfg.trainer.checkpoint_every_n_steps * per_step, save_top_k=-1,
@@ -93,7 +94,7 @@ def run_grpo_phase(ctx, phase, ckpt_path: Optional[str]) -> dict:
                         total_steps=phase.steps, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas),
                         warmup_steps=min(cfg.optim.warmup_steps, phase.steps // 5), min_lr_ratio=cfg.optim.min_lr_ratio,
                         grad_clip=cfg.optim.grad_clip, seed=cfg.run.seed + 1000 * phase.index, sink=sink,
-                        phase_name=phase.name, kernel_backend=cfg.trainer.kernel)
+                        phase_name=phase.name, kernel_backend=cfg.trainer.kernel, phase_index=phase.index)
     started = time.time()
     fit_grpo(trainer, module, max_rollout_steps=phase.steps * g.max_rollout_factor, ckpt_path=ckpt_path)
     save_final_checkpoint(trainer, ctx.checkpoint_dir(phase))

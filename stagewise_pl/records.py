@@ -33,6 +33,8 @@ class RolloutRecord:
     zero_group: bool  # every sample of this problem's group got reward 0 in this step
     completion: Optional[str] = None  # the text, kept for failures (reward 0)
     round: int = 0  # generation round within the step (dynamic sampling adds rounds)
+    phase_index: int = 0  # the phase's place in the plan (1-based)
+    global_step: int = 0  # optimizer steps of the phase's trainer when the rollout was graded
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -77,6 +77,7 @@ class Run:
         self.phases = plan_phases(cfg)
         self.dir = self._locate_dir()
         self.callbacks: list = []
+        self.ledger = None  # a DifficultyLedger, when the run keeps one (GRPO then records every rollout there)
         self.policy = self.tokenizer = self.logger = self.task = self.verifier = None
         self.pool: list = []
         self._eval_cache: Optional[list] = None

@@ -133,8 +133,7 @@ def test_on_policy_means_ratio_one():
 @pytest.fixture(scope="session")
 def base_overrides():
     """The real tiny base model (warm-up as in the default run; cached like the default run's)."""
-    return ["run.progress_bar=false", "eval.k=0", "trainer.log_every_n_steps=1", "eval.before=false",
-            "task.test_per_level=20"]
+    return ["run.progress_bar=false", "eval.k=0", "trainer.log_every_n_steps=1", "eval.before=false"]
 
 
 def grpo_overrides(base_overrides, run_dir, steps=6, extra=()):

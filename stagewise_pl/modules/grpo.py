@@ -132,15 +132,15 @@ class GRPOModule(L.LightningModule):
                  lr: float, total_steps: int, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.98),
                  warmup_steps: int = 0, min_lr_ratio: float = 1.0, grad_clip: float = 1.0, seed: int = 0,
                  sink: Optional[RolloutSink] = None, phase_name: str = "grpo", kernel_backend: str = "auto",
-                 shared_prefix: bool = True):
+                 shared_prefix: bool = True, phase_index: int = 0):
         super().__init__()
         self.policy, self.tokenizer, self.engine, self.verifier = policy, tokenizer, engine, verifier
         self.problems, self.s = list(problems), settings
         self.lr, self.total_steps, self.weight_decay, self.betas = lr, total_steps, weight_decay, tuple(betas)
         self.warmup_steps, self.min_lr_ratio, self.grad_clip = warmup_steps, min_lr_ratio, grad_clip
-        self.seed, self.sink, self.phase_name = seed, sink or NullSink(), phase_name
+        self.seed, self.sink, self.phase_name = seed, sink if sink is not None else NullSink(), phase_name
         self.kernel_backend = kernel_backend
-        self.shared_prefix = shared_prefix
+        self.shared_prefix, self.phase_index = shared_prefix, phase_index
         self.log_prefix = f"{phase_name}/"
         self.automatic_optimization = False
         self.rollout_steps = 0  # rollout steps done (the loader's position)
@@ -222,7 +222,8 @@ class GRPOModule(L.LightningModule):
                 reward = float(groups.rewards[i, j])
                 out.append(RolloutRecord(self.phase_name, "grpo", self.rollout_steps, problem.id, j, reward,
                                          groups.reasons[r], len(groups.completion_ids[r]), groups.truncated[r], zero,
-                                         groups.texts[r] if reward <= 0 else None, groups.rounds[i]))
+                                         groups.texts[r] if reward <= 0 else None, groups.rounds[i],
+                                         self.phase_index, self.global_step))
         return out
 
     # ------------------------------------------------------------------ tensors
