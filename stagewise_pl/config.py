@@ -172,6 +172,18 @@ class VerifierConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """Profile phases (kind profile): each problem's pass rate under the current policy, into the ledger."""
+
+    k: int = doc(8, "samples per problem")
+    temperature: float = doc(1.0, "sampling temperature")
+    max_new_tokens: int = doc(0, "generation budget; 0 = derived from the task")
+    levels: list[str] = doc(help="profile pool problems of these levels; [] = the whole pool", factory=list)
+    limit: int = doc(0, "profile at most N problems (a seeded draw); 0 = all")
+    chunk: int = doc(256, "problems per generation call (each call's records are one ledger part)")
+
+
+@dataclass
 class GRPOConfig:
     """The RL phase (kind grpo): sampling, advantages, the clipped surrogate and its updates."""
 
@@ -227,7 +239,7 @@ class PhaseConfig:
     kind: str = doc("sft", "phase kind (registered: see stagewise_pl.phases)")
     name: str = doc("", "label in logs and directories; empty = <index>-<kind>")
     steps: int = doc(100, "sft: optimizer steps; grpo: rollout steps that make an update (each makes "
-                          "grpo.num_iterations x grpo.minibatches optimizer steps)")
+                          "grpo.num_iterations x grpo.minibatches optimizer steps); profile: unused")
     lr: Optional[float] = doc(None, "overrides optim.lr for this phase")
     batch_size: Optional[int] = doc(None, "overrides trainer.batch_size (sft) or grpo.prompts_per_step (grpo) "
                                           "for this phase")
@@ -244,12 +256,14 @@ class Config:
     rollout: RolloutConfig = doc(help="sampling engine", factory=RolloutConfig)
     verifier: VerifierConfig = doc(help="grading of completions", factory=VerifierConfig)
     eval: EvalConfig = doc(help="evaluation", factory=EvalConfig)
+    profile: ProfileConfig = doc(help="profile phases (kind profile)", factory=ProfileConfig)
     grpo: GRPOConfig = doc(help="RL phases (kind grpo)", factory=GRPOConfig)
     phases: list[PhaseConfig] = doc(help="the plan: phases run in order", factory=lambda: [PhaseConfig()])
     conf_name: str = doc("default", "name of the conf file this config came from (set by the loader)")
 
 
-GROUPS = ["run", "model", "task", "data", "optim", "trainer", "rollout", "verifier", "eval", "grpo", "phases"]
+GROUPS = ["run", "model", "task", "data", "optim", "trainer", "rollout", "verifier", "eval", "profile", "grpo",
+          "phases"]
 _CHOICES = {
     "run.logger": {"csv", "tensorboard", "wandb"},
     "model.dtype": {"float32", "bfloat16", "float16"},
@@ -268,11 +282,12 @@ _POSITIVE = ["rollout.tensor_parallel_size", "rollout.max_model_len", "rollout.k
              "task.train_per_level", "task.test_per_level", "model.warmup.batch_size",
              "model.tiny.hidden_size", "model.tiny.num_layers", "model.tiny.vocab_size",
              "grpo.prompts_per_step", "grpo.num_generations", "grpo.num_iterations", "grpo.minibatches",
-             "grpo.max_rollout_factor"]
+             "grpo.max_rollout_factor", "profile.k", "profile.chunk"]
 _NON_NEGATIVE = ["verifier.memory_mb", "optim.lr", "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip", "eval.k",
                  "eval.limit", "eval.max_new_tokens", "data.limit", "model.warmup.steps", "run.threads",
                  "grpo.max_new_tokens", "grpo.beta", "grpo.entropy_coef", "grpo.micro_batch_size",
-                 "grpo.max_extra_rounds", "grpo.epsilon_low", "grpo.epsilon_high"]
+                 "grpo.max_extra_rounds", "grpo.epsilon_low", "grpo.epsilon_high",
+                 "profile.max_new_tokens", "profile.limit"]
 
 
 def _get(cfg: Any, key: str) -> Any:
@@ -309,6 +324,8 @@ def _problems(cfg: Config) -> list[tuple[str, str]]:
         bad.append(("model.warmup.level_weights", "needs a positive weight"))
     if cfg.eval.temperature <= 0 and cfg.eval.k > 0:
         bad.append(("eval.temperature", "must be > 0 when eval.k > 0"))
+    if cfg.profile.temperature <= 0:
+        bad.append(("profile.temperature", f"must be > 0 (a pass rate needs samples), got {cfg.profile.temperature}"))
     g = cfg.grpo
     if g.temperature <= 0:
         bad.append(("grpo.temperature", f"must be > 0 (GRPO samples), got {g.temperature}"))

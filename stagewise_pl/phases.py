@@ -115,3 +115,68 @@ def run_grpo_phase(ctx, phase, ckpt_path: Optional[str]) -> dict:
             "seconds_generation": round(sum(r["s_generation"] for r in h), 1),
             "seconds_grading": round(sum(r["s_grading"] for r in h), 1),
             "seconds_training": round(sum(r["s_training"] for r in h), 1)}
+
+
+def run_ledger(ctx):
+    """The run's difficulty ledger, opened on first use under <run>/ledger (kept on ``ctx.ledger``)."""
+    if getattr(ctx, "ledger", None) is None:
+        from stagewise_pl.ledger import DifficultyLedger
+
+        ctx.ledger = DifficultyLedger(ctx.dir / "ledger", run_id=ctx.dir.name)
+    return ctx.ledger
+
+
+@PHASES.register("profile")
+def run_profile_phase(ctx, phase, ckpt_path: Optional[str]) -> dict:
+    """k samples per problem under the current policy, graded and recorded in the ledger; no training.
+
+    Each chunk of problems is one generation call and one ledger part. A profile cut short by a crash
+    is redone from its start on resume (its partial records are dropped first): sampling is seeded
+    per chunk, so the redone profile equals an uninterrupted one.
+    """
+    import numpy as np
+
+    from stagewise_pl.config import ConfigError
+    from stagewise_pl.eval.evaluate import BUCKETS
+    from stagewise_pl.models.load import render_prompts
+    from stagewise_pl.records import RolloutRecord
+    from stagewise_pl.rollout.base import SamplingParams
+    from stagewise_pl.verify.gold import gradable
+
+    cfg, pc = ctx.cfg, ctx.cfg.profile
+    levels = [str(level) for level in pc.levels]
+    problems = [p for p in gradable(ctx.pool) if not levels or str(p.level) in levels]
+    if pc.limit and pc.limit < len(problems):
+        keep = np.random.default_rng([cfg.run.seed, phase.index]).choice(len(problems), pc.limit, replace=False)
+        problems = [problems[i] for i in sorted(keep)]
+    if not problems:
+        raise ConfigError(f"profile.levels={levels}: no gradable problem of the training pool is at these levels")
+    budget = pc.max_new_tokens or (ctx.task.max_new_tokens() if cfg.data.source == "synthetic"
+                                   else cfg.eval.max_new_tokens or 512)
+    ledger = run_ledger(ctx)
+    ledger.rewind(phase.name, 0)
+    engine = ctx.engine()
+    started, rates = time.time(), {}
+    for c, start in enumerate(range(0, len(problems), pc.chunk)):
+        chunk = problems[start:start + pc.chunk]
+        sampling = SamplingParams(n=pc.k, temperature=pc.temperature, max_new_tokens=budget,
+                                  seed=int(np.random.default_rng([cfg.run.seed, phase.index, c]).integers(2**31 - 1)))
+        batch = engine.generate(render_prompts(ctx.tokenizer, [p.prompt for p in chunk]), sampling,
+                                desc=f"profile {start + len(chunk)}/{len(problems)}")
+        verdicts = ctx.verifier.score_batch(batch.texts, [p.answer for p in chunk for _ in range(pc.k)])
+        records = []
+        for i, problem in enumerate(chunk):
+            rows = range(i * pc.k, (i + 1) * pc.k)
+            zero = all(verdicts[r].reward <= 0 for r in rows)
+            rates[problem.id] = sum(verdicts[r].reason == "correct" for r in rows) / pc.k
+            for j, r in enumerate(rows):
+                reward = float(verdicts[r].reward)
+                records.append(RolloutRecord(phase.name, "profile", c, problem.id, j, reward, verdicts[r].reason,
+                                             len(batch.completion_ids[r]), batch.finish_reasons[r] == "length", zero,
+                                             batch.texts[r] if reward <= 0 else None, 0, phase.index, 0))
+        ledger.record(records)
+    buckets = {name: sum(1 for p in rates.values() if rule(p)) for name, rule in BUCKETS.items()}
+    ctx.log(f"phase {phase.name}: {len(problems)} problems x {pc.k} samples; easy (p=1) {buckets['easy']}, "
+            f"medium {buckets['medium']}, hard (p=0) {buckets['hard']}")
+    return {"kind": "profile", "steps": 0, "problems": len(problems), "k": pc.k, **buckets,
+            "mean_pass_rate": round(sum(rates.values()) / len(rates), 4), "seconds": round(time.time() - started, 1)}

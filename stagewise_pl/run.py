@@ -155,6 +155,10 @@ class Run:
             path = str(self.dir / "export" / done[-1].name)
             self.log(f"resume: phases {', '.join(p.name for p in done)} are complete; loading {path}")
         self.policy, self.tokenizer = load_policy(path, cfg.model.dtype, cfg.model.attn_implementation)
+        if self.ledger is None and (self.dir / "ledger").is_dir():  # resumed: keep recording where it was
+            from stagewise_pl.ledger import DifficultyLedger
+
+            self.ledger = DifficultyLedger(self.dir / "ledger", run_id=self.dir.name)
 
     def _keep_previous_csv(self) -> None:
         """Lightning's CSV logger deletes an existing metrics.csv: keep an earlier launch's under another name."""

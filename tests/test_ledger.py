@@ -107,3 +107,56 @@ def test_a_resumed_grpo_phase_leaves_the_ledger_as_an_uninterrupted_one(tmp_path
     a = DifficultyLedger(tmp_path / "straight" / "ledger", "same").table()
     b = DifficultyLedger(tmp_path / "crashed" / "ledger", "same").table()
     assert a.num_rows == 5 * 16 and a.equals(b)
+
+
+def profile_run(run_dir, *extra):
+    cfg = load_config("default", ["run.progress_bar=false", "eval.k=0", "eval.before=false", f"run.dir={run_dir}",
+                                  "phases=[{kind: profile, steps: 1}]", "profile.limit=40", "profile.k=4",
+                                  "profile.chunk=16", *extra])
+    return Run(cfg, log=lambda *_: None)
+
+
+def test_profile_phase_records_k_samples_per_problem(tmp_path):
+    profile_run(tmp_path / "p").execute()
+    summary = json.loads((tmp_path / "p" / "state.json").read_text())["completed"]["1-profile"]
+    ledger = DifficultyLedger(tmp_path / "p" / "ledger", run_id="p")
+    rates = ledger.pass_rates("1-profile")
+    assert len(rates) == 40 and len(ledger) == 160 and len(ledger.parts()) == 3  # 16 + 16 + 8 problems
+    assert summary["easy"] + summary["medium"] + summary["hard"] == 40
+    assert summary["hard"] == len(ledger.never_solved("1-profile"))
+    assert summary["easy"] == sum(rate == 1.0 for rate in rates.values())
+    assert 0 < summary["mean_pass_rate"] < 1  # the pool mixes solved and unsolved problems
+
+
+def test_a_profile_cut_short_is_redone_to_the_same_ledger(tmp_path):
+    profile_run(tmp_path / "straight").execute()
+    run = profile_run(tmp_path / "cut")
+    calls = {"n": 0}
+
+    class Dies:
+        def __init__(self, pool):
+            self.pool = pool
+
+        def score_batch(self, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2:  # the first chunk is graded and recorded, the second dies
+                raise RuntimeError("killed while grading")
+            return self.pool.score_batch(*args, **kwargs)
+
+        def close(self):
+            self.pool.close()
+
+    original_setup = run.setup
+
+    def setup():
+        original_setup()
+        run.verifier = Dies(run.verifier)
+
+    run.setup = setup
+    with pytest.raises(RuntimeError, match="killed while grading"):
+        run.execute()
+    assert len(DifficultyLedger(tmp_path / "cut" / "ledger", "x").parts()) == 1
+    profile_run(tmp_path / "cut", "run.resume=last").execute()
+    a = DifficultyLedger(tmp_path / "straight" / "ledger", "x").table().drop(["run_id"])
+    b = DifficultyLedger(tmp_path / "cut" / "ledger", "x").table().drop(["run_id"])
+    assert a.num_rows == 160 and a.equals(b)
