@@ -287,3 +287,34 @@ def test_shared_prefix_forward_gives_the_same_hidden_states_and_gradients(tiny, 
     assert torch.allclose(h1, h2, atol=1e-5)
     for a, b in zip(g1, g2):
         assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())
+
+
+def test_an_engine_with_its_own_weights_gets_every_update_and_the_resumed_checkpoint(tmp_path, base_overrides,
+                                                                                      monkeypatch):
+    """An engine that keeps a copy of the weights (vLLM) is pushed the policy before each rollout step that
+    follows an update, and at the first step after a resume (the checkpoint's weights are newer than the
+    copy the run handed out); never twice for the same weights."""
+    from stagewise_pl.rollout.hf import HFEngine
+
+    pushes = []
+
+    class CopyingEngine(HFEngine):
+        def sync_weights(self, model):
+            pushes.append(float(sum(p.double().sum() for p in model.parameters())))
+
+    def engine(self):
+        return CopyingEngine(self.policy, self.tokenizer)
+
+    monkeypatch.setattr(Run, "engine", engine)
+    extra = ["grpo.drop_flat_groups=false"]
+    run = Run(load_config("default", grpo_overrides(base_overrides, tmp_path / "r", steps=5, extra=extra)),
+              log=lambda *_: None)
+    run.callbacks.append(CrashAt(3))
+    with pytest.raises(RuntimeError, match="injected crash"):
+        run.execute()
+    assert len(pushes) == 2 and pushes[0] != pushes[1]  # before rollout steps 1 and 2 (after updates 1 and 2)
+    pushes.clear()
+    Run(load_config("default", grpo_overrides(base_overrides, tmp_path / "r", steps=5, extra=extra + ["run.resume=last"])),
+        log=lambda *_: None).execute()
+    # resumed at rollout step 2 (checkpoint at 2): pushed before steps 2, 3 and 4
+    assert len(pushes) == 3 and len(set(pushes)) == 3

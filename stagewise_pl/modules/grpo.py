@@ -146,6 +146,9 @@ class GRPOModule(L.LightningModule):
         self.rollout_steps = 0  # rollout steps done (the loader's position)
         self.update_steps = 0  # rollout steps that made an update
         self.history: list[dict] = []  # per rollout step metrics, for callers and tests
+        # updates made / the update the rollout engine's weights are from (the phase starts in sync: the run
+        # pushes the policy when it hands out the engine)
+        self._weights_version = self._engine_version = 0
         self._frozen: dict = {}  # the KL reference: a plain dict, so it is no submodule (not trained, not saved twice)
         self._prompt_cache: dict[str, str] = {}
 
@@ -162,6 +165,8 @@ class GRPOModule(L.LightningModule):
     def on_train_start(self) -> None:
         # records written after the checkpoint we resumed from are about to be made again
         self.sink.rewind(self.phase_name, self.rollout_steps)
+        if self.rollout_steps:  # resumed: the checkpoint's weights came after the engine got its copy
+            self._engine_version = -1
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["grpo"] = {"rollout_steps": self.rollout_steps, "update_steps": self.update_steps}
@@ -188,8 +193,9 @@ class GRPOModule(L.LightningModule):
         seed = int(np.random.default_rng([self.seed, self.rollout_steps, round_]).integers(2**31 - 1))
         sampling = SamplingParams(n=s.num_generations, temperature=s.temperature, top_p=s.top_p,
                                   max_new_tokens=s.max_new_tokens, seed=seed)
-        if hasattr(self.engine, "sync_weights"):
-            self.engine.sync_weights(self.policy)
+        if hasattr(self.engine, "sync_weights") and self._engine_version != self._weights_version:
+            self.engine.sync_weights(self.policy)  # an engine with its own copy samples from the updated policy
+            self._engine_version = self._weights_version
         t0 = time.perf_counter()
         batch = self.engine.generate([self._prompt(p) for p in problems], sampling, desc="grpo rollouts")
         t1 = time.perf_counter()
@@ -439,6 +445,7 @@ class GRPOModule(L.LightningModule):
                 if self.grad_clip:
                     self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
                 optimizer.step()
+                self._weights_version += 1
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 count += 1

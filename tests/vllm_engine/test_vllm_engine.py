@@ -86,3 +86,35 @@ def test_a_run_evaluates_through_vllm(tmp_path, fast_overrides, capsys):
     assert out.count("rollout engine: weights pushed") == 2  # before, and after the SFT phase
     results = json.loads((run_dir / "eval" / "1-sft.json").read_text())
     assert results["synthetic-test"]["by_level"]["all"]["n"] > 0
+
+
+def test_a_grpo_phase_samples_through_vllm_with_the_updated_weights(tmp_path, fast_overrides, capsys):
+    """GRPO with rollout.engine=vllm: the policy's weights are pushed before every rollout step, so each
+    step samples from the policy the previous update made (the canary checks the last push)."""
+    import json
+
+    from stagewise_pl.fit import main
+    from stagewise_pl.rollout.vllm_engine import VLLMEngine as Engine
+
+    pushes = []
+    original = Engine.sync_weights
+
+    def counting(self, model, *args, **kwargs):
+        pushes.append(1)
+        return original(self, model, *args, **kwargs)
+
+    Engine.sync_weights = counting
+    try:
+        run_dir = tmp_path / "grpo"
+        assert main(fast_overrides + [f"run.dir={run_dir}", "rollout.engine=vllm", "rollout.max_model_len=256",
+                                      "eval.k=0", "eval.before=false", "phases=[{kind: grpo, steps: 3, lr: 1e-3}]",
+                                      "grpo.prompts_per_step=4", "grpo.num_generations=4", "grpo.levels=[1,2]",
+                                      "grpo.drop_flat_groups=false"]) == 0
+    finally:
+        Engine.sync_weights = original
+    summary = json.loads((run_dir / "state.json").read_text())["completed"]["1-grpo"]
+    assert summary["rollout_steps"] == 3 and summary["optimizer_steps"] == 3
+    # one push as the phase takes the engine (with the canary), one before each later rollout step (after
+    # an update), one for the evaluation after the phase (with the canary): never a push of unchanged weights
+    assert len(pushes) == 1 + (summary["rollout_steps"] - 1) + 1
+    assert "rollout engine: weights pushed" in capsys.readouterr().out
