@@ -43,7 +43,7 @@ from stagewise_pl.data.sft import additive_mask
 from stagewise_pl.kernels import fused_policy_loss, logprobs
 from stagewise_pl.losses import PolicyLossConfig, aggregation_weights, entropy_weights
 from stagewise_pl.models.load import render_prompts
-from stagewise_pl.modules.sft import cosine_with_warmup
+from stagewise_pl.modules.sft import adamw_with_schedule
 from stagewise_pl.records import NullSink, RolloutRecord, RolloutSink
 from stagewise_pl.rollout.base import SamplingParams
 
@@ -458,14 +458,6 @@ class GRPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self):
-        decay = [p for p in self.policy.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in self.policy.parameters() if p.requires_grad and p.ndim < 2]
-        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in self.policy.parameters())
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=self.betas,
-                                      fused=fused)
-        total = self.total_steps * self.s.updates_per_step
-        warmup = self.warmup_steps * self.s.updates_per_step
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: cosine_with_warmup(
-            k, warmup, total, self.min_lr_ratio))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        per_step = self.s.updates_per_step  # the schedule counts optimizer steps
+        return adamw_with_schedule(self.policy, self.lr, self.betas, self.weight_decay, self.warmup_steps * per_step,
+                                   self.total_steps * per_step, self.min_lr_ratio)

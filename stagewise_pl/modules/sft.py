@@ -64,16 +64,20 @@ class SFTModule(L.LightningModule):
         self.log(f"{self.log_prefix}train/tokens", tokens.float(), reduce_fx="sum", batch_size=rows)
         return loss
 
-    def _fused_ok(self) -> bool:
-        """torch's fused AdamW (one kernel for all parameters) where it exists: CPU and CUDA floating tensors."""
-        return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in self.policy.parameters())
-
     def configure_optimizers(self):
-        decay = [p for n, p in self.policy.named_parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for n, p in self.policy.named_parameters() if p.requires_grad and p.ndim < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=self.betas,
-                                      fused=self._fused_ok())
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(
-            s, self.warmup_steps, self.total_steps, self.min_lr_ratio))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return adamw_with_schedule(self.policy, self.lr, self.betas, self.weight_decay, self.warmup_steps,
+                                   self.total_steps, self.min_lr_ratio)
+
+
+def adamw_with_schedule(policy: torch.nn.Module, lr: float, betas, weight_decay: float, warmup_steps: int,
+                        total_steps: int, min_lr_ratio: float) -> dict:
+    """AdamW (no decay on norms and biases; torch's fused kernel where it exists: CPU and CUDA floating
+    tensors) with :func:`cosine_with_warmup` stepped per optimizer step, as Lightning wants it."""
+    decay = [p for p in policy.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in policy.parameters() if p.requires_grad and p.ndim < 2]
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in policy.parameters())
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(betas), fused=fused)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(
+        s, warmup_steps, total_steps, min_lr_ratio))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
