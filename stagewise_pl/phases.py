@@ -46,16 +46,22 @@ def run_sft_phase(ctx, phase, ckpt_path: Optional[str]) -> dict:
             "target": cfg.data.target}
 
 
-def grpo_problems(ctx) -> list:
-    """The RL set when no stage manager chooses it: the gradable pool problems of ``grpo.levels``."""
+def pool_at_levels(ctx, levels, key: str) -> list:
+    """The gradable pool problems at ``levels`` ([] = all); ``key`` names the setting in errors."""
     from stagewise_pl.config import ConfigError
     from stagewise_pl.verify.gold import gradable
 
-    levels = [str(level) for level in ctx.cfg.grpo.levels]
+    levels = [str(level) for level in levels]
     problems = [p for p in gradable(ctx.pool) if not levels or str(p.level) in levels]
     if not problems:
-        raise ConfigError(f"grpo.levels={levels}: no gradable problem of the training pool is at these levels")
+        raise ConfigError(f"{key}={levels}: no gradable problem of the training pool is at these levels")
     return problems
+
+
+def generation_budget(ctx, override: int) -> int:
+    """New tokens per completion: ``override``, else the task's budget (synthetic), else the eval budget."""
+    cfg = ctx.cfg
+    return override or (ctx.task.max_new_tokens() if cfg.data.source == "synthetic" else cfg.eval.max_new_tokens or 512)
 
 
 @PHASES.register("grpo")
@@ -74,12 +80,10 @@ def run_grpo_phase(ctx, phase, ckpt_path: Optional[str]) -> dict:
         ADVANTAGES.get(g.advantage)
     except (KeyError, ImportError) as exc:
         raise ConfigError(f"grpo.advantage: {exc.args[0] if exc.args else exc}") from None
-    budget = g.max_new_tokens or (ctx.task.max_new_tokens() if cfg.data.source == "synthetic"
-                                  else cfg.eval.max_new_tokens or 512)
-    settings = GRPOSettings.from_config(g, budget)
+    settings = GRPOSettings.from_config(g, generation_budget(ctx, g.max_new_tokens))
     if phase.batch_size:
         settings.prompts_per_step = phase.batch_size
-    problems = grpo_problems(ctx)
+    problems = pool_at_levels(ctx, g.levels, "grpo.levels")  # the stage manager will choose the RL set
     sink = getattr(ctx, "ledger", None)  # the difficulty ledger when the run has one (an empty one is falsy)
     if sink is None:
         sink = ZeroRewardLog(ctx.dir / "zero_reward.jsonl") if g.zero_reward_log else NullSink()
@@ -136,23 +140,17 @@ def run_profile_phase(ctx, phase, ckpt_path: Optional[str]) -> dict:
     """
     import numpy as np
 
-    from stagewise_pl.config import ConfigError
     from stagewise_pl.eval.evaluate import BUCKETS
     from stagewise_pl.models.load import render_prompts
     from stagewise_pl.records import RolloutRecord
     from stagewise_pl.rollout.base import SamplingParams
-    from stagewise_pl.verify.gold import gradable
 
     cfg, pc = ctx.cfg, ctx.cfg.profile
-    levels = [str(level) for level in pc.levels]
-    problems = [p for p in gradable(ctx.pool) if not levels or str(p.level) in levels]
+    problems = pool_at_levels(ctx, pc.levels, "profile.levels")
     if pc.limit and pc.limit < len(problems):
         keep = np.random.default_rng([cfg.run.seed, phase.index]).choice(len(problems), pc.limit, replace=False)
         problems = [problems[i] for i in sorted(keep)]
-    if not problems:
-        raise ConfigError(f"profile.levels={levels}: no gradable problem of the training pool is at these levels")
-    budget = pc.max_new_tokens or (ctx.task.max_new_tokens() if cfg.data.source == "synthetic"
-                                   else cfg.eval.max_new_tokens or 512)
+    budget = generation_budget(ctx, pc.max_new_tokens)
     ledger = run_ledger(ctx)
     ledger.rewind(phase.name, 0)
     engine = ctx.engine()
