@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -32,7 +32,6 @@ SCHEMA = pa.schema([
     ("reward", pa.float64()), ("reason", pa.string()), ("completion_tokens", pa.int32()), ("truncated", pa.bool_()),
     ("zero_group", pa.bool_()), ("completion", pa.string()), ("round", pa.int32()),
 ])
-_RECORD_FIELDS = [f.name for f in fields(RolloutRecord)]
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -71,25 +71,13 @@ def sft_module(policy, optim_cfg, steps: int, lr: Optional[float] = None, kernel
                      min_lr_ratio=optim_cfg.min_lr_ratio, kernel_backend=kernel)
 
 
-class IndexDataset:
-    """Items are their own indices: a GRPO batch is a list of problem indices."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
-
-
 def fit_grpo(trainer: L.Trainer, module, max_rollout_steps: int, ckpt_path: Optional[str] = None) -> None:
     """Run ``module`` (a GRPOModule) until ``trainer.max_steps`` optimizer steps or ``max_rollout_steps``
     rollout steps; the prompt order is seeded and resumes where the checkpoint left it."""
     sampler = StepBatchSampler(len(module.problems), module.s.prompts_per_step, max_rollout_steps, module.seed,
                                rank=trainer.global_rank, world_size=trainer.world_size)
-    loader = ResumableLoader(IndexDataset(len(module.problems)), sampler, list, consumed=lambda: module.rollout_steps)
+    # a batch is a list of problem indices: range(n) is the dataset whose items are their indices
+    loader = ResumableLoader(range(len(module.problems)), sampler, list, consumed=lambda: module.rollout_steps)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         # checkpoints are taken after a rollout step's updates, which is what resume needs

@@ -110,7 +110,7 @@ def run_ours(directory: Path, steps: int, drop_flat_groups: bool = False) -> dic
     from stagewise_pl.models.load import load_policy
     from stagewise_pl.modules.grpo import GRPOModule, GRPOSettings
     from stagewise_pl.rollout.hf import HFEngine
-    from stagewise_pl.train import IndexDataset, make_trainer
+    from stagewise_pl.train import make_trainer
     from stagewise_pl.verify.pool import GradingPool
 
     quiet_third_party()
@@ -133,7 +133,7 @@ def run_ours(directory: Path, steps: int, drop_flat_groups: bool = False) -> dic
         trainer = make_trainer(cfg.trainer, cfg.run, steps, 0.0, callbacks=[StepEnd()], max_epochs=1, accumulate=1,
                                checkpointing=False)
         batches = [list(range(i * PROMPTS_PER_STEP, (i + 1) * PROMPTS_PER_STEP)) for i in range(steps)]
-        loader = DataLoader(IndexDataset(len(problems)), batch_sampler=batches, collate_fn=list)
+        loader = DataLoader(range(len(problems)), batch_sampler=batches, collate_fn=list)
         trainer.fit(module, train_dataloaders=loader)
     h, timed = module.history[1:], steps - 1  # the first step is the warm-up
     if len(ends) != steps or any(r["rounds"] != 1 for r in module.history):

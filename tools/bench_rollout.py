@@ -22,11 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-from benchlib import report, run_child
+from benchlib import interleave, report, run_child
 
 PROMPTS, SAMPLES, MAX_NEW, THREADS = 64, 8, 64, 2
 VARIANTS = ["naive", "batched-generate", "ours"]
@@ -121,12 +120,9 @@ def main() -> None:
         return
     setup()  # builds and caches the base model once, outside the timed runs
     variants = VARIANTS + (["vllm"] if Path(args.vllm_python).is_file() else [])
-    runs: dict[str, list[dict]] = {v: [] for v in variants}
-    for r in range(args.repeats):
-        for v in variants:
-            python = args.vllm_python if v == "vllm" else None
-            runs[v].append(run_child(__file__, ["--child", v], env={"OMP_NUM_THREADS": str(THREADS)}, python=python))
-            print(f"repeat {r + 1} {v}: {runs[v][-1]}", file=sys.stderr)
+    runs = interleave(variants, args.repeats, lambda v: run_child(
+        __file__, ["--child", v], env={"OMP_NUM_THREADS": str(THREADS)},
+        python=args.vllm_python if v == "vllm" else None))
     table = {}
     for v, rs in runs.items():
         tps = [x["tokens"] / x["seconds"] for x in rs]

@@ -42,7 +42,7 @@ from stagewise_pl.data.problems import Problem
 from stagewise_pl.data.sft import additive_mask
 from stagewise_pl.kernels import fused_policy_loss, logprobs
 from stagewise_pl.losses import PolicyLossConfig, aggregation_weights, entropy_weights
-from stagewise_pl.models.load import render_prompts
+from stagewise_pl.models.load import render_prompt
 from stagewise_pl.modules.sft import adamw_with_schedule
 from stagewise_pl.records import NullSink, RolloutRecord, RolloutSink
 from stagewise_pl.rollout.base import SamplingParams
@@ -185,7 +185,7 @@ class GRPOModule(L.LightningModule):
     # ------------------------------------------------------------------ rollouts
     def _prompt(self, problem: Problem) -> str:
         if problem.id not in self._prompt_cache:
-            self._prompt_cache[problem.id] = render_prompts(self.tokenizer, [problem.prompt])[0]
+            self._prompt_cache[problem.id] = render_prompt(self.tokenizer, problem.prompt)
         return self._prompt_cache[problem.id]
 
     def _sample_and_grade(self, problems: list[Problem], round_: int) -> tuple[Groups, float, float]:
@@ -335,16 +335,19 @@ class GRPOModule(L.LightningModule):
     def _logprobs(self, model, t: dict) -> torch.Tensor:
         head = model.get_output_embeddings()
         out = []
-        for rows in self._micro_batches(torch.arange(t["targets"].shape[0], device=self.device)):
+        all_rows = torch.arange(t["targets"].shape[0], device=self.device)
+        for part in self._micro_slices(len(all_rows)):
+            rows = all_rows[part]
             targets = torch.where(t["mask"][rows].bool(), t["targets"][rows], torch.full_like(t["targets"][rows], -100))
             logp, _ = logprobs(self._hidden(model, t, rows), head.weight, targets, getattr(head, "bias", None),
                                temperature=self.s.temperature, backend=self.kernel_backend)
             out.append(logp)
         return torch.cat(out)
 
-    def _micro_batches(self, rows: torch.Tensor) -> list[torch.Tensor]:
-        size = self.s.micro_batch_size or len(rows)
-        return [rows[i:i + size] for i in range(0, len(rows), size)]
+    def _micro_slices(self, n: int) -> list[slice]:
+        """Consecutive micro-batches of ``n`` rows (``micro_batch_size``; 0 = one)."""
+        size = self.s.micro_batch_size or n
+        return [slice(i, i + size) for i in range(0, n, size)]
 
     # ------------------------------------------------------------------ the step
     def training_step(self, batch: list[int], batch_idx: int):
@@ -423,9 +426,7 @@ class GRPOModule(L.LightningModule):
                 weights = aggregation_weights(t["mask"][mb], s.loss)  # over the whole mini-batch
                 ent_weights = entropy_weights(t["mask"][mb])
                 tokens = t["mask"][mb].sum().clamp(min=1)
-                size = s.micro_batch_size or len(mb)
-                for start in range(0, len(mb), size):
-                    part = slice(start, start + size)
+                for part in self._micro_slices(len(mb)):
                     rows = mb[part]
                     out = fused_policy_loss(
                         self._hidden(self.policy, t, rows), head.weight, t["targets"][rows],
