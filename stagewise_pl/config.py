@@ -41,6 +41,8 @@ class RunConfig:
     threads: int = doc(0, "torch intra-op threads; 0 = torch's default")
     deterministic: bool = doc(False, "torch deterministic algorithms (Trainer(deterministic=True))")
     progress_bar: bool = doc(True, "show progress bars for training, generation and evaluation")
+    force: bool = doc(False, "resume even though the plan, the configuration or the training data changed "
+                             "since the run started (the difference is printed)")
 
 
 @dataclass
@@ -215,7 +217,6 @@ class GRPOConfig:
     max_extra_rounds: int = doc(2, "dynamic sampling: extra generation rounds per step")
     max_rollout_factor: int = doc(4, "a phase stops after steps x this many rollout steps even if too few made "
                                      "an update (a pool that is all solved or all failed)")
-    zero_reward_log: bool = doc(True, "write the records of all-zero groups to <run>/zero_reward.jsonl")
 
 
 @dataclass
@@ -230,19 +231,47 @@ class EvalConfig:
     max_new_tokens: int = doc(0, "generation budget; 0 = derived from the task")
     batch_size: int = doc(64, "prompts per generation batch")
     before: bool = doc(True, "evaluate before the first phase")
+    each_phase: bool = doc(True, "evaluate after every training phase (sft, grpo); eval phases always evaluate")
 
 
 @dataclass
 class PhaseConfig:
-    """One phase of the plan."""
+    """One phase of the plan: its kind, the data it works on, its budget and its overrides."""
 
-    kind: str = doc("sft", "phase kind (registered: see stagewise_pl.phases)")
+    kind: str = doc("sft", "profile | sft | grpo | eval (bridge_sft and cft arrive with critique fine-tuning), "
+                           "or a kind registered in stagewise_pl.stages.PHASES")
     name: str = doc("", "label in logs and directories; empty = <index>-<kind>")
-    steps: int = doc(100, "sft: optimizer steps; grpo: rollout steps that make an update (each makes "
-                          "grpo.num_iterations x grpo.minibatches optimizer steps); profile: unused")
+    select: str = doc("all", "the problems it works on: 'all' (the training pool) or a bucket that the stage "
+                             "rules build at the phase's start (hard, medium, easy, unsolved_in_rl, ...)")
+    steps: int = doc(100, "budget. sft: optimizer steps; grpo: rollout steps that make an update (each makes "
+                          "grpo.num_iterations x grpo.minibatches optimizer steps); profile, eval: unused")
+    epochs: float = doc(0.0, "sft: budget in passes over the selected problems instead of steps (> 0 wins)")
     lr: Optional[float] = doc(None, "overrides optim.lr for this phase")
     batch_size: Optional[int] = doc(None, "overrides trainer.batch_size (sft) or grpo.prompts_per_step (grpo) "
                                           "for this phase")
+    temperature: Optional[float] = doc(None, "overrides the sampling temperature (grpo.temperature or "
+                                             "profile.temperature) for this phase")
+    limit: int = doc(0, "work on at most N of the selected problems (a seeded draw); 0 = all")
+
+
+@dataclass
+class RuleConfig:
+    """A stage rule: a Lightning Callback with a ``route`` method, named by dotted path."""
+
+    target: str = doc("callbacks.rules:RouteByPassRate", "package.module:Class (or package.module.Class)")
+    args: dict[str, Any] = doc(help="keyword arguments of the class", factory=dict)
+
+
+@dataclass
+class StagesConfig:
+    """How problems are routed to phases: the stage rules, asked in order at every phase boundary."""
+
+    rules: list[RuleConfig] = doc(help="stage rules, applied in order (each sees the buckets of the ones "
+                                       "before it)", factory=lambda: [
+        RuleConfig("callbacks.rules:RouteByPassRate", {}),
+        RuleConfig("callbacks.rules:NeverSolvedInRL", {})])
+    callbacks: list[str] = doc(help="further Lightning callbacks by dotted path (package.module:Class)",
+                               factory=list)
 
 
 @dataclass
@@ -258,12 +287,13 @@ class Config:
     eval: EvalConfig = doc(help="evaluation", factory=EvalConfig)
     profile: ProfileConfig = doc(help="profile phases (kind profile)", factory=ProfileConfig)
     grpo: GRPOConfig = doc(help="RL phases (kind grpo)", factory=GRPOConfig)
+    stages: StagesConfig = doc(help="stage rules that route problems to phases", factory=StagesConfig)
     phases: list[PhaseConfig] = doc(help="the plan: phases run in order", factory=lambda: [PhaseConfig()])
     conf_name: str = doc("default", "name of the conf file this config came from (set by the loader)")
 
 
 GROUPS = ["run", "model", "task", "data", "optim", "trainer", "rollout", "verifier", "eval", "profile", "grpo",
-          "phases"]
+          "stages", "phases"]
 _CHOICES = {
     "run.logger": {"csv", "tensorboard", "wandb"},
     "model.dtype": {"float32", "bfloat16", "float16"},
@@ -347,6 +377,12 @@ def _problems(cfg: Config) -> list[tuple[str, str]]:
             bad.append((f"phases.{i}.steps", f"must be > 0, got {phase.steps}"))
         if phase.lr is not None and phase.lr < 0:
             bad.append((f"phases.{i}.lr", f"must be >= 0, got {phase.lr}"))
+        if phase.epochs < 0 or phase.limit < 0:
+            bad.append((f"phases.{i}", f"epochs and limit must be >= 0, got {phase.epochs} and {phase.limit}"))
+        if phase.batch_size is not None and phase.batch_size <= 0:
+            bad.append((f"phases.{i}.batch_size", f"must be > 0, got {phase.batch_size}"))
+        if phase.temperature is not None and phase.temperature <= 0:
+            bad.append((f"phases.{i}.temperature", f"must be > 0, got {phase.temperature}"))
     return bad
 
 

@@ -20,7 +20,9 @@ def main(argv: list[str] | None = None) -> int:
         quiet_third_party()
 
         if args.dry_run:
-            print(to_yaml(cfg) + "\nplan:\n" + "\n".join(f"  {p.name}: {p.kind}, {p.steps} steps" for p in plan_phases(cfg)))
+            from stagewise_pl.plan import describe
+
+            print(to_yaml(cfg) + "\nplan:\n" + "\n".join(f"  {line}" for line in describe(plan_phases(cfg))))
             return 0
         Run(cfg).execute()
     except ConfigError as exc:

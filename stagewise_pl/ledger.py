@@ -105,6 +105,10 @@ class DifficultyLedger:
             self.load_state_dict({"parts": keep})
 
     # ------------------------------------------------------------------ reading
+    def refresh(self) -> None:
+        """Forget the cached table (another process may have written parts)."""
+        self._table = None
+
     def table(self) -> pa.Table:
         if self._table is None:
             parts = self.parts()

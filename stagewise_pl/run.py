@@ -4,15 +4,19 @@ Layout of a run directory::
 
     config.yaml            the resolved configuration
     state.json             phases completed (written atomically after each phase)
-    checkpoints/<phase>/   Lightning checkpoints (step-N.ckpt, last.ckpt)
-    export/<phase>/        the policy after each phase (save_pretrained)
+    checkpoints/last.ckpt  the latest Lightning checkpoint (model, optimiser, stage manager state)
+    ledger/                every graded rollout (the difficulty ledger, Parquet parts)
+    routing/<phase>.json   what the stage rules decided at each phase boundary
+    export/<phase>/        the policy after each training phase (save_pretrained)
     eval/<label>.json      evaluation results (before, and after each phase)
     logs/                  CSV / TensorBoard / W&B logs
     final/                 the last policy (save_pretrained)
     summary.md             the accuracy table
 
-``resume=last`` continues from the last checkpoint of the first unfinished phase; completed phases
-are not rerun (their exported policy is loaded). Resuming a finished run does nothing and says so.
+The whole plan runs in one Lightning fit driven by :class:`~stagewise_pl.stages.StageManager`.
+``resume=last`` continues from ``checkpoints/last.ckpt`` in the same phase at the same step.
+Resuming a finished run does nothing and says so; a changed plan, configuration or training data
+is refused unless ``run.force=true``.
 """
 from __future__ import annotations
 
@@ -28,27 +32,26 @@ from typing import Any, Optional
 from stagewise_pl.config import Config, ConfigError, resolve_run_dir, to_yaml
 
 # Keys that may differ between the original run and a resumed one.
-RESUME_FREE_KEYS = {"run.resume", "run.progress_bar", "run.threads", "run.dir"}
+RESUME_FREE_KEYS = {"run.resume", "run.progress_bar", "run.threads", "run.dir", "run.force"}
+RUN_DIR_ENV = "STAGEWISE_RUN_DIR"  # the run directory, for the processes a DDP launch starts
 
 
-@dataclass
-class Phase:
-    index: int
-    name: str
-    kind: str
-    steps: int
-    lr: Optional[float] = None
-    batch_size: Optional[int] = None
+def plan_phases(cfg: Config, rules=None) -> list:
+    """The checked plan (see :func:`stagewise_pl.plan.build_plan`)."""
+    from stagewise_pl.plan import build_plan, rule_info
+    from stagewise_pl.stages import PHASES, make_rules
+
+    rules = make_rules(cfg.stages.rules) if rules is None else rules
+    return build_plan(cfg.phases, PHASES.names(), [rule_info(r) for r in rules])
 
 
-def plan_phases(cfg: Config) -> list[Phase]:
-    """The plan as data: phases with stable names (``<index>-<kind>`` unless named)."""
-    phases = [Phase(i + 1, p.name or f"{i + 1}-{p.kind}", p.kind, p.steps, p.lr, p.batch_size)
-              for i, p in enumerate(cfg.phases)]
-    names = [p.name for p in phases]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"phases: names must be unique, got {names}")
-    return phases
+def pool_digest(problems) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in problems:
+        h.update(f"{p.id}\x00{p.prompt}\x00{p.answer}\x01".encode())
+    return h.hexdigest()[:16]
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -73,11 +76,22 @@ def flat(d: Any, prefix: str = "") -> dict[str, Any]:
 
 class Run:
     def __init__(self, cfg: Config, log=print):
+        from stagewise_pl.stages import make_rules
+
         self.cfg, self.log = cfg, log
-        self.phases = plan_phases(cfg)
+        self.rules = make_rules(cfg.stages.rules)
+        self.phases = plan_phases(cfg, self.rules)
+        if any(p.kind == "grpo" for p in self.phases):
+            from stagewise_pl.advantages import ADVANTAGES
+
+            try:
+                ADVANTAGES.get(cfg.grpo.advantage)
+            except (KeyError, ImportError) as exc:
+                raise ConfigError(f"grpo.advantage: {exc.args[0] if exc.args else exc}") from None
         self.dir = self._locate_dir()
+        os.environ[RUN_DIR_ENV] = str(self.dir)
         self.callbacks: list = []
-        self.ledger = None  # a DifficultyLedger, when the run keeps one (GRPO then records every rollout there)
+        self.ledger = None  # the DifficultyLedger: every graded rollout of the run
         self.policy = self.tokenizer = self.logger = self.task = self.verifier = None
         self.pool: list = []
         self._eval_cache: Optional[list] = None
@@ -87,11 +101,13 @@ class Run:
     def _locate_dir(self) -> Path:
         cfg = self.cfg
         resume = cfg.run.resume
+        if os.environ.get(RUN_DIR_ENV) and os.environ.get("LOCAL_RANK", "0") != "0":
+            return Path(os.environ[RUN_DIR_ENV])  # a process started by a DDP launch: rank 0's run
         if resume and resume != "last":
             ckpt = Path(resume).expanduser()
             if not ckpt.is_file():
                 raise ConfigError(f"resume={resume}: no such checkpoint file")
-            return ckpt.parent.parent.parent  # <run>/checkpoints/<phase>/<file>.ckpt
+            return ckpt.parent.parent  # <run>/checkpoints/<file>.ckpt
         if resume == "last" and not cfg.run.dir:
             candidates = sorted(Path("runs").glob(f"{cfg.conf_name}-*"), key=lambda p: p.stat().st_mtime)
             if not candidates:
@@ -107,12 +123,14 @@ class Run:
                               f"or choose another run.dir")
         return directory
 
-    def checkpoint_dir(self, phase: Phase) -> Path:
-        return self.dir / "checkpoints" / phase.name
-
     def _state(self) -> dict:
         path = self.dir / "state.json"
         return json.loads(path.read_text()) if path.is_file() else {"completed": {}}
+
+    def mark_completed(self, name: str, summary: dict) -> None:
+        state = self._state()
+        state["completed"][name] = summary
+        atomic_write(self.dir / "state.json", json.dumps(state, indent=1))
 
     def _check_resumed_config(self) -> None:
         from omegaconf import OmegaConf
@@ -121,9 +139,12 @@ class Run:
         current = OmegaConf.to_container(OmegaConf.structured(self.cfg))
         a, b = flat(stored), flat(current)
         changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUME_FREE_KEYS)
-        if changed:
+        if changed and self.cfg.run.force:
+            self.log(f"resume: run.force=true: continuing although the configuration differs at {', '.join(changed)}")
+        elif changed:
             raise ConfigError(f"resume: the configuration differs from the one {self.dir} was started with, at "
-                              f"{', '.join(changed)}; resume with the same settings, or start a new run.dir")
+                              f"{', '.join(changed)}; resume with the same settings, start a new run.dir, or pass "
+                              f"run.force=true")
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -137,8 +158,11 @@ class Run:
         from stagewise_pl.verify import make_verifier
 
         cfg = self.cfg
+        from stagewise_pl import dist
+
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.dir / "config.yaml", to_yaml(cfg))
+        if dist.is_main() and os.environ.get("LOCAL_RANK", "0") == "0":
+            atomic_write(self.dir / "config.yaml", to_yaml(cfg))
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         L.seed_everything(cfg.run.seed, workers=True, verbose=False)
@@ -147,18 +171,15 @@ class Run:
         self.log(f"training pool: {report.summary()}")
         self.verifier = make_verifier(cfg.verifier)
         self._check_golds(self.pool, "training pool")
-        self._keep_previous_csv()
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            self._keep_previous_csv()
         self.logger = make_logger(cfg.run.logger, self.dir)
-        path = self.base_model_path()
-        done = [p for p in self.phases if p.name in self._state()["completed"]]
-        if done:  # resume after completed phases: their export is the policy to continue from
-            path = str(self.dir / "export" / done[-1].name)
-            self.log(f"resume: phases {', '.join(p.name for p in done)} are complete; loading {path}")
-        self.policy, self.tokenizer = load_policy(path, cfg.model.dtype, cfg.model.attn_implementation)
-        if self.ledger is None and (self.dir / "ledger").is_dir():  # resumed: keep recording where it was
-            from stagewise_pl.ledger import DifficultyLedger
+        self.policy, self.tokenizer = load_policy(self.base_model_path(), cfg.model.dtype,
+                                                  cfg.model.attn_implementation)
+        from stagewise_pl.ledger import DifficultyLedger
 
-            self.ledger = DifficultyLedger(self.dir / "ledger", run_id=self.dir.name)
+        self.ledger = DifficultyLedger(self.dir / "ledger", run_id=self.dir.name)
+        self.data_digest = pool_digest(self.pool)
 
     def _keep_previous_csv(self) -> None:
         """Lightning's CSV logger deletes an existing metrics.csv: keep an earlier launch's under another name."""
@@ -238,38 +259,21 @@ class Run:
         return results
 
     # ------------------------------------------------------------------ the plan
-    def resume_point(self) -> tuple[Optional[Phase], Optional[str]]:
-        """The first unfinished phase and the checkpoint to continue it from (None = from its start)."""
-        completed = self._state()["completed"]
-        todo = [p for p in self.phases if p.name not in completed]
-        if not todo:
-            return None, None
-        phase = todo[0]
+    def checkpoint(self) -> Optional[str]:
+        """The checkpoint to continue from: resume=PATH, or checkpoints/last.ckpt with resume=last."""
         resume = self.cfg.run.resume
         if resume and resume != "last":
-            ckpt = Path(resume).expanduser()
-            if ckpt.parent.name != phase.name:
-                raise ConfigError(f"resume={resume}: the checkpoint belongs to phase {ckpt.parent.name!r}, but the "
-                                  f"first unfinished phase is {phase.name!r}")
-            return phase, str(ckpt)
-        last = self.checkpoint_dir(phase) / "last.ckpt"
-        return phase, str(last) if resume == "last" and last.is_file() else None
+            return str(Path(resume).expanduser())
+        last = self.dir / "checkpoints" / "last.ckpt"
+        return str(last) if resume == "last" and last.is_file() else None
 
     def execute(self) -> Path:
-        """Run (or continue) the plan; returns the run directory."""
-        from stagewise_pl.phases import PHASES
-
-        for i, phase in enumerate(self.phases):  # unknown kinds fail before any work
-            try:
-                PHASES.get(phase.kind)
-            except (KeyError, ImportError) as exc:
-                raise ConfigError(f"phases.{i}.kind: {exc.args[0] if exc.args else exc}") from None
+        """Run (or continue) the plan in one Lightning fit; returns the run directory."""
         if self.cfg.run.resume:
             self._check_resumed_config()
-        state = self._state()
-        if self.cfg.run.resume and self.phases and all(p.name in state["completed"] for p in self.phases):
-            self.log(f"resume: {self.dir} has completed every phase; nothing to do")
-            return self.dir
+            if self._state().get("finished"):
+                self.log(f"resume: {self.dir} has completed every phase; nothing to do")
+                return self.dir
         self.setup()
         try:
             return self._execute_plan()
@@ -277,33 +281,67 @@ class Run:
             self.verifier.close()
 
     def _execute_plan(self) -> Path:
-        from stagewise_pl.phases import PHASES
+        from stagewise_pl import dist
+        from stagewise_pl.plan import describe, fingerprint
+        from stagewise_pl.stages import StagewiseModule, StageManager, PlanTokens
+        from stagewise_pl.registry import import_dotted
+        from stagewise_pl.train import make_trainer
 
+        cfg = self.cfg
         started = time.time()
-        columns = OrderedDict()
-        if self.cfg.eval.before:
-            columns["before"] = self.evaluate("before")
-        completed = self._state()["completed"]
-        for phase in (p for p in self.phases if p.name in completed):  # evaluated already, or now: the
-            columns[phase.name] = self.evaluate(phase.name)           # policy is the last one's export
-        while True:
-            phase, ckpt = self.resume_point()
-            if phase is None:
-                break
-            self.log(f"phase {phase.name}: {phase.kind}, {phase.steps} steps"
-                     + (f" (resuming from {ckpt})" if ckpt else ""))
-            summary = PHASES.get(phase.kind)(self, phase, ckpt)
-            self.export(self.dir / "export" / phase.name)
-            state = self._state()
-            state["completed"][phase.name] = summary
+        state = self._state()
+        if state.get("data") and state["data"] != self.data_digest:
+            if not cfg.run.force:
+                raise ConfigError(f"resume: the training data differs from the data {self.dir} was started with "
+                                  f"(digest {self.data_digest} != {state['data']}); pass run.force=true to resume anyway")
+            self.log("resume: run.force=true: continuing although the training data changed")
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            state["data"] = self.data_digest
             atomic_write(self.dir / "state.json", json.dumps(state, indent=1))
-            columns[phase.name] = self.evaluate(phase.name)
-            self.log(f"phase {phase.name} done: {json.dumps(summary)}")
-        for phase in self.phases:  # a resumed run shows the phases it did not rerun too
-            columns.setdefault(phase.name, self.evaluate(phase.name))
-        self.export(self.dir / "final")
-        self.finish(columns, time.time() - started)
+        rules_doc = [{"target": r.target, "args": r.args} for r in cfg.stages.rules]
+        manager = StageManager(self, self.phases, self.rules, fingerprint(self.phases, rules_doc, self.data_digest))
+        self.manager = manager
+        extra = []
+        for i, path in enumerate(cfg.stages.callbacks):
+            try:
+                extra.append(import_dotted(path)())
+            except (ImportError, TypeError) as exc:
+                raise ConfigError(f"stages.callbacks.{i}: {exc}") from None
+        ckpt = self.checkpoint()
+        if ckpt is None and self.ledger.parts() and os.environ.get("LOCAL_RANK", "0") == "0":
+            # killed before its first checkpoint: the run starts over, and so does its record
+            self.log(f"resume: no checkpoint yet; starting over (dropping {len(self.ledger.parts())} ledger parts)")
+            self.ledger.load_state_dict({"parts": 0})
+            state["completed"] = {}
+            atomic_write(self.dir / "state.json", json.dumps(state, indent=1))
+        self.log("plan:\n  " + "\n  ".join(describe(self.phases)) + (f"\nresuming from {ckpt}" if ckpt else ""))
+        trainer = make_trainer(cfg.trainer, cfg.run, -1, 0.0, logger=self.logger,
+                               callbacks=[manager, *self.rules, *extra, *self.callbacks], checkpointing=False,
+                               max_epochs=1, accumulate=1)
+        self.policy.train()  # from_pretrained returns it in eval mode
+        module = StagewiseModule(self.policy, manager)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*(no len|__len__|infinite|inf).*")
+            trainer.fit(module, train_dataloaders=PlanTokens(manager), ckpt_path=ckpt)
+        if dist.is_main():
+            self.export(self.dir / "final")
+            state = self._state()
+            state["finished"] = True
+            atomic_write(self.dir / "state.json", json.dumps(state, indent=1))
+            columns = OrderedDict((k, v) for k, v in manager.columns.items())
+            self.finish(columns, time.time() - started)
+        dist.barrier()
         return self.dir
+
+    def accuracy_line(self, label: str, results) -> str:
+        parts = []
+        for name, res in results.items():
+            levels = ", ".join(f"L{lvl} {row['pass@1']:.2f}" for lvl, row in res.by_level.items() if lvl != "all")
+            parts.append(f"{name}: pass@1 {res.by_level['all']['pass@1']:.3f} ({levels})")
+        return f"  held-out after {label}: " + "; ".join(parts)
 
     def export(self, directory: Path) -> None:
         """save_pretrained of policy and tokenizer, built aside and renamed into place."""

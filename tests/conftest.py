@@ -33,7 +33,7 @@ def fast_overrides(cache_dir) -> list[str]:
     return [
         f"model.cache_dir={cache_dir}", "model.warmup.steps=20", "model.warmup.batch_size=16",
         "task.train_per_level=40", "task.test_per_level=4", "eval.k=2", "eval.batch_size=32",
-        "trainer.batch_size=8", "phases.0.steps=6", "trainer.checkpoint_every_n_steps=3",
+        "trainer.batch_size=8", "phases=[{kind: sft, steps: 6, lr: 5e-4}]", "trainer.checkpoint_every_n_steps=3",
         "trainer.log_every_n_steps=1", "run.progress_bar=false", "optim.warmup_steps=2",
     ]
 

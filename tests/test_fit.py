@@ -1,5 +1,6 @@
 """The real entry point, a few steps on the tiny model: files written, resume, refusals."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -21,8 +22,7 @@ def test_fit_writes_the_run_directory(tmp_path, fast_overrides, cache_dir):
     run_dir = tmp_path / "run"
     assert main(fast_overrides + [f"run.dir={run_dir}"]) == 0
     for path in ["config.yaml", "state.json", "summary.md", "eval/before.json", "eval/1-sft.json",
-                 "checkpoints/1-sft/last.ckpt", "checkpoints/1-sft/step-3.ckpt", "checkpoints/1-sft/step-6.ckpt",
-                 "export/1-sft/model.safetensors", "export/1-sft/tokenizer.json", "final/model.safetensors",
+                 "checkpoints/last.ckpt", "routing/01-1-sft.json", "export/1-sft/model.safetensors", "export/1-sft/tokenizer.json", "final/model.safetensors",
                  "final/config.json", "logs/metrics.csv"]:
         assert (run_dir / path).is_file(), path
     state = json.loads((run_dir / "state.json").read_text())
@@ -71,12 +71,12 @@ def test_resume_continues_at_the_same_step_and_matches(tmp_path, fast_overrides)
     run.callbacks.append(CrashAt(4))
     with pytest.raises(RuntimeError, match="injected crash"):
         run.execute()
-    assert not (crashed / "state.json").exists()
-    assert torch.load(crashed / "checkpoints/1-sft/last.ckpt", weights_only=False)["global_step"] == 3
+    state = json.loads((crashed / "state.json").read_text())
+    assert state["completed"] == {} and not state.get("finished")
+    assert torch.load(crashed / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 3
 
     resumed = Run(load_config("default", overrides + [f"run.dir={crashed}", "run.resume=last"]), log=lambda *_: None)
-    phase, ckpt = resumed.resume_point()
-    assert phase.name == "1-sft" and ckpt.endswith("last.ckpt")
+    assert resumed.checkpoint() == str(crashed / "checkpoints" / "last.ckpt")
     record = StepRecorder()
     resumed.callbacks.append(record)
     resumed.execute()
@@ -140,11 +140,10 @@ def test_resume_from_a_given_checkpoint(tmp_path, fast_overrides):
     run.callbacks.append(CrashAt(5))
     with pytest.raises(RuntimeError):
         run.execute()
-    step3 = tmp_path / "c" / "checkpoints" / "1-sft" / "step-3.ckpt"
+    step3 = tmp_path / "c" / "checkpoints" / "kept-3.ckpt"
+    shutil.copy(tmp_path / "c" / "checkpoints" / "last.ckpt", step3)
     resumed = Run(load_config("default", overrides + [f"run.resume={step3}"]), log=lambda *_: None)
-    assert resumed.dir == tmp_path / "c"
-    phase, ckpt = resumed.resume_point()
-    assert (phase.name, ckpt) == ("1-sft", str(step3))
+    assert resumed.dir == tmp_path / "c" and resumed.checkpoint() == str(step3)
     record = StepRecorder()
     resumed.callbacks.append(record)
     resumed.execute()

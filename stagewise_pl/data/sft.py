@@ -149,10 +149,13 @@ class StepBatchSampler(Sampler[list[int]]):
             offset = 0
         return order[offset * size:(offset + 1) * size]
 
+    def batch(self, b: int) -> list[int]:
+        """This rank's slice of global batch ``b``."""
+        return self.global_batch(b)[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist()
+
     def __iter__(self):
         for b in range(self.start, self.num_batches):
-            batch = self.global_batch(b)
-            yield batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist()
+            yield self.batch(b)
 
     def __len__(self) -> int:
         return self.num_batches - self.start

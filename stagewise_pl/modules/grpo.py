@@ -37,6 +37,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from stagewise_pl import dist
 from stagewise_pl.advantages import compute_advantages, group_stats
 from stagewise_pl.data.problems import Problem
 from stagewise_pl.data.sft import additive_mask
@@ -145,6 +146,7 @@ class GRPOModule(L.LightningModule):
         self.automatic_optimization = False
         self.rollout_steps = 0  # rollout steps done (the loader's position)
         self.update_steps = 0  # rollout steps that made an update
+        self.optimizer_steps = 0
         self.history: list[dict] = []  # per rollout step metrics, for callers and tests
         # updates made / the update the rollout engine's weights are from (the phase starts in sync: the run
         # pushes the policy when it hands out the engine)
@@ -164,12 +166,15 @@ class GRPOModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         # records written after the checkpoint we resumed from are about to be made again
-        self.sink.rewind(self.phase_name, self.rollout_steps)
+        if dist.is_main():
+            self.sink.rewind(self.phase_name, self.rollout_steps)
+        dist.barrier()
         if self.rollout_steps:  # resumed: the checkpoint's weights came after the engine got its copy
             self._engine_version = -1
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["grpo"] = {"rollout_steps": self.rollout_steps, "update_steps": self.update_steps}
+        checkpoint["grpo"] = {"rollout_steps": self.rollout_steps, "update_steps": self.update_steps,
+                              "optimizer_steps": self.optimizer_steps}
         if self.reference is not None:
             checkpoint["grpo"]["reference"] = self.reference.state_dict()
 
@@ -177,6 +182,7 @@ class GRPOModule(L.LightningModule):
         state = checkpoint.get("grpo", {})
         self.rollout_steps = state.get("rollout_steps", 0)
         self.update_steps = state.get("update_steps", 0)
+        self.optimizer_steps = state.get("optimizer_steps", 0)
         if "reference" in state:
             reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
             reference.load_state_dict(state["reference"])
@@ -217,6 +223,18 @@ class GRPOModule(L.LightningModule):
         rng = np.random.default_rng([self.seed, self.rollout_steps, round_, 7])
         return [self.problems[i] for i in rng.choice(len(self.problems), size=min(count, len(self.problems)),
                                                      replace=False)]
+
+    def _sample_and_grade_all(self, problems: list[Problem], round_: int) -> tuple[Groups, float, float]:
+        """Several ranks: each samples and grades its share of ``problems``, then every rank gets all groups."""
+        if dist.world_size() == 1:
+            return self._sample_and_grade(problems, round_)
+        mine = dist.shard(problems)
+        if mine:
+            groups, gen_s, grade_s = self._sample_and_grade(mine, round_)
+        else:
+            groups, gen_s, grade_s = None, 0.0, 0.0
+        parts = [g for g in dist.gather(groups) if g is not None]
+        return Groups.concat(parts), gen_s, grade_s
 
     def _records(self, groups: Groups) -> list[RolloutRecord]:
         g = self.s.num_generations
@@ -349,22 +367,37 @@ class GRPOModule(L.LightningModule):
         size = self.s.micro_batch_size or n
         return [slice(i, i + size) for i in range(0, n, size)]
 
+    def _my_micro_slices(self, n: int) -> list[Optional[slice]]:
+        """This rank's micro-batches of a mini-batch of ``n`` rows. Every rank gets the same number (None =
+        a rank with nothing left makes an empty backward, so the gradient all-reduce stays in step)."""
+        world = dist.world_size()
+        if world == 1:
+            return self._micro_slices(n)
+        if self.s.micro_batch_size:
+            parts = self._micro_slices(n)
+        else:
+            bounds = [round(i * n / world) for i in range(world + 1)]
+            parts = [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+        mine: list[Optional[slice]] = list(parts[dist.rank()::world])
+        return mine + [None] * (-(-len(parts) // world) - len(mine))
+
     # ------------------------------------------------------------------ the step
     def training_step(self, batch: list[int], batch_idx: int):
         s = self.s
         step_started = time.perf_counter()
         problems = [self.problems[i] for i in batch]
-        groups, gen_s, grade_s = self._sample_and_grade(problems, 0)
+        groups, gen_s, grade_s = self._sample_and_grade_all(problems, 0)
         parts, rounds = [groups], 1
         if s.dynamic_sampling:
             kept = len(informative(groups.rewards))
             while kept < s.prompts_per_step and rounds <= s.max_extra_rounds:
-                extra, g_s, r_s = self._sample_and_grade(self._extra_problems(rounds, s.prompts_per_step), rounds)
+                extra, g_s, r_s = self._sample_and_grade_all(self._extra_problems(rounds, s.prompts_per_step), rounds)
                 parts.append(extra)
                 kept += len(informative(extra.rewards))
                 gen_s, grade_s, rounds = gen_s + g_s, grade_s + r_s, rounds + 1
         all_groups = Groups.concat(parts)
-        self.sink.record(self._records(all_groups))
+        if dist.is_main():  # every rank holds all groups; one writes them
+            self.sink.record(self._records(all_groups))
 
         rewards = all_groups.rewards
         keep = informative(rewards) if s.drop_flat_groups else list(range(len(all_groups.problems)))
@@ -426,7 +459,10 @@ class GRPOModule(L.LightningModule):
                 weights = aggregation_weights(t["mask"][mb], s.loss)  # over the whole mini-batch
                 ent_weights = entropy_weights(t["mask"][mb])
                 tokens = t["mask"][mb].sum().clamp(min=1)
-                for part in self._micro_slices(len(mb)):
+                for part in self._my_micro_slices(len(mb)):
+                    if part is None:
+                        self.manual_backward(sum(p.sum() for p in self.policy.parameters()) * 0.0)
+                        continue
                     rows = mb[part]
                     out = fused_policy_loss(
                         self._hidden(self.policy, t, rows), head.weight, t["targets"][rows],
@@ -435,7 +471,8 @@ class GRPOModule(L.LightningModule):
                         temperature=s.temperature, with_entropy=True, weights=weights[part],
                         entropy_weight=ent_weights[part],
                         backend=self.kernel_backend)
-                    self.manual_backward(out.loss)
+                    # several ranks: each holds a part of the mini-batch's loss, and DDP averages the gradients
+                    self.manual_backward(out.loss * dist.world_size())
                     m = t["mask"][rows]
                     sums["loss"] += float(out.loss.detach())
                     sums["clip_fraction"] += float(out.clip_fraction * m.sum() / tokens)
@@ -447,9 +484,12 @@ class GRPOModule(L.LightningModule):
                     self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
                 optimizer.step()
                 self._weights_version += 1
+                self.optimizer_steps += 1
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 count += 1
+        if dist.world_size() > 1:
+            sums = {k: sum(d[k] for d in dist.gather(sums)) for k in sums}
         stats = {k: v / max(1, count) for k, v in sums.items()}
         if ref is None:
             stats.pop("kl")

@@ -26,6 +26,25 @@ def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int, min_lr_ra
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def hidden_states(policy: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Final hidden states (B, T, H) of the policy's decoder: the LM head is applied by the kernel."""
+    kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.ndim == 4 and mask.dtype == torch.bool and \
+            getattr(policy.config, "_attn_implementation", "sdpa") != "sdpa":
+        kwargs["attention_mask"] = additive_mask(mask, policy.dtype)  # packed rows, eager attention
+    decoder = getattr(policy, policy.base_model_prefix)
+    return decoder(input_ids=batch["input_ids"], use_cache=False, **kwargs).last_hidden_state
+
+
+def sft_loss(policy: torch.nn.Module, batch: dict[str, torch.Tensor], backend: str = "auto"):
+    """Token-mean NLL of the completion tokens and their count, through the fused log-prob kernel
+    (no [tokens x vocab] logits are kept)."""
+    head = policy.get_output_embeddings()
+    return fused_nll_loss(hidden_states(policy, batch), head.weight, shift_labels(batch["labels"]),
+                          getattr(head, "bias", None), backend=backend)
+
+
 class SFTModule(L.LightningModule):
     def __init__(self, policy: torch.nn.Module, lr: float, total_steps: int, weight_decay: float = 0.01,
                  betas: tuple[float, float] = (0.9, 0.98), warmup_steps: int = 20, min_lr_ratio: float = 0.1,
@@ -41,21 +60,10 @@ class SFTModule(L.LightningModule):
         self.policy.train()  # from_pretrained returns the model in eval mode
 
     def hidden_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Final hidden states (B, T, H) of the policy's decoder: the LM head is applied by the kernel."""
-        kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.ndim == 4 and mask.dtype == torch.bool and \
-                getattr(self.policy.config, "_attn_implementation", "sdpa") != "sdpa":
-            kwargs["attention_mask"] = additive_mask(mask, self.policy.dtype)  # packed rows, eager attention
-        decoder = getattr(self.policy, self.policy.base_model_prefix)
-        return decoder(input_ids=batch["input_ids"], use_cache=False, **kwargs).last_hidden_state
+        return hidden_states(self.policy, batch)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token-mean NLL of the completion tokens and their count, through the fused log-prob kernel
-        (no [tokens x vocab] logits are kept)."""
-        head = self.policy.get_output_embeddings()
-        return fused_nll_loss(self.hidden_states(batch), head.weight, shift_labels(batch["labels"]),
-                              getattr(head, "bias", None), backend=self.kernel_backend)
+        return sft_loss(self.policy, batch, self.kernel_backend)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, tokens = self.loss(batch)

@@ -1,0 +1,652 @@
+"""The stage manager: one Lightning fit runs the whole plan, phase after phase, on one strategy.
+
+Pieces:
+
+- :class:`StageRule` — a plug-in (a Lightning ``Callback`` named by dotted path in ``stages.rules``)
+  whose ``route(view, buckets)`` reads the difficulty ledger and the pool and returns buckets of
+  problem ids. Rules run in order, each seeing the buckets of the ones before it. The built-in
+  rules live in the top-level ``callbacks/`` package.
+- Phase runners, registered by kind in :data:`PHASES` (``profile``, ``sft``, ``grpo``, ``eval``): what
+  one step of a phase does, its budget, its optimiser and its state for checkpoints.
+- :class:`StagewiseModule` — the one LightningModule of the run: it holds the policy and hands
+  each training step to the current phase's runner (manual optimisation throughout).
+- :class:`StageManager` — the callback that runs the plan. The training "data" is a stream of
+  tokens ``(phase position, step)``; the step that receives the first token of the next phase
+  first closes the current one (summary, export, evaluation, ``state.json``), asks the rules,
+  builds the next runner and its optimiser, and writes a checkpoint. The process group and the
+  in-memory policy persist: no relaunch and no reload from disk between phases.
+
+Checkpoints (``<run>/checkpoints/last.ckpt``, written to a temporary file and renamed) hold the
+model, the phase's optimiser and schedule, and the manager's state: the phase position, the step
+in the phase, the runner's state, every routing decision so far, the ledger position and the RNG
+states. A run killed at any point and resumed with ``resume=last`` continues in the same phase at
+the same step and ends with the weights and ledger of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+
+from stagewise_pl import dist
+from stagewise_pl.config import ConfigError
+from stagewise_pl.faults import fault_point
+from stagewise_pl.plan import TRAINING_KINDS, PhaseSpec
+from stagewise_pl.registry import Registry
+
+PHASES: Registry = Registry("phase kind")
+
+
+# ---------------------------------------------------------------------------------------------- rules
+@dataclass
+class RoutingView:
+    """What a stage rule sees at a phase boundary."""
+
+    ledger: Any  # the run's DifficultyLedger
+    pool: dict  # problem id -> Problem: the gradable training pool
+    done: list  # PhaseSpec of the phases already run, in order
+    phase: PhaseSpec  # the phase about to start
+
+    def last(self, kind: str) -> Optional[PhaseSpec]:
+        """The most recent finished phase of ``kind``."""
+        for spec in reversed(self.done):
+            if spec.kind == kind:
+                return spec
+        return None
+
+    def phases(self, kind: str) -> list[PhaseSpec]:
+        return [spec for spec in self.done if spec.kind == kind]
+
+    def pass_rates(self, phase: PhaseSpec) -> dict[str, float]:
+        """Pool problem id -> pass rate in ``phase`` (problems it graded)."""
+        return {pid: rate for pid, rate in self.ledger.pass_rates(phase.name).items() if pid in self.pool}
+
+
+class StageRule(L.Callback):
+    """Base class of stage rules. ``buckets``: the names it builds; ``reads``: the phase kind it reads."""
+
+    name: str = ""
+    buckets: tuple[str, ...] = ()
+    reads: Optional[str] = None
+
+    def route(self, view: RoutingView, buckets: dict[str, list[str]]) -> dict[str, list[str]]:
+        raise NotImplementedError
+
+
+def route(rules: Sequence, view: RoutingView) -> dict[str, list[str]]:
+    """Apply the rules in order; every bucket is a sorted list of pool problem ids."""
+    buckets: dict[str, list[str]] = {}
+    for rule in rules:
+        out = rule.route(view, {k: list(v) for k, v in buckets.items()})
+        if not isinstance(out, dict) or not all(isinstance(v, (list, tuple, set)) for v in out.values()):
+            raise TypeError(f"stage rule {rule_name(rule)} must return a dict of bucket -> problem ids, got {out!r}")
+        unknown = sorted({pid for ids in out.values() for pid in ids if pid not in view.pool})
+        if unknown:
+            raise ValueError(f"stage rule {rule_name(rule)} routed ids that are not in the pool: {unknown[:5]}")
+        buckets = {str(k): sorted(set(v)) for k, v in out.items()}
+    return buckets
+
+
+def rule_name(rule) -> str:
+    return getattr(rule, "name", "") or type(rule).__name__
+
+
+def make_rules(configs) -> list:
+    """Instantiate ``stages.rules`` (dotted paths); errors name the rule's key."""
+    from stagewise_pl.registry import import_dotted
+
+    rules = []
+    for i, rc in enumerate(configs):
+        try:
+            cls = import_dotted(rc.target)
+        except ImportError as exc:
+            raise ConfigError(f"stages.rules.{i}.target: {exc}") from None
+        try:
+            rule = cls(**rc.args)
+        except TypeError as exc:
+            raise ConfigError(f"stages.rules.{i}.args: {rc.target}: {exc}") from None
+        if not callable(getattr(rule, "route", None)) or not isinstance(rule, L.Callback):
+            raise ConfigError(f"stages.rules.{i}.target: {rc.target} is not a stage rule (a Lightning Callback with "
+                              f"a route(view, buckets) method)")
+        rules.append(rule)
+    return rules
+
+
+# ---------------------------------------------------------------------------------------------- runners
+def generation_budget(run, override: int) -> int:
+    """New tokens per completion: ``override``, else the task's budget (synthetic), else the eval budget."""
+    cfg = run.cfg
+    return override or (run.task.max_new_tokens() if cfg.data.source == "synthetic" else cfg.eval.max_new_tokens or 512)
+
+
+class PhaseRunner:
+    """One phase's work. Steps are numbered 0, 1, ...; ``position`` is the number done."""
+
+    kind = ""
+    trains = False
+
+    def __init__(self, manager: "StageManager", spec: PhaseSpec, problems: list):
+        self.manager, self.spec, self.problems = manager, spec, problems
+        self.run, self.cfg = manager.run, manager.run.cfg
+        self.position = 0
+
+    def has_step(self, step: int) -> bool:
+        return step < self.total_steps() and not self.done()
+
+    def total_steps(self) -> int:
+        return 1
+
+    def done(self) -> bool:
+        return self.position >= self.total_steps()
+
+    def start(self, module: "StagewiseModule", resumed: bool) -> None:
+        pass
+
+    def step(self, module: "StagewiseModule", step: int) -> None:
+        self.position += 1
+
+    def configure_optimizers(self, module: "StagewiseModule"):
+        """An optimiser the trainer can hold; phases that do not train never step it (AdamW allocates no state)."""
+        from stagewise_pl.modules.sft import adamw_with_schedule
+
+        return adamw_with_schedule(module.policy, 0.0, (0.9, 0.999), 0.0, 0, 1, 1.0)
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+    def summary(self) -> dict:
+        return {"kind": self.kind, "problems": len(self.problems)}
+
+
+@PHASES.register("eval")
+class EvalRunner(PhaseRunner):
+    """Evaluates the current policy on the held-out sets (the manager evaluates at the phase's end)."""
+
+    kind = "eval"
+
+
+@PHASES.register("profile")
+class ProfileRunner(PhaseRunner):
+    """k samples per selected problem at ``profile.temperature``, graded, into the ledger; no training.
+    One step per chunk of problems (one generation call and one ledger part); chunks are split across
+    ranks and their records gathered, rank 0 writes them."""
+
+    kind = "profile"
+
+    def total_steps(self) -> int:
+        return max(1, -(-len(self.problems) // self.cfg.profile.chunk))
+
+    def step(self, module, step: int) -> None:
+        from stagewise_pl.models.load import render_prompts
+        from stagewise_pl.records import RolloutRecord
+        from stagewise_pl.rollout.base import SamplingParams
+
+        cfg, pc, spec = self.cfg, self.cfg.profile, self.spec
+        size = pc.chunk
+        chunk = self.problems[step * size:(step + 1) * size]
+        mine = dist.shard(chunk)
+        records: list = []
+        if mine:
+            seed = int(np.random.default_rng([cfg.run.seed, spec.index, step, dist.rank()]).integers(2**31 - 1))
+            sampling = SamplingParams(n=pc.k, temperature=spec.temperature or pc.temperature,
+                                      max_new_tokens=generation_budget(self.run, pc.max_new_tokens), seed=seed)
+            batch = self.run.engine().generate(render_prompts(self.run.tokenizer, [p.prompt for p in mine]), sampling,
+                                               desc=f"{spec.name} {min(len(self.problems), (step + 1) * size)}/"
+                                                    f"{len(self.problems)}")
+            verdicts = self.run.verifier.score_batch(batch.texts, [p.answer for p in mine for _ in range(pc.k)])
+            for i, problem in enumerate(mine):
+                rows = range(i * pc.k, (i + 1) * pc.k)
+                zero = all(verdicts[r].reward <= 0 for r in rows)
+                group = []
+                for j, r in enumerate(rows):
+                    reward = float(verdicts[r].reward)
+                    group.append(RolloutRecord(spec.name, "profile", step, problem.id, j, reward, verdicts[r].reason,
+                                               len(batch.completion_ids[r]), batch.finish_reasons[r] == "length",
+                                               zero, batch.texts[r] if reward <= 0 else None, 0, spec.index,
+                                               module.global_step))
+                records.append(group)
+        groups = dist.unshard(dist.gather(records))  # per problem, in chunk order, on every rank
+        if dist.is_main():
+            self.run.ledger.record([r for g in groups for r in g])
+        dist.barrier()
+        self.run.ledger.refresh()
+        self.position += 1
+
+    def summary(self) -> dict:
+        from stagewise_pl.eval.evaluate import BUCKETS
+
+        rates = self.run.ledger.pass_rates(self.spec.name)
+        counts = {name: sum(1 for p in rates.values() if rule(p)) for name, rule in BUCKETS.items()}
+        return {"kind": "profile", "problems": len(rates), "k": self.cfg.profile.k, **counts,
+                "mean_pass_rate": round(sum(rates.values()) / max(1, len(rates)), 4)}
+
+
+@PHASES.register("sft")
+class SFTRunner(PhaseRunner):
+    """Supervised fine-tuning on the selected problems' ``data.target`` (teacher traces or reference
+    solutions): a seeded batch order, ``trainer.accumulate_grad_batches`` micro-batches per optimizer
+    step, the completion-only loss through the fused kernel, AdamW with warm-up and cosine decay."""
+
+    kind, trains = "sft", True
+
+    def __init__(self, manager, spec, problems):
+        super().__init__(manager, spec, problems)
+        from stagewise_pl.data.sft import Collator, StepBatchSampler
+        from stagewise_pl.train import build_examples
+
+        cfg = self.cfg
+        if not problems:
+            raise ConfigError(f"phase {spec.name}: no problems selected ({spec.select!r} is empty); nothing to "
+                              f"fine-tune on")
+        self.examples = build_examples(self.run.tokenizer, problems, cfg.data.target, cfg.trainer.max_length)
+        self.batch_size = spec.batch_size or cfg.trainer.batch_size
+        self.accumulate = cfg.trainer.accumulate_grad_batches
+        self.steps = spec.budget(len(self.examples), self.batch_size * self.accumulate * dist.world_size())
+        self.sampler = StepBatchSampler(len(self.examples), self.batch_size, self.steps * self.accumulate,
+                                        cfg.run.seed + spec.index, rank=dist.rank(), world_size=dist.world_size())
+        self.collate = Collator(self.run.tokenizer.pad_token_id, cfg.trainer.max_length, cfg.trainer.packing)
+        self.losses: list[float] = []
+
+    def total_steps(self) -> int:
+        return self.steps
+
+    def configure_optimizers(self, module):
+        from stagewise_pl.modules.sft import adamw_with_schedule
+
+        o = self.cfg.optim
+        return adamw_with_schedule(module.policy, o.lr if self.spec.lr is None else self.spec.lr, o.betas,
+                                   o.weight_decay, min(o.warmup_steps, self.steps // 5), self.steps, o.min_lr_ratio)
+
+    def start(self, module, resumed: bool) -> None:
+        module.policy.train()
+
+    def step(self, module, step: int) -> None:
+        from stagewise_pl.modules.sft import sft_loss
+
+        optimizer, scheduler = module.optimizers(), module.lr_schedulers()
+        total, rows = 0.0, 0
+        for micro in range(self.accumulate):
+            indices = self.sampler.batch(step * self.accumulate + micro)
+            batch = {k: v.to(module.device) for k, v in self.collate([self.examples[i] for i in indices]).items()}
+            loss, _ = sft_loss(module.policy, batch, self.cfg.trainer.kernel)
+            module.manual_backward(loss / self.accumulate)
+            total += float(loss.detach()) / self.accumulate
+            rows += len(indices)
+        if self.cfg.optim.grad_clip:
+            module.clip_gradients(optimizer, gradient_clip_val=self.cfg.optim.grad_clip, gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        self.position += 1
+        self.losses.append(total)
+        module.log_row({f"{self.spec.name}/train/loss": total, f"{self.spec.name}/train/lr":
+                        float(scheduler.get_last_lr()[0])}, every=self.cfg.trainer.log_every_n_steps)
+        module.bar("loss", total)
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "losses": self.losses}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position, self.losses = int(state["position"]), list(state.get("losses", []))
+
+    def summary(self) -> dict:
+        tail = self.losses[-max(1, len(self.losses) // 10):]
+        return {"kind": "sft", "steps": self.position, "problems": len(self.problems), "examples": len(self.examples),
+                "final_loss": round(sum(tail) / len(tail), 4) if tail else None, "target": self.cfg.data.target}
+
+
+@PHASES.register("grpo")
+class GRPORunner(PhaseRunner):
+    """GRPO on the selected problems (:mod:`stagewise_pl.modules.grpo` does the step); every graded
+    rollout goes to the ledger. The phase ends after ``steps`` rollout steps that made an update, or
+    after ``steps x grpo.max_rollout_factor`` rollout steps."""
+
+    kind, trains = "grpo", True
+
+    def __init__(self, manager, spec, problems):
+        super().__init__(manager, spec, problems)
+        from stagewise_pl.data.sft import StepBatchSampler
+        from stagewise_pl.modules.grpo import GRPOModule, GRPOSettings
+
+        cfg, g = self.cfg, self.cfg.grpo
+        if not problems:
+            raise ConfigError(f"phase {spec.name}: no problems selected ({spec.select!r} is empty); nothing to "
+                              f"train on")
+        settings = GRPOSettings.from_config(g, generation_budget(self.run, g.max_new_tokens))
+        if spec.batch_size:
+            settings.prompts_per_step = spec.batch_size
+        if spec.temperature:
+            settings.temperature = spec.temperature
+        self.max_rollout_steps = spec.steps * g.max_rollout_factor
+        lr = cfg.optim.lr if spec.lr is None else spec.lr
+        self.grpo = GRPOModule(self.run.policy, self.run.tokenizer, self.run.engine(), self.run.verifier, problems,
+                               settings, lr=lr, total_steps=spec.steps, weight_decay=cfg.optim.weight_decay,
+                               betas=tuple(cfg.optim.betas), warmup_steps=min(cfg.optim.warmup_steps, spec.steps // 5),
+                               min_lr_ratio=cfg.optim.min_lr_ratio, grad_clip=cfg.optim.grad_clip,
+                               seed=cfg.run.seed + 1000 * spec.index, sink=self.run.ledger, phase_name=spec.name,
+                               kernel_backend=cfg.trainer.kernel, phase_index=spec.index)
+        # the global batch of prompts of each rollout step; GRPOModule splits it across ranks
+        self.sampler = StepBatchSampler(len(problems), settings.prompts_per_step, self.max_rollout_steps,
+                                        self.grpo.seed)
+
+    def total_steps(self) -> int:
+        return self.max_rollout_steps
+
+    def done(self) -> bool:
+        return self.grpo.update_steps >= self.spec.steps or self.grpo.rollout_steps >= self.max_rollout_steps
+
+    @property
+    def position(self) -> int:
+        return self.grpo.rollout_steps if hasattr(self, "grpo") else 0
+
+    @position.setter
+    def position(self, value: int) -> None:
+        pass  # the GRPO module counts its rollout steps
+
+    def configure_optimizers(self, module):
+        return self.grpo.configure_optimizers()
+
+    def start(self, module, resumed: bool) -> None:
+        self.grpo.trainer = module.trainer
+        self.grpo.on_fit_start()
+        self.grpo.on_train_start()
+
+    def step(self, module, step: int) -> None:
+        g = self.grpo
+        g._current_fx_name = module._current_fx_name  # lets its progress-bar self.log reach the trainer
+        g.training_step(self.sampler.batch(step), step)
+
+    def state_dict(self) -> dict:
+        state: dict = {"history": self.grpo.history}
+        self.grpo.on_save_checkpoint(state)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.grpo.on_load_checkpoint(state)
+        self.grpo.history = list(state.get("history", []))
+
+    def summary(self) -> dict:
+        g, h = self.grpo, self.grpo.history
+        tenth = max(1, len(h) // 10)
+
+        def mean(key, rows):
+            return round(sum(r[key] for r in rows) / len(rows), 4) if rows else None
+
+        if g.update_steps < self.spec.steps:
+            self.run.log(f"phase {self.spec.name}: only {g.update_steps} of {self.spec.steps} rollout steps had a "
+                         f"group with signal within {self.max_rollout_steps} rollout steps (grpo.max_rollout_factor)")
+        return {"kind": "grpo", "steps": g.update_steps, "rollout_steps": g.rollout_steps,
+                "optimizer_steps": g.optimizer_steps,
+                "problems": len(self.problems), "reward_first_tenth": mean("reward", h[:tenth]),
+                "reward_last_tenth": mean("reward", h[-tenth:]), "zero_groups": mean("zero_groups", h),
+                "one_groups": mean("one_groups", h),
+                "seconds_generation": round(sum(r["s_generation"] for r in h), 1),
+                "seconds_grading": round(sum(r["s_grading"] for r in h), 1),
+                "seconds_training": round(sum(r["s_training"] for r in h), 1)}
+
+
+# ---------------------------------------------------------------------------------------------- module
+class StagewiseModule(L.LightningModule):
+    """The policy, trained by whichever phase runner is current (manual optimisation)."""
+
+    def __init__(self, policy: torch.nn.Module, manager: "StageManager"):
+        super().__init__()
+        self.policy = policy
+        self.automatic_optimization = False
+        self.__dict__["_manager"] = manager  # not a submodule
+
+    def training_step(self, token, batch_idx: int):
+        self._manager.step(self, token)
+
+    def configure_optimizers(self):
+        return self._manager.configure_optimizers(self)
+
+    def log_row(self, row: dict, every: int = 1) -> None:
+        """Metrics straight to the loggers (one call per row)."""
+        if self.global_step % max(1, every) == 0:
+            for logger in self.loggers:
+                logger.log_metrics(row, step=self.global_step)
+
+    def bar(self, name: str, value: float) -> None:
+        if self.trainer.progress_bar_callback is not None:
+            self.log(name, value, prog_bar=True, logger=False, batch_size=1)
+
+
+class PlanTokens:
+    """The stream Lightning trains on: ``(phase position, step)`` for every step the plan will take.
+
+    Lightning fetches one token ahead of the step it trains. A phase's length is known only once
+    the phase has started (its bucket is routed at that moment), so for a phase not yet started the
+    stream offers its next step and the runner ignores a step beyond its budget."""
+
+    def __init__(self, manager: "StageManager"):
+        self.manager = manager
+
+    def __iter__(self):
+        m = self.manager
+        pos = max(0, m.pos)
+        while pos < len(m.specs):
+            step = m.runner.position if pos == m.pos and m.runner is not None else 0
+            while m.may_have(pos, step):
+                yield pos, step
+                step += 1
+            pos += 1
+
+
+# ---------------------------------------------------------------------------------------------- manager
+@dataclass
+class Decision:
+    phase: str
+    select: str
+    rules: list
+    counts: dict
+    ids: dict
+    selected: list = field(default_factory=list)
+
+
+class StageManager(L.Callback):
+    """Runs the plan inside one Lightning fit; its state is in every checkpoint."""
+
+    def __init__(self, run, specs: Sequence[PhaseSpec], rules: Sequence, fingerprint: str = ""):
+        self.run, self.specs, self.rules, self.fingerprint = run, list(specs), list(rules), fingerprint
+        self.pos = -1  # the current phase (index into specs); -1 = not started
+        self.runner: Optional[PhaseRunner] = None
+        self.decisions: dict[str, dict] = {}
+        self._resumed: Optional[dict] = None  # state loaded from a checkpoint, applied when the runner exists
+        self.columns: dict = {}  # evaluation label -> results
+        self.finished = False
+
+    @property
+    def state_key(self) -> str:
+        return "StageManager"
+
+    # --------------------------------------------------------------- checkpoint state
+    def state_dict(self) -> dict:
+        return {"phase": self.pos, "runner": self.runner.state_dict() if self.runner else None,
+                "decisions": self.decisions, "ledger": self.run.ledger.state_dict(),
+                "fingerprint": self.fingerprint, "rng": rng_states()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("fingerprint") != self.fingerprint and not self.run.cfg.run.force:
+            raise ConfigError(f"resume: the checkpoint was written by another plan or other training data "
+                              f"(fingerprint {state.get('fingerprint')} != {self.fingerprint}); pass run.force=true to "
+                              f"resume anyway")
+        if dist.is_main():
+            self.run.ledger.load_state_dict(state["ledger"])  # parts written after the checkpoint are redone
+        dist.barrier()
+        self.run.ledger.refresh()
+        self.decisions = dict(state["decisions"])
+        self._resumed = state
+        set_rng_states(state["rng"])
+
+    # --------------------------------------------------------------- the plan
+    def may_have(self, pos: int, step: int) -> bool:
+        if pos < self.pos:
+            return False
+        if pos > self.pos or self.runner is None:
+            return True  # not started: its length is not known yet
+        return self.runner.has_step(step)
+
+    def configure_optimizers(self, module: StagewiseModule):
+        """Called by Lightning once at set-up (after a checkpoint's callback state is restored)."""
+        if self.runner is None:
+            resumed = self._resumed
+            self.enter(module, resumed["phase"] if resumed else 0, resumed["runner"] if resumed else None)
+        return self.runner.configure_optimizers(module)
+
+    def step(self, module: StagewiseModule, token) -> None:
+        pos, step = token
+        if pos != self.pos:
+            self.finish(module)
+            self.enter(module, pos, None)
+            trainer = module.trainer
+            trainer.strategy.setup_optimizers(trainer)
+            # Lightning counts optimizer steps through hooks it puts on the optimizers at the start of each
+            # batch: the optimizer built within this batch needs them now
+            trainer.fit_loop.epoch_loop.manual_optimization.on_run_start()
+            self.runner.start(module, resumed=False)
+            self.save(module.trainer)
+        runner = self.runner
+        if step != runner.position or runner.done():
+            return  # a step beyond the phase's budget (offered before the phase knew it)
+        runner.step(module, step)
+        fault_point(f"step:{runner.spec.name}:{runner.position}")
+        if runner.position % self.run.cfg.trainer.checkpoint_every_n_steps == 0:
+            self.save(module.trainer)
+            fault_point(f"checkpoint:{runner.spec.name}:{runner.position}")
+
+    def select(self, spec: PhaseSpec) -> list:
+        """The phase's problems: its bucket (asking the rules) or the pool, then its kind's level filter and limit."""
+        from stagewise_pl.verify.gold import gradable
+
+        run, cfg = self.run, self.run.cfg
+        pool = gradable(run.pool)
+        if spec.name in self.decisions:  # decided before a checkpoint: the same problems again
+            ids = self.decisions[spec.name]["selected"]
+        else:
+            decision = None
+            if dist.is_main():
+                decision = self.decide(spec, pool)
+            decision = dist.broadcast(decision)
+            if decision.get("error"):  # raised on every rank alike
+                raise ConfigError(decision["error"])
+            self.decisions[spec.name] = decision
+            ids = decision["selected"]
+        by_id = {p.id: p for p in (pool if spec.kind != "sft" else run.pool)}
+        return [by_id[i] for i in ids]
+
+    def decide(self, spec: PhaseSpec, pool: list) -> dict:
+        run, cfg = self.run, self.run.cfg
+        if spec.select == "all":
+            candidates = run.pool if spec.kind == "sft" else pool
+            buckets, counts = {}, {}
+        else:
+            view = RoutingView(run.ledger, {p.id: p for p in pool}, self.specs[:spec.index - 1], spec)
+            buckets = route(self.rules, view)
+            counts = {name: len(ids) for name, ids in buckets.items()}
+            chosen = set(buckets.get(spec.select, []))
+            candidates = [p for p in (run.pool if spec.kind == "sft" else pool) if p.id in chosen]
+        levels = {"grpo": cfg.grpo.levels, "profile": cfg.profile.levels}.get(spec.kind) or []
+        error = None
+        if levels:
+            kept = [p for p in candidates if str(p.level) in {str(v) for v in levels}]
+            if candidates and not kept:
+                error = f"{spec.kind}.levels={list(levels)}: none of the {len(candidates)} problems phase {spec.name} " \
+                        f"selected ({spec.select}) is at these levels"
+            candidates = kept
+        limit = spec.limit or (cfg.profile.limit if spec.kind == "profile" else 0)
+        if limit and limit < len(candidates):
+            keep = np.random.default_rng([cfg.run.seed, spec.index]).choice(len(candidates), limit, replace=False)
+            candidates = [candidates[i] for i in sorted(keep)]
+        decision = {"phase": spec.name, "kind": spec.kind, "select": spec.select,
+                    "rules": [rule_name(r) for r in self.rules] if spec.select != "all" else [],
+                    "counts": counts, "ids": buckets, "selected": [p.id for p in candidates], "error": error}
+        path = run.dir / "routing" / f"{spec.index:02d}-{spec.name}.json"
+        from stagewise_pl.run import atomic_write
+
+        atomic_write(path, json.dumps(decision, indent=1))
+        return decision
+
+    def enter(self, module: StagewiseModule, pos: int, runner_state: Optional[dict]) -> None:
+        spec = self.specs[pos]
+        problems = self.select(spec)
+        decision = self.decisions[spec.name]
+        counts = ", ".join(f"{k} {v}" for k, v in decision["counts"].items())
+        runner = PHASES.get(spec.kind)(self, spec, problems)
+        if runner_state is not None:
+            runner.load_state_dict(runner_state)
+        self.run.log(f"phase {spec.name}: {spec.kind} on {spec.select} ({len(problems)} problems"
+                     + (f"; buckets: {counts}" if counts else "") + ")"
+                     + (f", resuming at step {runner.position}" if runner_state else ""))
+        self.pos, self.runner = pos, runner
+        self.phase_started = time.time()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.run.cfg.eval.before and "before" not in self.columns:
+            self.columns["before"] = self.run.evaluate("before")
+        for spec in self.specs[:max(0, self.pos)]:  # a resumed run shows the phases it did not rerun
+            if (self.run.dir / "eval" / f"{spec.name}.json").is_file():
+                self.columns[spec.name] = self.run.evaluate(spec.name)
+        self.runner.start(pl_module, resumed=self._resumed is not None)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        """The stream has ended: every phase has run. Close the last one and write the final checkpoint."""
+        self.finish(pl_module)
+        self.finished = True
+        self.save(trainer)
+
+    def finish(self, module: StagewiseModule) -> None:
+        """Close the current phase: summary, export, evaluation, state.json."""
+        runner, run = self.runner, self.run
+        spec = runner.spec
+        summary = dict(runner.summary(), seconds=round(time.time() - self.phase_started, 1))
+        summary["select"] = spec.select
+        if spec.select != "all":
+            summary["buckets"] = self.decisions[spec.name]["counts"]
+        if runner.trains and dist.is_main():
+            run.export(run.dir / "export" / spec.name)
+        if spec.kind == "eval" or (runner.trains and run.cfg.eval.each_phase):
+            self.columns[spec.name] = run.evaluate(spec.name)
+        if dist.is_main():
+            run.mark_completed(spec.name, summary)
+        dist.barrier()
+        run.log(f"phase {spec.name} done: {json.dumps(summary)}")
+        if spec.name in self.columns:
+            run.log(run.accuracy_line(spec.name, self.columns[spec.name]))
+        fault_point(f"phase_end:{spec.name}")
+
+    def save(self, trainer) -> None:
+        """``last.ckpt``: written aside, then renamed into place (a kill never leaves half a checkpoint)."""
+        directory = self.run.dir / "checkpoints"
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f".last.ckpt.tmp-{os.getpid()}"
+        trainer.save_checkpoint(str(tmp))
+        if dist.is_main():
+            os.replace(tmp, directory / "last.ckpt")
+        dist.barrier()
+
+
+def rng_states() -> dict:
+    """torch, numpy and python RNG states as plain types and tensors (a weights-only load reads them)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                      int(has_gauss), float(gauss)],
+            "python": list(random.getstate()[1]), "python_gauss": random.getstate()[2]}
+
+
+def set_rng_states(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate((3, tuple(state["python"]), state["python_gauss"]))
