@@ -18,8 +18,11 @@ def _dist():
 
 
 def rank() -> int:
+    """This process's global rank (from the environment of a DDP launch before or after the process group)."""
+    import os
+
     d = _dist()
-    return d.get_rank() if d else 0
+    return d.get_rank() if d else int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
 
 
 def world_size() -> int:

@@ -45,11 +45,12 @@ def _fsync_dir(directory: Path) -> None:
 class DifficultyLedger:
     """Append-only store of graded rollouts; implements :class:`~stagewise_pl.records.RolloutSink`."""
 
-    def __init__(self, directory: Path, run_id: str):
+    def __init__(self, directory: Path, run_id: str, writer: bool = True):
         self.dir, self.run_id = Path(directory), run_id
         self.dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.dir.glob(".part-*.tmp*"):  # a write cut by a crash before its rename
-            stale.unlink()
+        if writer:  # the process that writes (rank 0) clears what a crash left half-written
+            for stale in self.dir.glob(".part-*.tmp*"):  # a write cut by a crash before its rename
+                stale.unlink(missing_ok=True)
         self._table: Optional[pa.Table] = None
 
     # ------------------------------------------------------------------ writing

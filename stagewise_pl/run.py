@@ -71,6 +71,11 @@ def flat(d: Any, prefix: str = "") -> dict[str, Any]:
         for k, v in d.items():
             out.update(flat(v, f"{prefix}{k}."))
         return out
+    if isinstance(d, list) and d and all(isinstance(v, dict) for v in d):  # the plan: phases.1.steps
+        out = {f"{prefix}length": len(d)}
+        for i, v in enumerate(d):
+            out.update(flat(v, f"{prefix}{i}."))
+        return out
     return {prefix[:-1]: d}
 
 
@@ -78,7 +83,10 @@ class Run:
     def __init__(self, cfg: Config, log=print):
         from stagewise_pl.stages import make_rules
 
-        self.cfg, self.log = cfg, log
+        from stagewise_pl import dist
+
+        self.cfg = cfg
+        self.log = log if dist.rank() == 0 else (lambda *args, **kwargs: None)  # one voice under DDP
         self.rules = make_rules(cfg.stages.rules)
         self.phases = plan_phases(cfg, self.rules)
         if any(p.kind == "grpo" for p in self.phases):
@@ -178,7 +186,7 @@ class Run:
                                                   cfg.model.attn_implementation)
         from stagewise_pl.ledger import DifficultyLedger
 
-        self.ledger = DifficultyLedger(self.dir / "ledger", run_id=self.dir.name)
+        self.ledger = DifficultyLedger(self.dir / "ledger", run_id=self.dir.name, writer=dist.rank() == 0)
         self.data_digest = pool_digest(self.pool)
 
     def _keep_previous_csv(self) -> None:

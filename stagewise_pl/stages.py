@@ -24,6 +24,7 @@ the same step and ends with the weights and ledger of an uninterrupted run.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -175,6 +176,9 @@ class EvalRunner(PhaseRunner):
 
     kind = "eval"
 
+    def summary(self) -> dict:
+        return {"kind": "eval"}
+
 
 @PHASES.register("profile")
 class ProfileRunner(PhaseRunner):
@@ -246,9 +250,10 @@ class SFTRunner(PhaseRunner):
         from stagewise_pl.train import build_examples
 
         cfg = self.cfg
-        if not problems:
-            raise ConfigError(f"phase {spec.name}: no problems selected ({spec.select!r} is empty); nothing to "
-                              f"fine-tune on")
+        self.losses: list[float] = []
+        if not problems:  # an empty bucket: the phase has nothing to do
+            self.examples, self.steps = [], 0
+            return
         self.examples = build_examples(self.run.tokenizer, problems, cfg.data.target, cfg.trainer.max_length)
         self.batch_size = spec.batch_size or cfg.trainer.batch_size
         self.accumulate = cfg.trainer.accumulate_grad_batches
@@ -256,7 +261,6 @@ class SFTRunner(PhaseRunner):
         self.sampler = StepBatchSampler(len(self.examples), self.batch_size, self.steps * self.accumulate,
                                         cfg.run.seed + spec.index, rank=dist.rank(), world_size=dist.world_size())
         self.collate = Collator(self.run.tokenizer.pad_token_id, cfg.trainer.max_length, cfg.trainer.packing)
-        self.losses: list[float] = []
 
     def total_steps(self) -> int:
         return self.steps
@@ -301,6 +305,8 @@ class SFTRunner(PhaseRunner):
         self.position, self.losses = int(state["position"]), list(state.get("losses", []))
 
     def summary(self) -> dict:
+        if not self.problems:
+            return {"kind": "sft", "steps": 0, "problems": 0}
         tail = self.losses[-max(1, len(self.losses) // 10):]
         return {"kind": "sft", "steps": self.position, "problems": len(self.problems), "examples": len(self.examples),
                 "final_loss": round(sum(tail) / len(tail), 4) if tail else None, "target": self.cfg.data.target}
@@ -320,15 +326,12 @@ class GRPORunner(PhaseRunner):
         from stagewise_pl.modules.grpo import GRPOModule, GRPOSettings
 
         cfg, g = self.cfg, self.cfg.grpo
-        if not problems:
-            raise ConfigError(f"phase {spec.name}: no problems selected ({spec.select!r} is empty); nothing to "
-                              f"train on")
         settings = GRPOSettings.from_config(g, generation_budget(self.run, g.max_new_tokens))
         if spec.batch_size:
             settings.prompts_per_step = spec.batch_size
         if spec.temperature:
             settings.temperature = spec.temperature
-        self.max_rollout_steps = spec.steps * g.max_rollout_factor
+        self.max_rollout_steps = spec.steps * g.max_rollout_factor if problems else 0  # an empty bucket: nothing to do
         lr = cfg.optim.lr if spec.lr is None else spec.lr
         self.grpo = GRPOModule(self.run.policy, self.run.tokenizer, self.run.engine(), self.run.verifier, problems,
                                settings, lr=lr, total_steps=spec.steps, weight_decay=cfg.optim.weight_decay,
@@ -337,7 +340,7 @@ class GRPORunner(PhaseRunner):
                                seed=cfg.run.seed + 1000 * spec.index, sink=self.run.ledger, phase_name=spec.name,
                                kernel_backend=cfg.trainer.kernel, phase_index=spec.index)
         # the global batch of prompts of each rollout step; GRPOModule splits it across ranks
-        self.sampler = StepBatchSampler(len(problems), settings.prompts_per_step, self.max_rollout_steps,
+        self.sampler = StepBatchSampler(max(1, len(problems)), settings.prompts_per_step, self.max_rollout_steps,
                                         self.grpo.seed)
 
     def total_steps(self) -> int:
@@ -378,12 +381,14 @@ class GRPORunner(PhaseRunner):
 
     def summary(self) -> dict:
         g, h = self.grpo, self.grpo.history
+        if not self.problems:
+            return {"kind": "grpo", "steps": 0, "rollout_steps": 0, "optimizer_steps": 0, "problems": 0}
         tenth = max(1, len(h) // 10)
 
         def mean(key, rows):
             return round(sum(r[key] for r in rows) / len(rows), 4) if rows else None
 
-        if g.update_steps < self.spec.steps:
+        if g.update_steps < self.spec.steps and self.problems:
             self.run.log(f"phase {self.spec.name}: only {g.update_steps} of {self.spec.steps} rollout steps had a "
                          f"group with signal within {self.max_rollout_steps} rollout steps (grpo.max_rollout_factor)")
         return {"kind": "grpo", "steps": g.update_steps, "rollout_steps": g.rollout_steps,
@@ -548,7 +553,9 @@ class StageManager(L.Callback):
 
     def decide(self, spec: PhaseSpec, pool: list) -> dict:
         run, cfg = self.run, self.run.cfg
-        if spec.select == "all":
+        if spec.kind == "eval":  # held-out sets, not the training pool
+            candidates, buckets, counts = [], {}, {}
+        elif spec.select == "all":
             candidates = run.pool if spec.kind == "sft" else pool
             buckets, counts = {}, {}
         else:
@@ -567,7 +574,8 @@ class StageManager(L.Callback):
             candidates = kept
         limit = spec.limit or (cfg.profile.limit if spec.kind == "profile" else 0)
         if limit and limit < len(candidates):
-            keep = np.random.default_rng([cfg.run.seed, spec.index]).choice(len(candidates), limit, replace=False)
+            # seeded by the run alone: profiles with the same limit see the same problems, before and after training
+            keep = np.random.default_rng([cfg.run.seed]).choice(len(candidates), limit, replace=False)
             candidates = [candidates[i] for i in sorted(keep)]
         decision = {"phase": spec.name, "kind": spec.kind, "select": spec.select,
                     "rules": [rule_name(r) for r in self.rules] if spec.select != "all" else [],
@@ -592,12 +600,18 @@ class StageManager(L.Callback):
         self.pos, self.runner = pos, runner
         self.phase_started = time.time()
 
+    def evaluate(self, label: str) -> None:
+        """Held-out evaluation on rank 0 (the others wait)."""
+        if dist.is_main():
+            self.columns[label] = self.run.evaluate(label)
+        dist.barrier()
+
     def on_train_start(self, trainer, pl_module) -> None:
         if self.run.cfg.eval.before and "before" not in self.columns:
-            self.columns["before"] = self.run.evaluate("before")
+            self.evaluate("before")
         for spec in self.specs[:max(0, self.pos)]:  # a resumed run shows the phases it did not rerun
             if (self.run.dir / "eval" / f"{spec.name}.json").is_file():
-                self.columns[spec.name] = self.run.evaluate(spec.name)
+                self.evaluate(spec.name)
         self.runner.start(pl_module, resumed=self._resumed is not None)
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -605,6 +619,16 @@ class StageManager(L.Callback):
         self.finish(pl_module)
         self.finished = True
         self.save(trainer)
+        # what this rank trained on, phase by phase: every rank must have seen the same routing
+        from stagewise_pl.run import atomic_write
+
+        digests = {name: hashlib.sha256(json.dumps(d["selected"]).encode()).hexdigest()[:16]
+                   for name, d in self.decisions.items()}
+        weights = hashlib.sha256()
+        for name, tensor in sorted(pl_module.policy.state_dict().items()):
+            weights.update(name.encode() + tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        digests["final weights"] = weights.hexdigest()[:16]
+        atomic_write(self.run.dir / "routing" / "ranks" / f"rank-{dist.rank()}.json", json.dumps(digests, indent=1))
 
     def finish(self, module: StagewiseModule) -> None:
         """Close the current phase: summary, export, evaluation, state.json."""
@@ -614,10 +638,13 @@ class StageManager(L.Callback):
         summary["select"] = spec.select
         if spec.select != "all":
             summary["buckets"] = self.decisions[spec.name]["counts"]
-        if runner.trains and dist.is_main():
+        trained = runner.trains and runner.position > 0
+        if not runner.problems and spec.kind != "eval":
+            summary["skipped"] = f"bucket {spec.select!r} is empty"
+        if trained and dist.is_main():
             run.export(run.dir / "export" / spec.name)
-        if spec.kind == "eval" or (runner.trains and run.cfg.eval.each_phase):
-            self.columns[spec.name] = run.evaluate(spec.name)
+        if spec.kind == "eval" or (trained and run.cfg.eval.each_phase):
+            self.evaluate(spec.name)
         if dist.is_main():
             run.mark_completed(spec.name, summary)
         dist.barrier()

@@ -39,6 +39,13 @@ def fast_overrides(cache_dir) -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def base_overrides():
+    """The real tiny base model (warm-up as in the default run; cached like the default run's). Keep the
+    task and trainer.packing as in conf/default.yaml: they are part of the base model's cache key."""
+    return ["run.progress_bar=false", "eval.k=0", "trainer.log_every_n_steps=1", "eval.before=false"]
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A random tiny model and its locally trained tokenizer, saved with save_pretrained."""
     from stagewise_pl.config import TinyModelConfig

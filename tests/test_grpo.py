@@ -131,12 +131,6 @@ def test_on_policy_means_ratio_one():
 
 
 # ------------------------------------------------------------------ the phase, end to end
-@pytest.fixture(scope="session")
-def base_overrides():
-    """The real tiny base model (warm-up as in the default run; cached like the default run's)."""
-    return ["run.progress_bar=false", "eval.k=0", "trainer.log_every_n_steps=1", "eval.before=false"]
-
-
 def grpo_overrides(base_overrides, run_dir, steps=6, extra=()):
     return base_overrides + [f"run.dir={run_dir}", f"phases=[{{kind: grpo, steps: {steps}, lr: 1e-4}}]",
                              "grpo.levels=[4,5]", "grpo.prompts_per_step=4", "grpo.num_generations=4",

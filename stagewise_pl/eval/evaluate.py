@@ -57,7 +57,9 @@ def evaluate_problems(engine, tokenizer, verifier, problems: Sequence[Problem], 
             sampled_rates[i], any_correct[i] = sum(r) / k, float(max(r) > 0)
     levels = sorted({_level_key(p) for p in problems}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
     metrics: dict[str, dict[str, MeanMetric]] = OrderedDict(
-        (lvl, {name: MeanMetric() for name in ("pass@1", "mean_p", f"pass@{k}", *BUCKETS)}) for lvl in levels + [ALL])
+        # one process evaluates (rank 0 under DDP): the metrics must not wait for the others
+        (lvl, {name: MeanMetric(sync_on_compute=False) for name in ("pass@1", "mean_p", f"pass@{k}", *BUCKETS)})
+        for lvl in levels + [ALL])
     counts = {lvl: 0 for lvl in levels + [ALL]}
     for i, p in enumerate(problems):
         for lvl in {_level_key(p), ALL}:

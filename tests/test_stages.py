@@ -1,0 +1,293 @@
+"""The plan, the stage rules and the stage manager: pure plan checks, routing on hand-made ledgers,
+a rule from a module only this test has, kill-and-resume equality through fault points, refusals,
+and the plan across two DDP processes."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from callbacks.promote import PromoteAboveThreshold
+from callbacks.rules import NeverSolvedInRL, RouteByPassRate
+from stagewise_pl.config import ConfigError, PhaseConfig, load_config
+from stagewise_pl.data.problems import Problem
+from stagewise_pl.ledger import DifficultyLedger
+from stagewise_pl.plan import PhaseSpec, RuleInfo, build_plan, describe, fingerprint
+from stagewise_pl.records import RolloutRecord
+from stagewise_pl.run import Run
+from stagewise_pl.stages import RoutingView, route
+
+KINDS = ["profile", "sft", "grpo", "eval"]
+RULES = [RuleInfo("route_by_pass_rate", ("hard", "medium", "easy"), "profile"),
+         RuleInfo("never_solved_in_rl", ("unsolved_in_rl",), "grpo")]
+
+
+def phase(kind, **kw):
+    return PhaseConfig(kind=kind, **kw)
+
+
+# ------------------------------------------------------------------ the plan, without a Trainer
+def test_the_method_plan_is_checked_and_named():
+    plan = build_plan([phase("profile"), phase("sft", select="hard", epochs=2.0), phase("profile"),
+                       phase("grpo", select="medium", steps=30, lr=1e-4, temperature=0.9),
+                       phase("sft", select="unsolved_in_rl", steps=20, name="repair"), phase("eval")], KINDS, RULES)
+    assert [p.name for p in plan] == ["1-profile", "2-sft", "3-profile", "4-grpo", "repair", "6-eval"]
+    assert plan[3] == PhaseSpec(4, "4-grpo", "grpo", "medium", 30, 0.0, 1e-4, None, 0.9, 0)
+    assert plan[1].budget(n_items=100, batch_size=16) == 12 and plan[3].budget(100, 16) == 30
+    lines = describe(plan)
+    assert lines[1] == "2-sft: sft on hard, 2 epochs" and lines[3].startswith("4-grpo: grpo on medium, 30 steps, lr")
+
+
+@pytest.mark.parametrize("phases,message", [
+    ([phase("bridge_sft")], "phases.0.kind=bridge_sft: Bridge SFT .* not implemented yet"),
+    ([phase("profile"), phase("grpo"), phase("cft", select="unsolved_in_rl")], "phases.2.kind=cft: critique"),
+    ([phase("distill")], "phases.0.kind: unknown phase kind 'distill'"),
+    ([phase("profile"), phase("sft", select="tricky")], "phases.1.select='tricky': no stage rule builds"),
+    ([phase("sft", select="hard")], "phases.0.select='hard': .* no profile phase comes before"),
+    ([phase("profile"), phase("sft", select="unsolved_in_rl")], "no grpo phase comes before phase 1"),
+    ([phase("grpo", epochs=1.0)], "phases.0.epochs: only sft"),
+    ([phase("sft", steps=0)], "phases.0: an sft phase needs steps > 0 or epochs > 0"),
+    ([phase("sft", name="a"), phase("grpo", name="a")], "names must be unique"),
+    ([], "at least one phase"),
+])
+def test_bad_plans_are_refused_before_any_work(phases, message):
+    with pytest.raises(ConfigError, match=message):
+        build_plan(phases, KINDS, RULES)
+
+
+def test_the_fingerprint_follows_plan_rules_and_data():
+    plan = build_plan([phase("profile"), phase("grpo", select="medium")], KINDS, RULES)
+    other = build_plan([phase("profile"), phase("grpo", select="medium", steps=99)], KINDS, RULES)
+    base = fingerprint(plan, [{"target": "r"}], "data1")
+    assert base == fingerprint(plan, [{"target": "r"}], "data1")
+    assert len({base, fingerprint(other, [{"target": "r"}], "data1"), fingerprint(plan, [{"target": "s"}], "data1"),
+                fingerprint(plan, [{"target": "r"}], "data2")}) == 4
+
+
+# ------------------------------------------------------------------ rules on hand-made ledgers
+def hand_ledger(tmp_path, results: dict) -> DifficultyLedger:
+    """results: phase name -> (kind, index, {problem: [rewards]})."""
+    ledger = DifficultyLedger(tmp_path / "ledger", run_id="hand")
+    for name, (kind, index, by_problem) in results.items():
+        ledger.record([RolloutRecord(name, kind, 0, pid, j, r, "correct" if r > 0 else "wrong", 5, False,
+                                     not any(rs), None if r > 0 else "x", 0, index, 0)
+                       for pid, rs in by_problem.items() for j, r in enumerate(rs)])
+    return ledger
+
+
+def view_of(ledger, done, pool_ids, next_kind="sft"):
+    pool = {pid: Problem(id=pid, prompt=pid, answer="1", source="hand") for pid in pool_ids}
+    return RoutingView(ledger, pool, done, PhaseSpec(len(done) + 1, "next", next_kind))
+
+
+def test_route_by_pass_rate_buckets_the_latest_profile(tmp_path):
+    ledger = hand_ledger(tmp_path, {
+        "1-profile": ("profile", 1, {"a": [0, 0, 0, 0], "b": [1, 0, 0, 0], "c": [1, 1, 1, 1], "d": [0, 0, 0, 0]}),
+        "3-profile": ("profile", 3, {"a": [1, 0, 0, 0], "b": [1, 1, 1, 0], "c": [1, 1, 1, 1], "d": [0, 0, 0, 0]}),
+    })
+    done = [PhaseSpec(1, "1-profile", "profile"), PhaseSpec(2, "2-sft", "sft"), PhaseSpec(3, "3-profile", "profile")]
+    view = view_of(ledger, done, ["a", "b", "c", "d", "e"])
+    assert route([RouteByPassRate()], view) == {"hard": ["d"], "medium": ["a", "b"], "easy": ["c"]}
+    # before the second profile, the first one decides
+    assert route([RouteByPassRate()], view_of(ledger, done[:2], "abcde")) == \
+        {"hard": ["a", "d"], "medium": ["b"], "easy": ["c"]}
+    # thresholds: p <= 0.25 is hard, p >= 0.75 easy
+    assert route([RouteByPassRate(hard_max=0.25, easy_min=0.75)], view) == \
+        {"hard": ["a", "d"], "medium": [], "easy": ["b", "c"]}
+    # problems no longer in the pool are not routed; no profile yet: empty buckets
+    assert route([RouteByPassRate()], view_of(ledger, done, ["a", "c"]))["medium"] == ["a"]
+    assert route([RouteByPassRate()], view_of(ledger, [], "abcd")) == {"hard": [], "medium": [], "easy": []}
+    with pytest.raises(TypeError, match="hard_max < easy_min"):
+        RouteByPassRate(hard_max=0.5, easy_min=0.5)
+
+
+def test_never_solved_in_rl_and_a_rule_that_holds_problems_back(tmp_path):
+    ledger = hand_ledger(tmp_path, {
+        "1-profile": ("profile", 1, {"a": [0] * 4, "b": [0] * 4, "c": [1, 0, 0, 0], "d": [1, 1, 0, 0]}),
+        "2-grpo": ("grpo", 2, {"a": [0] * 8, "c": [0] * 4 + [1] + [0] * 3, "d": [0] * 8}),
+        "3-profile": ("profile", 3, {"a": [0] * 4, "b": [1, 0, 0, 0], "c": [1, 1, 0, 0], "d": [1, 0, 0, 0]}),
+    })
+    done = [PhaseSpec(1, "1-profile", "profile"), PhaseSpec(2, "2-grpo", "grpo"), PhaseSpec(3, "3-profile", "profile")]
+    view = view_of(ledger, done, "abcd")
+    assert route([NeverSolvedInRL()], view) == {"unsolved_in_rl": ["a", "d"]}
+    # promotion to RL needs a pass rate of 0.5: b (0.25) and d (0.25) stay with SFT; c was below it before: promoted
+    buckets = route([RouteByPassRate(), PromoteAboveThreshold(threshold=0.5)], view)
+    assert buckets == {"hard": ["a", "b", "d"], "medium": ["c"], "easy": [], "promoted": ["c"]}
+
+
+def test_a_rule_must_return_pool_ids(tmp_path):
+    class Wrong(RouteByPassRate):
+        def route(self, view, buckets):
+            return {"hard": ["nope"]}
+
+    ledger = hand_ledger(tmp_path, {"1-profile": ("profile", 1, {"a": [0]})})
+    with pytest.raises(ValueError, match="not in the pool: \\['nope'\\]"):
+        route([Wrong()], view_of(ledger, [PhaseSpec(1, "1-profile", "profile")], "a"))
+
+
+# ------------------------------------------------------------------ runs
+PLAN = ("phases=[{kind: profile, limit: 40}, {kind: sft, select: hard, steps: 4}, {kind: profile, limit: 40}, "
+        "{kind: grpo, select: medium, steps: 3, lr: 1e-4}, {kind: eval}]")
+
+
+@pytest.fixture
+def plan_overrides(base_overrides):
+    # the real base model: its profile has easy, medium and hard problems
+    return base_overrides + [PLAN, "trainer.batch_size=16", "profile.k=4", "grpo.prompts_per_step=4", "grpo.num_generations=4",
+                             "grpo.max_new_tokens=24", "eval.k=0", "trainer.checkpoint_every_n_steps=2",
+                             "run.deterministic=true"]
+
+
+def fit(args, env_extra=None, timeout=600):
+    env = dict(os.environ, **(env_extra or {}))
+    env.pop("STAGEWISE_RUN_DIR", None)
+    return subprocess.run([sys.executable, "-m", "stagewise_pl.fit", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def records(run_dir: Path):
+    return DifficultyLedger(run_dir / "ledger", "x", writer=False).table().drop(["run_id"])
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    x, y = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_one_launch_runs_the_plan_and_routes_by_the_ledger(tmp_path, plan_overrides):
+    run_dir = tmp_path / "plan"
+    Run(load_config("default", plan_overrides + [f"run.dir={run_dir}"]), log=lambda *_: None).execute()
+    state = json.loads((run_dir / "state.json").read_text())
+    assert list(state["completed"]) == ["1-profile", "2-sft", "3-profile", "4-grpo", "5-eval"] and state["finished"]
+    ledger = DifficultyLedger(run_dir / "ledger", "x")
+    first = ledger.pass_rates("1-profile")
+    routing = json.loads((run_dir / "routing" / "02-2-sft.json").read_text())
+    # the SFT phase trained exactly on the problems the first profile never solved
+    assert routing["selected"] == sorted(pid for pid, p in first.items() if p == 0.0) == routing["ids"]["hard"]
+    assert routing["counts"]["hard"] + routing["counts"]["medium"] + routing["counts"]["easy"] == 40
+    assert state["completed"]["2-sft"]["problems"] == len(routing["selected"]) > 0
+    grpo_routing = json.loads((run_dir / "routing" / "04-4-grpo.json").read_text())
+    second = ledger.pass_rates("3-profile")
+    assert grpo_routing["selected"] == sorted(pid for pid, p in second.items() if 0 < p < 1)
+    assert {r["problem_id"] for r in ledger.table().to_pylist() if r["phase"] == "4-grpo"} <= \
+        set(grpo_routing["selected"])
+    assert state["completed"]["4-grpo"]["buckets"] == grpo_routing["counts"]
+    for label in ["2-sft", "4-grpo", "5-eval"]:  # evaluated after each training phase and at the eval phase
+        assert (run_dir / "eval" / f"{label}.json").is_file()
+    assert not (run_dir / "eval" / "1-profile.json").exists()
+    summary = (run_dir / "summary.md").read_text()
+    assert "2-sft pass@1" in summary and "5-eval pass@1" in summary
+
+
+@pytest.mark.parametrize("point", ["checkpoint:2-sft:2", "step:4-grpo:2", "phase_end:3-profile"])
+def test_killed_and_resumed_it_ends_as_an_uninterrupted_run(tmp_path_factory, plan_overrides, point):
+    base = tmp_path_factory.getbasetemp() / "straight-plan"
+    if not (base / "final").is_dir():  # one uninterrupted run for every kill point
+        out = fit(plan_overrides + [f"run.dir={base}"])
+        assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = tmp_path_factory.mktemp("killed")
+    out = fit(plan_overrides + [f"run.dir={run_dir}"], {"STAGEWISE_FAULT": point})
+    assert out.returncode == -9, out.stderr[-3000:]  # SIGKILL: no handler ran
+    assert not (run_dir / "final").exists()
+    out = fit(plan_overrides + [f"run.dir={run_dir}", "resume=last"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resuming from" in out.stdout
+    assert same_weights(base / "final", run_dir / "final")
+    assert records(base).equals(records(run_dir))
+    for decision in (base / "routing").glob("*.json"):
+        assert json.loads(decision.read_text()) == json.loads((run_dir / "routing" / decision.name).read_text())
+    again = fit(plan_overrides + [f"run.dir={run_dir}", "resume=last"])
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+
+
+def test_a_resume_continues_in_the_same_phase_at_the_same_step(tmp_path, plan_overrides):
+    run_dir = tmp_path / "r"
+    out = fit(plan_overrides + [f"run.dir={run_dir}"], {"STAGEWISE_FAULT": "step:4-grpo:3"})
+    assert out.returncode == -9
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]["StageManager"]
+    assert state["phase"] == 3 and state["runner"]["grpo"]["rollout_steps"] == 2  # checkpointed after step 2
+    assert len(DifficultyLedger(run_dir / "ledger", "x").parts()) > state["ledger"]["parts"]  # step 3 recorded
+    out = fit(plan_overrides + [f"run.dir={run_dir}", "resume=last"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "phase 4-grpo: grpo on medium" in out.stdout and "resuming at step 2" in out.stdout
+    assert "phase 2-sft: sft" not in out.stdout  # finished phases are not rerun
+
+
+def test_a_changed_plan_or_data_is_refused_unless_forced(tmp_path, fast_overrides):
+    rows = tmp_path / "pool.jsonl"
+    rows.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"{i} + 1", "answer": str(i + 1),
+                                        "solution": f"{i} + 1 = {i + 1}\n#### {i + 1}"}) + "\n" for i in range(12)))
+    args = fast_overrides + [f"run.dir={tmp_path / 'r'}", "data.source=jsonl", f"data.path={rows}",
+                             "data.fields={id: id, prompt: prompt, answer: answer, solution: solution}",
+                             "data.target=reference", "eval.k=0", "eval.before=false", "eval.each_phase=false",
+                             "phases=[{kind: sft, steps: 4}, {kind: sft, steps: 4}]", "trainer.checkpoint_every_n_steps=2"]
+    assert fit(args, {"STAGEWISE_FAULT": "checkpoint:2-sft:2"}).returncode == -9
+    changed = fit(args + ["resume=last", "phases.1.steps=6"])
+    assert changed.returncode == 2 and "configuration differs" in changed.stderr and "phases.1.steps" in changed.stderr
+    rows.write_text(rows.read_text().replace('"answer": "3"', '"answer": "4"'))
+    data = fit(args + ["resume=last"])
+    assert data.returncode == 2 and "training data differs" in data.stderr
+    forced = fit(args + ["resume=last", "run.force=true"])
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert "run.force=true" in forced.stdout and json.loads((tmp_path / "r" / "state.json").read_text())["finished"]
+
+
+RULE_MODULE = '''
+from stagewise_pl.stages import StageRule
+
+
+class FirstSampleFailed(StageRule):
+    """Routes the problems whose first sample in the latest profile was not correct to 'retry'."""
+    buckets = ("retry",)
+    reads = "profile"
+
+    def __init__(self, sample=0):
+        self.sample = sample
+
+    def route(self, view, buckets):
+        name = view.last("profile").name
+        rows = view.ledger.table().to_pylist()
+        return {**buckets, "retry": [r["problem_id"] for r in rows if r["phase"] == name
+                                     and r["sample_index"] == self.sample and r["reason"] != "correct"]}
+'''
+
+
+def test_a_rule_from_a_module_only_this_test_has(tmp_path, fast_overrides):
+    (tmp_path / "my_rules_for_this_test.py").write_text(RULE_MODULE)
+    run_dir = tmp_path / "custom"
+    out = subprocess.run(
+        [sys.executable, "-m", "stagewise_pl.fit", *fast_overrides, f"run.dir={run_dir}", "eval.k=0",
+         "eval.before=false", "profile.k=4",
+         "stages.rules=[{target: my_rules_for_this_test:FirstSampleFailed, args: {sample: 1}}]",
+         "phases=[{kind: profile, limit: 30}, {kind: sft, select: retry, steps: 2}]"],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(tmp_path)), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = DifficultyLedger(run_dir / "ledger", "x").table().to_pylist()
+    decision = json.loads((run_dir / "routing" / "02-2-sft.json").read_text())
+    expected = sorted(r["problem_id"] for r in rows if r["sample_index"] == 1 and r["reason"] != "correct")
+    assert decision["rules"] == ["FirstSampleFailed"] and decision["selected"] == expected and expected
+    assert f"buckets: retry {len(expected)}" in out.stdout
+    bad = fit(fast_overrides + [f"run.dir={tmp_path / 'bad'}", "stages.rules=[{target: no_such_module:Rule}]"])
+    assert bad.returncode == 2 and "stages.rules.0.target: cannot import 'no_such_module'" in bad.stderr
+
+
+def test_two_ddp_processes_run_the_plan_with_one_ledger_and_one_routing(tmp_path, plan_overrides):
+    run_dir = tmp_path / "ddp"
+    out = fit(plan_overrides + [f"run.dir={run_dir}", "trainer.strategy=ddp", "trainer.devices=2",
+                                "trainer.accelerator=cpu", "run.threads=1", "run.deterministic=false"], timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    table = DifficultyLedger(run_dir / "ledger", "x").table().to_pylist()
+    for name in ["1-profile", "3-profile"]:  # sharded across the ranks, merged: every problem k times, once each
+        keys = [(r["problem_id"], r["sample_index"]) for r in table if r["phase"] == name]
+        assert len(keys) == 40 * 4 and len(set(keys)) == len(keys)
+    ranks = [json.loads((run_dir / "routing" / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # the same routing on both ranks, and the same weights at the end
+    assert set(ranks[0]) == {"1-profile", "2-sft", "3-profile", "4-grpo", "5-eval", "final weights"}
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["finished"] and state["completed"]["4-grpo"]["steps"] == 3
+    assert out.stdout.count("phase 2-sft done") == 1  # one voice
