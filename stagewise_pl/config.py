@@ -252,6 +252,8 @@ class PhaseConfig:
     temperature: Optional[float] = doc(None, "overrides the sampling temperature (grpo.temperature or "
                                              "profile.temperature) for this phase")
     limit: int = doc(0, "work on at most N of the selected problems (a seeded draw); 0 = all")
+    replay: float = doc(0.0, "sft: share of the phase's examples drawn from the rest of the pool (problems it "
+                             "did not select), against forgetting what the bucket does not hold; 0 = none")
 
 
 @dataclass
@@ -377,6 +379,8 @@ def _problems(cfg: Config) -> list[tuple[str, str]]:
             bad.append((f"phases.{i}.steps", f"must be > 0, got {phase.steps}"))
         if phase.lr is not None and phase.lr < 0:
             bad.append((f"phases.{i}.lr", f"must be >= 0, got {phase.lr}"))
+        if not 0.0 <= phase.replay < 1.0:
+            bad.append((f"phases.{i}.replay", f"must be in [0, 1), got {phase.replay}"))
         if phase.epochs < 0 or phase.limit < 0:
             bad.append((f"phases.{i}", f"epochs and limit must be >= 0, got {phase.epochs} and {phase.limit}"))
         if phase.batch_size is not None and phase.batch_size <= 0:

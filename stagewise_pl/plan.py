@@ -39,6 +39,7 @@ class PhaseSpec:
     batch_size: Optional[int] = None
     temperature: Optional[float] = None
     limit: int = 0
+    replay: float = 0.0
 
     def budget(self, n_items: int, batch_size: int) -> int:
         """Steps this phase runs: ``steps``, or ``epochs`` passes over ``n_items`` in batches of ``batch_size``."""
@@ -89,8 +90,10 @@ def build_plan(phases: Sequence, kinds: Iterable[str], rules: Sequence[RuleInfo]
             raise ConfigError(f"{key}: an sft phase needs steps > 0 or epochs > 0")
         if p.epochs > 0 and p.kind != "sft":
             raise ConfigError(f"{key}.epochs: only sft phases take an epoch budget (kind is {p.kind})")
+        if p.replay > 0 and p.kind != "sft":
+            raise ConfigError(f"{key}.replay: only sft phases replay other problems (kind is {p.kind})")
         specs.append(PhaseSpec(i + 1, p.name or f"{i + 1}-{p.kind}", p.kind, select, p.steps, float(p.epochs), p.lr,
-                               p.batch_size, p.temperature, p.limit))
+                               p.batch_size, p.temperature, p.limit, float(p.replay)))
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ConfigError(f"phases: names must be unique, got {names}")
@@ -111,6 +114,7 @@ def describe(specs: Sequence[PhaseSpec]) -> list[str]:
         budget = {"profile": "", "eval": ""}.get(s.kind, f", {s.epochs:g} epochs" if s.epochs > 0 else
                                                  f", {s.steps} steps")
         extra = "".join(f", {k} {v}" for k, v in (("lr", s.lr), ("batch", s.batch_size), ("temperature", s.temperature),
-                                                   ("limit", s.limit or None)) if v is not None)
+                                                   ("limit", s.limit or None), ("replay", s.replay or None))
+                        if v is not None)
         out.append(f"{s.name}: {s.kind} on {s.select}{budget}{extra}")
     return out

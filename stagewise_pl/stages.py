@@ -577,9 +577,17 @@ class StageManager(L.Callback):
             # seeded by the run alone: profiles with the same limit see the same problems, before and after training
             keep = np.random.default_rng([cfg.run.seed]).choice(len(candidates), limit, replace=False)
             candidates = [candidates[i] for i in sorted(keep)]
-        decision = {"phase": spec.name, "kind": spec.kind, "select": spec.select,
+        replay: list = []
+        if spec.replay > 0 and candidates:
+            chosen = {p.id for p in candidates}
+            rest = [p for p in run.pool if p.id not in chosen]
+            count = min(len(rest), round(len(candidates) * spec.replay / (1.0 - spec.replay)))
+            if count:
+                keep = np.random.default_rng([cfg.run.seed, spec.index, 1]).choice(len(rest), count, replace=False)
+                replay = [rest[i] for i in sorted(keep)]
+        decision = {"phase": spec.name, "kind": spec.kind, "select": spec.select, "replay": [p.id for p in replay],
                     "rules": [rule_name(r) for r in self.rules] if spec.select != "all" else [],
-                    "counts": counts, "ids": buckets, "selected": [p.id for p in candidates], "error": error}
+                    "counts": counts, "ids": buckets, "selected": [p.id for p in candidates + replay], "error": error}
         path = run.dir / "routing" / f"{spec.index:02d}-{spec.name}.json"
         from stagewise_pl.run import atomic_write
 
@@ -594,8 +602,11 @@ class StageManager(L.Callback):
         runner = PHASES.get(spec.kind)(self, spec, problems)
         if runner_state is not None:
             runner.load_state_dict(runner_state)
-        self.run.log(f"phase {spec.name}: {spec.kind} on {spec.select} ({len(problems)} problems"
-                     + (f"; buckets: {counts}" if counts else "") + ")"
+        replayed = len(decision.get("replay", []))
+        self.run.log(f"phase {spec.name}: {spec.kind}" + ("" if spec.kind == "eval" else
+                     f" on {spec.select} ({len(problems) - replayed} problems"
+                     + (f" + {replayed} replayed" if replayed else ""))
+                     + (f"; buckets: {counts}" if counts else "") + ("" if spec.kind == "eval" else ")")
                      + (f", resuming at step {runner.position}" if runner_state else ""))
         self.pos, self.runner = pos, runner
         self.phase_started = time.time()

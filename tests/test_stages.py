@@ -291,3 +291,14 @@ def test_two_ddp_processes_run_the_plan_with_one_ledger_and_one_routing(tmp_path
     state = json.loads((run_dir / "state.json").read_text())
     assert state["finished"] and state["completed"]["4-grpo"]["steps"] == 3
     assert out.stdout.count("phase 2-sft done") == 1  # one voice
+
+
+def test_the_default_conf_is_the_method_in_two_rounds():
+    from stagewise_pl.run import plan_phases
+
+    plan = plan_phases(load_config("default"))
+    round_ = [("profile", "all"), ("sft", "hard"), ("profile", "all"), ("grpo", "medium")]
+    # SFT -> RL -> CFT-SFT -> RL: the second round starts from what the first one's RL never solved
+    assert [(p.kind, p.select) for p in plan] == round_ + [("sft", "unsolved_in_rl")] + round_ + [("eval", "all")]
+    out = fit(["--dry-run", "phases.1.kind=cft"])
+    assert out.returncode == 2 and "phases.1.kind=cft: critique fine-tuning is not implemented yet" in out.stderr
