@@ -238,7 +238,17 @@ def test_a_changed_plan_or_data_is_refused_unless_forced(tmp_path, fast_override
 
 
 RULE_MODULE = '''
+import lightning as L
+
 from stagewise_pl.stages import StageRule
+
+
+class StepsAtEnd(L.Callback):
+    """A plain user callback (stages.callbacks): writes the optimizer steps the fit made."""
+
+    def on_train_end(self, trainer, pl_module):
+        with open("steps-at-end.txt", "w") as handle:
+            handle.write(str(trainer.global_step))
 
 
 class FirstSampleFailed(StageRule):
@@ -264,6 +274,7 @@ def test_a_rule_from_a_module_only_this_test_has(tmp_path, fast_overrides):
         [sys.executable, "-m", "stagewise_pl.fit", *fast_overrides, f"run.dir={run_dir}", "eval.k=0",
          "eval.before=false", "profile.k=4",
          "stages.rules=[{target: my_rules_for_this_test:FirstSampleFailed, args: {sample: 1}}]",
+         "stages.callbacks=[my_rules_for_this_test:StepsAtEnd]",
          "phases=[{kind: profile, limit: 30}, {kind: sft, select: retry, steps: 2}]"],
         capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(tmp_path)), cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -272,6 +283,7 @@ def test_a_rule_from_a_module_only_this_test_has(tmp_path, fast_overrides):
     expected = sorted(r["problem_id"] for r in rows if r["sample_index"] == 1 and r["reason"] != "correct")
     assert decision["rules"] == ["FirstSampleFailed"] and decision["selected"] == expected and expected
     assert f"buckets: retry {len(expected)}" in out.stdout
+    assert (tmp_path / "steps-at-end.txt").read_text() == "2"  # the user callback ran inside the one fit
     bad = fit(fast_overrides + [f"run.dir={tmp_path / 'bad'}", "stages.rules=[{target: no_such_module:Rule}]"])
     assert bad.returncode == 2 and "stages.rules.0.target: cannot import 'no_such_module'" in bad.stderr
 
