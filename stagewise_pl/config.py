@@ -241,8 +241,9 @@ class PhaseConfig:
     kind: str = doc("sft", "profile | sft | grpo | eval (bridge_sft and cft arrive with critique fine-tuning), "
                            "or a kind registered in stagewise_pl.stages.PHASES")
     name: str = doc("", "label in logs and directories; empty = <index>-<kind>")
-    select: str = doc("all", "the problems it works on: 'all' (the training pool) or a bucket that the stage "
-                             "rules build at the phase's start (hard, medium, easy, unsolved_in_rl, ...)")
+    select: str = doc("all", "the problems it works on: 'all' (the training pool), a bucket that the stage "
+                             "rules build at the phase's start (hard, medium, easy, unsolved_in_rl, ...), or a "
+                             "rule by dotted path (package.module:Class): the buckets it builds")
     steps: int = doc(100, "budget. sft: optimizer steps; grpo: rollout steps that make an update (each makes "
                           "grpo.num_iterations x grpo.minibatches optimizer steps); profile, eval: unused")
     epochs: float = doc(0.0, "sft: budget in passes over the selected problems instead of steps (> 0 wins)")

@@ -77,7 +77,9 @@ def build_plan(phases: Sequence, kinds: Iterable[str], rules: Sequence[RuleInfo]
             raise ConfigError(f"{key}.kind: unknown phase kind {p.kind!r}; registered: {', '.join(sorted(kinds))} "
                               f"(or give a dotted path package.module:name)")
         select = p.select or "all"
-        if select != "all":
+        if ":" in select:  # a rule named by dotted path selects the union of the buckets it builds
+            pass
+        elif select != "all":
             rule = producers.get(select)
             if rule is None:
                 known = sorted(producers) or ["none: stages.rules is empty"]

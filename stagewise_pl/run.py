@@ -89,6 +89,14 @@ class Run:
         self.log = log if dist.rank() == 0 else (lambda *args, **kwargs: None)  # one voice under DDP
         self.rules = make_rules(cfg.stages.rules)
         self.phases = plan_phases(cfg, self.rules)
+        from stagewise_pl.stages import selector_rule
+
+        for i, spec in enumerate(self.phases):  # a rule named as a selector must import before any work
+            if ":" in spec.select:
+                try:
+                    selector_rule(spec.select)
+                except ConfigError as exc:
+                    raise ConfigError(f"phases.{i}.{exc}") from None
         if any(p.kind == "grpo" for p in self.phases):
             from stagewise_pl.advantages import ADVANTAGES
 

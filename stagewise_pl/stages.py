@@ -100,6 +100,19 @@ def rule_name(rule) -> str:
     return getattr(rule, "name", "") or type(rule).__name__
 
 
+def selector_rule(path: str):
+    """The rule a phase's ``select`` names by dotted path (built with no arguments)."""
+    from stagewise_pl.registry import import_dotted
+
+    try:
+        rule = import_dotted(path)()
+    except (ImportError, TypeError) as exc:
+        raise ConfigError(f"select={path!r}: {exc}") from None
+    if not callable(getattr(rule, "route", None)):
+        raise ConfigError(f"select={path!r} is not a stage rule (no route(view, buckets) method)")
+    return rule
+
+
 def make_rules(configs) -> list:
     """Instantiate ``stages.rules`` (dotted paths); errors name the rule's key."""
     from stagewise_pl.registry import import_dotted
@@ -560,9 +573,16 @@ class StageManager(L.Callback):
             buckets, counts = {}, {}
         else:
             view = RoutingView(run.ledger, {p.id: p for p in pool}, self.specs[:spec.index - 1], spec)
-            buckets = route(self.rules, view)
+            if ":" in spec.select:  # select: a rule by dotted path, after the configured ones; its buckets
+                rule = selector_rule(spec.select)
+                before = route(self.rules, view)
+                buckets = route(self.rules + [rule], view)
+                names = getattr(rule, "buckets", ()) or [k for k in buckets if buckets[k] != before.get(k)]
+                chosen = {pid for name in names for pid in buckets.get(name, [])}
+            else:
+                buckets = route(self.rules, view)
+                chosen = set(buckets.get(spec.select, []))
             counts = {name: len(ids) for name, ids in buckets.items()}
-            chosen = set(buckets.get(spec.select, []))
             candidates = [p for p in (run.pool if spec.kind == "sft" else pool) if p.id in chosen]
         levels = {"grpo": cfg.grpo.levels, "profile": cfg.profile.levels}.get(spec.kind) or []
         error = None

@@ -39,6 +39,7 @@ def test_the_method_plan_is_checked_and_named():
     assert [p.name for p in plan] == ["1-profile", "2-sft", "3-profile", "4-grpo", "repair", "6-eval"]
     assert plan[3] == PhaseSpec(4, "4-grpo", "grpo", "medium", 30, 0.0, 1e-4, None, 0.9, 0)
     assert plan[1].budget(n_items=100, batch_size=16) == 12 and plan[3].budget(100, 16) == 30
+    assert build_plan([phase("sft", select="pkg.rules:Mine")], KINDS, RULES)[0].select == "pkg.rules:Mine"
     lines = describe(plan)
     assert lines[1] == "2-sft: sft on hard, 2 epochs" and lines[3].startswith("4-grpo: grpo on medium, 30 steps, lr")
 
@@ -286,6 +287,26 @@ def test_a_rule_from_a_module_only_this_test_has(tmp_path, fast_overrides):
     assert (tmp_path / "steps-at-end.txt").read_text() == "2"  # the user callback ran inside the one fit
     bad = fit(fast_overrides + [f"run.dir={tmp_path / 'bad'}", "stages.rules=[{target: no_such_module:Rule}]"])
     assert bad.returncode == 2 and "stages.rules.0.target: cannot import 'no_such_module'" in bad.stderr
+    bad = fit(fast_overrides + [f"run.dir={tmp_path / 'bad'}", "phases=[{kind: sft, select: 'no_such_module:R'}]"])
+    assert bad.returncode == 2 and "phases.0.select='no_such_module:R': cannot import" in bad.stderr
+
+
+def test_a_phase_selects_by_naming_a_rule(tmp_path, fast_overrides):
+    (tmp_path / "my_rules_for_this_test.py").write_text(RULE_MODULE)
+    run_dir = tmp_path / "by-rule"
+    out = subprocess.run(
+        [sys.executable, "-m", "stagewise_pl.fit", *fast_overrides, f"run.dir={run_dir}", "eval.k=0",
+         "eval.before=false", "profile.k=4",
+         "phases=[{kind: profile, limit: 30}, {kind: sft, select: 'my_rules_for_this_test:FirstSampleFailed', "
+         "steps: 2}]"],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(tmp_path)), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = DifficultyLedger(run_dir / "ledger", "x").table().to_pylist()
+    decision = json.loads((run_dir / "routing" / "02-2-sft.json").read_text())
+    expected = sorted(r["problem_id"] for r in rows if r["sample_index"] == 0 and r["reason"] != "correct")
+    assert decision["selected"] == expected and expected  # the rule's bucket, built with its defaults
+    assert decision["ids"]["retry"] == expected and "hard" in decision["ids"]  # beside the configured rules'
+
 
 
 def test_two_ddp_processes_run_the_plan_with_one_ledger_and_one_routing(tmp_path, plan_overrides):
