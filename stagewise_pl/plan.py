@@ -24,7 +24,6 @@ NOT_YET = {
     "cft": "critique fine-tuning is not implemented yet; it arrives with the Bridge+CFT issue. Until then use "
            "kind: sft with select: unsolved_in_rl (plain SFT on the teacher traces of what RL did not solve)",
 }
-TRAINING_KINDS = {"sft", "grpo"}  # kinds that change the policy (evaluated after, with eval.each_phase)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ import os
 import shutil
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 

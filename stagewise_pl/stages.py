@@ -29,8 +29,7 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import lightning as L
@@ -40,7 +39,7 @@ import torch
 from stagewise_pl import dist
 from stagewise_pl.config import ConfigError
 from stagewise_pl.faults import fault_point
-from stagewise_pl.plan import TRAINING_KINDS, PhaseSpec
+from stagewise_pl.plan import PhaseSpec
 from stagewise_pl.registry import Registry
 
 PHASES: Registry = Registry("phase kind")
@@ -463,16 +462,6 @@ class PlanTokens:
 
 
 # ---------------------------------------------------------------------------------------------- manager
-@dataclass
-class Decision:
-    phase: str
-    select: str
-    rules: list
-    counts: dict
-    ids: dict
-    selected: list = field(default_factory=list)
-
-
 class StageManager(L.Callback):
     """Runs the plan inside one Lightning fit; its state is in every checkpoint."""
 
@@ -548,7 +537,7 @@ class StageManager(L.Callback):
         """The phase's problems: its bucket (asking the rules) or the pool, then its kind's level filter and limit."""
         from stagewise_pl.verify.gold import gradable
 
-        run, cfg = self.run, self.run.cfg
+        run = self.run
         pool = gradable(run.pool)
         if spec.name in self.decisions:  # decided before a checkpoint: the same problems again
             ids = self.decisions[spec.name]["selected"]
