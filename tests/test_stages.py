@@ -267,17 +267,24 @@ class FirstSampleFailed(StageRule):
 '''
 
 
-def test_a_rule_from_a_module_only_this_test_has(tmp_path, fast_overrides):
+def fit_with_the_rule_module(tmp_path, fast_overrides, run_dir, *args):
+    """A run whose rule module exists only in ``tmp_path`` (on PYTHONPATH, the working directory)."""
     (tmp_path / "my_rules_for_this_test.py").write_text(RULE_MODULE)
-    run_dir = tmp_path / "custom"
     out = subprocess.run(
         [sys.executable, "-m", "stagewise_pl.fit", *fast_overrides, f"run.dir={run_dir}", "eval.k=0",
-         "eval.before=false", "profile.k=4",
-         "stages.rules=[{target: my_rules_for_this_test:FirstSampleFailed, args: {sample: 1}}]",
-         "stages.callbacks=[my_rules_for_this_test:StepsAtEnd]",
-         "phases=[{kind: profile, limit: 30}, {kind: sft, select: retry, steps: 2}]"],
+         "eval.before=false", "profile.k=4", *args],
         capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(tmp_path)), cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_a_rule_from_a_module_only_this_test_has(tmp_path, fast_overrides):
+    run_dir = tmp_path / "custom"
+    out = fit_with_the_rule_module(
+        tmp_path, fast_overrides, run_dir,
+        "stages.rules=[{target: my_rules_for_this_test:FirstSampleFailed, args: {sample: 1}}]",
+        "stages.callbacks=[my_rules_for_this_test:StepsAtEnd]",
+        "phases=[{kind: profile, limit: 30}, {kind: sft, select: retry, steps: 2}]")
     rows = DifficultyLedger(run_dir / "ledger", "x").table().to_pylist()
     decision = json.loads((run_dir / "routing" / "02-2-sft.json").read_text())
     expected = sorted(r["problem_id"] for r in rows if r["sample_index"] == 1 and r["reason"] != "correct")
@@ -291,15 +298,11 @@ def test_a_rule_from_a_module_only_this_test_has(tmp_path, fast_overrides):
 
 
 def test_a_phase_selects_by_naming_a_rule(tmp_path, fast_overrides):
-    (tmp_path / "my_rules_for_this_test.py").write_text(RULE_MODULE)
     run_dir = tmp_path / "by-rule"
-    out = subprocess.run(
-        [sys.executable, "-m", "stagewise_pl.fit", *fast_overrides, f"run.dir={run_dir}", "eval.k=0",
-         "eval.before=false", "profile.k=4",
-         "phases=[{kind: profile, limit: 30}, {kind: sft, select: 'my_rules_for_this_test:FirstSampleFailed', "
-         "steps: 2}]"],
-        capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(tmp_path)), cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
+    fit_with_the_rule_module(
+        tmp_path, fast_overrides, run_dir,
+        "phases=[{kind: profile, limit: 30}, {kind: sft, select: 'my_rules_for_this_test:FirstSampleFailed', "
+        "steps: 2}]")
     rows = DifficultyLedger(run_dir / "ledger", "x").table().to_pylist()
     decision = json.loads((run_dir / "routing" / "02-2-sft.json").read_text())
     expected = sorted(r["problem_id"] for r in rows if r["sample_index"] == 0 and r["reason"] != "correct")
