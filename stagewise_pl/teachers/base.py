@@ -1,0 +1,41 @@
+"""The teacher interface: reasoning traces for problems, and critiques of failed solutions.
+
+Groundwork of the Bridge+CFT issue: Bridge SFT needs teacher traces to make learnable, critique
+fine-tuning needs diagnoses of the policy's failures. Every teacher answers two calls:
+
+- ``traces(problems, n)`` → for each problem, up to ``n`` full reasoning traces (strings ending in
+  the final answer);
+- ``critique(problem, failed_completion)`` → a diagnosis that locates and explains the first error
+  of ``failed_completion`` and ends with a verdict line (:data:`VERDICT_INCORRECT` or
+  :data:`VERDICT_CORRECT`).
+
+A teacher that cannot answer raises :class:`TeacherError` naming the problem and the reason.
+Teachers are registered by name in :data:`TEACHERS` (or found by dotted path).
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+from stagewise_pl.data.problems import Problem
+from stagewise_pl.registry import Registry
+
+VERDICT_INCORRECT = "Verdict: incorrect"
+VERDICT_CORRECT = "Verdict: correct"
+
+TEACHERS: Registry = Registry("teacher")
+
+
+class TeacherError(RuntimeError):
+    """A teacher could not answer for a problem; the message says which and why."""
+
+
+class Teacher(Protocol):
+    def traces(self, problems: Sequence[Problem], n: int = 1) -> list[list[str]]: ...
+
+    def critique(self, problem: Problem, failed_completion: str) -> str: ...
+
+
+def verdict_of(critique: str) -> str | None:
+    """The verdict line a critique ends with, or None if it has none."""
+    lines = [ln.strip() for ln in critique.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines and lines[-1] in (VERDICT_INCORRECT, VERDICT_CORRECT) else None
