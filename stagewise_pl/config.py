@@ -239,7 +239,7 @@ class PhaseConfig:
     """One phase of the plan: its kind, the data it works on, its budget and its overrides."""
 
     kind: str = doc("sft", "profile | sft | grpo | eval (bridge_sft and cft arrive with critique fine-tuning), "
-                           "or a kind registered in stagewise_pl.stages.PHASES")
+                           "or a kind registered in stagewise_pl.runners.PHASES")
     name: str = doc("", "label in logs and directories; empty = <index>-<kind>")
     select: str = doc("all", "the problems it works on: 'all' (the training pool), a bucket that the stage "
                              "rules build at the phase's start (hard, medium, easy, unsolved_in_rl, ...), or a "

@@ -28,6 +28,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Optional
 
+from stagewise_pl import dist
 from stagewise_pl.config import Config, ConfigError, resolve_run_dir, to_yaml
 
 # Keys that may differ between the original run and a resumed one.
@@ -38,7 +39,8 @@ RUN_DIR_ENV = "STAGEWISE_RUN_DIR"  # the run directory, for the processes a DDP 
 def plan_phases(cfg: Config, rules=None) -> list:
     """The checked plan (see :func:`stagewise_pl.plan.build_plan`)."""
     from stagewise_pl.plan import build_plan, rule_info
-    from stagewise_pl.stages import PHASES, make_rules
+    from stagewise_pl.runners import PHASES
+    from stagewise_pl.stages import make_rules
 
     rules = make_rules(cfg.stages.rules) if rules is None else rules
     return build_plan(cfg.phases, PHASES.names(), [rule_info(r) for r in rules])
@@ -82,10 +84,8 @@ class Run:
     def __init__(self, cfg: Config, log=print):
         from stagewise_pl.stages import make_rules
 
-        from stagewise_pl import dist
-
         self.cfg = cfg
-        self.log = log if dist.rank() == 0 else (lambda *args, **kwargs: None)  # one voice under DDP
+        self.log = log if dist.is_main() else (lambda *args, **kwargs: None)  # one voice under DDP
         self.rules = make_rules(cfg.stages.rules)
         self.phases = plan_phases(cfg, self.rules)
         from stagewise_pl.stages import selector_rule
@@ -116,7 +116,7 @@ class Run:
     def _locate_dir(self) -> Path:
         cfg = self.cfg
         resume = cfg.run.resume
-        if os.environ.get(RUN_DIR_ENV) and os.environ.get("LOCAL_RANK", "0") != "0":
+        if os.environ.get(RUN_DIR_ENV) and not dist.is_main():
             return Path(os.environ[RUN_DIR_ENV])  # a process started by a DDP launch: rank 0's run
         if resume and resume != "last":
             ckpt = Path(resume).expanduser()
@@ -173,10 +173,8 @@ class Run:
         from stagewise_pl.verify import make_verifier
 
         cfg = self.cfg
-        from stagewise_pl import dist
-
         self.dir.mkdir(parents=True, exist_ok=True)
-        if dist.is_main() and os.environ.get("LOCAL_RANK", "0") == "0":
+        if dist.is_main():
             atomic_write(self.dir / "config.yaml", to_yaml(cfg))
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
@@ -186,14 +184,14 @@ class Run:
         self.log(f"training pool: {report.summary()}")
         self.verifier = make_verifier(cfg.verifier)
         self._check_golds(self.pool, "training pool")
-        if os.environ.get("LOCAL_RANK", "0") == "0":
+        if dist.is_main():
             self._keep_previous_csv()
         self.logger = make_logger(cfg.run.logger, self.dir)
         self.policy, self.tokenizer = load_policy(self.base_model_path(), cfg.model.dtype,
                                                   cfg.model.attn_implementation)
         from stagewise_pl.ledger import DifficultyLedger
 
-        self.ledger = DifficultyLedger(self.dir / "ledger", run_id=self.dir.name, writer=dist.rank() == 0)
+        self.ledger = DifficultyLedger(self.dir / "ledger", run_id=self.dir.name, writer=dist.is_main())
         self.data_digest = pool_digest(self.pool)
 
     def _keep_previous_csv(self) -> None:
@@ -296,7 +294,6 @@ class Run:
             self.verifier.close()
 
     def _execute_plan(self) -> Path:
-        from stagewise_pl import dist
         from stagewise_pl.plan import describe, fingerprint
         from stagewise_pl.stages import StagewiseModule, StageManager, PlanTokens
         from stagewise_pl.registry import import_dotted
@@ -310,7 +307,7 @@ class Run:
                 raise ConfigError(f"resume: the training data differs from the data {self.dir} was started with "
                                   f"(digest {self.data_digest} != {state['data']}); pass run.force=true to resume anyway")
             self.log("resume: run.force=true: continuing although the training data changed")
-        if os.environ.get("LOCAL_RANK", "0") == "0":
+        if dist.is_main():
             state["data"] = self.data_digest
             atomic_write(self.dir / "state.json", json.dumps(state, indent=1))
         rules_doc = [{"target": r.target, "args": r.args} for r in cfg.stages.rules]
@@ -323,7 +320,7 @@ class Run:
             except (ImportError, TypeError) as exc:
                 raise ConfigError(f"stages.callbacks.{i}: {exc}") from None
         ckpt = self.checkpoint()
-        if ckpt is None and self.ledger.parts() and os.environ.get("LOCAL_RANK", "0") == "0":
+        if ckpt is None and self.ledger.parts() and dist.is_main():
             # killed before its first checkpoint: the run starts over, and so does its record
             self.log(f"resume: no checkpoint yet; starting over (dropping {len(self.ledger.parts())} ledger parts)")
             self.ledger.load_state_dict({"parts": 0})
