@@ -8,6 +8,7 @@ command line) before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,10 @@ class WarmupConfig:
     lr: float = doc(2e-3, "peak learning rate (cosine, 50 warm-up steps)")
     level_weights: list[float] = doc(help="sampling weight of each task level during warm-up",
                                      factory=lambda: [3.0, 3.0, 3.0, 1.0, 1.0, 0.0])
+    rewrite_share: float = doc(0.25, "share of warm-up examples that show a coarser reference trace in the "
+                                     "prompt (prompts' bridge_rewrite template) and teach the one-step-per-line "
+                                     "solution: the tiny student learns to read a reference, as an instruction-"
+                                     "tuned model can (needed by bridge.strategy=student_rewrite); 0 = none")
 
 
 @dataclass
@@ -235,11 +240,57 @@ class EvalConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """Where teacher traces and critiques come from (bridge_sft and cft phases)."""
+
+    name: str = doc("programmatic", "programmatic (the synthetic task's) | trace_file | openai | vllm | "
+                                    "a dotted path package.module:Class")
+    args: dict[str, Any] = doc(help="keyword arguments of the teacher, e.g. programmatic: {style: chunked, "
+                                    "ops_per_line: 2}; trace_file: {path: traces.jsonl}; openai: {base_url, model, "
+                                    "api_key_env, concurrency, cache_dir}", factory=dict)
+    critic: str = doc("", "another teacher (a name in the same registry, built with no args) for critiques "
+                          "when the trace teacher cannot write them (a trace file); '' = the same teacher")
+
+
+@dataclass
+class BridgeConfig:
+    """Bridge SFT: teacher traces made learnable by the student (reconstruction; see stagewise_pl/bridge.py)."""
+
+    strategy: str = doc("student_rewrite", "student_rewrite | teacher_simplify | prefix_hint | min_nll_select | "
+                                           "raw (no bridge: the baseline) | a dotted path")
+    samples: int = doc(4, "student_rewrite, prefix_hint: student samples per problem (the first kept one wins)")
+    temperature: float = doc(0.7, "sampling temperature of the student's candidates")
+    prefix_fraction: float = doc(0.5, "prefix_hint: share of the teacher trace's lines given as the prefix")
+    candidates: int = doc(4, "min_nll_select: teacher traces per problem to choose among")
+    reference_markers: list[str] = doc(help="student_rewrite: a candidate that contains one of these "
+                                            "(case-insensitive) mentions the reference and is not kept",
+                                       factory=lambda: ["reference", "given solution", "provided solution"])
+    max_new_tokens: int = doc(0, "generation budget of the student's candidates; 0 = derived from the task")
+
+
+@dataclass
+class CFTConfig:
+    """Critique fine-tuning data from the ledger (reconstruction after CFT and Critique-GRPO)."""
+
+    failures_per_problem: int = doc(2, "failed rollouts used per problem (the latest graded phase's)")
+    weights: dict[str, float] = doc(help="loss weight of each kind: diagnosis (critique of a failure), repair "
+                                         "(corrected solution, kept only if verified), trace (a new reasoning "
+                                         "trace through Bridge); 0 leaves a kind out",
+                                    factory=lambda: {"diagnosis": 1.0, "repair": 1.0, "trace": 1.0})
+    repair_by: str = doc("student", "student: the student continues the failure from before its first wrong "
+                                    "step (named in the diagnosis); teacher: the teacher's repair")
+    repair_samples: int = doc(4, "repair_by=student: samples per failure (the first verified one is kept)")
+    step_pattern: str = doc(r"[Ss]tep (\d+)", "regex whose first group is the first wrong step (1-based) in a "
+                                               "diagnosis")
+    max_length: int = doc(256, "longest CFT example in tokens (diagnosis inputs hold a whole failed solution)")
+
+
+@dataclass
 class PhaseConfig:
     """One phase of the plan: its kind, the data it works on, its budget and its overrides."""
 
-    kind: str = doc("sft", "profile | sft | grpo | eval (bridge_sft and cft arrive with critique fine-tuning), "
-                           "or a kind registered in stagewise_pl.runners.PHASES")
+    kind: str = doc("sft", "profile | sft | bridge_sft | cft | grpo | eval, or a kind registered in "
+                           "stagewise_pl.runners.PHASES")
     name: str = doc("", "label in logs and directories; empty = <index>-<kind>")
     select: str = doc("all", "the problems it works on: 'all' (the training pool), a bucket that the stage "
                              "rules build at the phase's start (hard, medium, easy, unsolved_in_rl, ...), or a "
@@ -291,12 +342,16 @@ class Config:
     profile: ProfileConfig = doc(help="profile phases (kind profile)", factory=ProfileConfig)
     grpo: GRPOConfig = doc(help="RL phases (kind grpo)", factory=GRPOConfig)
     stages: StagesConfig = doc(help="stage rules that route problems to phases", factory=StagesConfig)
+    teacher: TeacherConfig = doc(help="teacher of bridge_sft and cft phases", factory=TeacherConfig)
+    bridge: BridgeConfig = doc(help="Bridge SFT (bridge_sft phases, and cft's new traces)", factory=BridgeConfig)
+    cft: CFTConfig = doc(help="critique fine-tuning (cft phases)", factory=CFTConfig)
+    prompts: str = doc("default", "prompt templates: conf/prompts/NAME.yaml, or a path to a YAML file")
     phases: list[PhaseConfig] = doc(help="the plan: phases run in order", factory=lambda: [PhaseConfig()])
     conf_name: str = doc("default", "name of the conf file this config came from (set by the loader)")
 
 
 GROUPS = ["run", "model", "task", "data", "optim", "trainer", "rollout", "verifier", "eval", "profile", "grpo",
-          "stages", "phases"]
+          "stages", "teacher", "bridge", "cft", "prompts", "phases"]
 _CHOICES = {
     "run.logger": {"csv", "tensorboard", "wandb"},
     "model.dtype": {"float32", "bfloat16", "float16"},
@@ -308,6 +363,7 @@ _CHOICES = {
     "rollout.engine": {"hf", "vllm"},
     "grpo.std_scale": {"default", "group", "batch", "none"},
     "grpo.loss_aggregation": {"token_mean", "seq_mean_token_mean", "constant"},
+    "cft.repair_by": {"student", "teacher"},
 }
 _POSITIVE = ["rollout.tensor_parallel_size", "rollout.max_model_len", "rollout.kv_cache_mb",
              "verifier.workers", "verifier.timeout_s", "trainer.batch_size", "trainer.accumulate_grad_batches", "trainer.max_length",
@@ -315,12 +371,13 @@ _POSITIVE = ["rollout.tensor_parallel_size", "rollout.max_model_len", "rollout.k
              "task.train_per_level", "task.test_per_level", "model.warmup.batch_size",
              "model.tiny.hidden_size", "model.tiny.num_layers", "model.tiny.vocab_size",
              "grpo.prompts_per_step", "grpo.num_generations", "grpo.num_iterations", "grpo.minibatches",
-             "grpo.max_rollout_factor", "profile.k", "profile.chunk"]
+             "grpo.max_rollout_factor", "profile.k", "profile.chunk", "bridge.samples", "bridge.candidates",
+             "bridge.temperature", "cft.failures_per_problem", "cft.repair_samples", "cft.max_length"]
 _NON_NEGATIVE = ["verifier.memory_mb", "optim.lr", "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip", "eval.k",
                  "eval.limit", "eval.max_new_tokens", "data.limit", "model.warmup.steps", "run.threads",
                  "grpo.max_new_tokens", "grpo.beta", "grpo.entropy_coef", "grpo.micro_batch_size",
                  "grpo.max_extra_rounds", "grpo.epsilon_low", "grpo.epsilon_high",
-                 "profile.max_new_tokens", "profile.limit"]
+                 "profile.max_new_tokens", "profile.limit", "bridge.max_new_tokens"]
 
 
 def _get(cfg: Any, key: str) -> Any:
@@ -373,6 +430,18 @@ def _problems(cfg: Config) -> list[tuple[str, str]]:
                                         f"completions per step"))
     if cfg.model.tiny.hidden_size % cfg.model.tiny.num_heads or cfg.model.tiny.num_heads % cfg.model.tiny.num_kv_heads:
         bad.append(("model.tiny.num_heads", "hidden_size must divide by num_heads, num_heads by num_kv_heads"))
+    if not 0.0 <= cfg.model.warmup.rewrite_share < 1.0:
+        bad.append(("model.warmup.rewrite_share", f"must be in [0, 1), got {cfg.model.warmup.rewrite_share}"))
+    if not 0.0 <= cfg.bridge.prefix_fraction < 1.0:
+        bad.append(("bridge.prefix_fraction", f"must be in [0, 1), got {cfg.bridge.prefix_fraction}"))
+    unknown = set(cfg.cft.weights) - {"diagnosis", "repair", "trace"}
+    if unknown or any(w < 0 for w in cfg.cft.weights.values()) or not any(w > 0 for w in cfg.cft.weights.values()):
+        bad.append(("cft.weights", f"needs diagnosis, repair and trace weights >= 0, one > 0; got {dict(cfg.cft.weights)}"))
+    try:
+        if re.compile(cfg.cft.step_pattern).groups < 1:
+            bad.append(("cft.step_pattern", "needs a group that captures the step number"))
+    except re.error as exc:
+        bad.append(("cft.step_pattern", f"not a regular expression ({exc})"))
     if not cfg.phases:
         bad.append(("phases", "the plan needs at least one phase"))
     for i, phase in enumerate(cfg.phases):
@@ -400,6 +469,22 @@ def find_conf(name: str) -> Path:
             return path
     raise ConfigError(f"conf={name}: no such file (looked at {', '.join(str(p) for p in candidates)}); "
                       f"available: {', '.join(available_confs())}")
+
+
+def load_prompts(name: str) -> dict[str, str]:
+    """prompts=NAME: conf/prompts/NAME.yaml (or a path to a YAML file) as a dict of templates."""
+    candidates = [Path(name)] if name.endswith((".yaml", ".yml")) else []
+    candidates += [Path("conf") / "prompts" / f"{name}.yaml", CONF_DIR / "prompts" / f"{name}.yaml"]
+    path = next((c for c in candidates if c.is_file()), None)
+    if path is None:
+        raise ConfigError(f"prompts={name}: no such file (looked at {', '.join(str(c) for c in candidates)})")
+    try:
+        prompts = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as exc:
+        raise ConfigError(f"prompts={name}: {path} is not valid YAML ({exc})") from None
+    if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
+        raise ConfigError(f"prompts={name}: {path} must map template names to strings")
+    return prompts
 
 
 def available_confs() -> list[str]:

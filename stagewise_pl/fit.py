@@ -15,14 +15,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.conf, args.overrides)
         from stagewise_pl.logging import quiet_third_party
-        from stagewise_pl.run import Run, plan_phases
+        from stagewise_pl.run import Run, check_teaching, plan_phases
 
         quiet_third_party()
 
         if args.dry_run:
             from stagewise_pl.plan import describe
 
-            print(to_yaml(cfg) + "\nplan:\n" + "\n".join(f"  {line}" for line in describe(plan_phases(cfg))))
+            phases = plan_phases(cfg)
+            check_teaching(cfg, phases)
+            print(to_yaml(cfg) + "\nplan:\n" + "\n".join(f"  {line}" for line in describe(phases)))
             return 0
         Run(cfg).execute()
     except ConfigError as exc:

@@ -148,6 +148,14 @@ class DifficultyLedger:
         """Problems graded in ``phase`` with no correct rollout there (critique fine-tuning's input)."""
         return [pid for pid, rate in self.pass_rates(phase).items() if rate == 0.0]
 
+    def failures_by_problem(self, phase: str) -> "OrderedDict[str, list[str]]":
+        """Problem id -> the texts of its failed rollouts in ``phase`` (one pass over the ledger)."""
+        out: "OrderedDict[str, list[str]]" = OrderedDict()
+        for row in self._rows(["phase", "problem_id", "reward", "completion"]):
+            if row["phase"] == phase and row["reward"] <= 0 and row["completion"] is not None:
+                out.setdefault(row["problem_id"], []).append(row["completion"])
+        return out
+
     def failures(self, phase: str, problem_id: str) -> list[str]:
         """The texts of a problem's failed rollouts in ``phase``."""
         return [row["completion"] for row in self._rows(["phase", "problem_id", "reward", "completion"])

@@ -1,7 +1,6 @@
 """The plan as data: an ordered list of phases, checked before any work, as a pure function.
 
-A phase has a kind (profile, sft, grpo, eval; bridge_sft and cft are refused until critique
-fine-tuning exists), a data selector (``all`` or a bucket that a stage rule builds), a budget (steps,
+A phase has a kind (profile, sft, bridge_sft, cft, grpo, eval, or a registered one), a data selector (``all`` or a bucket that a stage rule builds), a budget (steps,
 or epochs for SFT) and overrides (learning rate, batch size, sampling temperature, a problem limit).
 
 :func:`build_plan` needs no Trainer, model or data: it takes the phase configs, the phase kinds
@@ -17,13 +16,8 @@ from typing import Iterable, Optional, Sequence
 
 from stagewise_pl.config import ConfigError
 
-# kinds the method names that do not exist yet: refused with this message rather than faked
-NOT_YET = {
-    "bridge_sft": "Bridge SFT (teacher traces rewritten by the student) is not implemented yet; it arrives with "
-                  "the Bridge+CFT issue. Until then use kind: sft (plain SFT on the raw teacher traces)",
-    "cft": "critique fine-tuning is not implemented yet; it arrives with the Bridge+CFT issue. Until then use "
-           "kind: sft with select: unsolved_in_rl (plain SFT on the teacher traces of what RL did not solve)",
-}
+# kinds that train on targets: they take an epoch budget and replay
+SUPERVISED = ("sft", "bridge_sft", "cft")
 
 
 @dataclass(frozen=True)
@@ -70,8 +64,6 @@ def build_plan(phases: Sequence, kinds: Iterable[str], rules: Sequence[RuleInfo]
     specs: list[PhaseSpec] = []
     for i, p in enumerate(phases):
         key = f"phases.{i}"
-        if p.kind in NOT_YET:
-            raise ConfigError(f"{key}.kind={p.kind}: {NOT_YET[p.kind]}")
         if p.kind not in kinds and "." not in p.kind and ":" not in p.kind:
             raise ConfigError(f"{key}.kind: unknown phase kind {p.kind!r}; registered: {', '.join(sorted(kinds))} "
                               f"(or give a dotted path package.module:name)")
@@ -87,12 +79,16 @@ def build_plan(phases: Sequence, kinds: Iterable[str], rules: Sequence[RuleInfo]
             if rule.reads and not any(s.kind == rule.reads for s in specs):
                 raise ConfigError(f"{key}.select={select!r}: rule {rule.name} builds it from the ledger records of "
                                   f"a {rule.reads} phase, and no {rule.reads} phase comes before phase {i}")
-        if p.kind == "sft" and p.steps <= 0 and p.epochs <= 0:
-            raise ConfigError(f"{key}: an sft phase needs steps > 0 or epochs > 0")
-        if p.epochs > 0 and p.kind != "sft":
-            raise ConfigError(f"{key}.epochs: only sft phases take an epoch budget (kind is {p.kind})")
-        if p.replay > 0 and p.kind != "sft":
-            raise ConfigError(f"{key}.replay: only sft phases replay other problems (kind is {p.kind})")
+        if p.kind in SUPERVISED and p.steps <= 0 and p.epochs <= 0:
+            raise ConfigError(f"{key}: {p.kind} phases need steps > 0 or epochs > 0")
+        if p.epochs > 0 and p.kind not in SUPERVISED:
+            raise ConfigError(f"{key}.epochs: only {', '.join(SUPERVISED)} phases take an epoch budget (kind is {p.kind})")
+        if p.replay > 0 and p.kind not in SUPERVISED:
+            raise ConfigError(f"{key}.replay: only {', '.join(SUPERVISED)} phases replay other problems "
+                              f"(kind is {p.kind})")
+        if p.kind == "cft" and not any(s.kind in ("profile", "grpo") for s in specs):
+            raise ConfigError(f"{key}: a cft phase critiques failed rollouts from the ledger, and no profile or "
+                              f"grpo phase comes before phase {i}")
         specs.append(PhaseSpec(i + 1, p.name or f"{i + 1}-{p.kind}", p.kind, select, p.steps, float(p.epochs), p.lr,
                                p.batch_size, p.temperature, p.limit, float(p.replay)))
     names = [s.name for s in specs]

@@ -80,6 +80,26 @@ def flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
+def check_teaching(cfg: Config, phases) -> dict:
+    """With bridge_sft or cft phases: the prompt templates (returned), the teacher, the critic and the bridge
+    strategy must resolve before any work; {} without such phases."""
+    if not any(s.kind in ("bridge_sft", "cft") for s in phases):
+        return {}
+    from stagewise_pl.bridge import BRIDGES
+    from stagewise_pl.config import load_prompts
+    from stagewise_pl.teachers import TEACHERS
+
+    prompts = load_prompts(cfg.prompts)
+    for key, name in (("teacher.name", cfg.teacher.name), ("teacher.critic", cfg.teacher.critic),
+                      ("bridge.strategy", cfg.bridge.strategy)):
+        if name:
+            try:
+                (BRIDGES if key == "bridge.strategy" else TEACHERS).get(name)
+            except (KeyError, ImportError) as exc:
+                raise ConfigError(f"{key}: {exc.args[0] if exc.args else exc}") from None
+    return prompts
+
+
 class Run:
     def __init__(self, cfg: Config, log=print):
         from stagewise_pl.stages import make_rules
@@ -111,6 +131,19 @@ class Run:
         self.pool: list = []
         self._eval_cache: Optional[list] = None
         self._engine = None
+        self._teachers: dict = {}
+        self.prompts = check_teaching(cfg, self.phases)
+
+    def teacher(self, critic: bool = False):
+        """The configured teacher (``critic``: the one that writes critiques), built once."""
+        from stagewise_pl.teachers.base import make_teacher
+
+        t = self.cfg.teacher
+        name, args = (t.critic, {}) if critic and t.critic else (t.name, dict(t.args))
+        if name not in self._teachers:
+            cache = Path(self.cfg.model.cache_dir).expanduser() / "teacher-cache"
+            self._teachers[name] = make_teacher(name, args, task=self.task, prompts=self.prompts, cache_dir=str(cache))
+        return self._teachers[name]
 
     # ------------------------------------------------------------------ layout
     def _locate_dir(self) -> Path:
@@ -193,6 +226,13 @@ class Run:
 
         self.ledger = DifficultyLedger(self.dir / "ledger", run_id=self.dir.name, writer=dist.is_main())
         self.data_digest = pool_digest(self.pool)
+        if self.prompts:  # bridge_sft or cft phases: a teacher that cannot be built stops the run now, not hours in
+            from stagewise_pl.teachers import TeacherError
+
+            try:
+                self.teacher(), self.teacher(critic=True)
+            except TeacherError as exc:
+                raise ConfigError(f"teacher: {exc}") from None
 
     def _keep_previous_csv(self) -> None:
         """Lightning's CSV logger deletes an existing metrics.csv: keep an earlier launch's under another name."""

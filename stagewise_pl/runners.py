@@ -6,7 +6,8 @@ each phase with the problems routed to it and hands it the steps of that phase.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
@@ -144,21 +145,38 @@ class SFTRunner(PhaseRunner):
 
     def __init__(self, manager, spec, problems):
         super().__init__(manager, spec, problems)
-        from stagewise_pl.data.sft import Collator, StepBatchSampler
+        from stagewise_pl.data.sft import Collator
         from stagewise_pl.train import build_examples
 
         cfg = self.cfg
         self.losses: list[float] = []
+        self.examples: list = []
         if not problems:  # an empty bucket: the phase has nothing to do
-            self.examples, self.steps = [], 0
+            self.steps = 0
             return
-        self.examples = build_examples(self.run.tokenizer, problems, cfg.data.target, cfg.trainer.max_length)
         self.batch_size = spec.batch_size or cfg.trainer.batch_size
         self.accumulate = cfg.trainer.accumulate_grad_batches
-        self.steps = spec.budget(len(self.examples), self.batch_size * self.accumulate * dist.world_size())
-        self.sampler = StepBatchSampler(len(self.examples), self.batch_size, self.steps * self.accumulate,
-                                        cfg.run.seed + spec.index, rank=dist.rank(), world_size=dist.world_size())
-        self.collate = Collator(self.run.tokenizer.pad_token_id, cfg.trainer.max_length, cfg.trainer.packing)
+        self.steps = spec.budget(len(problems), self.batch_size * self.accumulate * dist.world_size())
+        self.collate = Collator(self.run.tokenizer.pad_token_id, self.max_length(), cfg.trainer.packing)
+        if not self.builds_at_start:
+            self.prepare(build_examples(self.run.tokenizer, problems, cfg.data.target, cfg.trainer.max_length))
+
+    builds_at_start = False  # True: the examples are made in start() (they need the policy as the phase begins)
+
+    def max_length(self) -> int:
+        return self.cfg.trainer.max_length
+
+    def prepare(self, examples: list) -> None:
+        """The phase's examples and its seeded batch order; no examples ends the phase."""
+        from stagewise_pl.data.sft import StepBatchSampler
+
+        self.examples = examples
+        if not examples:
+            self.steps = 0
+            return
+        self.sampler = StepBatchSampler(len(examples), self.batch_size, self.steps * self.accumulate,
+                                        self.cfg.run.seed + self.spec.index, rank=dist.rank(),
+                                        world_size=dist.world_size())
 
     def total_steps(self) -> int:
         return self.steps
@@ -204,10 +222,159 @@ class SFTRunner(PhaseRunner):
 
     def summary(self) -> dict:
         if not self.problems:
-            return {"kind": "sft", "steps": 0, "problems": 0}
+            return {"kind": self.kind, "steps": 0, "problems": 0}
         tail = self.losses[-max(1, len(self.losses) // 10):]
-        return {"kind": "sft", "steps": self.position, "problems": len(self.problems), "examples": len(self.examples),
-                "final_loss": round(sum(tail) / len(tail), 4) if tail else None, "target": self.cfg.data.target}
+        return {"kind": self.kind, "steps": self.position, "problems": len(self.problems),
+                "examples": len(self.examples), "final_loss": round(sum(tail) / len(tail), 4) if tail else None,
+                "target": self.cfg.data.target}
+
+
+class TaughtRunner(SFTRunner):
+    """SFT on targets made when the phase starts (by rank 0, broadcast to the others), kept in the
+    checkpoint so a resumed phase trains on the same ones, and written to ``<run>/<folder>/NN-<phase>.jsonl``
+    with a summary. Replayed problems (``replay``) keep their plain ``data.target``."""
+
+    builds_at_start = True
+    folder = ""
+
+    def __init__(self, manager, spec, problems):
+        super().__init__(manager, spec, problems)
+        replayed = set(manager.decisions.get(spec.name, {}).get("replay", []))
+        self.taught = [p for p in problems if p.id not in replayed]
+        self.replayed = [p for p in problems if p.id in replayed]
+        self.rows: Optional[list[dict]] = None  # (problem id, kind, prompt, target) per example, once made
+        self.report: dict = {}
+
+    def make_rows(self) -> tuple[list[dict], dict]:
+        raise NotImplementedError
+
+    def weight(self, kind: str) -> float:
+        return 1.0
+
+    def start(self, module, resumed: bool) -> None:
+        super().start(module, resumed)
+        if not self.steps or self.examples:
+            return
+        if self.rows is None:  # a fresh phase (a resumed one has its rows from the checkpoint)
+            payload = self.make_and_write() if dist.is_main() else None
+            self.rows, self.report = dist.broadcast(payload)
+        self.prepare(self.encode(self.rows))
+        module.policy.train()
+
+    def make_and_write(self) -> tuple[list[dict], dict]:
+        from stagewise_pl.run import atomic_write
+
+        rows, report = self.make_rows()
+        base = self.run.dir / self.folder / f"{self.spec.index:02d}-{self.spec.name}"
+        atomic_write(base.with_suffix(".jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write(base.with_suffix(".summary.json"), json.dumps(report, indent=1))
+        self.run.log(f"phase {self.spec.name}: {self.describe(report)}")
+        return rows, report
+
+    def describe(self, report: dict) -> str:
+        return json.dumps(report)
+
+    def encode(self, rows: list[dict]) -> list:
+        from stagewise_pl.data.sft import encode_example
+        from stagewise_pl.models.load import render_prompt
+        from stagewise_pl.train import build_examples
+
+        tok, length = self.run.tokenizer, self.max_length()
+        examples = [encode_example(tok, render_prompt(tok, r["prompt"]), r["target"], length, self.weight(r["kind"]))
+                    for r in rows]
+        truncated = sum(e.truncated for e in examples)
+        if truncated:
+            self.run.log(f"phase {self.spec.name}: {truncated} of {len(examples)} examples were longer than "
+                         f"{length} tokens and were truncated")
+        if self.replayed:
+            examples += build_examples(tok, self.replayed, self.cfg.data.target, self.cfg.trainer.max_length)
+        return examples
+
+    def context(self):
+        """The Bridge context of this phase: the student as it is now, the teacher, the verifier, the templates."""
+        from stagewise_pl.bridge import BridgeContext
+
+        cfg, run = self.cfg, self.run
+        return BridgeContext(run.policy, run.tokenizer, run.engine(), run.verifier, run.teacher(), run.prompts,
+                             cfg.bridge, cfg.bridge.max_new_tokens or generation_budget(run, 0),
+                             seed=cfg.run.seed + 1000 * self.spec.index + 17, max_length=cfg.trainer.max_length,
+                             batch_size=cfg.eval.batch_size, kernel=cfg.trainer.kernel, progress=cfg.run.progress_bar)
+
+    def state_dict(self) -> dict:
+        return dict(super().state_dict(), rows=self.rows, report=self.report)
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.rows, self.report = state.get("rows"), state.get("report") or {}
+
+    def summary(self) -> dict:
+        scalars = {k: v for k, v in self.report.items() if not isinstance(v, (dict, list))}
+        return dict(super().summary(), target=self.folder, **scalars)
+
+
+@PHASES.register("bridge_sft")
+class BridgeSFTRunner(TaughtRunner):
+    """SFT on teacher traces made learnable by the student (``bridge.strategy``, :mod:`stagewise_pl.bridge`):
+    acceptance and the student's NLL of bridged vs raw targets are logged before training."""
+
+    kind, folder = "bridge_sft", "bridge"
+
+    def make_rows(self):
+        from stagewise_pl.bridge import make_strategy, run_bridge
+
+        items, report = run_bridge(make_strategy(self.cfg.bridge), self.context(), self.taught)
+        by_id = {p.id: p for p in self.taught}
+        rows = [{"problem_id": it.problem_id, "kind": "bridged" if it.kept else "raw",
+                 "prompt": by_id[it.problem_id].prompt, "target": it.target, "raw": it.raw, "reason": it.reason,
+                 "nll_raw": it.nll_raw, "nll_target": it.nll_target} for it in items if it.target is not None]
+        return rows, report
+
+    def describe(self, r: dict) -> str:
+        return (f"bridge {r['strategy']}: {r['kept']} of {r['problems']} bridged (acceptance {r['acceptance']}), "
+                f"{r['fell_back_to_raw']} raw, {r['dropped']} dropped; student NLL raw {r['nll_raw']} -> "
+                f"target {r['nll_target']}; candidates {r['candidates']}")
+
+    def start(self, module, resumed: bool) -> None:
+        super().start(module, resumed)
+        r = self.report
+        if r and not resumed:
+            module.log_row({f"{self.spec.name}/bridge/{k}": float(v) for k, v in r.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+
+@PHASES.register("cft")
+class CFTRunner(TaughtRunner):
+    """Critique fine-tuning (:mod:`stagewise_pl.cft`): diagnoses, verified repairs and bridged traces of the
+    selected problems' failed rollouts, each kind's loss weighted by ``cft.weights``, loss on the target only."""
+
+    kind, folder = "cft", "cft"
+
+    def max_length(self) -> int:
+        return self.cfg.cft.max_length
+
+    def weight(self, kind: str) -> float:
+        return float(self.cfg.cft.weights.get(kind, 1.0))
+
+    def failures(self) -> dict[str, list[str]]:
+        """Each problem's failed rollouts in the latest earlier profile or grpo phase that graded it."""
+        out: dict[str, list[str]] = {}
+        for spec in reversed(self.manager.specs[:self.spec.index - 1]):
+            if spec.kind in ("profile", "grpo"):
+                for pid, texts in self.run.ledger.failures_by_problem(spec.name).items():
+                    out.setdefault(pid, texts)
+        return out
+
+    def make_rows(self):
+        from stagewise_pl.bridge import make_strategy
+        from stagewise_pl.cft import build_cft
+
+        items, report = build_cft(self.context(), self.run.teacher(critic=True), self.run.teacher(),
+                                  make_strategy(self.cfg.bridge), self.taught, self.failures(), self.cfg.cft)
+        return [{"problem_id": it.problem_id, "kind": it.kind, "prompt": it.prompt, "target": it.target,
+                 "failure": it.failure} for it in items], report
+
+    def describe(self, r: dict) -> str:
+        return f"CFT data from {r['failures']} failures of {r['problems']} problems: kept {r['kept']}; {r['outcomes']}"
 
 
 @PHASES.register("grpo")

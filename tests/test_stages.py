@@ -21,7 +21,7 @@ from stagewise_pl.records import RolloutRecord
 from stagewise_pl.run import Run
 from stagewise_pl.stages import RoutingView, route
 
-KINDS = ["profile", "sft", "grpo", "eval"]
+KINDS = ["profile", "sft", "bridge_sft", "cft", "grpo", "eval"]
 RULES = [RuleInfo("route_by_pass_rate", ("hard", "medium", "easy"), "profile"),
          RuleInfo("never_solved_in_rl", ("unsolved_in_rl",), "grpo")]
 
@@ -44,14 +44,14 @@ def test_the_method_plan_is_checked_and_named():
 
 
 @pytest.mark.parametrize("phases,message", [
-    ([phase("bridge_sft")], "phases.0.kind=bridge_sft: Bridge SFT .* not implemented yet"),
-    ([phase("profile"), phase("grpo"), phase("cft", select="unsolved_in_rl")], "phases.2.kind=cft: critique"),
+    ([phase("cft")], "phases.0: a cft phase critiques failed rollouts .* no profile or grpo phase comes before"),
+    ([phase("profile"), phase("bridge_sft", select="hard", steps=0)], "phases.1: bridge_sft phases need steps"),
     ([phase("distill")], "phases.0.kind: unknown phase kind 'distill'"),
     ([phase("profile"), phase("sft", select="tricky")], "phases.1.select='tricky': no stage rule builds"),
     ([phase("sft", select="hard")], "phases.0.select='hard': .* no profile phase comes before"),
     ([phase("profile"), phase("sft", select="unsolved_in_rl")], "no grpo phase comes before phase 1"),
-    ([phase("grpo", epochs=1.0)], "phases.0.epochs: only sft"),
-    ([phase("sft", steps=0)], "phases.0: an sft phase needs steps > 0 or epochs > 0"),
+    ([phase("grpo", epochs=1.0)], "phases.0.epochs: only sft, bridge_sft, cft"),
+    ([phase("sft", steps=0)], "phases.0: sft phases need steps > 0 or epochs > 0"),
     ([phase("sft", name="a"), phase("grpo", name="a")], "names must be unique"),
     ([], "at least one phase"),
 ])
@@ -331,9 +331,12 @@ def test_two_ddp_processes_run_the_plan_with_one_ledger_and_one_routing(tmp_path
 def test_the_default_conf_is_the_method_in_two_rounds():
     from stagewise_pl.run import plan_phases
 
-    plan = plan_phases(load_config("default"))
-    round_ = [("profile", "all"), ("sft", "hard"), ("profile", "all"), ("grpo", "medium")]
-    # SFT -> RL -> CFT-SFT -> RL: the second round starts from what the first one's RL never solved
-    assert [(p.kind, p.select) for p in plan] == round_ + [("sft", "unsolved_in_rl")] + round_ + [("eval", "all")]
-    out = fit(["--dry-run", "phases.1.kind=cft"])
-    assert out.returncode == 2 and "phases.1.kind=cft: critique fine-tuning is not implemented yet" in out.stderr
+    cfg = load_config("default")
+    plan = plan_phases(cfg)
+    round_ = [("profile", "all"), ("bridge_sft", "hard"), ("profile", "all"), ("grpo", "medium")]
+    # Bridge SFT -> RL -> CFT -> RL: the second round starts from what the first one's RL never solved
+    assert [(p.kind, p.select) for p in plan] == round_ + [("cft", "unsolved_in_rl")] + round_ + [("eval", "all")]
+    assert (cfg.teacher.name, cfg.teacher.args["style"], cfg.bridge.strategy) == ("programmatic", "chunked",
+                                                                                   "student_rewrite")
+    out = fit(["--dry-run", "bridge.strategy=nope", "teacher.name=nobody"])
+    assert out.returncode == 2 and "teacher.name: unknown teacher 'nobody'" in out.stderr

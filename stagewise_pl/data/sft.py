@@ -21,16 +21,17 @@ class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX on the prompt
     truncated: bool = False
+    weight: float = 1.0  # loss weight of this example's tokens (critique fine-tuning weighs its kinds)
 
 
-def encode_example(tokenizer, prompt_text: str, completion: str, max_length: int) -> Example:
+def encode_example(tokenizer, prompt_text: str, completion: str, max_length: int, weight: float = 1.0) -> Example:
     """Prompt (already chat-rendered) + completion + EOS; loss only on completion and EOS."""
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids = prompt_ids + completion_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + completion_ids
     truncated = len(ids) > max_length
-    return Example(ids[:max_length], labels[:max_length], truncated)
+    return Example(ids[:max_length], labels[:max_length], truncated, weight)
 
 
 class ExampleDataset(Dataset):
@@ -50,12 +51,21 @@ def pad_collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Ten
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
+    weights = torch.ones((len(examples), width))
     for row, e in enumerate(examples):
         n = len(e.input_ids)
         ids[row, :n] = torch.tensor(e.input_ids)
         labels[row, :n] = torch.tensor(e.labels)
         mask[row, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        weights[row, :n] = e.weight
+    return with_weights({"input_ids": ids, "labels": labels, "attention_mask": mask}, weights, examples)
+
+
+def with_weights(batch: dict, weights: torch.Tensor, examples: Sequence[Example]) -> dict:
+    """Adds ``loss_weights`` (per label position) only when some example is not weighted 1."""
+    if any(e.weight != 1.0 for e in examples):
+        batch["loss_weights"] = weights
+    return batch
 
 
 def pack_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
@@ -87,6 +97,7 @@ def pack_collate(examples: Sequence[Example], pad_id: int, max_length: int) -> d
     labels = torch.full((n_rows, width), IGNORE_INDEX, dtype=torch.long)
     positions = torch.zeros((n_rows, width), dtype=torch.long)
     segment = torch.full((n_rows, width), -1, dtype=torch.long)
+    weights = torch.ones((n_rows, width))
     for r, row in enumerate(rows):
         start = 0
         for s, i in enumerate(row):
@@ -96,12 +107,14 @@ def pack_collate(examples: Sequence[Example], pad_id: int, max_length: int) -> d
             labels[r, start:start + n] = torch.tensor(e.labels)
             positions[r, start:start + n] = torch.arange(n)
             segment[r, start:start + n] = s
+            weights[r, start:start + n] = e.weight
             start += n
         # padding: each pad token is its own segment, so no row of the mask is empty
         segment[r, start:] = torch.arange(width - start) + len(row)
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     allowed = (segment[:, :, None] == segment[:, None, :]) & causal  # (B, T, T)
-    return {"input_ids": ids, "labels": labels, "position_ids": positions, "attention_mask": allowed[:, None]}
+    return with_weights({"input_ids": ids, "labels": labels, "position_ids": positions,
+                         "attention_mask": allowed[:, None]}, weights, examples)
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -24,8 +24,33 @@ def base_key(cfg) -> str:
     blob = json.dumps({"v": FORMAT_VERSION, "tiny": dataclasses.asdict(cfg.model.tiny),
                        "warmup": dataclasses.asdict(cfg.model.warmup), "task": dataclasses.asdict(cfg.task),
                        "optim": dataclasses.asdict(cfg.optim), "max_length": cfg.trainer.max_length,
-                       "packing": cfg.trainer.packing}, sort_keys=True)
+                       "packing": cfg.trainer.packing, "rewrite_template": rewrite_template(cfg)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def rewrite_template(cfg) -> str:
+    """The bridge_rewrite prompt the warm-up teaches to read ('' when model.warmup.rewrite_share is 0)."""
+    if cfg.model.warmup.rewrite_share <= 0:
+        return ""
+    from stagewise_pl.config import load_prompts
+
+    return load_prompts(cfg.prompts).get("bridge_rewrite", "")
+
+
+def rewrite_examples(task, problems: list[Problem], template: str, seed: int = 0) -> list[tuple[str, str]]:
+    """(prompt, target) per problem: the problem with a coarser correct trace as the reference (2 or 3
+    operations per line, seeded), and the one-operation-per-line trace to write."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for p in problems:
+        steps, sizes = task.steps_of(p.prompt), []
+        while sum(sizes) < steps:
+            sizes.append(min(rng.randint(2, 3), steps - sum(sizes)))
+        out.append((template.format(problem=p.prompt, reference=task.chunked_trace(p.prompt, sizes)),
+                    p.teacher_traces[0]))
+    return out
 
 
 def warmup_weights(problems: list[Problem], level_weights: list[float]) -> list[float]:
@@ -59,7 +84,8 @@ def tiny_base_model(cfg, task, log=print) -> Path:
 def _build(cfg, task, directory: Path, log) -> None:
     import torch
 
-    from stagewise_pl.models.load import load_policy
+    from stagewise_pl.data.sft import encode_example
+    from stagewise_pl.models.load import load_policy, render_prompt
     from stagewise_pl.models.tiny import save_random_tiny
     from stagewise_pl.train import build_examples, fit_sft, make_trainer, sft_module
 
@@ -70,6 +96,13 @@ def _build(cfg, task, directory: Path, log) -> None:
         policy, tokenizer = load_policy(str(directory))
         problems = task.split("train")
         examples = build_examples(tokenizer, problems, "teacher_trace", cfg.trainer.max_length)
+        weights = warmup_weights(problems, warm.level_weights)
+        share, template = warm.rewrite_share, rewrite_template(cfg)
+        if share > 0 and template:
+            rewrites = [encode_example(tokenizer, render_prompt(tokenizer, prompt), target, cfg.trainer.max_length)
+                        for prompt, target in rewrite_examples(task, problems, template)]
+            examples += rewrites
+            weights = [w * (1 - share) for w in weights] + [w * share for w in weights]
         trainer_cfg = dataclasses.replace(cfg.trainer, accumulate_grad_batches=1, devices=1, num_nodes=1,
                                           strategy="auto", log_every_n_steps=50)
         with torch.random.fork_rng(devices=[]):
@@ -78,7 +111,7 @@ def _build(cfg, task, directory: Path, log) -> None:
             module = sft_module(policy, dataclasses.replace(cfg.optim, warmup_steps=50), warm.steps, lr=warm.lr,
                                 kernel=cfg.trainer.kernel)
             fit_sft(trainer, module, examples, tokenizer.pad_token_id, warm.batch_size, cfg.trainer.max_length,
-                    packing=cfg.trainer.packing, seed=0, weights=warmup_weights(problems, warm.level_weights))
+                    packing=cfg.trainer.packing, seed=0, weights=weights)
         policy.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
     (directory / "stagewise_base.json").write_text(json.dumps({"key": base_key(cfg), "warmup": dataclasses.asdict(warm)}))

@@ -14,8 +14,8 @@ import lightning as L
 import torch
 
 from stagewise_pl.data.sft import additive_mask
-from stagewise_pl.kernels import fused_nll_loss
-from stagewise_pl.losses import shift_labels
+from stagewise_pl.kernels import fused_nll_loss, logprobs
+from stagewise_pl.losses import IGNORE_INDEX, shift_labels
 
 
 def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -39,8 +39,16 @@ def hidden_states(policy: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
 
 def sft_loss(policy: torch.nn.Module, batch: dict[str, torch.Tensor], backend: str = "auto"):
     """Token-mean NLL of the completion tokens and their count, through the fused log-prob kernel
-    (no [tokens x vocab] logits are kept)."""
+    (no [tokens x vocab] logits are kept). With ``loss_weights`` in the batch each token's NLL is
+    weighted (still divided by the token count, so weights of 1 give the plain loss)."""
     head = policy.get_output_embeddings()
+    if "loss_weights" in batch:
+        labels = shift_labels(batch["labels"])
+        weights = torch.nn.functional.pad(batch["loss_weights"][:, 1:], (0, 1), value=0.0)
+        logp, _ = logprobs(hidden_states(policy, batch), head.weight, labels, getattr(head, "bias", None),
+                           backend=backend)
+        count = (labels != IGNORE_INDEX).sum()
+        return -(logp * weights.to(logp.dtype)).sum() / count.clamp(min=1), count
     return fused_nll_loss(hidden_states(policy, batch), head.weight, shift_labels(batch["labels"]),
                           getattr(head, "bias", None), backend=backend)
 

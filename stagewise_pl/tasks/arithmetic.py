@@ -161,6 +161,25 @@ class ArithmeticTask:
         return "\n".join(lines) + f"\n{ANSWER_MARK} {values[-1]}"
 
     @staticmethod
+    def chunked_trace(expr: str, sizes: Sequence[int]) -> str:
+        """A trace that does ``sizes[i]`` operations on line i (``17+5-9=13``): correct, but coarser than the
+        one-operation steps of :meth:`trace` -- how a large model skips steps a small one needs."""
+        operands, ops = parse_expression(expr)
+        values = evaluate(operands, ops)
+        if sum(sizes) != len(ops) or min(sizes, default=1) < 1:
+            raise ValueError(f"chunk sizes {list(sizes)} do not cover the {len(ops)} operations of {expr}")
+        lines, left, i = [], operands[0], 0
+        for size in sizes:
+            lines.append(f"{left}" + "".join(f"{op}{x}" for op, x in zip(ops[i:i + size], operands[i + 1:i + 1 + size]))
+                         + f"={values[i + size - 1]}")
+            left, i = values[i + size - 1], i + size
+        return "\n".join(lines) + f"\n{ANSWER_MARK} {values[-1]}"
+
+    @staticmethod
+    def steps_of(expr: str) -> int:
+        return len(parse_expression(expr)[1])
+
+    @staticmethod
     def reference_solution(expr: str) -> str:
         """The short human-style solution: the result with no intermediate steps."""
         operands, ops = parse_expression(expr)

@@ -39,3 +39,17 @@ def verdict_of(critique: str) -> str | None:
     """The verdict line a critique ends with, or None if it has none."""
     lines = [ln.strip() for ln in critique.strip().splitlines() if ln.strip()]
     return lines[-1] if lines and lines[-1] in (VERDICT_INCORRECT, VERDICT_CORRECT) else None
+
+
+def make_teacher(name: str, args: dict, **context):
+    """The teacher registered as ``name`` (or at a dotted path), built with ``args``; a keyword of its
+    constructor that ``args`` leaves out is filled from ``context`` (task, prompts, cache_dir) when given."""
+    import inspect
+
+    cls = TEACHERS.get(name)
+    params = inspect.signature(cls).parameters
+    kwargs = {k: v for k, v in context.items() if k in params and k not in args and v is not None}
+    try:
+        return cls(**kwargs, **args)
+    except TypeError as exc:
+        raise TeacherError(f"teacher {name}: {exc}") from None
