@@ -17,6 +17,8 @@ the teacher -- moves it less and teaches more. Strategies are plug-ins registere
   student NLL.
 - ``raw``: the teacher trace as is (the baseline Bridge is measured against).
 
+With ``bridge.fallback=drop`` a problem with no kept candidate is left out instead of trained on raw.
+
 Every candidate is graded; rejected ones are counted by reason (``empty``, ``no_answer``, ``wrong``,
 ``mentions_reference``, ``teacher_failed``). A raw trace that does not verify is never trained on: its
 problem is dropped unless the strategy found a verified target. The student's mean token NLL of the
@@ -179,16 +181,11 @@ class TeacherSimplify(BridgeStrategy):
     name = "teacher_simplify"
 
     def propose(self, ctx, problems, traces):
-        from stagewise_pl.teachers.base import TeacherError
+        from stagewise_pl.teachers.base import TeacherError, ask_each
 
         if not hasattr(ctx.teacher, "simplify"):
             raise TeacherError(f"bridge.strategy=teacher_simplify: teacher {type(ctx.teacher).__name__} cannot simplify")
-        texts = []
-        for p, t in zip(problems, traces):
-            try:
-                texts.append(ctx.teacher.simplify(p, t[0]) or "")
-            except TeacherError:
-                texts.append(None)
+        texts = ask_each(ctx.teacher, "simplify", [(p, t[0]) for p, t in zip(problems, traces)])
         reasons = ctx.judge(texts, [p.answer for p in problems])
         return list(zip(texts, reasons))
 
@@ -270,7 +267,8 @@ def run_bridge(strategy: BridgeStrategy, ctx: BridgeContext, problems: Sequence[
         if reason == ACCEPTED:
             items.append(BridgeItem(p.id, t[0], candidate, True, reason))
         else:
-            items.append(BridgeItem(p.id, t[0], t[0] if raw_reason == ACCEPTED else None, False, reason))
+            fallback = t[0] if raw_reason == ACCEPTED and ctx.s.fallback == "raw" else None
+            items.append(BridgeItem(p.id, t[0], fallback, False, reason))
     scored = [(p, it) for p, it in zip(problems, items) if it.target is not None]
     raw_nll = ctx.nll([p for p, _ in scored], [it.raw for _, it in scored])
     target_nll = ctx.nll([p for p, _ in scored], [it.target for _, it in scored])

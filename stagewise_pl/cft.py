@@ -24,7 +24,7 @@ from typing import Sequence
 
 from stagewise_pl.bridge import ACCEPTED, BridgeContext, first_accepted, run_bridge
 from stagewise_pl.data.problems import Problem
-from stagewise_pl.teachers.base import TeacherError, VERDICT_INCORRECT, verdict_of
+from stagewise_pl.teachers.base import TeacherError, VERDICT_INCORRECT, ask_each, verdict_of
 
 KINDS = ("diagnosis", "repair", "trace")
 
@@ -67,11 +67,7 @@ def build_cft(ctx: BridgeContext, critic, teacher, strategy, problems: Sequence[
     pairs = [(p, f) for p in problems for f in failures.get(p.id, [])[:settings.failures_per_problem]]
     critiques: list = []
     if weights.get("diagnosis", 0) > 0 or weights.get("repair", 0) > 0:
-        for p, f in pairs:
-            try:
-                critiques.append(critic.critique(p, f))
-            except TeacherError:
-                critiques.append(None)
+        critiques = ask_each(critic, "critique", pairs)
         for (p, f), text in zip(pairs, critiques):
             reason = judge_critique(text)
             counts["diagnosis"][reason] += 1
@@ -107,12 +103,7 @@ def repairs(ctx: BridgeContext, teacher, usable: Sequence[tuple], settings) -> l
     if settings.repair_by == "teacher":
         if not hasattr(teacher, "repair"):
             raise TeacherError(f"cft.repair_by=teacher: teacher {type(teacher).__name__} cannot write repairs")
-        texts = []
-        for p, f, c in usable:
-            try:
-                texts.append(teacher.repair(p, f, c) or "")
-            except TeacherError:
-                texts.append(None)
+        texts = ask_each(teacher, "repair", usable)
         reasons = ctx.judge(texts, [p.answer for p, _, _ in usable], count=False)
         return list(zip(texts, reasons))
     n = settings.repair_samples

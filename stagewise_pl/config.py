@@ -266,6 +266,8 @@ class BridgeConfig:
                                             "(case-insensitive) mentions the reference and is not kept",
                                        factory=lambda: ["reference", "given solution", "provided solution"])
     max_new_tokens: int = doc(0, "generation budget of the student's candidates; 0 = derived from the task")
+    fallback: str = doc("raw", "a problem with no kept candidate: raw = train on the teacher trace (if it "
+                               "verifies); drop = leave the problem out")
 
 
 @dataclass
@@ -364,6 +366,7 @@ _CHOICES = {
     "grpo.std_scale": {"default", "group", "batch", "none"},
     "grpo.loss_aggregation": {"token_mean", "seq_mean_token_mean", "constant"},
     "cft.repair_by": {"student", "teacher"},
+    "bridge.fallback": {"raw", "drop"},
 }
 _POSITIVE = ["rollout.tensor_parallel_size", "rollout.max_model_len", "rollout.kv_cache_mb",
              "verifier.workers", "verifier.timeout_s", "trainer.batch_size", "trainer.accumulate_grad_batches", "trainer.max_length",

@@ -84,6 +84,9 @@ def test_student_rewrite_keeps_a_verified_candidate_that_does_not_mention_the_re
                                      "wrong": 1 + 1 + 3}
     assert (summary["kept"], summary["fell_back_to_raw"], summary["dropped"], summary["acceptance"]) == (2, 1, 1, 0.5)
     assert summary["raw_verdicts"] == {"accepted": 3, "wrong": 1}
+    items, summary = run_bridge(make_strategy(BridgeConfig()), context(engine, FixedTeacher(raw), samples=3,
+                                                                       fallback="drop"), PROBLEMS)
+    assert [it.target is not None for it in items] == [True, False, True, False] and summary["dropped"] == 2
 
 
 def test_teacher_simplify_keeps_only_verified_simplifications_and_counts_bad_ones():

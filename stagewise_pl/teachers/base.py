@@ -53,3 +53,21 @@ def make_teacher(name: str, args: dict, **context):
         return cls(**kwargs, **args)
     except TypeError as exc:
         raise TeacherError(f"teacher {name}: {exc}") from None
+
+
+def ask_each(teacher, method: str, items: Sequence[tuple]) -> list:
+    """``teacher.<method>(*item)`` for every item, through ``<method>_many`` when the teacher has it (an LLM
+    teacher then sends them concurrently); None where the teacher raised :class:`TeacherError`."""
+    many = getattr(teacher, f"{method}_many", None)
+    if many is not None:
+        try:
+            return list(many(list(items)))
+        except TeacherError:
+            return [None] * len(items)
+    out = []
+    for item in items:
+        try:
+            out.append(getattr(teacher, method)(*item))
+        except TeacherError:
+            out.append(None)
+    return out

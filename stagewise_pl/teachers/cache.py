@@ -151,7 +151,22 @@ class ChatTeacher:
     def repair(self, problem: Problem, failed_completion: str, critique: str = "") -> str:
         return self._ask_one("teacher_repair", problem=problem.prompt, solution=failed_completion, critique=critique)
 
+    # batched forms: one call, every request under the concurrency limit ('' where one failed)
+    def critique_many(self, items: Sequence[tuple]) -> list[str]:
+        return self._ask_each("teacher_critique", [dict(problem=p.prompt, solution=f) for p, f in items])
+
+    def simplify_many(self, items: Sequence[tuple]) -> list[str]:
+        return self._ask_each("teacher_simplify", [dict(problem=p.prompt, trace=t) for p, t in items])
+
+    def repair_many(self, items: Sequence[tuple]) -> list[str]:
+        return self._ask_each("teacher_repair", [dict(problem=p.prompt, solution=f, critique=c) for p, f, c in items])
+
     # ------------------------------------------------------------------ plumbing
+    def _ask_each(self, key: str, fields: list[dict]) -> list[str]:
+        if not fields:
+            return []
+        return [answers[0] if answers else "" for answers in self._ask([self._render(key, **f) for f in fields], 1)]
+
     def _render(self, key: str, **fields: str) -> str:
         return self.prompts[key].format(**fields)
 
