@@ -245,9 +245,11 @@ class TeacherConfig:
 
     name: str = doc("programmatic", "programmatic (the synthetic task's) | trace_file | openai | vllm | "
                                     "a dotted path package.module:Class")
-    args: dict[str, Any] = doc(help="keyword arguments of the teacher, e.g. programmatic: {style: chunked, "
-                                    "ops_per_line: 2}; trace_file: {path: traces.jsonl}; openai: {base_url, model, "
-                                    "api_key_env, concurrency, cache_dir}", factory=dict)
+    args: dict[str, Any] = doc(help="keyword arguments of the teacher, e.g. trace_file: {path: traces.jsonl}; "
+                                    "openai: {base_url, model, api_key_env, concurrency, cache_dir}", factory=dict)
+    style: str = doc("steps", "programmatic teacher: steps (one operation per line, the student's granularity) | "
+                              "chunked (ops_per_line per line: a stand-in for a large model's coarser traces)")
+    ops_per_line: int = doc(2, "programmatic teacher, style chunked: operations per trace line")
     critic: str = doc("", "another teacher (a name in the same registry, built with no args) for critiques "
                           "when the trace teacher cannot write them (a trace file); '' = the same teacher")
 
@@ -367,6 +369,7 @@ _CHOICES = {
     "grpo.loss_aggregation": {"token_mean", "seq_mean_token_mean", "constant"},
     "cft.repair_by": {"student", "teacher"},
     "bridge.fallback": {"raw", "drop"},
+    "teacher.style": {"steps", "chunked"},
 }
 _POSITIVE = ["rollout.tensor_parallel_size", "rollout.max_model_len", "rollout.kv_cache_mb",
              "verifier.workers", "verifier.timeout_s", "trainer.batch_size", "trainer.accumulate_grad_batches", "trainer.max_length",
@@ -375,7 +378,7 @@ _POSITIVE = ["rollout.tensor_parallel_size", "rollout.max_model_len", "rollout.k
              "model.tiny.hidden_size", "model.tiny.num_layers", "model.tiny.vocab_size",
              "grpo.prompts_per_step", "grpo.num_generations", "grpo.num_iterations", "grpo.minibatches",
              "grpo.max_rollout_factor", "profile.k", "profile.chunk", "bridge.samples", "bridge.candidates",
-             "bridge.temperature", "cft.failures_per_problem", "cft.repair_samples", "cft.max_length"]
+             "bridge.temperature", "teacher.ops_per_line", "cft.failures_per_problem", "cft.repair_samples", "cft.max_length"]
 _NON_NEGATIVE = ["verifier.memory_mb", "optim.lr", "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip", "eval.k",
                  "eval.limit", "eval.max_new_tokens", "data.limit", "model.warmup.steps", "run.threads",
                  "grpo.max_new_tokens", "grpo.beta", "grpo.entropy_coef", "grpo.micro_batch_size",

@@ -142,7 +142,8 @@ class Run:
         name, args = (t.critic, {}) if critic and t.critic else (t.name, dict(t.args))
         if name not in self._teachers:
             cache = Path(self.cfg.model.cache_dir).expanduser() / "teacher-cache"
-            self._teachers[name] = make_teacher(name, args, task=self.task, prompts=self.prompts, cache_dir=str(cache))
+            self._teachers[name] = make_teacher(name, args, task=self.task, prompts=self.prompts, cache_dir=str(cache),
+                                                style=t.style, ops_per_line=t.ops_per_line)
         return self._teachers[name]
 
     # ------------------------------------------------------------------ layout

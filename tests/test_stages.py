@@ -336,7 +336,7 @@ def test_the_default_conf_is_the_method_in_two_rounds():
     round_ = [("profile", "all"), ("bridge_sft", "hard"), ("profile", "all"), ("grpo", "medium")]
     # Bridge SFT -> RL -> CFT -> RL: the second round starts from what the first one's RL never solved
     assert [(p.kind, p.select) for p in plan] == round_ + [("cft", "unsolved_in_rl")] + round_ + [("eval", "all")]
-    assert (cfg.teacher.name, cfg.teacher.args["style"], cfg.bridge.strategy) == ("programmatic", "chunked",
+    assert (cfg.teacher.name, cfg.teacher.style, cfg.bridge.strategy) == ("programmatic", "chunked",
                                                                                    "student_rewrite")
     out = fit(["--dry-run", "bridge.strategy=nope", "teacher.name=nobody"])
     assert out.returncode == 2 and "teacher.name: unknown teacher 'nobody'" in out.stderr

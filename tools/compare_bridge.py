@@ -28,7 +28,7 @@ def one_run(directory: Path, seed: int, strategy: str, args) -> dict:
               f"lr: {args.lr}}}, {{name: final, kind: eval}}]")
     cmd = [sys.executable, "-m", "stagewise_pl.fit", f"run.dir={directory}", f"run.seed={seed}",
            "run.progress_bar=false", "eval.k=0", "eval.each_phase=false", f"profile.limit={args.profile_limit}",
-           f"bridge.strategy={strategy}", f"teacher.args={{style: chunked, ops_per_line: {args.ops_per_line}}}",
+           f"bridge.strategy={strategy}", "teacher.style=chunked", f"teacher.ops_per_line={args.ops_per_line}",
            f"phases={phases}", *args.overrides]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
