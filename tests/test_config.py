@@ -94,7 +94,7 @@ def test_cli_help_and_error_exit_codes():
 def test_dry_run_prints_plan():
     out = subprocess.run([sys.executable, "-m", "stagewise_pl.fit", "--dry-run", "phases.1.steps=9"],
                          capture_output=True, text=True)
-    assert out.returncode == 0 and "r1-sft: sft on hard, 9 steps" in out.stdout
+    assert out.returncode == 0 and "r1-bridge: bridge_sft on hard, 9 steps" in out.stdout
 
 
 def test_conf_dir_is_the_projects():
