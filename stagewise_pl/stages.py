@@ -307,7 +307,7 @@ class StageManager(L.Callback):
         replay: list = []
         if spec.replay > 0 and candidates:
             chosen = {p.id for p in candidates}
-            rest = [p for p in run.pool if p.id not in chosen]
+            rest = [p for p in (run.pool if spec.kind == "sft" else pool) if p.id not in chosen]
             count = min(len(rest), round(len(candidates) * spec.replay / (1.0 - spec.replay)))
             if count:
                 keep = np.random.default_rng([cfg.run.seed, spec.index, 1]).choice(len(rest), count, replace=False)

@@ -103,3 +103,17 @@ def test_cft_diagnoses_name_the_first_wrong_step_and_every_kept_repair_verifies(
     for r in repairs:
         assert verifier.score(r["target"], pool[r["problem_id"]].answer).reason == "correct", r
         assert r["failure"] in r["prompt"]
+
+
+def test_two_ddp_processes_train_bridge_and_cft_on_the_same_rows(tmp_path, teach_overrides):
+    """Rank 0 makes the rows (the student's rewrites, the critiques) and broadcasts them: both ranks train on
+    the same rows and end with the same weights."""
+    run_dir = tmp_path / "ddp"
+    out = fit(teach_overrides + [f"run.dir={run_dir}", "trainer.strategy=ddp", "trainer.devices=2",
+                                 "trainer.accelerator=cpu", "run.threads=1", "run.deterministic=false"], timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    ranks = [json.loads((run_dir / "routing" / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] and {"b", "c", "final weights"} <= set(ranks[0])
+    assert out.stdout.count("bridge student_rewrite:") == 1 and out.stdout.count("CFT data from") == 1
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["finished"] and state["completed"]["b"]["kept"] == len(rows(run_dir / "bridge" / "02-b.jsonl"))

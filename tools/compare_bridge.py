@@ -28,7 +28,8 @@ def one_run(directory: Path, seed: int, strategy: str, args) -> dict:
               f"lr: {args.lr}}}, {{name: final, kind: eval}}]")
     cmd = [sys.executable, "-m", "stagewise_pl.fit", f"run.dir={directory}", f"run.seed={seed}",
            "run.progress_bar=false", "eval.k=0", "eval.each_phase=false", f"profile.limit={args.profile_limit}",
-           f"bridge.strategy={strategy}", "teacher.style=chunked", f"teacher.ops_per_line={args.ops_per_line}",
+           f"bridge.strategy={strategy}", f"bridge.fallback={args.fallback}", "teacher.style=chunked",
+           f"teacher.ops_per_line={args.ops_per_line}",
            f"phases={phases}", *args.overrides]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
@@ -51,6 +52,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--ops-per-line", type=int, default=2, help="the teacher's operations per trace line")
     parser.add_argument("--profile-limit", type=int, default=1200)
+    parser.add_argument("--fallback", choices=["raw", "drop"], default="raw",
+                        help="a problem with no kept candidate trains on the raw trace (raw, as the method says) or "
+                             "is left out (drop, the default conf's choice)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("overrides", nargs="*", help="further key=value overrides of every run")
     args = parser.parse_args()
