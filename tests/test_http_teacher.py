@@ -201,6 +201,31 @@ def test_the_key_goes_into_the_authorization_header_only(endpoint, key, tmp_path
         assert key not in path.name and key not in path.read_text()
 
 
+def test_a_429_with_retry_after_waits_as_asked(endpoint, monkeypatch):
+    from stagewise_pl.teachers import http
+
+    waits = []
+    monkeypatch.setattr(http.time, "sleep", waits.append)
+    endpoint.script = lambda call, body: (429, b"{}", 0.0) if call == 0 else choices(body)
+    original = Handler.send_header
+
+    def with_retry_after(self, name, value):
+        original(self, name, value)
+        if name == "Content-Type" and len(self.server.endpoint.seen) == 1:
+            original(self, "Retry-After", "7")
+
+    monkeypatch.setattr(Handler, "send_header", with_retry_after)
+    assert len(teacher(endpoint).traces(problems(1))[0]) == 1
+    assert [w for w in waits if w] == [7.0]  # the endpoint's 7 s, not the 0.01 s backoff (the server sleeps 0)
+    assert http.retry_after_seconds({"Retry-After": "Wed, 21 Oct 2026 07:28:00 GMT"}) == 0.0
+
+
+def test_credentials_in_the_base_url_are_refused_without_echoing_them():
+    with pytest.raises(TeacherError, match="holds credentials") as info:
+        TEACHERS.get("openai")(base_url="https://user:s3cret@api.example/v1", model="m")
+    assert "s3cret" not in str(info.value)
+
+
 def test_prompt_templates_are_checked_before_any_request():
     make = TEACHERS.get("openai")
     for prompts, reason in [({"teacher_trace": "\\boxed{} {problem}"}, "literal brace"),

@@ -45,7 +45,12 @@ class _AttemptFailed(Exception):
 
 
 class _Unavailable(_AttemptFailed):
-    """5xx, 429, timeout, connection error: the endpoint may answer later."""
+    """5xx, 429, timeout, connection error: the endpoint may answer later (``retry_after``: the seconds the
+    endpoint asked for in a Retry-After header, if any)."""
+
+    def __init__(self, reason: str, retry_after: float = 0.0):
+        super().__init__(reason)
+        self.retry_after = retry_after
 
 
 class _Malformed(_AttemptFailed):
@@ -64,6 +69,14 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 _OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+def retry_after_seconds(headers) -> float:
+    """The seconds of a Retry-After header (its number form; an HTTP date or nothing counts as 0)."""
+    try:
+        return max(0.0, float((headers or {}).get("Retry-After", 0)))
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def parse_choices(raw: bytes) -> list[str]:
@@ -97,6 +110,9 @@ class OpenAITeacher(ChatTeacher):
                  cache_dir=None, seed: int = 0):
         if not str(base_url).startswith(("http://", "https://")):
             raise TeacherError(f"openai teacher: base_url must start with http:// or https://, got {base_url!r}")
+        if "@" in str(base_url).split("://", 1)[1].split("/", 1)[0]:  # user:password@host would be logged
+            raise TeacherError("openai teacher: base_url holds credentials (user@host); put the key in the "
+                               "environment variable named by api_key_env instead")
         if timeout_s <= 0 or max_retries < 0 or backoff_s < 0 or concurrency < 1:
             raise TeacherError("openai teacher: needs timeout_s > 0, max_retries >= 0, backoff_s >= 0, "
                                f"concurrency >= 1 (got {timeout_s}, {max_retries}, {backoff_s}, {concurrency})")
@@ -127,17 +143,18 @@ class OpenAITeacher(ChatTeacher):
 
     def _complete(self, body: dict) -> list[str] | _AttemptFailed:
         """One request, retried while retrying can help: its answers, or why it failed."""
+        asked = 0.0
         for attempt in range(self.max_retries + 1):
             if attempt:
                 self._count("retries")
-                time.sleep(self._backoff(attempt - 1))
+                time.sleep(max(self._backoff(attempt - 1), min(asked, MAX_BACKOFF_S)))
             try:
                 return self._send(body)
             except _Malformed as exc:
                 self._count("malformed")
                 failure: _AttemptFailed = exc
             except _Unavailable as exc:
-                failure = exc
+                failure, asked = exc, exc.retry_after
             except _Refused as exc:
                 failure = exc
                 break
@@ -164,7 +181,9 @@ class OpenAITeacher(ChatTeacher):
             reason = f"HTTP {exc.code} {exc.reason}"
             if 300 <= exc.code < 400:
                 reason += " (redirects are not followed: give the final address as base_url)"
-            raise (_Unavailable if exc.code >= 500 or exc.code == 429 else _Refused)(reason) from None
+            if exc.code >= 500 or exc.code == 429:
+                raise _Unavailable(reason, retry_after_seconds(exc.headers)) from None
+            raise _Refused(reason) from None
         except urllib.error.URLError as exc:
             raise _Unavailable(f"cannot reach {url}: {exc.reason}") from None
         except TimeoutError:
