@@ -83,6 +83,8 @@ class ModelConfig:
     dtype: str = doc("float32", "float32 | bfloat16 | float16")
     attn_implementation: str = doc("sdpa", "sdpa | eager | flash_attention_2")
     cache_dir: str = doc("~/.cache/stagewise_pl", "where the tiny base model is cached (keyed by its config)")
+    gradient_checkpointing: bool = doc(False, "recompute each layer's activations in the backward pass (less "
+                                              "memory, ~30% more compute); for the GPU recipes")
     tiny: TinyModelConfig = doc(help="tiny model shape", factory=TinyModelConfig)
     warmup: WarmupConfig = doc(help="tiny model warm-up", factory=WarmupConfig)
 
@@ -250,8 +252,9 @@ class TeacherConfig:
     style: str = doc("steps", "programmatic teacher: steps (one operation per line, the student's granularity) | "
                               "chunked (ops_per_line per line: a stand-in for a large model's coarser traces)")
     ops_per_line: int = doc(2, "programmatic teacher, style chunked: operations per trace line")
-    critic: str = doc("", "another teacher (a name in the same registry, built with no args) for critiques "
-                          "when the trace teacher cannot write them (a trace file); '' = the same teacher")
+    critic: str = doc("", "another teacher for critiques and repairs when the trace teacher cannot write them "
+                          "(a trace file); '' = the same teacher")
+    critic_args: dict[str, Any] = doc(help="keyword arguments of the critic", factory=dict)
 
 
 @dataclass

@@ -15,16 +15,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.conf, args.overrides)
         from stagewise_pl.logging import quiet_third_party
-        from stagewise_pl.run import Run, check_teaching, plan_phases
+        from stagewise_pl.run import Run, check_teaching, plan_phases, referenced_files
 
         quiet_third_party()
 
         if args.dry_run:
             from stagewise_pl.plan import describe
 
+            from stagewise_pl.memory import describe as memory
+
             phases = plan_phases(cfg)
             check_teaching(cfg, phases)
             print(to_yaml(cfg) + "\nplan:\n" + "\n".join(f"  {line}" for line in describe(phases)))
+            for what, path, exists in referenced_files(cfg, phases):
+                print(f"file {what}: {path} " + ("(found)" if exists else "(MISSING: the run stops at set-up)"))
+            print("\n".join(memory(cfg)))
             return 0
         Run(cfg).execute()
     except ConfigError as exc:

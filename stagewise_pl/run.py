@@ -100,6 +100,20 @@ def check_teaching(cfg: Config, phases) -> dict:
     return prompts
 
 
+def referenced_files(cfg: Config, phases) -> list[tuple[str, Path, bool]]:
+    """(what, path, exists) for every file the run will read: the pool, evaluation sets, a trace file."""
+    files = []
+    if cfg.data.source in ("jsonl", "benchmark"):
+        files.append(("data.path", Path(cfg.data.path).expanduser(), Path(cfg.data.path).expanduser().exists()))
+    files += [("eval.benchmarks", Path(b).expanduser(), Path(b).expanduser().is_file()) for b in cfg.eval.benchmarks]
+    if any(s.kind in ("bridge_sft", "cft") for s in phases):
+        for key, name, args in (("teacher.args.path", cfg.teacher.name, cfg.teacher.args),
+                                ("teacher.critic_args.path", cfg.teacher.critic, cfg.teacher.critic_args)):
+            if name == "trace_file" and args.get("path"):
+                files.append((key, Path(args["path"]).expanduser(), Path(args["path"]).expanduser().is_file()))
+    return files
+
+
 class Run:
     def __init__(self, cfg: Config, log=print):
         from stagewise_pl.stages import make_rules
@@ -139,7 +153,7 @@ class Run:
         from stagewise_pl.teachers.base import make_teacher
 
         t = self.cfg.teacher
-        name, args = (t.critic, {}) if critic and t.critic else (t.name, dict(t.args))
+        name, args = (t.critic, dict(t.critic_args)) if critic and t.critic else (t.name, dict(t.args))
         if name not in self._teachers:
             cache = Path(self.cfg.model.cache_dir).expanduser() / "teacher-cache"
             self._teachers[name] = make_teacher(name, args, task=self.task, prompts=self.prompts, cache_dir=str(cache),
@@ -223,6 +237,8 @@ class Run:
         self.logger = make_logger(cfg.run.logger, self.dir)
         self.policy, self.tokenizer = load_policy(self.base_model_path(), cfg.model.dtype,
                                                   cfg.model.attn_implementation)
+        if cfg.model.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         from stagewise_pl.ledger import DifficultyLedger
 
         self.ledger = DifficultyLedger(self.dir / "ledger", run_id=self.dir.name, writer=dist.is_main())
