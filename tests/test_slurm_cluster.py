@@ -1,0 +1,78 @@
+"""Against a real one-node Slurm (marker slurm; .ci/run_slurm starts it with tools/slurm/start_local_slurm.sh):
+a 2-task array of a tiny plan finishes with complete run directories, and a task requeued mid-run
+(scontrol requeue) resumes from its checkpoint and ends with the weights of an uninterrupted run."""
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slurm
+
+TINY = ["model.warmup.steps=20", "model.warmup.batch_size=16", "task.train_per_level=40", "task.test_per_level=4",
+        "eval.k=0", "eval.batch_size=32", "trainer.batch_size=8", "trainer.checkpoint_every_n_steps=2",
+        "run.progress_bar=false", "eval.before=false", "run.deterministic=true", "optim.warmup_steps=2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    if shutil.which("sbatch") is None:
+        pytest.fail("no Slurm here: run tools/slurm/start_local_slurm.sh first (.ci/run_slurm does)")
+
+
+def submit(root: Path, name: str, overrides: list[str], seeds: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "stagewise_pl.slurm", "submit", "conf=default", *overrides,
+                          "--array", seeds, "--cpus-per-task", "1", "--time", "00:20:00", "--root", str(root),
+                          "--name", name], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads((root / name / "manifest.json").read_text())["job_id"]
+
+
+def states(job: str) -> list[str]:
+    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True)
+    return out.stdout.split()
+
+
+def wait_done(job: str, timeout: float = 900) -> None:
+    end = time.time() + timeout
+    while states(job):
+        assert time.time() < end, f"job {job} still {states(job)}"
+        time.sleep(2)
+
+
+def test_an_array_runs_every_task_in_its_own_run_directory(tmp_path):
+    root = tmp_path / "slurm"
+    job = submit(root, "a", TINY + [f"model.cache_dir={tmp_path / 'cache'}", "phases=[{kind: sft, steps: 4}]"], "seed=0,1")
+    wait_done(job)
+    for seed in (0, 1):
+        run = root / "a" / f"00{seed}-seed{seed}"
+        state = json.loads((run / "state.json").read_text())
+        assert state["finished"] and (run / "final" / "model.safetensors").is_file(), (run / "state.json").read_text()
+        assert json.loads(json.dumps(state))["completed"]["1-sft"]["steps"] == 4
+    status = subprocess.run([sys.executable, "-m", "stagewise_pl.slurm", "status", "--root", str(root)],
+                            capture_output=True, text=True)
+    assert status.stdout.count("finished") == 2
+
+
+def test_a_requeued_task_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
+    from test_stages import fit, same_weights
+
+    overrides = TINY + [f"model.cache_dir={tmp_path / 'cache'}", "phases=[{kind: sft, steps: 60, lr: 5e-4}]"]
+    straight = tmp_path / "straight"
+    assert fit(overrides + [f"run.dir={straight}"]).returncode == 0  # also builds the base model
+    root = tmp_path / "slurm"
+    job = submit(root, "r", overrides, "seed=0")
+    run = root / "r" / "000-seed0"
+    end = time.time() + 600
+    while not (run / "checkpoints" / "last.ckpt").is_file():
+        assert time.time() < end and states(job), "the task never checkpointed"
+        time.sleep(0.2)
+    assert subprocess.run(["scontrol", "requeue", f"{job}_0"]).returncode == 0
+    wait_done(job)
+    log = next((root / "r" / "logs").glob("*_0.out")).read_text()
+    assert "resuming from" in log, log[-3000:]
+    assert json.loads((run / "state.json").read_text())["finished"]
+    assert same_weights(straight / "final", run / "final")
