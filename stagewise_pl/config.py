@@ -85,6 +85,13 @@ class ModelConfig:
     cache_dir: str = doc("~/.cache/stagewise_pl", "where the tiny base model is cached (keyed by its config)")
     gradient_checkpointing: bool = doc(False, "recompute each layer's activations in the backward pass (less "
                                               "memory, ~30% more compute); for the GPU recipes")
+    lora_rank: int = doc(0, "LoRA adapters of this rank in every training phase (peft, injected in place; "
+                            "exports and vLLM pushes carry merged weights); 0 = full fine-tuning")
+    lora_alpha: float = doc(16.0, "LoRA scale numerator (scale = alpha / rank)")
+    lora_dropout: float = doc(0.0, "dropout on the LoRA input")
+    lora_targets: list[str] = doc(help="module names (suffixes) that get adapters",
+                                  factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                   "down_proj"])
     tiny: TinyModelConfig = doc(help="tiny model shape", factory=TinyModelConfig)
     warmup: WarmupConfig = doc(help="tiny model warm-up", factory=WarmupConfig)
 
@@ -382,7 +389,7 @@ _POSITIVE = ["rollout.tensor_parallel_size", "rollout.max_model_len", "rollout.k
              "grpo.prompts_per_step", "grpo.num_generations", "grpo.num_iterations", "grpo.minibatches",
              "grpo.max_rollout_factor", "profile.k", "profile.chunk", "bridge.samples", "bridge.candidates",
              "bridge.temperature", "teacher.ops_per_line", "cft.failures_per_problem", "cft.repair_samples", "cft.max_length"]
-_NON_NEGATIVE = ["verifier.memory_mb", "optim.lr", "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip", "eval.k",
+_NON_NEGATIVE = ["model.lora_rank", "model.lora_dropout", "verifier.memory_mb", "optim.lr", "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip", "eval.k",
                  "eval.limit", "eval.max_new_tokens", "data.limit", "model.warmup.steps", "run.threads",
                  "grpo.max_new_tokens", "grpo.beta", "grpo.entropy_coef", "grpo.micro_batch_size",
                  "grpo.max_extra_rounds", "grpo.epsilon_low", "grpo.epsilon_high",

@@ -3,7 +3,7 @@
 The shape comes from the tiny model's config, a local directory's ``config.json``, or :data:`KNOWN`
 (the public ``config.json`` figures of the models the recipes name, so that a hub name needs no
 download). The estimate is arithmetic, not a measurement: weights, gradients and AdamW's two moments
-in the parameter dtype (divided across ranks under FSDP), a frozen KL reference when ``grpo.beta > 0``,
+in the parameter dtype (divided across ranks under FSDP; with LoRA gradients and moments of the adapters only), a frozen KL reference when ``grpo.beta > 0``,
 activations of one micro-batch (rows x ``trainer.max_length`` tokens; one hidden state per layer with gradient checkpointing, about
 ``18 H + 4 I`` values per token and layer without), the fused log-prob kernel's chunk instead of full
 logits, and the share of the GPU a colocated vLLM engine reserves.
@@ -29,6 +29,13 @@ class Shape:
     vocab: int
     tied: bool
     qkv_bias: bool
+
+    def lora_parameters(self, rank: int, targets) -> int:
+        """Adapter parameters: rank x (in + out) for every targeted projection of every layer."""
+        h, kv, i = self.hidden, self.kv_heads * (self.hidden // self.heads), self.intermediate
+        sizes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h), "gate_proj": (h, i),
+                 "up_proj": (h, i), "down_proj": (i, h)}
+        return self.layers * sum(rank * (a + b) for name, (a, b) in sizes.items() if name in set(targets))
 
     def parameters(self) -> int:
         """Decoder-only transformer with grouped-query attention and a gated MLP (Qwen2, Llama)."""
@@ -81,10 +88,12 @@ def estimate(cfg, gpu_gib: float = 80.0) -> Optional[dict]:
     grpo_rows = cfg.grpo.micro_batch_size or cfg.grpo.prompts_per_step * cfg.grpo.num_generations
     tokens = max(cfg.trainer.batch_size, grpo_rows) * cfg.trainer.max_length  # rows x the longest sequence
     per_token = shape.hidden if cfg.model.gradient_checkpointing else 18 * shape.hidden + 4 * shape.intermediate
+    m = cfg.model
+    trained = shape.lora_parameters(m.lora_rank, m.lora_targets) if m.lora_rank else params  # LoRA: adapters only
     parts = {
-        "weights": params * width / shard,
-        "gradients": params * width / shard,
-        "AdamW moments": 2 * params * width / shard,
+        "weights": (params + (trained if m.lora_rank else 0)) * width / shard,
+        "gradients": trained * width / shard,
+        "AdamW moments": 2 * trained * width / shard,
         "KL reference": params * width if cfg.grpo.beta > 0 else 0,
         "activations": tokens * shape.layers * per_token * width
                        + (tokens * shape.hidden * width * 8 if cfg.model.gradient_checkpointing else 0),

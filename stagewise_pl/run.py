@@ -239,6 +239,12 @@ class Run:
                                                   cfg.model.attn_implementation)
         if cfg.model.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.model.lora_rank:
+            from stagewise_pl.models.lora import apply_lora
+
+            m = cfg.model
+            trainable = apply_lora(self.policy, m.lora_rank, m.lora_alpha, m.lora_dropout, m.lora_targets)
+            self.log(f"LoRA rank {m.lora_rank} on {', '.join(m.lora_targets)}: {trainable} trainable parameters")
         from stagewise_pl.ledger import DifficultyLedger
 
         self.ledger = DifficultyLedger(self.dir / "ledger", run_id=self.dir.name, writer=dist.is_main())
@@ -416,7 +422,9 @@ class Run:
         """save_pretrained of policy and tokenizer, built aside and renamed into place."""
         tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.policy.save_pretrained(tmp)
+        from stagewise_pl.models.lora import merged_state_dict
+
+        self.policy.save_pretrained(tmp, state_dict=merged_state_dict(self.policy))  # LoRA merged, if any
         self.tokenizer.save_pretrained(tmp)
         if directory.exists():
             shutil.rmtree(directory)

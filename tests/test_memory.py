@@ -47,3 +47,16 @@ def test_gpu_recipes_dry_run_on_this_machine(conf, size):
     assert "r1-bridge: bridge_sft on hard, 2 epochs" in out.stdout and "r1-cft: cft on unsolved_in_rl" in out.stdout
     assert f"memory estimate per GPU (arithmetic, not measured): {size} parameters in bfloat16" in out.stdout
     assert "file teacher.args.path: traces/gsm8k_train.jsonl" in out.stdout
+
+
+def test_lora_keeps_gradients_and_moments_to_the_adapters(tiny):
+    from stagewise_pl.models.lora import apply_lora
+    import copy
+
+    base = ["model.name_or_path=Qwen/Qwen2.5-1.5B-Instruct", "model.dtype=bfloat16"]
+    full, lora = estimate(load_config("default", base)), estimate(load_config("default", base + ["model.lora_rank=16"]))
+    assert lora["AdamW moments"] < full["AdamW moments"] / 50 and lora["weights"] >= full["weights"]
+    policy = copy.deepcopy(tiny[0])  # the adapter count from the shape equals peft's
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    trainable = apply_lora(policy, rank=4, alpha=8, dropout=0.0, targets=targets)
+    assert shape_from_config(policy.config.to_dict()).lora_parameters(4, targets) == trainable

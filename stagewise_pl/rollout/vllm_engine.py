@@ -88,8 +88,10 @@ class VLLMEngine:
     def sync_weights(self, model: torch.nn.Module, include: Optional[set[str]] = None) -> None:
         """Push the training model's weights into the engine, in memory (``include``: only these names,
         for tests that need a deliberately incomplete push)."""
-        state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()
-                 if include is None or name in include}
+        from stagewise_pl.models.lora import merged_state_dict
+
+        state = {name: tensor.detach().clone() for name, tensor in merged_state_dict(model).items()
+                 if include is None or name in include}  # LoRA adapters merged: vLLM serves the plain model
         self._worker().reload_weights(weights_iterator=iter(state.items()))
         self.syncs += 1
 
