@@ -1,0 +1,92 @@
+"""What only a GPU can check (marker gpu; tools/gpu_check.sh runs it on a CUDA machine): the Triton kernels
+against a float64 reference on CUDA, a bf16 SFT and GRPO step of a tiny model with sdpa, VLLMEngine where
+vllm imports. Deselected on CPU machines, where it cannot run."""
+import importlib.util
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cuda():
+    if not torch.cuda.is_available():
+        pytest.fail("no CUDA device: these checks need a GPU (run tools/gpu_check.sh on one)")
+
+
+@pytest.mark.parametrize("n,h,v", [(1, 64, 101), (515, 256, 32003), (4096, 896, 151936)])
+def test_triton_kernels_match_float64_on_cuda(n, h, v):
+    from stagewise_pl.kernels import fused_nll_loss, logprobs, triton_self_test
+
+    assert triton_self_test(torch.device("cuda"))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = (torch.randn(n, h, device="cuda", generator=g) * 0.5).requires_grad_(True)
+    weight = (torch.randn(v, h, device="cuda", generator=g) * 0.05).requires_grad_(True)
+    targets = torch.randint(0, v, (n,), device="cuda", generator=g)
+    logp, entropy = logprobs(hidden, weight, targets, with_entropy=True, backend="triton")
+    ref = torch.log_softmax(hidden.double() @ weight.double().T, -1)
+    ref_logp = ref.gather(-1, targets[:, None])[:, 0]
+    assert (logp.double() - ref_logp).abs().max() < 1e-3
+    assert (entropy.double() - (-(ref.exp() * ref).sum(-1))).abs().max() < 1e-3
+    loss, _ = fused_nll_loss(hidden, weight, targets, backend="triton")
+    loss.backward()
+    (-ref_logp.mean()).backward()
+    assert torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
+
+
+def test_bf16_sft_and_grpo_steps_of_a_tiny_model(tmp_path):
+    from stagewise_pl.config import TinyModelConfig
+    from stagewise_pl.models.load import load_policy
+    from stagewise_pl.models.tiny import save_random_tiny
+    from stagewise_pl.modules.grpo import GRPOModule, GRPOSettings
+    from stagewise_pl.modules.sft import sft_loss
+    from stagewise_pl.data.problems import Problem
+    from stagewise_pl.rollout.hf import HFEngine
+    from stagewise_pl.tasks.arithmetic import ArithmeticTask, Level
+    from stagewise_pl.train import build_examples
+    from stagewise_pl.data.sft import pack_collate
+    from stagewise_pl.verify import make_verifier
+    from stagewise_pl.config import VerifierConfig, GRPOConfig
+
+    task = ArithmeticTask([Level(2, 9)], train_per_level=32, test_per_level=2)
+    directory = save_random_tiny(tmp_path / "m", TinyModelConfig(), task)
+    policy, tok = load_policy(str(directory), "bfloat16", "sdpa")
+    policy.cuda()
+    batch = {k: v.cuda() for k, v in pack_collate(build_examples(tok, task.split("train")[:16], "teacher_trace", 128),
+                                                   tok.pad_token_id, 128).items()}
+    loss, count = sft_loss(policy, batch, "auto")
+    loss.backward()
+    assert torch.isfinite(loss) and count > 0
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in policy.parameters())
+    problems = [Problem(id=p.id, prompt=p.prompt, answer=p.answer, source="t") for p in task.split("train")[:8]]
+    settings = GRPOSettings.from_config(GRPOConfig(prompts_per_step=4, num_generations=4), 24)
+    engine = HFEngine(policy, tok)
+    module = GRPOModule(policy, tok, engine, make_verifier(VerifierConfig()), problems, settings, lr=1e-4, total_steps=1)
+    import lightning as L
+
+    trainer = L.Trainer(accelerator="gpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, precision="bf16-true")
+    from stagewise_pl.train import fit_grpo
+
+    fit_grpo(trainer, module, max_rollout_steps=2)
+    assert module.rollout_steps >= 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed on this GPU machine")
+def test_vllm_engine_on_gpu(tmp_path):
+    from stagewise_pl.config import TinyModelConfig
+    from stagewise_pl.models.load import load_policy, render_prompts
+    from stagewise_pl.models.tiny import save_random_tiny
+    from stagewise_pl.rollout import SamplingParams
+    from stagewise_pl.rollout.vllm_engine import VLLMEngine
+    from stagewise_pl.tasks.arithmetic import ArithmeticTask, Level
+
+    directory = save_random_tiny(tmp_path / "m", TinyModelConfig(), ArithmeticTask([Level(1, 9)], train_per_level=20,
+                                                                                   test_per_level=2))
+    model, tok = load_policy(str(directory))
+    engine = VLLMEngine(str(directory), dtype="float32", max_model_len=256, gpu_memory_utilization=0.2)
+    batch = engine.generate(render_prompts(tok, ["1+2", "3+4"]), SamplingParams(n=2, max_new_tokens=6, seed=0))
+    assert len(batch.texts) == 4
+    engine.sync_weights(model.cuda())
+    assert engine.canary(model, render_prompts(tok, ["1+2"])) < 1e-2
