@@ -70,6 +70,7 @@ class BridgeContext:
         self.max_new_tokens, self.seed, self.max_length = max_new_tokens, seed, max_length
         self.batch_size, self.kernel, self.progress = batch_size, kernel, progress
         self.counts: Counter = Counter()
+        self._nll: dict[tuple[str, str], float] = {}  # (problem id, target) -> NLL: nothing is scored twice
 
     def render(self, text: str) -> str:
         from stagewise_pl.models.load import render_prompt
@@ -111,9 +112,16 @@ class BridgeContext:
             self.counts.update(reasons)
         return reasons  # type: ignore[return-value]
 
-    @torch.no_grad()
     def nll(self, problems: Sequence[Problem], targets: Sequence[str]) -> list[float]:
-        """The student's mean token NLL of each target (and EOS) after the plain rendered prompt."""
+        """The student's mean token NLL of each target (and EOS) after the plain rendered prompt (the policy
+        does not change while a bridge runs, so each (problem, target) is scored once)."""
+        todo = list(dict.fromkeys((p.id, t) for p, t in zip(problems, targets) if (p.id, t) not in self._nll))
+        by_id = {p.id: p for p in problems}
+        self._nll.update(zip(todo, self._score([by_id[i] for i, _ in todo], [t for _, t in todo])))
+        return [self._nll[(p.id, t)] for p, t in zip(problems, targets)]
+
+    @torch.no_grad()
+    def _score(self, problems: Sequence[Problem], targets: Sequence[str]) -> list[float]:
         from stagewise_pl.data.sft import encode_example, pad_collate
         from stagewise_pl.kernels import logprobs
         from stagewise_pl.losses import IGNORE_INDEX, shift_labels
@@ -143,12 +151,14 @@ class BridgeContext:
 class BridgeStrategy:
     """Proposes, for each problem, a bridged target and whether it is kept.
 
-    ``propose`` gets the teacher traces (``traces_needed`` per problem, the first is the raw trace) and
+    ``propose`` gets the teacher traces (``traces_needed(settings)`` per problem, the first is the raw trace) and
     returns one ``(candidate, reason)`` per problem: reason 'accepted' keeps the candidate.
     """
 
     name = ""
-    traces_needed = 1
+
+    def traces_needed(self, settings) -> int:
+        return 1
 
     def propose(self, ctx: BridgeContext, problems: Sequence[Problem],
                 traces: Sequence[Sequence[str]]) -> list[tuple[Optional[str], str]]:
@@ -215,12 +225,8 @@ class PrefixHint(BridgeStrategy):
 class MinNLLSelect(BridgeStrategy):
     name = "min_nll_select"
 
-    @property
-    def traces_needed(self) -> int:  # set from the settings when the strategy is built
-        return self.candidates
-
-    def __init__(self, candidates: int = 4):
-        self.candidates = candidates
+    def traces_needed(self, settings) -> int:
+        return settings.candidates
 
     def propose(self, ctx, problems, traces):
         flat = [(i, t) for i, ts in enumerate(traces) for t in ts]
@@ -243,8 +249,7 @@ def first_accepted(candidates: Sequence[tuple[str, str]]) -> tuple[Optional[str]
 
 
 def make_strategy(settings) -> BridgeStrategy:
-    cls = BRIDGES.get(settings.strategy)
-    return cls(settings.candidates) if cls is MinNLLSelect else cls()
+    return BRIDGES.get(settings.strategy)()
 
 
 def run_bridge(strategy: BridgeStrategy, ctx: BridgeContext, problems: Sequence[Problem]) -> tuple[list[BridgeItem], dict]:
@@ -254,7 +259,7 @@ def run_bridge(strategy: BridgeStrategy, ctx: BridgeContext, problems: Sequence[
     problems = list(problems)
     if not problems:
         return [], summarize(strategy.name, [], ctx.counts)
-    traces = ctx.teacher.traces(problems, n=strategy.traces_needed)
+    traces = ctx.teacher.traces(problems, n=strategy.traces_needed(ctx.s))
     have = [i for i, t in enumerate(traces) if t]
     missing = len(problems) - len(have)
     if not have:

@@ -66,15 +66,16 @@ def build_cft(ctx: BridgeContext, critic, teacher, strategy, problems: Sequence[
     counts = {kind: Counter() for kind in KINDS}
     pairs = [(p, f) for p in problems for f in failures.get(p.id, [])[:settings.failures_per_problem]]
     critiques: list = []
+    verdicts: list[str] = []
     if weights.get("diagnosis", 0) > 0 or weights.get("repair", 0) > 0:
         critiques = ask_each(critic, "critique", pairs)
-        for (p, f), text in zip(pairs, critiques):
-            reason = judge_critique(text)
+        verdicts = [judge_critique(text) for text in critiques]
+        for (p, f), text, reason in zip(pairs, critiques, verdicts):
             counts["diagnosis"][reason] += 1
             if reason == ACCEPTED and weights.get("diagnosis", 0) > 0:
                 items.append(CFTItem(p.id, "diagnosis", ctx.template("cft_diagnosis", problem=p.prompt, solution=f), text, f))
     if weights.get("repair", 0) > 0:
-        usable = [(p, f, c) for (p, f), c in zip(pairs, critiques) if judge_critique(c) == ACCEPTED]
+        usable = [(p, f, c) for (p, f), c, v in zip(pairs, critiques, verdicts) if v == ACCEPTED]
         counts["repair"]["no_diagnosis"] += len(pairs) - len(usable)
         for (p, f, c), (text, reason) in zip(usable, repairs(ctx, teacher, usable, settings)):
             counts["repair"][reason] += 1

@@ -259,7 +259,6 @@ class TaughtRunner(SFTRunner):
             payload = self.make_and_write() if dist.is_main() else None
             self.rows, self.report = dist.broadcast(payload)
         self.prepare(self.encode(self.rows))
-        module.policy.train()
 
     def make_and_write(self) -> tuple[list[dict], dict]:
         from stagewise_pl.run import atomic_write
@@ -275,17 +274,10 @@ class TaughtRunner(SFTRunner):
         return json.dumps(report)
 
     def encode(self, rows: list[dict]) -> list:
-        from stagewise_pl.data.sft import encode_example
-        from stagewise_pl.models.load import render_prompt
-        from stagewise_pl.train import build_examples
+        from stagewise_pl.train import build_examples, encode_pairs
 
-        tok, length = self.run.tokenizer, self.max_length()
-        examples = [encode_example(tok, render_prompt(tok, r["prompt"]), r["target"], length, self.weight(r["kind"]))
-                    for r in rows]
-        truncated = sum(e.truncated for e in examples)
-        if truncated:
-            self.run.log(f"phase {self.spec.name}: {truncated} of {len(examples)} examples were longer than "
-                         f"{length} tokens and were truncated")
+        tok = self.run.tokenizer
+        examples = encode_pairs(tok, [(r["prompt"], r["target"], self.weight(r["kind"])) for r in rows], self.max_length())
         if self.replayed:
             examples += build_examples(tok, self.replayed, self.cfg.data.target, self.cfg.trainer.max_length)
         return examples

@@ -23,6 +23,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -177,9 +178,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise SlurmError(f"expected conf=NAME first, got {args.conf!r}")
         args.conf = args.conf.split("=", 1)[1]
         if not args.name:
-            import time as _time
-
-            args.name = f"{args.conf}-{_time.strftime('%Y%m%d-%H%M%S')}"
+            args.name = f"{args.conf}-{time.strftime('%Y%m%d-%H%M%S')}"
         return submit(args)
     except SlurmError as exc:
         print(f"error: {exc}", file=sys.stderr)

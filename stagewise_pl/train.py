@@ -25,8 +25,13 @@ def sft_target(problem: Problem, target: str) -> str:
 
 
 def build_examples(tokenizer, problems: Sequence[Problem], target: str, max_length: int) -> list[Example]:
-    examples = [encode_example(tokenizer, render_prompt(tokenizer, p.prompt), sft_target(p, target), max_length)
-                for p in problems]
+    return encode_pairs(tokenizer, [(p.prompt, sft_target(p, target)) for p in problems], max_length)
+
+
+def encode_pairs(tokenizer, pairs: Sequence[tuple], max_length: int) -> list[Example]:
+    """(user message, completion[, loss weight]) -> chat-rendered examples; warns about truncated ones."""
+    examples = [encode_example(tokenizer, render_prompt(tokenizer, prompt), completion, max_length, *weight)
+                for prompt, completion, *weight in pairs]
     truncated = sum(e.truncated for e in examples)
     if truncated:
         warnings.warn(f"{truncated} of {len(examples)} SFT examples were longer than trainer.max_length="

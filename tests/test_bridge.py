@@ -48,7 +48,7 @@ class FixedTeacher:
 class Context(BridgeContext):
     """The real judging and templates; NLL = target length (so 'shorter is more likely' is checkable)."""
 
-    def nll(self, problems, targets):
+    def _score(self, problems, targets):
         return [float(len(t)) for t in targets]
 
 
@@ -119,7 +119,7 @@ def test_prefix_hint_gives_the_first_lines_and_keeps_the_whole_if_verified():
 def test_min_nll_select_takes_the_most_likely_verified_trace():
     traces = {"p0": ["0+1+1=2\n#### 2 (long explanation)", "0+1+1=2\n#### 2", "#### 3"],  # the short one wins
               "p1": ["#### 7", "#### 8"]}  # no candidate verifies: nothing to fall back on either
-    items, summary = run_bridge(MinNLLSelect(candidates=3), context(teacher=FixedTeacher(traces)), PROBLEMS[:2])
+    items, summary = run_bridge(MinNLLSelect(), context(teacher=FixedTeacher(traces), candidates=3), PROBLEMS[:2])
     assert items[0].kept and items[0].target == "0+1+1=2\n#### 2"
     assert items[0].nll_target < items[0].nll_raw
     assert items[1].target is None and items[1].reason == "no_verified_candidate" and summary["dropped"] == 1

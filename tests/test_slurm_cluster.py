@@ -51,7 +51,7 @@ def test_an_array_runs_every_task_in_its_own_run_directory(tmp_path):
         run = root / "a" / f"00{seed}-seed{seed}"
         state = json.loads((run / "state.json").read_text())
         assert state["finished"] and (run / "final" / "model.safetensors").is_file(), (run / "state.json").read_text()
-        assert json.loads(json.dumps(state))["completed"]["1-sft"]["steps"] == 4
+        assert state["completed"]["1-sft"]["steps"] == 4
     status = subprocess.run([sys.executable, "-m", "stagewise_pl.slurm", "status", "--root", str(root)],
                             capture_output=True, text=True)
     assert status.stdout.count("finished") == 2
