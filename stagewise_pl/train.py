@@ -83,6 +83,9 @@ def fit_grpo(trainer: L.Trainer, module, max_rollout_steps: int, ckpt_path: Opti
                                rank=trainer.global_rank, world_size=trainer.world_size)
     # a batch is a list of problem indices: range(n) is the dataset whose items are their indices
     loader = ResumableLoader(range(len(module.problems)), sampler, list, consumed=lambda: module.rollout_steps)
+    # One pass over the sampler is the whole budget. A Trainer given only max_steps loops over epochs until that
+    # many optimizer steps: a policy whose groups are all flat (no update) would roll out forever.
+    trainer.fit_loop.max_epochs = 1
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         # checkpoints are taken after a rollout step's updates, which is what resume needs

@@ -320,3 +320,34 @@ def test_an_engine_with_its_own_weights_gets_every_update_and_the_resumed_checkp
         log=lambda *_: None).execute()
     # resumed at rollout step 2 (checkpoint at 2): pushed before steps 2, 3 and 4
     assert len(pushes) == 3 and len(set(pushes)) == 3
+
+
+@pytest.mark.parametrize("precision,dtype", [("32-true", "float32"), ("bf16-true", "bfloat16")])
+def test_fit_grpo_stops_after_its_rollout_budget_when_no_group_is_informative(tmp_path, precision, dtype):
+    """A policy that never earns a reward makes no optimizer step; fit_grpo must still stop at max_rollout_steps
+    (a Trainer given only max_steps would start epoch after epoch, waiting for a step that never comes)."""
+    import lightning as L
+
+    from stagewise_pl.config import GRPOConfig, TinyModelConfig
+    from stagewise_pl.data.problems import Problem
+    from stagewise_pl.models.load import load_policy
+    from stagewise_pl.models.tiny import save_random_tiny
+    from stagewise_pl.modules.grpo import GRPOModule, GRPOSettings
+    from stagewise_pl.rollout.hf import HFEngine
+    from stagewise_pl.tasks.arithmetic import ArithmeticTask, Level
+    from stagewise_pl.train import fit_grpo
+    from stagewise_pl.verify.base import Verdict
+
+    class NeverRight:
+        def score_batch(self, texts, golds):
+            return [Verdict(reward=0.0, reason="wrong") for _ in texts]
+
+    task = ArithmeticTask([Level(2, 9)], train_per_level=16, test_per_level=2)
+    policy, tok = load_policy(str(save_random_tiny(tmp_path / "m", TinyModelConfig(), task)), dtype, "sdpa")
+    problems = [Problem(id=p.id, prompt=p.prompt, answer=p.answer, source="t") for p in task.split("train")[:8]]
+    settings = GRPOSettings.from_config(GRPOConfig(prompts_per_step=4, num_generations=2), 8)
+    module = GRPOModule(policy, tok, HFEngine(policy, tok), NeverRight(), problems, settings, lr=1e-4, total_steps=1)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, precision=precision)
+    fit_grpo(trainer, module, max_rollout_steps=3)
+    assert module.rollout_steps == 3 and module.update_steps == 0 and trainer.global_step == 0

@@ -70,7 +70,7 @@ def test_bf16_sft_and_grpo_steps_of_a_tiny_model(tmp_path):
     from stagewise_pl.train import fit_grpo
 
     fit_grpo(trainer, module, max_rollout_steps=2)
-    assert module.rollout_steps >= 1
+    assert 1 <= module.rollout_steps <= 2
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed on this GPU machine")
