@@ -44,6 +44,8 @@ class RunConfig:
     progress_bar: bool = doc(True, "show progress bars for training, generation and evaluation")
     force: bool = doc(False, "resume even though the plan, the configuration or the training data changed "
                              "since the run started (the difference is printed)")
+    requeue: bool = doc(True, "under Slurm (SLURM_JOB_ID set), a run stopped by SIGUSR1 or SIGTERM checkpoints and "
+                              "asks scontrol to requeue its job; elsewhere it checkpoints and exits")
 
 
 @dataclass

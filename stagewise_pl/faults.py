@@ -10,6 +10,8 @@ points may be given, separated by commas. Points the stage manager passes:
   next one starts.
 
 ``STAGEWISE_FAULT_RANK`` limits the kill to one rank (default: every rank that reaches the point).
+``STAGEWISE_FAULT_SIGNAL`` sends another signal instead (``USR1``, ``TERM``, ``INT``): the process then
+goes on, and what it does with the signal is under test (see :mod:`stagewise_pl.preempt`).
 """
 from __future__ import annotations
 
@@ -27,4 +29,5 @@ def fault_point(point: str) -> None:
 
         if str(dist.rank()) != only:
             return
-    os.kill(os.getpid(), signal.SIGKILL)
+    name = os.environ.get("STAGEWISE_FAULT_SIGNAL", "KILL").upper().removeprefix("SIG")
+    os.kill(os.getpid(), getattr(signal, f"SIG{name}"))

@@ -12,6 +12,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.help:
         print(help_text())
         return 0
+    from stagewise_pl.preempt import SignalWatch
+
+    with SignalWatch():  # a signal from here on stops the run after a step, with a checkpoint
+        return _main(args)
+
+
+def _main(args) -> int:
     try:
         cfg = load_config(args.conf, args.overrides)
         from stagewise_pl.logging import quiet_third_party
@@ -35,6 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from stagewise_pl.preempt import Preempted
+
+        if isinstance(exc, Preempted):  # checkpointed (and requeued under Slurm): 128 + the signal's number
+            print(f"stopped: {exc}", file=sys.stderr)
+            return exc.exit_code
+        raise
     return 0
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -32,7 +33,7 @@ from stagewise_pl import dist
 from stagewise_pl.config import Config, ConfigError, resolve_run_dir, to_yaml
 
 # Keys that may differ between the original run and a resumed one.
-RESUME_FREE_KEYS = {"run.resume", "run.progress_bar", "run.threads", "run.dir", "run.force"}
+RESUME_FREE_KEYS = {"run.resume", "run.progress_bar", "run.threads", "run.dir", "run.force", "run.requeue"}
 RUN_DIR_ENV = "STAGEWISE_RUN_DIR"  # the run directory, for the processes a DDP launch starts
 
 
@@ -114,8 +115,13 @@ def referenced_files(cfg: Config, phases) -> list[tuple[str, Path, bool]]:
     return files
 
 
+def say(*args, **kwargs) -> None:
+    """print, flushed: a run's lines reach a Slurm log file as they happen."""
+    print(*args, **kwargs, flush=True)
+
+
 class Run:
-    def __init__(self, cfg: Config, log=print):
+    def __init__(self, cfg: Config, log=say):
         from stagewise_pl.stages import make_rules
 
         self.cfg = cfg
@@ -350,17 +356,23 @@ class Run:
             if self._state().get("finished"):
                 self.log(f"resume: {self.dir} has completed every phase; nothing to do")
                 return self.dir
-        self.setup()
-        try:
-            return self._execute_plan()
-        finally:
-            self.verifier.close()
+        from stagewise_pl.preempt import SignalWatch
+
+        # from here a SIGUSR1 / SIGTERM / Ctrl-C is recorded, and acted on at the end of the next step
+        with SignalWatch() as self.signals:
+            self.setup()
+            try:
+                return self._execute_plan()
+            finally:
+                self.verifier.close()
 
     def _execute_plan(self) -> Path:
         from stagewise_pl.plan import describe, fingerprint
         from stagewise_pl.stages import StagewiseModule, StageManager, PlanTokens
         from stagewise_pl.registry import import_dotted
         from stagewise_pl.train import make_trainer
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+        from stagewise_pl.preempt import Preempted, requeue
 
         cfg = self.cfg
         started = time.time()
@@ -400,7 +412,15 @@ class Run:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*(no len|__len__|infinite|inf).*")
-            trainer.fit(module, train_dataloaders=PlanTokens(manager), ckpt_path=ckpt)
+            try:
+                trainer.fit(module, train_dataloaders=PlanTokens(manager), ckpt_path=ckpt)
+            except (Preempted, SIGTERMException) as exc:
+                if not isinstance(exc, Preempted):  # Lightning's own SIGTERM stop (the manager checkpointed)
+                    exc = Preempted(signal.SIGTERM, "the step in progress", str(self.dir / "checkpoints" / "last.ckpt"))
+                self.log(str(exc))
+                if cfg.run.requeue and dist.is_main():
+                    requeue(self.log)
+                raise exc from None
         if dist.is_main():
             self.export(self.dir / "final")
             state = self._state()

@@ -6,13 +6,16 @@
 
 ``submit`` renders an sbatch script (printed with ``--dry-run``, else written beside a manifest and
 given to ``sbatch``). Slurm and Lightning do the work: ``srun`` starts one process per GPU and
-Lightning reads its ranks from the SLURM environment; no launcher of our own. The batch shell is
-sent USR1 120 s before the time limit (``--signal=B:USR1@120``); it then requeues the job, and a
-task that finds ``last.ckpt`` in its run directory continues with ``resume=last``, from its last
-periodic checkpoint (``trainer.checkpoint_every_n_steps``).
+Lightning reads its ranks from the SLURM environment; no launcher of our own. Every srun task (every
+rank) is sent USR1 120 s before the time limit (``--signal=USR1@120``); the run then checkpoints the
+step in progress, rank 0 asks ``scontrol requeue`` for its array task, and the process exits (see
+:mod:`stagewise_pl.preempt`). A USR1 sent to the batch shell alone (``scancel --batch --signal=USR1``)
+is passed on to srun. A task that finds ``last.ckpt`` in its run directory continues with
+``resume=last``.
 
-Groundwork of the Scale-out issue: the rendering and the manifest are tested; submission against a
-real cluster and the requeue path are not yet.
+Tested with bash and stand-in srun/scontrol (tests/test_slurm.py) and against a real one-node Slurm
+(tests/test_slurm_cluster.py, marker slurm): an array, ``scontrol requeue`` of a running task, and a
+USR1 to the task's steps. Several nodes have not run (see docs/SCALE_OUT.md).
 """
 from __future__ import annotations
 
@@ -77,7 +80,8 @@ def render(tasks: list[Task], name: str, nodes: int, gpus_per_node: int, cpus_pe
     lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --array=0-{len(tasks) - 1}",
              f"#SBATCH --nodes={nodes}", f"#SBATCH --ntasks-per-node={per_node}",
              f"#SBATCH --cpus-per-task={cpus_per_task}", f"#SBATCH --time={time}",
-             f"#SBATCH --output={log_dir}/%A_%a.out", "#SBATCH --signal=B:USR1@120", "#SBATCH --requeue"]
+             f"#SBATCH --output={log_dir}/%A_%a.out", "#SBATCH --open-mode=append",  # a requeued task adds to its log
+             "#SBATCH --signal=USR1@120", "#SBATCH --requeue"]
     if gpus_per_node:
         lines.append(f"#SBATCH --gpus-per-node={gpus_per_node}")
     if partition:
@@ -89,14 +93,14 @@ def render(tasks: list[Task], name: str, nodes: int, gpus_per_node: int, cpus_pe
         args = " ".join(shlex.quote(a) for a in t.overrides + scale)
         lines.append(f"  {t.index}) RUN_DIR={shlex.quote(t.run_dir)}; ARGS=({args}) ;;")
     lines += ['  *) echo "no task $SLURM_ARRAY_TASK_ID" >&2; exit 2 ;;', "esac",
-              "# before the time limit: requeue this task, stop its run; the requeued task resumes from the last "
-              "checkpoint",
-              'trap \'echo "USR1: requeueing $SLURM_JOB_ID"; scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"; '
-              'kill "$CHILD" 2>/dev/null; wait "$CHILD"; exit 0\' USR1',
               'RESUME=(); [ -f "$RUN_DIR/checkpoints/last.ckpt" ] && RESUME=(resume=last)',
               f'srun {shlex.quote(python)} -m stagewise_pl.fit "${{ARGS[@]}}" "${{RESUME[@]}}" &',
               "CHILD=$!",
-              'wait "$CHILD"']
+              "# USR1 (before the time limit) reaches the run through srun: it checkpoints, requeues this task and "
+              "exits; one sent to this shell alone is passed on",
+              'trap \'echo "USR1: passed on to the run"; kill -USR1 "$CHILD" 2>/dev/null\' USR1',
+              'while :; do wait "$CHILD"; rc=$?; kill -0 "$CHILD" 2>/dev/null || break; done',
+              'exit "$rc"']
     return "\n".join(lines) + "\n"
 
 

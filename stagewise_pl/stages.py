@@ -35,11 +35,13 @@ from typing import Any, Optional, Sequence
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from stagewise_pl import dist
 from stagewise_pl.config import ConfigError
 from stagewise_pl.faults import fault_point
 from stagewise_pl.plan import PhaseSpec
+from stagewise_pl.preempt import Preempted
 from stagewise_pl.runners import PHASES, PhaseRunner  # noqa: F401  (PHASES: the phase kinds, re-exported)
 
 
@@ -242,14 +244,34 @@ class StageManager(L.Callback):
             trainer.fit_loop.epoch_loop.manual_optimization.on_run_start()
             self.runner.start(module, resumed=False)
             self.save(module.trainer)
-        runner = self.runner
-        if step != runner.position or runner.done():
-            return  # a step beyond the phase's budget (offered before the phase knew it)
-        runner.step(module, step)
-        fault_point(f"step:{runner.spec.name}:{runner.position}")
-        if runner.position % self.run.cfg.trainer.checkpoint_every_n_steps == 0:
-            self.save(module.trainer)
-            fault_point(f"checkpoint:{runner.spec.name}:{runner.position}")
+        runner, saved = self.runner, False
+        if step == runner.position and not runner.done():  # else a step beyond the phase's budget (offered
+            runner.step(module, step)                      # before the phase knew it): nothing to do
+            fault_point(f"step:{runner.spec.name}:{runner.position}")
+            if runner.position % self.run.cfg.trainer.checkpoint_every_n_steps == 0:
+                self.save(module.trainer)
+                saved = True
+                fault_point(f"checkpoint:{runner.spec.name}:{runner.position}")
+        signum = self.stop_requested()
+        if signum is not None:  # SIGUSR1 / SIGTERM / Ctrl-C: this step is kept, then the run stops
+            if not saved:
+                self.save(module.trainer)
+            raise Preempted(signum, f"phase {runner.spec.name} step {runner.position}",
+                            str(self.run.dir / "checkpoints" / "last.ckpt"))
+
+    def stop_requested(self) -> Optional[int]:
+        """The signal that asks the run to stop (see :mod:`stagewise_pl.preempt`), agreed by every rank."""
+        watch = getattr(self.run, "signals", None)
+        mine = watch.signum if watch is not None else None
+        if dist.world_size() == 1:
+            return mine
+        return next((s for s in dist.gather(mine) if s is not None), None)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        """Lightning stops on SIGTERM at a batch boundary of its own (a signal that came after this step's
+        check): the state is whole there, so it is checkpointed before the run exits."""
+        if isinstance(exception, SIGTERMException) and self.runner is not None:
+            self.save(trainer)
 
     def select(self, spec: PhaseSpec) -> list:
         """The phase's problems: its bucket (asking the rules) or the pool, then its kind's level filter and limit."""

@@ -30,6 +30,11 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def fast_overrides(cache_dir) -> list[str]:
     """Overrides that make the default conf run through every part in a few seconds."""
+    return fast(cache_dir)
+
+
+def fast(cache_dir) -> list[str]:
+    """The overrides of the fast_overrides fixture (for fixtures of a wider scope)."""
     return [
         f"model.cache_dir={cache_dir}", "model.warmup.steps=20", "model.warmup.batch_size=16",
         "task.train_per_level=40", "task.test_per_level=4", "eval.k=2", "eval.batch_size=32",

@@ -1,5 +1,6 @@
 """Slurm array submission: the rendered sbatch script, run here by bash with a stand-in srun (no cluster):
-one run directory per task, resume from a checkpoint, the USR1 requeue trap, status from run directories."""
+one run directory per task, resume from a checkpoint, USR1 passed on to the run (which checkpoints and
+requeues itself), status from run directories."""
 import json
 import os
 import signal
@@ -23,7 +24,7 @@ def test_dry_run_renders_one_task_per_seed_and_sweep_value(tmp_path):
                 "--nodes", "2", "--gpus-per-node", "4", "--time", "01:30:00", "--root", tmp_path, "--name", "x", "--dry-run")
     assert out.returncode == 0, out.stderr
     script = out.stdout.split("# task 0:")[0]
-    assert "#SBATCH --array=0-3" in script and "#SBATCH --signal=B:USR1@120" in script
+    assert "#SBATCH --array=0-3" in script and "#SBATCH --signal=USR1@120" in script and "--open-mode=append" in script
     assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=4" in script and "--gpus-per-node=4" in script
     dirs = [line.split(": ", 1)[1] for line in out.stdout.splitlines() if line.startswith("# task ")]
     assert len(dirs) == 4 == len(set(dirs))  # array tasks never share a run directory
@@ -31,7 +32,7 @@ def test_dry_run_renders_one_task_per_seed_and_sweep_value(tmp_path):
         line = next(ln for ln in script.splitlines() if ln.startswith(f"  {i}) "))
         assert f"run.seed={seed}" in line and f"bridge.strategy={strategy}" in line and f"run.dir={dirs[i]}" in line
         assert "trainer.num_nodes=2" in line and "trainer.devices=4" in line and "trainer.strategy=ddp" in line
-    assert "srun " in script and "resume=last" in script and "scontrol requeue" in script
+    assert "srun " in script and "resume=last" in script and 'kill -USR1 "$CHILD"' in script
     path = tmp_path / "s.sbatch"
     path.write_text(script)
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
@@ -76,14 +77,21 @@ def test_the_script_runs_a_task_resumes_it_and_requeues_on_usr1(tmp_path, fast_o
     again = subprocess.run(["bash", str(script)], env=task, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "nothing to do" in again.stdout  # found last.ckpt: resume=last
 
-    # USR1 to the batch shell while its task runs: the trap requeues this array task and the shell exits 0
+    # USR1 to the batch shell while its task runs: passed on to the run, which checkpoints, requeues its array
+    # task and exits 128 + 10; run again (as the requeued task), the script resumes it to the end
     task0 = dict(task, SLURM_ARRAY_TASK_ID="0")
     shell = subprocess.Popen(["bash", str(script)], env=task0, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(3)
     shell.send_signal(signal.SIGUSR1)
-    stdout, _ = shell.communicate(timeout=600)
-    assert shell.returncode == 0 and "USR1: requeueing 78" in stdout
+    stdout, stderr = shell.communicate(timeout=600)
+    assert shell.returncode == 128 + signal.SIGUSR1, stderr[-3000:]
+    assert "USR1: passed on to the run" in stdout and "requeue: job 77_0 requeued" in stdout
     assert (tmp_path / "bin" / "scontrol.calls").read_text().split() == ["requeue", "77_0"]
+    run0 = root / "t" / "000-seed0"
+    assert (run0 / "checkpoints" / "last.ckpt").is_file() and not json.loads((run0 / "state.json").read_text()).get("finished")
+    requeued = subprocess.run(["bash", str(script)], env=task0, capture_output=True, text=True, timeout=600)
+    assert requeued.returncode == 0 and "resuming from" in requeued.stdout, requeued.stderr[-3000:]
+    assert json.loads((run0 / "state.json").read_text())["finished"]
 
 
 def test_status_reads_the_run_directories(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Against a real one-node Slurm (marker slurm; .ci/run_slurm starts it with tools/slurm/start_local_slurm.sh):
-a 2-task array of a tiny plan finishes with complete run directories, and a task requeued mid-run
-(scontrol requeue) resumes from its checkpoint and ends with the weights of an uninterrupted run."""
+a 2-task array of a tiny plan finishes with complete run directories; a task requeued mid-run
+(scontrol requeue) resumes from its checkpoint and ends with the weights of an uninterrupted run; a task
+sent USR1 (as before its time limit) checkpoints, requeues itself, resumes and ends with those weights too."""
 import json
 import shutil
 import subprocess
@@ -74,5 +75,30 @@ def test_a_requeued_task_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
     wait_done(job)
     log = next((root / "r" / "logs").glob("*_0.out")).read_text()
     assert "resuming from" in log, log[-3000:]
+    assert json.loads((run / "state.json").read_text())["finished"]
+    assert same_weights(straight / "final", run / "final")
+
+
+def test_usr1_makes_a_task_checkpoint_requeue_itself_and_finish_like_an_uninterrupted_one(tmp_path):
+    from test_stages import fit, same_weights
+
+    overrides = TINY + [f"model.cache_dir={tmp_path / 'cache'}", "phases=[{kind: sft, steps: 60, lr: 5e-4}]",
+                        "trainer.checkpoint_every_n_steps=1000"]  # no periodic checkpoint: only the signal's
+    straight = tmp_path / "straight"
+    assert fit(overrides + [f"run.dir={straight}"]).returncode == 0
+    root = tmp_path / "slurm"
+    job = submit(root, "u", overrides, "seed=0")
+    run = root / "u" / "000-seed0"
+    end = time.time() + 600
+    logs = root / "u" / "logs"
+    while not any("phase 1-sft: sft" in f.read_text() for f in logs.glob("*_0.out")):  # training has started
+        assert time.time() < end and states(job), "the task never started training"
+        time.sleep(0.2)
+    time.sleep(1)
+    # as --signal=USR1@120 does before the time limit: the signal goes to the task's steps (the run)
+    assert subprocess.run(["scancel", "--signal=USR1", f"{job}_0"]).returncode == 0
+    wait_done(job)
+    log = next((root / "u" / "logs").glob("*_0.out")).read_text()
+    assert "stopped by SIGUSR1" in log and "requeued" in log and "resuming from" in log, log[-3000:]
     assert json.loads((run / "state.json").read_text())["finished"]
     assert same_weights(straight / "final", run / "final")
