@@ -154,7 +154,8 @@ class TrainerConfig:
     accelerator: str = doc("auto", "cpu | gpu | auto")
     devices: Any = doc(1, "devices per node (int, list or 'auto')")
     num_nodes: int = doc(1, "nodes")
-    strategy: str = doc("auto", "auto | ddp | fsdp | ...")
+    strategy: str = doc("auto", "auto | ddp | ddp_spawn | ... (a Lightning DDP strategy; FSDP and DeepSpeed are not "
+                                "supported: rollouts and exports need the whole weights on each rank)")
     precision: str = doc("32-true", "Lightning precision, e.g. 32-true, bf16-mixed")
     batch_size: int = doc(64, "sequences per micro-batch")
     accumulate_grad_batches: int = doc(1, "micro-batches per optimizer step")
@@ -418,6 +419,10 @@ def _problems(cfg: Config) -> list[tuple[str, str]]:
         bad.append(("optim.betas", f"must be two numbers in [0, 1), got {cfg.optim.betas}"))
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         bad.append(("data.max_bad_fraction", f"must be in [0, 1], got {cfg.data.max_bad_fraction}"))
+    if any(word in str(cfg.trainer.strategy).lower() for word in ("fsdp", "deepspeed")):
+        bad.append(("trainer.strategy", f"{cfg.trainer.strategy!r}: sharded strategies are not supported (rollouts, "
+                    f"the bridge and exports read the whole weights on each rank); use ddp, and model.lora_rank or "
+                    f"model.gradient_checkpointing when memory is short"))
     if cfg.data.source != "synthetic" and not cfg.data.path:
         bad.append(("data.path", f"data.source={cfg.data.source} needs a path"))
     if not cfg.task.levels:

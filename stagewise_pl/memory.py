@@ -3,7 +3,7 @@
 The shape comes from the tiny model's config, a local directory's ``config.json``, or :data:`KNOWN`
 (the public ``config.json`` figures of the models the recipes name, so that a hub name needs no
 download). The estimate is arithmetic, not a measurement: weights, gradients and AdamW's two moments
-in the parameter dtype (divided across ranks under FSDP; with LoRA gradients and moments of the adapters only), a frozen KL reference when ``grpo.beta > 0``,
+in the parameter dtype (every DDP rank holds them all; with LoRA gradients and moments of the adapters only), a frozen KL reference when ``grpo.beta > 0``,
 activations of one micro-batch (rows x ``trainer.max_length`` tokens; one hidden state per layer with gradient checkpointing, about
 ``18 H + 4 I`` values per token and layer without), the fused log-prob kernel's chunk instead of full
 logits, and the share of the GPU a colocated vLLM engine reserves.
@@ -83,17 +83,15 @@ def estimate(cfg, gpu_gib: float = 80.0) -> Optional[dict]:
     if shape is None:
         return None
     params, width = shape.parameters(), BYTES[cfg.model.dtype]
-    world = cfg.trainer.devices * cfg.trainer.num_nodes if isinstance(cfg.trainer.devices, int) else 1
-    shard = max(1, world) if cfg.trainer.strategy.startswith("fsdp") else 1
     grpo_rows = cfg.grpo.micro_batch_size or cfg.grpo.prompts_per_step * cfg.grpo.num_generations
     tokens = max(cfg.trainer.batch_size, grpo_rows) * cfg.trainer.max_length  # rows x the longest sequence
     per_token = shape.hidden if cfg.model.gradient_checkpointing else 18 * shape.hidden + 4 * shape.intermediate
     m = cfg.model
     trained = shape.lora_parameters(m.lora_rank, m.lora_targets) if m.lora_rank else params  # LoRA: adapters only
     parts = {
-        "weights": (params + (trained if m.lora_rank else 0)) * width / shard,
-        "gradients": trained * width / shard,
-        "AdamW moments": 2 * trained * width / shard,
+        "weights": (params + (trained if m.lora_rank else 0)) * width,
+        "gradients": trained * width,
+        "AdamW moments": 2 * trained * width,
         "KL reference": params * width if cfg.grpo.beta > 0 else 0,
         "activations": tokens * shape.layers * per_token * width
                        + (tokens * shape.hidden * width * 8 if cfg.model.gradient_checkpointing else 0),
@@ -101,8 +99,7 @@ def estimate(cfg, gpu_gib: float = 80.0) -> Optional[dict]:
         "vLLM reservation": cfg.rollout.gpu_memory_utilization * gpu_gib * GIB if cfg.rollout.engine == "vllm" else 0,
     }
     out = {k: round(v / GIB, 2) for k, v in parts.items()}
-    out.update(parameters=params, total=round(sum(parts.values()) / GIB, 1), tokens_per_micro_batch=tokens,
-               sharded_over=shard)
+    out.update(parameters=params, total=round(sum(parts.values()) / GIB, 1), tokens_per_micro_batch=tokens)
     return out
 
 
@@ -117,6 +114,5 @@ def describe(cfg, gpu_gib: float = 80.0) -> list[str]:
     n = est["parameters"]
     size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
     return [f"memory estimate per GPU (arithmetic, not measured): {size} parameters "
-            f"in {cfg.model.dtype}; {est['tokens_per_micro_batch']} tokens per micro-batch"
-            + (f"; sharded over {est['sharded_over']} ranks" if est["sharded_over"] > 1 else ""),
+            f"in {cfg.model.dtype}; {est['tokens_per_micro_batch']} tokens per micro-batch",
             f"  GiB: {parts}; total {est['total']} — {fits} in {gpu_gib:g} GiB"]

@@ -57,6 +57,8 @@ def test_missing_file_lists_available():
     ("data.source=jsonl", "data.path"),
     ("phases.0.steps=-1", "phases.0.steps"),
     ("model.warmup.level_weights=[1,1]", "model.warmup.level_weights"),
+    ("trainer.strategy=fsdp", "trainer.strategy"),
+    ("trainer.strategy=deepspeed_stage_2", "trainer.strategy"),
 ])
 def test_bad_values_name_key_and_source(override, key):
     with pytest.raises(ConfigError) as err:
