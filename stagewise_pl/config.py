@@ -145,6 +145,8 @@ class OptimConfig:
     warmup_steps: int = doc(20, "linear warm-up steps (at most a fifth of a phase's steps)")
     min_lr_ratio: float = doc(0.1, "cosine floor as a fraction of lr")
     grad_clip: float = doc(1.0, "gradient norm clip; 0 = off")
+    max_nonfinite_steps: int = doc(3, "a step with a NaN/inf loss or gradient is skipped and counted; this many in a "
+                                      "row stop the run (non-zero exit, no checkpoint of them)")
 
 
 @dataclass
@@ -384,7 +386,7 @@ _CHOICES = {
     "bridge.fallback": {"raw", "drop"},
     "teacher.style": {"steps", "chunked"},
 }
-_POSITIVE = ["rollout.tensor_parallel_size", "rollout.max_model_len", "rollout.kv_cache_mb",
+_POSITIVE = ["optim.max_nonfinite_steps", "rollout.tensor_parallel_size", "rollout.max_model_len", "rollout.kv_cache_mb",
              "verifier.workers", "verifier.timeout_s", "trainer.batch_size", "trainer.accumulate_grad_batches", "trainer.max_length",
              "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps", "eval.batch_size",
              "task.train_per_level", "task.test_per_level", "model.warmup.batch_size",

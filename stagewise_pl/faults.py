@@ -1,13 +1,23 @@
-"""Fault injection for tests: kill the process at a named point, not at a time.
+"""Fault injection for tests: kill the process (or poison a value) at a named point, not at a time.
 
 ``STAGEWISE_FAULT=<point>`` makes the process SIGKILL itself when it reaches ``<point>``; several
-points may be given, separated by commas. Points the stage manager passes:
+points may be given, separated by commas. ``<point>#<k>`` fires on the k-th time the point is reached
+in this process (points without a phase or step in their name, such as ``decode``, need it).
+Points the stage manager and the parts it drives pass:
 
 - ``step:<phase>:<n>`` — after step n of a phase (for GRPO: rollout step n, its rollouts already in
   the ledger), before any checkpoint of that step;
 - ``checkpoint:<phase>:<n>`` — right after the checkpoint written after step n;
+- ``checkpoint_write`` — a checkpoint written to its temporary file, not yet renamed into place;
 - ``phase_end:<phase>`` — after a phase is closed (exported, evaluated, in state.json), before the
-  next one starts.
+  next one starts;
+- ``sft_backward`` — inside an SFT step, after the backward pass and before the optimizer step;
+- ``decode`` — inside a rollout, after a decoding step of the HF engine;
+- ``verify`` — inside a verifier call, with the pairs sent to a grading worker and no answer read;
+- ``ledger_rename`` — a ledger part written to its temporary file, not yet renamed into place.
+
+``nan_loss:<phase>:<n>`` is not a kill: the loss of step n of that phase is made NaN (see
+:func:`poisoned`), to test the non-finite guard.
 
 ``STAGEWISE_FAULT_RANK`` limits the kill to one rank (default: every rank that reaches the point).
 ``STAGEWISE_FAULT_SIGNAL`` sends another signal instead (``USR1``, ``TERM``, ``INT``): the process then
@@ -17,17 +27,35 @@ from __future__ import annotations
 
 import os
 import signal
+from collections import Counter
+
+_reached: Counter = Counter()
 
 
-def fault_point(point: str) -> None:
+def _wanted(point: str) -> bool:
     wanted = os.environ.get("STAGEWISE_FAULT")
-    if not wanted or point not in wanted.split(","):
-        return
+    if not wanted:
+        return False
+    _reached[point] += 1
+    names = wanted.split(",")
+    if point not in names and f"{point}#{_reached[point]}" not in names:
+        return False
     only = os.environ.get("STAGEWISE_FAULT_RANK")
     if only is not None:
         from stagewise_pl import dist
 
         if str(dist.rank()) != only:
-            return
+            return False
+    return True
+
+
+def fault_point(point: str) -> None:
+    if not _wanted(point):
+        return
     name = os.environ.get("STAGEWISE_FAULT_SIGNAL", "KILL").upper().removeprefix("SIG")
     os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
+
+
+def poisoned(point: str) -> bool:
+    """True where ``STAGEWISE_FAULT`` names ``point``: the caller makes its value non-finite."""
+    return _wanted(point)

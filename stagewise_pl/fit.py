@@ -43,11 +43,16 @@ def _main(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
+        from stagewise_pl.nonfinite import NonFiniteError
         from stagewise_pl.preempt import Preempted
+        from stagewise_pl.stages import CheckpointError
 
         if isinstance(exc, Preempted):  # checkpointed (and requeued under Slurm): 128 + the signal's number
             print(f"stopped: {exc}", file=sys.stderr)
             return exc.exit_code
+        if isinstance(exc, (NonFiniteError, CheckpointError)):
+            print(f"error: {exc}", file=sys.stderr)
+            return 3
         raise
     return 0
 

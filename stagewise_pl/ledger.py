@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stagewise_pl.faults import fault_point
 from stagewise_pl.records import RolloutRecord
 
 SCHEMA = pa.schema([
@@ -72,6 +73,7 @@ class DifficultyLedger:
             pq.write_table(table, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        fault_point("ledger_rename")
         os.replace(tmp, path)
         _fsync_dir(self.dir)
         self._table = None

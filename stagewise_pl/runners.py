@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 
 from stagewise_pl import dist
+from stagewise_pl.faults import fault_point, poisoned
+from stagewise_pl.nonfinite import NonFiniteGuard
 from stagewise_pl.plan import PhaseSpec
 from stagewise_pl.registry import Registry
 
@@ -151,6 +153,7 @@ class SFTRunner(PhaseRunner):
         cfg = self.cfg
         self.losses: list[float] = []
         self.examples: list = []
+        self.guard = NonFiniteGuard(cfg.optim.max_nonfinite_steps, spec.name)
         if not problems:  # an empty bucket: the phase has nothing to do
             self.steps = 0
             return
@@ -200,9 +203,18 @@ class SFTRunner(PhaseRunner):
             indices = self.sampler.batch(step * self.accumulate + micro)
             batch = {k: v.to(module.device) for k, v in self.collate([self.examples[i] for i in indices]).items()}
             loss, _ = sft_loss(module.policy, batch, self.cfg.trainer.kernel)
+            if poisoned(f"nan_loss:{self.spec.name}:{step + 1}"):
+                loss = loss * float("nan")
             module.manual_backward(loss / self.accumulate)
             total += float(loss.detach()) / self.accumulate
             rows += len(indices)
+        fault_point("sft_backward")
+        if not self.guard.ok(total, module.policy.parameters(), step + 1):  # NaN/inf: no update, the step is used up
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            self.position += 1
+            module.log_row({f"{self.spec.name}/train/nonfinite_skipped": float(self.guard.skipped)})
+            return
         if self.cfg.optim.grad_clip:
             module.clip_gradients(optimizer, gradient_clip_val=self.cfg.optim.grad_clip, gradient_clip_algorithm="norm")
         optimizer.step()
@@ -215,10 +227,11 @@ class SFTRunner(PhaseRunner):
         module.bar("loss", total)
 
     def state_dict(self) -> dict:
-        return {"position": self.position, "losses": self.losses}
+        return {"position": self.position, "losses": self.losses, "nonfinite": self.guard.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.position, self.losses = int(state["position"]), list(state.get("losses", []))
+        self.guard.load_state_dict(state.get("nonfinite", {}))
 
     def summary(self) -> dict:
         if not self.problems:
@@ -226,7 +239,7 @@ class SFTRunner(PhaseRunner):
         tail = self.losses[-max(1, len(self.losses) // 10):]
         return {"kind": self.kind, "steps": self.position, "problems": len(self.problems),
                 "examples": len(self.examples), "final_loss": round(sum(tail) / len(tail), 4) if tail else None,
-                "target": self.cfg.data.target}
+                "target": self.cfg.data.target, **({"nonfinite_skipped": self.guard.skipped} if self.guard.skipped else {})}
 
 
 class TaughtRunner(SFTRunner):
@@ -395,7 +408,8 @@ class GRPORunner(PhaseRunner):
                                betas=tuple(cfg.optim.betas), warmup_steps=min(cfg.optim.warmup_steps, spec.steps // 5),
                                min_lr_ratio=cfg.optim.min_lr_ratio, grad_clip=cfg.optim.grad_clip,
                                seed=cfg.run.seed + 1000 * spec.index, sink=self.run.ledger, phase_name=spec.name,
-                               kernel_backend=cfg.trainer.kernel, phase_index=spec.index)
+                               kernel_backend=cfg.trainer.kernel, phase_index=spec.index,
+                               max_nonfinite_steps=cfg.optim.max_nonfinite_steps)
         # the global batch of prompts of each rollout step; GRPOModule splits it across ranks
         self.sampler = StepBatchSampler(max(1, len(problems)), settings.prompts_per_step, self.max_rollout_steps,
                                         self.grpo.seed)

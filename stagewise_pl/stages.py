@@ -418,6 +418,7 @@ class StageManager(L.Callback):
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / f".last.ckpt.tmp-{os.getpid()}"
         trainer.save_checkpoint(str(tmp))
+        fault_point("checkpoint_write")
         if dist.is_main():
             os.replace(tmp, directory / "last.ckpt")
         dist.barrier()

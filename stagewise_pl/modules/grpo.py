@@ -41,9 +41,11 @@ from stagewise_pl import dist
 from stagewise_pl.advantages import compute_advantages, group_stats
 from stagewise_pl.data.problems import Problem
 from stagewise_pl.data.sft import additive_mask
+from stagewise_pl.faults import poisoned
 from stagewise_pl.kernels import fused_policy_loss, logprobs
 from stagewise_pl.losses import PolicyLossConfig, aggregation_weights, entropy_weights
 from stagewise_pl.models.load import render_prompt
+from stagewise_pl.nonfinite import NonFiniteGuard
 from stagewise_pl.modules.sft import adamw_with_schedule
 from stagewise_pl.records import NullSink, RolloutRecord, RolloutSink
 from stagewise_pl.rollout.base import SamplingParams
@@ -133,7 +135,7 @@ class GRPOModule(L.LightningModule):
                  lr: float, total_steps: int, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.98),
                  warmup_steps: int = 0, min_lr_ratio: float = 1.0, grad_clip: float = 1.0, seed: int = 0,
                  sink: Optional[RolloutSink] = None, phase_name: str = "grpo", kernel_backend: str = "auto",
-                 shared_prefix: bool = True, phase_index: int = 0):
+                 shared_prefix: bool = True, phase_index: int = 0, max_nonfinite_steps: int = 3):
         super().__init__()
         self.policy, self.tokenizer, self.engine, self.verifier = policy, tokenizer, engine, verifier
         self.problems, self.s = list(problems), settings
@@ -153,6 +155,8 @@ class GRPOModule(L.LightningModule):
         self._weights_version = self._engine_version = 0
         self._frozen: dict = {}  # the KL reference: a plain dict, so it is no submodule (not trained, not saved twice)
         self._prompt_cache: dict[str, str] = {}
+        self.guard = NonFiniteGuard(max_nonfinite_steps, phase_name)
+        self.nonfinite_rewards = 0  # rewards a verifier gave as NaN/inf, counted as 0
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -174,7 +178,8 @@ class GRPOModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["grpo"] = {"rollout_steps": self.rollout_steps, "update_steps": self.update_steps,
-                              "optimizer_steps": self.optimizer_steps}
+                              "optimizer_steps": self.optimizer_steps, "nonfinite": self.guard.state_dict(),
+                              "nonfinite_rewards": self.nonfinite_rewards}
         if self.reference is not None:
             checkpoint["grpo"]["reference"] = self.reference.state_dict()
 
@@ -183,6 +188,8 @@ class GRPOModule(L.LightningModule):
         self.rollout_steps = state.get("rollout_steps", 0)
         self.update_steps = state.get("update_steps", 0)
         self.optimizer_steps = state.get("optimizer_steps", 0)
+        self.guard.load_state_dict(state.get("nonfinite", {}))
+        self.nonfinite_rewards = state.get("nonfinite_rewards", 0)
         if "reference" in state:
             reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
             reference.load_state_dict(state["reference"])
@@ -211,7 +218,10 @@ class GRPOModule(L.LightningModule):
         rewards = []
         for v in verdicts:
             r = float(v.reward)
-            rewards.append(r if math.isfinite(r) else 0.0)
+            if not math.isfinite(r):  # a verifier's NaN/inf: 0, and counted
+                self.nonfinite_rewards += 1
+                r = 0.0
+            rewards.append(r)
         groups = Groups(list(problems), batch.prompt_ids, batch.completion_ids, batch.texts,
                         [f == "length" for f in batch.finish_reasons],
                         torch.tensor(rewards, dtype=torch.float32).view(len(problems), s.num_generations),
@@ -418,6 +428,7 @@ class GRPOModule(L.LightningModule):
             "pass_rate": sum(r == "correct" for r in all_groups.reasons) / max(1, len(all_groups.reasons)),
             **group_stats(rewards),
             "informative_groups": float(len(informative(rewards))),
+            "nonfinite_skipped": float(self.guard.skipped), "nonfinite_rewards": float(self.nonfinite_rewards + getattr(self.verifier, "nonfinite", 0)),
             "groups_trained": float(len(keep)),
             "rounds": float(rounds),
             "completion_len": float(lengths.mean()),
@@ -459,6 +470,8 @@ class GRPOModule(L.LightningModule):
                 weights = aggregation_weights(t["mask"][mb], s.loss)  # over the whole mini-batch
                 ent_weights = entropy_weights(t["mask"][mb])
                 tokens = t["mask"][mb].sum().clamp(min=1)
+                poison = poisoned(f"nan_loss:{self.phase_name}:{self.rollout_steps + 1}")
+                mb_loss = 0.0
                 for part in self._my_micro_slices(len(mb)):
                     if part is None:
                         self.manual_backward(sum(p.sum() for p in self.policy.parameters()) * 0.0)
@@ -471,8 +484,10 @@ class GRPOModule(L.LightningModule):
                         temperature=s.temperature, with_entropy=True, weights=weights[part],
                         entropy_weight=ent_weights[part],
                         backend=self.kernel_backend)
+                    loss = out.loss * float("nan") if poison else out.loss
                     # several ranks: each holds a part of the mini-batch's loss, and DDP averages the gradients
-                    self.manual_backward(out.loss * dist.world_size())
+                    self.manual_backward(loss * dist.world_size())
+                    mb_loss += float(loss.detach())
                     m = t["mask"][rows]
                     sums["loss"] += float(out.loss.detach())
                     sums["clip_fraction"] += float(out.clip_fraction * m.sum() / tokens)
@@ -480,6 +495,10 @@ class GRPOModule(L.LightningModule):
                     if ref is not None:
                         d = ref[rows] - out.logp
                         sums["kl"] += float(((torch.exp(d) - d - 1) * m).sum().detach() / tokens)
+                if not self.guard.ok(mb_loss, self.policy.parameters(), self.rollout_steps + 1):
+                    optimizer.zero_grad(set_to_none=True)  # NaN/inf: this mini-batch makes no update
+                    scheduler.step()
+                    continue
                 if self.grad_clip:
                     self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
                 optimizer.step()

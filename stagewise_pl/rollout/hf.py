@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from stagewise_pl.faults import fault_point
 from stagewise_pl.rollout import fast_decode
 from stagewise_pl.rollout.base import ENGINES, RolloutBatch, SamplingParams
 
@@ -129,6 +130,7 @@ class HFEngine:
                     cache.batch_select_indices(keep)
                 rows, nxt, mask, position = rows[keep], nxt[keep], mask[keep], position[keep]
             position = position + 1
+            fault_point("decode")
             if lean is not None:
                 logits = lean.step(nxt, position)
                 continue

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
 import queue
 import socket
@@ -31,6 +32,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from stagewise_pl.faults import fault_point
 from stagewise_pl.verify.base import Verdict, get_verifier
 
 _SOURCE_ROOT = str(Path(__file__).resolve().parents[2])
@@ -132,7 +134,7 @@ class GradingPool:
         self._idle: "queue.Queue[_Worker]" = queue.Queue()
         self._lock = threading.Lock()
         self._closed = False
-        self.timeouts = self.errors = self.restarts = 0
+        self.timeouts = self.errors = self.restarts = self.nonfinite = 0
         spawned = [self._spawn() for _ in range(workers + 1)]
         try:
             for worker in spawned:  # a verifier that cannot be built fails here, before any grading
@@ -174,6 +176,7 @@ class GradingPool:
                 worker.wait_ready(self.start_timeout_s)
                 try:
                     worker.conn.send(list(todo))
+                    fault_point("verify")
                     for _ in todo:
                         if not worker.conn.poll(self.timeout_s):
                             with self._lock:
@@ -182,6 +185,10 @@ class GradingPool:
                             worker = self._replace(worker)
                             break
                         reward, reason = worker.conn.recv()
+                        if not math.isfinite(reward):  # a verifier's NaN/inf reward: 0, and counted
+                            with self._lock:
+                                self.nonfinite += 1
+                            reward = 0.0
                         out.append(Verdict(reward, reason))
                         if progress is not None:
                             progress.update(1)
