@@ -37,13 +37,17 @@ class RunConfig:
 
     dir: str = doc("", "run directory; empty = runs/<conf>-<timestamp>")
     seed: int = doc(0, "seeds python, numpy and torch (Lightning's seed_everything)")
-    resume: str = doc("", "'' = fresh run; 'last' = continue run.dir from its last checkpoint; or a .ckpt path")
+    resume: str = doc("", "'' = fresh run; 'last' = continue run.dir from its last checkpoint (an error when it has "
+                          "none); 'restart' = start run.dir over (a run stopped before its first checkpoint); or a "
+                          ".ckpt path")
     logger: str = doc("csv", "csv | tensorboard | wandb (wandb runs offline unless WANDB_MODE says otherwise)")
     threads: int = doc(0, "torch intra-op threads; 0 = torch's default")
     deterministic: bool = doc(False, "torch deterministic algorithms (Trainer(deterministic=True))")
     progress_bar: bool = doc(True, "show progress bars for training, generation and evaluation")
     force: bool = doc(False, "resume even though the plan, the configuration or the training data changed "
                              "since the run started (the difference is printed)")
+    checkpoint_fallback: bool = doc(False, "resume=last with a corrupt last.ckpt resumes from previous.ckpt with a "
+                                           "warning (default: stop with an error naming the file)")
     requeue: bool = doc(True, "under Slurm (SLURM_JOB_ID set), a run stopped by SIGUSR1 or SIGTERM checkpoints and "
                               "asks scontrol to requeue its job; elsewhere it checkpoints and exits")
 
@@ -133,6 +137,7 @@ class DataConfig:
     target: str = doc("teacher_trace", "SFT target: teacher_trace | reference (the short solution)")
     on_bad_row: str = doc("error", "error = stop at the first bad row with file:line; skip = count and skip")
     max_bad_fraction: float = doc(0.05, "with on_bad_row=skip, abort if more rows than this are bad")
+    max_row_bytes: int = doc(1_000_000, "a JSONL line longer than this is a bad row (row_too_large)")
 
 
 @dataclass
@@ -386,7 +391,7 @@ _CHOICES = {
     "bridge.fallback": {"raw", "drop"},
     "teacher.style": {"steps", "chunked"},
 }
-_POSITIVE = ["optim.max_nonfinite_steps", "rollout.tensor_parallel_size", "rollout.max_model_len", "rollout.kv_cache_mb",
+_POSITIVE = ["optim.max_nonfinite_steps", "data.max_row_bytes", "rollout.tensor_parallel_size", "rollout.max_model_len", "rollout.kv_cache_mb",
              "verifier.workers", "verifier.timeout_s", "trainer.batch_size", "trainer.accumulate_grad_batches", "trainer.max_length",
              "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps", "eval.batch_size",
              "task.train_per_level", "task.test_per_level", "model.warmup.batch_size",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from stagewise_pl.cli import help_text, parse_args
 from stagewise_pl.config import ConfigError, load_config, to_yaml
@@ -36,6 +37,10 @@ def _main(args) -> int:
             print(to_yaml(cfg) + "\nplan:\n" + "\n".join(f"  {line}" for line in describe(phases)))
             for what, path, exists in referenced_files(cfg, phases):
                 print(f"file {what}: {path} " + ("(found)" if exists else "(MISSING: the run stops at set-up)"))
+            if cfg.data.source != "synthetic" and Path(cfg.data.path).expanduser().exists():
+                from stagewise_pl.data.loaders import load_pool
+
+                print(f"training pool: {load_pool(cfg.data)[1].summary()}")  # bad rows stop the dry run too
             print("\n".join(memory(cfg)))
             return 0
         Run(cfg).execute()
@@ -43,9 +48,14 @@ def _main(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
+        from stagewise_pl.data.problems import BadRowError
+
+        if isinstance(exc, (BadRowError, FileNotFoundError)):  # bad training data: file:line and the reason
+            print(f"error: data: {exc}", file=sys.stderr)
+            return 2
         from stagewise_pl.nonfinite import NonFiniteError
         from stagewise_pl.preempt import Preempted
-        from stagewise_pl.stages import CheckpointError
+        from stagewise_pl.checkpoints import CheckpointError
 
         if isinstance(exc, Preempted):  # checkpointed (and requeued under Slurm): 128 + the signal's number
             print(f"stopped: {exc}", file=sys.stderr)

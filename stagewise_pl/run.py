@@ -4,7 +4,9 @@ Layout of a run directory::
 
     config.yaml            the resolved configuration
     state.json             phases completed (written atomically after each phase)
-    checkpoints/last.ckpt  the latest Lightning checkpoint (model, optimiser, stage manager state)
+    checkpoints/last.ckpt  the latest Lightning checkpoint (model, optimiser, stage manager state);
+                           previous.ckpt the one before; digests.json their sha256 (stagewise_pl.checkpoints)
+    curves/NN-<phase>.json per-step series of a training phase (SFT losses; GRPO rewards, losses, ...)
     ledger/                every graded rollout (the difficulty ledger, Parquet parts)
     routing/<phase>.json   what the stage rules decided at each phase boundary
     export/<phase>/        the policy after each training phase (save_pretrained)
@@ -33,7 +35,8 @@ from stagewise_pl import dist
 from stagewise_pl.config import Config, ConfigError, resolve_run_dir, to_yaml
 
 # Keys that may differ between the original run and a resumed one.
-RESUME_FREE_KEYS = {"run.resume", "run.progress_bar", "run.threads", "run.dir", "run.force", "run.requeue"}
+RESUME_FREE_KEYS = {"run.resume", "run.progress_bar", "run.threads", "run.dir", "run.force", "run.requeue",
+                    "run.checkpoint_fallback"}
 RUN_DIR_ENV = "STAGEWISE_RUN_DIR"  # the run directory, for the processes a DDP launch starts
 
 
@@ -184,9 +187,9 @@ class Run:
             self.log(f"resume=last: resuming the newest run, {candidates[-1]}")
             return candidates[-1]
         directory = resolve_run_dir(cfg)
-        if resume == "last":
+        if resume in ("last", "restart"):
             if not (directory / "config.yaml").is_file():
-                raise ConfigError(f"resume=last: {directory} holds no run (no config.yaml); nothing to resume")
+                raise ConfigError(f"resume={resume}: {directory} holds no run (no config.yaml); nothing to resume")
         elif (directory / "state.json").exists():
             raise ConfigError(f"run.dir={directory} already holds a run; pass resume=last to continue it "
                               f"or choose another run.dir")
@@ -243,6 +246,7 @@ class Run:
         self.logger = make_logger(cfg.run.logger, self.dir)
         self.policy, self.tokenizer = load_policy(self.base_model_path(), cfg.model.dtype,
                                                   cfg.model.attn_implementation)
+        self._drop_too_long(report)
         if cfg.model.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.model.lora_rank:
@@ -262,6 +266,21 @@ class Run:
                 self.teacher(), self.teacher(critic=True)
             except TeacherError as exc:
                 raise ConfigError(f"teacher: {exc}") from None
+
+    def _drop_too_long(self, report) -> None:
+        """Pool problems whose rendered prompt does not fit the model's context are bad rows (prompt_too_long)."""
+        from stagewise_pl.data.loaders import drop_too_long
+        from stagewise_pl.models.load import render_prompt
+
+        context = getattr(self.policy.config, "max_position_embeddings", None)
+        if not context:
+            return
+        before = len(self.pool)
+        self.pool = drop_too_long(self.pool, report, lambda p: len(self.tokenizer(render_prompt(self.tokenizer, p.prompt),
+                                                                                  add_special_tokens=False).input_ids),
+                                  context, self.cfg.data.on_bad_row, self.cfg.data.max_bad_fraction)
+        if len(self.pool) < before:
+            self.log(f"training pool: {report.summary()}")
 
     def _keep_previous_csv(self) -> None:
         """Lightning's CSV logger deletes an existing metrics.csv: keep an earlier launch's under another name."""
@@ -342,12 +361,26 @@ class Run:
 
     # ------------------------------------------------------------------ the plan
     def checkpoint(self) -> Optional[str]:
-        """The checkpoint to continue from: resume=PATH, or checkpoints/last.ckpt with resume=last."""
-        resume = self.cfg.run.resume
-        if resume and resume != "last":
-            return str(Path(resume).expanduser())
-        last = self.dir / "checkpoints" / "last.ckpt"
-        return str(last) if resume == "last" and last.is_file() else None
+        """The checkpoint to continue from: resume=PATH, or the last complete one with resume=last (see
+        :mod:`stagewise_pl.checkpoints`); None for a fresh run or resume=restart."""
+        from stagewise_pl import checkpoints
+
+        resume, directory = self.cfg.run.resume, self.dir / "checkpoints"
+        if dist.is_main() and directory.is_dir():
+            checkpoints.remove_partial(directory)
+        if resume not in ("last", "restart"):
+            return str(Path(resume).expanduser()) if resume else None
+        chosen = checkpoints.choose(directory, self.cfg.run.checkpoint_fallback, self.log) if directory.is_dir() \
+            else None
+        if resume == "restart":
+            if chosen is not None:
+                raise ConfigError(f"resume=restart: {self.dir} has a checkpoint ({chosen}); continue it with "
+                                  f"resume=last, or start a new run.dir")
+            return None
+        if chosen is None:
+            raise ConfigError(f"resume=last: {self.dir} has no checkpoint (stopped before its first one); nothing "
+                              f"to resume. Start it over with resume=restart")
+        return str(chosen)
 
     def execute(self) -> Path:
         """Run (or continue) the plan in one Lightning fit; returns the run directory."""
@@ -358,6 +391,7 @@ class Run:
                 return self.dir
         from stagewise_pl.preempt import SignalWatch
 
+        self.resume_from = self.checkpoint()  # checked before the slow set-up: a missing or corrupt one stops now
         # from here a SIGUSR1 / SIGTERM / Ctrl-C is recorded, and acted on at the end of the next step
         with SignalWatch() as self.signals:
             self.setup()
@@ -394,10 +428,10 @@ class Run:
                 extra.append(import_dotted(path)())
             except (ImportError, TypeError) as exc:
                 raise ConfigError(f"stages.callbacks.{i}: {exc}") from None
-        ckpt = self.checkpoint()
-        if ckpt is None and self.ledger.parts() and dist.is_main():
-            # killed before its first checkpoint: the run starts over, and so does its record
-            self.log(f"resume: no checkpoint yet; starting over (dropping {len(self.ledger.parts())} ledger parts)")
+        ckpt = self.resume_from
+        if cfg.run.resume == "restart" and dist.is_main():
+            # stopped before its first checkpoint: the run starts over, and so does its record
+            self.log(f"resume=restart: starting {self.dir} over (dropping {len(self.ledger.parts())} ledger parts)")
             self.ledger.load_state_dict({"parts": 0})
             state["completed"] = {}
             atomic_write(self.dir / "state.json", json.dumps(state, indent=1))

@@ -70,6 +70,10 @@ class PhaseRunner:
     def summary(self) -> dict:
         return {"kind": self.kind, "problems": len(self.problems)}
 
+    def curves(self) -> dict[str, list]:
+        """Per-step series of the phase (written to ``<run>/curves/`` when it ends); {} = none."""
+        return {}
+
 
 @PHASES.register("eval")
 class EvalRunner(PhaseRunner):
@@ -228,6 +232,9 @@ class SFTRunner(PhaseRunner):
 
     def state_dict(self) -> dict:
         return {"position": self.position, "losses": self.losses, "nonfinite": self.guard.state_dict()}
+
+    def curves(self) -> dict[str, list]:
+        return {"loss": self.losses} if self.losses else {}
 
     def load_state_dict(self, state: dict) -> None:
         self.position, self.losses = int(state["position"]), list(state.get("losses", []))
@@ -440,6 +447,13 @@ class GRPORunner(PhaseRunner):
         g = self.grpo
         g._current_fx_name = module._current_fx_name  # lets its progress-bar self.log reach the trainer
         g.training_step(self.sampler.batch(step), step)
+
+    def curves(self) -> dict[str, list]:
+        """Every metric of every rollout step but wall times (s_*): deterministic for a seed. A step without
+        an update has no loss: None there."""
+        h = self.grpo.history
+        keys = list(dict.fromkeys(k for row in h for k in row if not k.startswith("s_")))
+        return {k: [row.get(k) for row in h] for k in keys}
 
     def state_dict(self) -> dict:
         state: dict = {"history": self.grpo.history}

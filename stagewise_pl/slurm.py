@@ -93,7 +93,9 @@ def render(tasks: list[Task], name: str, nodes: int, gpus_per_node: int, cpus_pe
         args = " ".join(shlex.quote(a) for a in t.overrides + scale)
         lines.append(f"  {t.index}) RUN_DIR={shlex.quote(t.run_dir)}; ARGS=({args}) ;;")
     lines += ['  *) echo "no task $SLURM_ARRAY_TASK_ID" >&2; exit 2 ;;', "esac",
-              'RESUME=(); [ -f "$RUN_DIR/checkpoints/last.ckpt" ] && RESUME=(resume=last)',
+              "# a checkpoint: continue from it; a run stopped before its first one: start it over",
+              'RESUME=(); if [ -f "$RUN_DIR/checkpoints/last.ckpt" ] || [ -f "$RUN_DIR/checkpoints/previous.ckpt" ]; '
+              'then RESUME=(resume=last); elif [ -f "$RUN_DIR/state.json" ]; then RESUME=(resume=restart); fi',
               f'srun {shlex.quote(python)} -m stagewise_pl.fit "${{ARGS[@]}}" "${{RESUME[@]}}" &',
               "CHILD=$!",
               "# USR1 (before the time limit) reaches the run through srun: it checkpoints, requeues this task and "

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from stagewise_pl import dist
+from stagewise_pl import checkpoints, dist
 from stagewise_pl.config import ConfigError
 from stagewise_pl.faults import fault_point
 from stagewise_pl.plan import PhaseSpec
@@ -405,6 +405,11 @@ class StageManager(L.Callback):
         if spec.kind == "eval" or (trained and run.cfg.eval.each_phase):
             self.evaluate(spec.name)
         if dist.is_main():
+            curves = runner.curves()
+            if curves:
+                from stagewise_pl.run import atomic_write
+
+                atomic_write(run.dir / "curves" / f"{spec.index:02d}-{spec.name}.json", json.dumps(curves))
             run.mark_completed(spec.name, summary)
         dist.barrier()
         run.log(f"phase {spec.name} done: {json.dumps(summary)}")
@@ -413,15 +418,32 @@ class StageManager(L.Callback):
         fault_point(f"phase_end:{spec.name}")
 
     def save(self, trainer) -> None:
-        """``last.ckpt``: written aside, then renamed into place (a kill never leaves half a checkpoint)."""
+        """``last.ckpt``: written aside, its digest recorded, then renamed into place (see
+        :mod:`stagewise_pl.checkpoints`): a kill never leaves half a checkpoint under a name a resume reads.
+        A failed write or rename (disk full, read-only) stops the run with the file named; the checkpoint
+        before it is left as it was."""
         directory = self.run.dir / "checkpoints"
-        directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / f".last.ckpt.tmp-{os.getpid()}"
-        trainer.save_checkpoint(str(tmp))
-        fault_point("checkpoint_write")
-        if dist.is_main():
-            os.replace(tmp, directory / "last.ckpt")
-        dist.barrier()
+        error = None
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            trainer.save_checkpoint(str(tmp))
+            fault_point("checkpoint_write")
+            if dist.is_main():
+                checkpoints.install(directory, tmp, fault_point)
+        except OSError as exc:
+            error = f"cannot write the checkpoint {directory / checkpoints.LAST}: {exc}"
+            if dist.is_main():
+                try:
+                    tmp.unlink(missing_ok=True)
+                except OSError:
+                    pass
+                if (directory / checkpoints.LAST).is_file():
+                    error += f"; {directory / checkpoints.LAST} still holds the checkpoint before it"
+        if dist.world_size() > 1:
+            error = next((e for e in dist.gather(error) if e), None)  # every rank stops alike
+        if error:
+            raise checkpoints.CheckpointError(error)
 
 
 def rng_states() -> dict:

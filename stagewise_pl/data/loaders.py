@@ -26,6 +26,8 @@ class LoadReport:
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    total: int = 0  # rows read
+    where: dict[str, str] = field(default_factory=dict)  # problem id -> file:line
 
     def skip(self, err: BadRowError) -> None:
         self.skipped[err.reason] += 1
@@ -153,11 +155,19 @@ def benchmark_format(path: Path, fmt: str = "") -> str:
                      f"({', '.join(sorted(BENCHMARK_FORMATS))})")
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed row or BadRowError) for every non-blank line; BOM and CRLF tolerated."""
+MAX_ROW_BYTES = 1_000_000
+
+
+def _jsonl_rows(path: Path, max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed row or BadRowError) for every non-blank line; BOM and CRLF tolerated; a line
+    longer than ``max_row_bytes`` is a bad row (``row_too_large``), not parsed."""
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             where = f"{path}:{number}"
+            if len(raw) > max_row_bytes:
+                yield number, BadRowError(where, "row_too_large", f"{len(raw)} bytes, above data.max_row_bytes="
+                                                                  f"{max_row_bytes}")
+                continue
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             try:
@@ -201,31 +211,58 @@ def collect(rows: Iterable[tuple[int, Any]], mapper: RowMapper, stem: str, sourc
             continue
         seen.add(problem.id)
         problems.append(problem)
+        report.where[problem.id] = f"{source}:{number}"
         if limit and len(problems) >= limit:
             break
-    report.kept = len(problems)
-    bad = sum(report.skipped.values())
-    if total and bad / total > max_bad_fraction:
-        raise BadRowError(source, "too_many_bad_rows",
-                          f"{bad} of {total} rows are bad, above data.max_bad_fraction={max_bad_fraction}: "
-                          + report.summary())
+    report.kept, report.total = len(problems), total
+    check_bad_fraction(report, max_bad_fraction)
     return problems, report
 
 
+def check_bad_fraction(report: LoadReport, max_bad_fraction: float) -> None:
+    bad = sum(report.skipped.values())
+    if report.total and bad / report.total > max_bad_fraction:
+        raise BadRowError(report.source, "too_many_bad_rows",
+                          f"{bad} of {report.total} rows are bad, above data.max_bad_fraction={max_bad_fraction}: "
+                          + report.summary())
+
+
+def drop_too_long(problems: list[Problem], report: LoadReport, length: Callable[[Problem], int], context: int,
+                  on_bad_row: str = "error", max_bad_fraction: float = 0.0) -> list[Problem]:
+    """Problems whose prompt (``length``: its tokens, chat template applied) leaves no room in the model's
+    ``context``: an error naming file:line, or skipped and counted as ``prompt_too_long``."""
+    kept = []
+    for p in problems:
+        n = length(p)
+        if n < context:
+            kept.append(p)
+            continue
+        err = BadRowError(report.where.get(p.id, f"{report.source}:{p.id}"), "prompt_too_long",
+                          f"the prompt is {n} tokens; the model's context is {context}")
+        if on_bad_row == "error":
+            raise err
+        report.skip(err)
+    report.kept = len(kept)
+    if len(kept) < len(problems):
+        check_bad_fraction(report, max_bad_fraction)
+    return kept
+
+
 def load_jsonl(path: str | Path, mapper: Optional[RowMapper] = None, fields: Optional[dict] = None,
-               on_bad_row: str = "error", max_bad_fraction: float = 0.0, limit: int = 0):
+               on_bad_row: str = "error", max_bad_fraction: float = 0.0, limit: int = 0,
+               max_row_bytes: int = MAX_ROW_BYTES):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     mapper = mapper or field_mapper(fields or {"prompt": "prompt", "answer": "answer"}, str(path))
-    return collect(_jsonl_rows(path), mapper, path.stem, str(path), on_bad_row, max_bad_fraction, limit)
+    return collect(_jsonl_rows(path, max_row_bytes), mapper, path.stem, str(path), on_bad_row, max_bad_fraction, limit)
 
 
 def load_benchmark(path: str | Path, fmt: str = "", on_bad_row: str = "error", max_bad_fraction: float = 0.0,
-                   limit: int = 0):
+                   limit: int = 0, max_row_bytes: int = MAX_ROW_BYTES):
     path = Path(path)
     return load_jsonl(path, BENCHMARK_FORMATS[benchmark_format(path, fmt)], on_bad_row=on_bad_row,
-                      max_bad_fraction=max_bad_fraction, limit=limit)
+                      max_bad_fraction=max_bad_fraction, limit=limit, max_row_bytes=max_row_bytes)
 
 
 def load_hf(path: str | Path, split: str, fields: dict, on_bad_row: str = "error", max_bad_fraction: float = 0.0,
@@ -257,7 +294,7 @@ def load_pool(data_cfg, task=None) -> tuple[list[Problem], LoadReport]:
         problems = problems[:data_cfg.limit] if data_cfg.limit else problems
         return problems, LoadReport(source=f"synthetic[{data_cfg.split}]", kept=len(problems))
     if data_cfg.source == "jsonl":
-        return load_jsonl(data_cfg.path, fields=dict(data_cfg.fields), **kw)
+        return load_jsonl(data_cfg.path, fields=dict(data_cfg.fields), max_row_bytes=data_cfg.max_row_bytes, **kw)
     if data_cfg.source == "hf":
         return load_hf(data_cfg.path, data_cfg.split, dict(data_cfg.fields), **kw)
-    return load_benchmark(data_cfg.path, data_cfg.format, **kw)
+    return load_benchmark(data_cfg.path, data_cfg.format, max_row_bytes=data_cfg.max_row_bytes, **kw)
