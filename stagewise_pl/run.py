@@ -175,16 +175,16 @@ class Run:
         resume = cfg.run.resume
         if os.environ.get(RUN_DIR_ENV) and not dist.is_main():
             return Path(os.environ[RUN_DIR_ENV])  # a process started by a DDP launch: rank 0's run
-        if resume and resume != "last":
+        if resume and resume not in ("last", "restart"):
             ckpt = Path(resume).expanduser()
             if not ckpt.is_file():
                 raise ConfigError(f"resume={resume}: no such checkpoint file")
             return ckpt.parent.parent  # <run>/checkpoints/<file>.ckpt
-        if resume == "last" and not cfg.run.dir:
+        if resume in ("last", "restart") and not cfg.run.dir:
             candidates = sorted(Path("runs").glob(f"{cfg.conf_name}-*"), key=lambda p: p.stat().st_mtime)
             if not candidates:
-                raise ConfigError(f"resume=last: no run.dir given and no runs/{cfg.conf_name}-* directory to resume")
-            self.log(f"resume=last: resuming the newest run, {candidates[-1]}")
+                raise ConfigError(f"resume={resume}: no run.dir given and no runs/{cfg.conf_name}-* directory to resume")
+            self.log(f"resume={resume}: the newest run, {candidates[-1]}")
             return candidates[-1]
         directory = resolve_run_dir(cfg)
         if resume in ("last", "restart"):

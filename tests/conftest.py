@@ -73,3 +73,25 @@ def benchmarks_dir() -> Path:
     if not SHARED_BENCHMARKS.is_dir():
         pytest.skip(f"benchmark data not found at {SHARED_BENCHMARKS} (the project's shared/ checkout)")
     return SHARED_BENCHMARKS
+
+
+# ------------------------------------------------------------------ the reliability table (docs/RELIABILITY.md)
+RELIABILITY: list[dict] = []
+
+
+@pytest.fixture
+def reliability(request):
+    """``add(case, fault, result, lost=0)``: a row of the reliability table, added once the test's checks passed.
+    ``python tools/reliability.py`` runs the fault suite and writes the table to docs/RELIABILITY.md."""
+    def add(case: str, fault: str, result: str, lost: int = 0) -> None:
+        RELIABILITY.append({"test": request.node.name, "case": case, "fault": fault, "result": result, "lost": lost})
+    return add
+
+
+def pytest_sessionfinish(session, exitstatus):
+    out = os.environ.get("STAGEWISE_RELIABILITY_OUT")
+    if not out or not RELIABILITY:
+        return
+    from reliability_table import render
+
+    Path(out).write_text(render(RELIABILITY, failed=session.testsfailed, collected=session.testscollected))

@@ -38,7 +38,7 @@ def position(run_dir):
 
 @pytest.mark.parametrize("name,slurm", [("USR1", True), ("TERM", True), ("TERM", False), ("INT", False)])
 def test_a_signal_checkpoints_the_step_requeues_under_slurm_and_the_run_resumes(tmp_path, monkeypatch, fast_overrides,
-                                                                               straight, name, slurm):
+                                                                               straight, reliability, name, slurm):
     args = fast_overrides + ["eval.before=false", "eval.k=0", f"run.dir={tmp_path / 'run'}"]
     env = dict(fake_scontrol(tmp_path / "bin"), STAGEWISE_FAULT="step:1-sft:4", STAGEWISE_FAULT_SIGNAL=name)
     if slurm:
@@ -61,9 +61,12 @@ def test_a_signal_checkpoints_the_step_requeues_under_slurm_and_the_run_resumes(
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming at step 4" in resumed.stdout
     assert same_weights(straight / "final", tmp_path / "run" / "final")
+    reliability(f"SIG{name} mid-run" + (" under Slurm (SLURM_JOB_ID set)" if slurm else " outside Slurm"),
+                f"signal:{name}", "checkpoint of the step in progress, " + ("scontrol requeue called, " if slurm else "")
+                + f"exit {128 + signum}; the resumed run ends with the uninterrupted run's weights", 0)
 
 
-def test_a_failed_requeue_is_said_and_the_checkpoint_stays(tmp_path, fast_overrides):
+def test_a_failed_requeue_is_said_and_the_checkpoint_stays(tmp_path, fast_overrides, reliability):
     args = fast_overrides + ["eval.before=false", "eval.k=0", f"run.dir={tmp_path / 'run'}"]
     env = dict(fake_scontrol(tmp_path / "bin", code=1), STAGEWISE_FAULT="step:1-sft:2", STAGEWISE_FAULT_SIGNAL="USR1",
                SLURM_JOB_ID="77")
@@ -71,3 +74,5 @@ def test_a_failed_requeue_is_said_and_the_checkpoint_stays(tmp_path, fast_overri
     assert out.returncode == 128 + signal.SIGUSR1
     assert "scontrol requeue 77 failed" in out.stdout and "resume it with resume=last" in out.stdout
     assert position(tmp_path / "run") == (0, 2)
+    reliability("SIGUSR1 under Slurm when scontrol requeue fails", "signal:USR1", "said in the log; the checkpoint "
+                "of the step stays; exit 138", 0)

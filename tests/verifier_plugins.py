@@ -33,3 +33,15 @@ class MisbehavingVerifier:
         if completion == "raise":
             raise ValueError("a verifier bug")
         return Verdict(1.0, "correct")
+
+
+class NaNVerifier:
+    """Rewards ``float(completion)`` for "nan" and "inf" (a buggy verifier), else 1.0 when it equals the gold."""
+
+    def __init__(self, after_think: bool = False):
+        pass
+
+    def score(self, completion: str, gold: str) -> Verdict:
+        if completion in ("nan", "inf"):
+            return Verdict(float(completion), "correct")
+        return Verdict(1.0, "correct") if completion == gold else Verdict(0.0, "wrong")
