@@ -13,8 +13,10 @@ def render(rows: list[dict], failed: int, collected: int) -> str:
     lines = [
         "# Reliability: faults injected, bad inputs tried, data lost",
         "",
-        "Written by the fault suite, not by hand: `python tools/reliability.py` runs `tests/test_faults.py`,",
-        "`tests/test_preempt.py` and the bad-data tests and writes this page from the cases that passed.",
+        "Written by the fault suite, not by hand: `python tools/reliability.py` runs `tests/test_faults.py`",
+        "(kills, checkpoints, bad data, non-finite values, disks) and `tests/test_preempt.py` (signals) and writes",
+        "this page from the cases that passed. A case that loses data fails its test: its row is then missing",
+        "and the count of failed tests below is not 0.",
         f"Last run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.machine()} "
         f"({collected} tests collected, {failed} failed).",
         "",

@@ -345,3 +345,19 @@ def test_a_prompt_longer_than_the_context_is_a_bad_row(tmp_path, base_overrides,
     assert "29 problems, skipped 1: prompt_too_long 1" in out.stdout and f"{path}:8" in out.stdout
     reliability("a prompt longer than the model's context", "data:prompt_too_long",
                 "error with file:line (exit 2); with data.on_bad_row=skip counted and left out", 0)
+
+
+def test_a_nan_loss_on_one_ddp_rank_is_skipped_by_every_rank(tmp_path, base_overrides, reliability):
+    run_dir = tmp_path / "ddp"
+    sft = base_overrides + ["phases=[{name: s, kind: sft, steps: 4, lr: 5e-4}]", "trainer.batch_size=8",
+                            f"run.dir={run_dir}", "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+                            "run.threads=1"]
+    out = fit(sft, {"STAGEWISE_FAULT": "nan_loss:s:2", "STAGEWISE_FAULT_RANK": "1"}, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert json.loads((run_dir / "state.json").read_text())["completed"]["s"]["nonfinite_skipped"] == 1
+    ranks = [json.loads((run_dir / "routing" / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["final weights"] == ranks[1]["final weights"]
+    weights = load_file(str(run_dir / "final" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    reliability("NaN loss on one of two DDP ranks", "nan:nan_loss:s:2 (rank 1)", "every rank skips the step; "
+                "the same finite weights on both ranks", 0)
