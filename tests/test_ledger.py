@@ -152,7 +152,7 @@ def test_a_profile_cut_short_is_redone_to_the_same_ledger(tmp_path):
     with pytest.raises(RuntimeError, match="killed while grading"):
         run.execute()
     assert len(DifficultyLedger(tmp_path / "cut" / "ledger", "x").parts()) == 1
-    profile_run(tmp_path / "cut", "run.resume=last").execute()
+    profile_run(tmp_path / "cut", "run.resume=restart").execute()  # cut before its first checkpoint
     a = DifficultyLedger(tmp_path / "straight" / "ledger", "x").table().drop(["run_id"])
     b = DifficultyLedger(tmp_path / "cut" / "ledger", "x").table().drop(["run_id"])
     assert a.num_rows == 160 and a.equals(b)

@@ -65,6 +65,28 @@ def test_weight_sync_then_canary_and_a_stale_sync_is_caught(setup):
     assert engine.canary(model, prompts) < 1e-4
 
 
+def test_lora_merged_weights_are_what_the_engine_serves(setup):
+    """A LoRA policy (peft adapters injected, trained away from zero) pushed to vLLM: the engine serves the
+    merged weights, so its log-probs are the adapted policy's; the plain model's are not."""
+    import copy
+
+    from stagewise_pl.models.lora import apply_lora
+
+    model, tokenizer, engine, prompts = setup
+    policy = copy.deepcopy(model)
+    apply_lora(policy, 4, 8, 0.0, ["q_proj", "v_proj", "up_proj"])
+    with torch.no_grad():  # adapters as after some training (lora_B starts at zero)
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    engine.sync_weights(policy)
+    assert engine.canary(policy, prompts) < 1e-4
+    with pytest.raises(StaleWeightsError):
+        engine.canary(model, prompts)  # the base model without the adapters differs
+    engine.sync_weights(model)  # the module's other tests share the engine
+    assert engine.canary(model, prompts) < 1e-4
+
+
 def test_sleep_and_wake_are_guarded_on_cpu(setup):
     _, _, engine, prompts = setup
     assert not engine.on_gpu
