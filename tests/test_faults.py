@@ -174,6 +174,9 @@ def test_a_corrupt_last_checkpoint_is_an_error_naming_it_or_a_fallback_with_a_wa
     refused = fit(args + [f"run.dir={run_dir}", "resume=last"])
     assert refused.returncode == 3, refused.stderr[-3000:]
     assert f"checkpoint {last} is corrupt" in refused.stderr and "run.checkpoint_fallback=true" in refused.stderr
+    if how != "flipped":  # the fallback is the same for every kind of corruption: resumed to the end once
+        reliability(f"{how} last.ckpt", f"corrupt:{how}", "error naming the file (exit 3)", 0)
+        return
     out = fit(args + [f"run.dir={run_dir}", "resume=last", "run.checkpoint_fallback=true"])
     assert out.returncode == 0, out.stderr[-3000:]
     assert "WARNING" in out.stdout and "previous.ckpt" in out.stdout

@@ -1,0 +1,280 @@
+"""A run's report: ``python -m stagewise_pl.report RUN_DIR [--out DIR]``.
+
+Reads what a run directory holds -- ``state.json`` (phases and their summaries), ``eval/*.json``
+(held-out accuracy by level), ``curves/*.json`` (per-step losses and rewards), the difficulty ledger
+(pass rates per profile phase, buckets, and how problems moved between buckets) -- and writes
+``report.md`` with PNG plots beside it and ``report.html``, one self-contained page (plots embedded as
+data URIs, no external resource). Needs matplotlib (``pip install -e '.[report]'``).
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import sys
+from collections import OrderedDict
+from pathlib import Path
+from typing import Optional
+
+BUCKET_ORDER = ("easy", "medium", "hard")
+
+
+class ReportError(ValueError):
+    """The directory is not a run, or the report cannot be made; the message says why."""
+
+
+# ------------------------------------------------------------------ reading a run
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ReportError(f"{path}: cannot read ({exc})") from None
+
+
+def bucket_of(rate: float) -> str:
+    from stagewise_pl.eval.evaluate import BUCKETS
+
+    return next(name for name in BUCKET_ORDER if BUCKETS[name](rate))
+
+
+def collect(run_dir: Path) -> dict:
+    """Everything the report shows, as plain data."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "state.json").is_file():
+        raise ReportError(f"{run_dir}: not a run directory (no state.json)")
+    state = _json(run_dir / "state.json")
+    phases = OrderedDict(state.get("completed", {}))
+    labels = [label for label in ["before", *phases] if (run_dir / "eval" / f"{label}.json").is_file()]
+    evals = OrderedDict((label, _json(run_dir / "eval" / f"{label}.json")) for label in labels)
+    curves = OrderedDict((f.stem, _json(f)) for f in sorted((run_dir / "curves").glob("*.json")))
+    ledger = ledger_stats(run_dir, phases)
+    return {"run": run_dir.name, "dir": str(run_dir), "finished": bool(state.get("finished")), "phases": phases,
+            "evals": evals, "curves": curves, **ledger}
+
+
+def ledger_stats(run_dir: Path, phases: dict) -> dict:
+    """Per phase that graded rollouts: rows, problems, pass rate, zero-reward share, completion length; per
+    profile phase: bucket counts; between consecutive profiles: the flow of problems between buckets."""
+    from stagewise_pl.ledger import DifficultyLedger
+
+    ledger = DifficultyLedger(run_dir / "ledger", "report", writer=False)
+    if not ledger.parts():
+        return {"ledger": [], "buckets": OrderedDict(), "flows": []}
+    rows = ledger.table().select(["phase", "phase_kind", "problem_id", "reason", "completion_tokens",
+                                  "truncated"]).to_pylist()
+    by_phase: "OrderedDict[str, list[dict]]" = OrderedDict()
+    for r in rows:
+        by_phase.setdefault(r["phase"], []).append(r)
+    stats, buckets = [], OrderedDict()
+    for name, rs in by_phase.items():
+        per_problem: dict[str, list[int]] = {}
+        for r in rs:
+            c = per_problem.setdefault(r["problem_id"], [0, 0])
+            c[0] += r["reason"] == "correct"
+            c[1] += 1
+        stats.append({"phase": name, "kind": rs[0]["phase_kind"], "rollouts": len(rs), "problems": len(per_problem),
+                      "pass_rate": sum(r["reason"] == "correct" for r in rs) / len(rs),
+                      "never_solved": sum(1 for ok, _ in per_problem.values() if ok == 0) / len(per_problem),
+                      "completion_tokens": sum(r["completion_tokens"] for r in rs) / len(rs),
+                      "truncated": sum(bool(r["truncated"]) for r in rs) / len(rs)})
+        if rs[0]["phase_kind"] == "profile":
+            buckets[name] = {pid: bucket_of(ok / n) for pid, (ok, n) in per_problem.items()}
+    names = list(buckets)
+    flows = []
+    for a, b in zip(names, names[1:]):
+        common = [pid for pid in buckets[a] if pid in buckets[b]]
+        matrix = {x: {y: sum(1 for pid in common if buckets[a][pid] == x and buckets[b][pid] == y)
+                      for y in BUCKET_ORDER} for x in BUCKET_ORDER}
+        flows.append({"from": a, "to": b, "problems": len(common), "matrix": matrix})
+    counts = OrderedDict((name, {k: sum(1 for v in m.values() if v == k) for k in BUCKET_ORDER})
+                         for name, m in buckets.items())
+    return {"ledger": stats, "buckets": counts, "flows": flows}
+
+
+# ------------------------------------------------------------------ plots
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ReportError("the report's plots need matplotlib: pip install -e '.[report]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plots(data: dict, out: Path) -> list[tuple[str, str]]:
+    """(title, file name) of every PNG written to ``out``."""
+    plt = _pyplot()
+    made: list[tuple[str, str]] = []
+
+    def save(fig, name: str, title: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=90)
+        plt.close(fig)
+        made.append((title, name))
+
+    for benchmark in _benchmarks(data):
+        labels = [lab for lab, ev in data["evals"].items() if benchmark in ev]
+        levels = list(data["evals"][labels[0]][benchmark]["by_level"])
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        for level in levels:
+            ys = [data["evals"][lab][benchmark]["by_level"].get(level, {}).get("pass@1") for lab in labels]
+            ax.plot(labels, ys, marker="o", label="all levels" if level == "all" else f"level {level}",
+                    linewidth=2.5 if level == "all" else 1.2, color="black" if level == "all" else None)
+        ax.set(ylim=(-0.02, 1.02), ylabel="pass@1", xlabel="after phase", title=f"held-out {benchmark}")
+        ax.legend(fontsize=7, ncol=2)
+        save(fig, f"accuracy-{_slug(benchmark)}.png", f"Held-out pass@1 on {benchmark} after each phase")
+    if data["buckets"]:
+        names = list(data["buckets"])
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        bottom = [0] * len(names)
+        for bucket, color in zip(BUCKET_ORDER, ("#4caf50", "#ffb300", "#e53935")):
+            values = [data["buckets"][n][bucket] for n in names]
+            ax.bar(names, values, bottom=bottom, label=bucket, color=color)
+            bottom = [b + v for b, v in zip(bottom, values)]
+        ax.set(ylabel="problems", title="buckets at each profile")
+        ax.legend(fontsize=8)
+        save(fig, "buckets.png", "Problems per bucket at each profile phase")
+    for flow in data["flows"]:
+        fig, ax = plt.subplots(figsize=(4, 3.4))
+        grid = [[flow["matrix"][x][y] for y in BUCKET_ORDER] for x in BUCKET_ORDER]
+        ax.imshow(grid, cmap="Blues")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=10)
+        ax.set_xticks(range(3), BUCKET_ORDER)
+        ax.set_yticks(range(3), BUCKET_ORDER)
+        ax.set(xlabel=f"at {flow['to']}", ylabel=f"at {flow['from']}", title="flow between buckets")
+        save(fig, f"flow-{_slug(flow['from'])}-{_slug(flow['to'])}.png",
+             f"How problems moved between buckets from {flow['from']} to {flow['to']}")
+    for name, series in data["curves"].items():
+        keys = [k for k in ("loss", "reward", "pass_rate") if k in series and any(v is not None for v in series[k])]
+        if not keys:
+            continue
+        fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3), squeeze=False)
+        for ax, key in zip(axes[0], keys):
+            points = [(i + 1, v) for i, v in enumerate(series[key]) if v is not None]
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", linewidth=1)
+            ax.set(xlabel="step", ylabel=key, title=f"{name}: {key}")
+        save(fig, f"curve-{_slug(name)}.png", f"Per-step {', '.join(keys)} of phase {name}")
+    return made
+
+
+def _benchmarks(data: dict) -> list[str]:
+    seen: list[str] = []
+    for ev in data["evals"].values():
+        seen += [b for b in ev if b not in seen]
+    return seen
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+# ------------------------------------------------------------------ tables
+def tables(data: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) of every table."""
+    out = []
+    rows = []
+    for name, s in data["phases"].items():
+        detail = ", ".join(f"{k} {v}" for k, v in s.items() if k not in ("kind", "select", "buckets")
+                           and not k.startswith("seconds")
+                           and not isinstance(v, (dict, list)))
+        rows.append([name, str(s.get("kind", "")), str(s.get("select", "")), detail, str(s.get("seconds", ""))])
+    out.append(("Phases", ["phase", "kind", "data", "summary", "seconds"], rows))
+    for benchmark in _benchmarks(data):
+        labels = [lab for lab, ev in data["evals"].items() if benchmark in ev]
+        levels = list(data["evals"][labels[0]][benchmark]["by_level"])
+        rows = [[f"level {lv}" if lv != "all" else "all", *[_fmt(data["evals"][lab][benchmark]["by_level"].get(lv, {})
+                                                                   .get("pass@1")) for lab in labels]] for lv in levels]
+        out.append((f"Held-out pass@1: {benchmark}", ["level", *labels], rows))
+    if data["ledger"]:
+        out.append(("Ledger: graded rollouts per phase", ["phase", "kind", "rollouts", "problems", "pass rate",
+                                                          "never solved", "tokens per completion", "truncated"],
+                    [[s["phase"], s["kind"], str(s["rollouts"]), str(s["problems"]), _fmt(s["pass_rate"]),
+                      _fmt(s["never_solved"]), f"{s['completion_tokens']:.1f}", _fmt(s["truncated"])]
+                     for s in data["ledger"]]))
+    if data["buckets"]:
+        out.append(("Buckets at each profile", ["profile", *BUCKET_ORDER],
+                    [[n, *[str(c[b]) for b in BUCKET_ORDER]] for n, c in data["buckets"].items()]))
+    return out
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+# ------------------------------------------------------------------ output
+def markdown(data: dict, images: list[tuple[str, str]]) -> str:
+    lines = [f"# Run {data['run']}", "", f"Directory `{data['dir']}`; "
+             + ("finished." if data["finished"] else "**not finished** (a report of the phases done so far)."), ""]
+    for title, header, rows in tables(data):
+        lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows] + [""]
+    for title, name in images:
+        lines += [f"## {title}", "", f"![{title}]({name})", ""]
+    return "\n".join(lines)
+
+
+PAGE_CHECK = """<script>
+// the page reports its own rendering: every plot decoded, every table filled, no script error
+window.addEventListener("error", function () {
+  document.body.dataset.errors = String(Number(document.body.dataset.errors || 0) + 1); });
+window.addEventListener("load", function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+  var rows = document.querySelectorAll("table tbody tr").length;
+  document.body.dataset.rendered = ok + "/" + imgs.length + " plots, " + rows + " table rows";
+});
+</script>"""
+
+
+def page(data: dict, images: list[tuple[str, str]], out: Path) -> str:
+    esc = html.escape
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Run {esc(data['run'])}</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;"
+             "font-size:13px;text-align:left}th{background:#f3f3f3}img{max-width:100%;display:block;margin:0.5em 0 "
+             "1.5em}</style>", PAGE_CHECK, "</head><body>",
+             f"<h1>Run {esc(data['run'])}</h1><p>Directory <code>{esc(data['dir'])}</code>; "
+             + ("finished." if data["finished"] else "<b>not finished</b>.") + "</p>"]
+    for title, header, rows in tables(data):
+        parts.append(f"<h2>{esc(title)}</h2><table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header)
+                     + "</tr></thead><tbody>" + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>"
+                                                        for row in rows) + "</tbody></table>")
+    for title, name in images:
+        encoded = base64.b64encode((out / name).read_bytes()).decode()
+        parts.append(f"<h2>{esc(title)}</h2><img alt='{esc(title)}' src='data:image/png;base64,{encoded}'>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write(run_dir: Path, out: Optional[Path] = None) -> Path:
+    """Write report.md, its PNGs and report.html into ``out`` (default ``<run>/report``); returns ``out``."""
+    data = collect(Path(run_dir))
+    out = Path(out) if out else Path(run_dir) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    images = plots(data, out)
+    (out / "report.md").write_text(markdown(data, images))
+    (out / "report.html").write_text(page(data, images, out))
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stagewise_pl.report", description=__doc__.split("\n\n")[1])
+    parser.add_argument("run_dir", help="a run directory (the run.dir of python -m stagewise_pl.fit)")
+    parser.add_argument("--out", help="where to write the report (default RUN_DIR/report)")
+    args = parser.parse_args(argv)
+    try:
+        out = write(Path(args.run_dir), Path(args.out) if args.out else None)
+    except ReportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"report: {out / 'report.md'} and {out / 'report.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
