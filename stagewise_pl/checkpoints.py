@@ -17,6 +17,9 @@ import os
 from pathlib import Path
 from typing import Callable, Optional
 
+from stagewise_pl.ledger import fsync_dir
+from stagewise_pl.run import atomic_write
+
 LAST, PREVIOUS, DIGESTS = "last.ckpt", "previous.ckpt", "digests.json"
 
 
@@ -30,15 +33,6 @@ def file_digest(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _write_json(path: Path, doc) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        json.dump(doc, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _record(directory: Path) -> Optional[dict]:
@@ -64,26 +58,13 @@ def install(directory: Path, tmp: Path, kill_point: Callable[[str], None] = lamb
     last, previous = directory / LAST, directory / PREVIOUS
     old = _record(directory) or {}
     # on record before any file changes its name: at every moment each *.ckpt file's digest is known
-    _write_json(directory / DIGESTS, {LAST: old.get(LAST), PREVIOUS: old.get(PREVIOUS), "incoming": new})
+    atomic_write(directory / DIGESTS, json.dumps({LAST: old.get(LAST), PREVIOUS: old.get(PREVIOUS), "incoming": new}))
     if last.is_file():
         os.replace(last, previous)
     kill_point("checkpoint_rename")
     os.replace(tmp, last)
-    _write_json(directory / DIGESTS, {LAST: new, PREVIOUS: old.get(LAST)})
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    atomic_write(directory / DIGESTS, json.dumps({LAST: new, PREVIOUS: old.get(LAST)}))
+    fsync_dir(directory)
 
 
 def remove_partial(directory: Path) -> None:

@@ -35,7 +35,7 @@ SCHEMA = pa.schema([
 ])
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -75,7 +75,7 @@ class DifficultyLedger:
             os.fsync(handle.fileno())
         fault_point("ledger_rename")
         os.replace(tmp, path)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         self._table = None
 
     # ------------------------------------------------------------------ position (checkpoints)
@@ -91,7 +91,7 @@ class DifficultyLedger:
                                f"parts are missing")
         for extra in parts[keep:]:
             extra.unlink()
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         self._table = None
 
     def rewind(self, phase: str, step: int) -> None:

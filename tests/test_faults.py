@@ -59,13 +59,6 @@ def golden(tmp_path_factory, args):
     return outcome(run_dir)
 
 
-def lost(expected: dict, got: dict) -> int:
-    """How many of the golden run's ledger rows and steps a run did not reproduce (0 when equal)."""
-    if expected == got:
-        return 0
-    return max(1, abs(expected["ledger_rows"] - got["ledger_rows"]))
-
-
 def resume(args, run_dir: Path, *extra, env=None):
     """As the sbatch script does: resume=last where a checkpoint exists, resume=restart where none does."""
     has = any((run_dir / "checkpoints" / n).is_file() for n in ("last.ckpt", "previous.ckpt"))
@@ -84,7 +77,7 @@ def test_golden_the_same_seed_is_bit_identical_and_another_seed_differs(tmp_path
     differs = outcome(other)
     assert differs["weights"] != golden["weights"] and differs["ledger"] != golden["ledger"]
     reliability("golden: the plan twice with seed 0", "none", "weights, ledger, curves, summaries, routing identical; "
-                "seed 1 differs", lost(golden, got))
+                "seed 1 differs", 0)  # a lossy case fails the assertion above and writes no row
 
 
 # ------------------------------------------------------------------ 2. SIGKILL at each point
@@ -109,7 +102,7 @@ def test_a_kill_at_each_point_resumes_to_the_golden_run(tmp_path, args, golden, 
     assert not partial_files(run_dir)  # the partial files of the kill were never read, and are gone
     got = outcome(run_dir)
     assert got == golden
-    reliability(f"SIGKILL {POINTS[point]}", f"kill:{point}", "resumed; ends as the golden run", lost(golden, got))
+    reliability(f"SIGKILL {POINTS[point]}", f"kill:{point}", "resumed; ends as the golden run", 0)  # a lossy case fails the assertion above and writes no row
 
 
 def test_a_kill_before_the_first_checkpoint_is_not_resumed_silently(tmp_path, args, golden, reliability):
@@ -122,7 +115,7 @@ def test_a_kill_before_the_first_checkpoint_is_not_resumed_silently(tmp_path, ar
     got = outcome(run_dir)
     assert got == golden
     reliability("SIGKILL before the first checkpoint; resume=last", "kill:sft_backward#1",
-                "error (exit 2), not a fresh start; resume=restart ends as the golden run", lost(golden, got))
+                "error (exit 2), not a fresh start; resume=restart ends as the golden run", 0)  # a lossy case fails the assertion above and writes no row
 
 
 # ------------------------------------------------------------------ 3. two kills, then a rerun
@@ -138,7 +131,7 @@ def test_two_kills_in_a_row_then_a_rerun_after_completion(tmp_path, args, golden
     assert again.returncode == 0 and "nothing to do" in again.stdout
     assert outcome(run_dir) == golden
     reliability("two kills in a row, then a rerun of the finished run", "kill:step:g:3 + kill:verify#2",
-                "resumed to the golden run; the rerun is a no-op (exit 0, says so)", lost(golden, got))
+                "resumed to the golden run; the rerun is a no-op (exit 0, says so)", 0)  # a lossy case fails the assertion above and writes no row
 
 
 # ------------------------------------------------------------------ 4. corrupt or missing checkpoints
@@ -183,7 +176,7 @@ def test_a_corrupt_last_checkpoint_is_an_error_naming_it_or_a_fallback_with_a_wa
     got = outcome(run_dir)
     assert got == golden
     reliability(f"{how} last.ckpt", f"corrupt:{how}", "error naming the file (exit 3); with run.checkpoint_fallback: "
-                "previous.ckpt with a warning, ends as the golden run", lost(golden, got))
+                "previous.ckpt with a warning, ends as the golden run", 0)  # a lossy case fails the assertion above and writes no row
 
 
 def test_resume_last_without_any_run_or_checkpoint_is_an_error(tmp_path, args, reliability):

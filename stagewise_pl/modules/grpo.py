@@ -487,9 +487,10 @@ class GRPOModule(L.LightningModule):
                     loss = out.loss * float("nan") if poison else out.loss
                     # several ranks: each holds a part of the mini-batch's loss, and DDP averages the gradients
                     self.manual_backward(loss * dist.world_size())
-                    mb_loss += float(loss.detach())
+                    value = float(loss.detach())  # one device sync for the guard and the metric
+                    mb_loss += value
                     m = t["mask"][rows]
-                    sums["loss"] += float(out.loss.detach())
+                    sums["loss"] += value
                     sums["clip_fraction"] += float(out.clip_fraction * m.sum() / tokens)
                     sums["entropy"] += float((out.entropy * m).sum() / tokens)
                     if ref is not None:
