@@ -70,6 +70,7 @@ class BridgeContext:
         self.max_new_tokens, self.seed, self.max_length = max_new_tokens, seed, max_length
         self.batch_size, self.kernel, self.progress = batch_size, kernel, progress
         self.counts: Counter = Counter()
+        self.generated_tokens = 0  # what the student sampled here (a run's generation budget counts it)
         self._nll: dict[tuple[str, str], float] = {}  # (problem id, target) -> NLL: nothing is scored twice
 
     def render(self, text: str) -> str:
@@ -88,7 +89,9 @@ class BridgeContext:
         from stagewise_pl.rollout.base import SamplingParams
 
         params = SamplingParams(n=n, temperature=self.s.temperature, max_new_tokens=self.max_new_tokens, seed=self.seed)
-        return self.engine.generate(list(rendered), params, desc=desc)
+        batch = self.engine.generate(list(rendered), params, desc=desc)
+        self.generated_tokens += sum(len(ids) for ids in batch.completion_ids)
+        return batch
 
     def judge(self, texts: Sequence[Optional[str]], golds: Sequence[str], reference_check: bool = False,
               count: bool = True) -> list[str]:

@@ -135,6 +135,9 @@ class DataConfig:
     split: str = doc("train", "split of an hf dataset or of the synthetic task")
     limit: int = doc(0, "keep only the first N problems; 0 = all")
     target: str = doc("teacher_trace", "SFT target: teacher_trace | reference (the short solution)")
+    replay_target: str = doc("target", "what a phase's replayed problems train on: target = data.target; own = one "
+                                       "of the student's own correct completions in the latest profile (replay "
+                                       "then draws from the problems that profile saw solved)")
     on_bad_row: str = doc("error", "error = stop at the first bad row with file:line; skip = count and skip")
     max_bad_fraction: float = doc(0.05, "with on_bad_row=skip, abort if more rows than this are bad")
     max_row_bytes: int = doc(1_000_000, "a JSONL line longer than this is a bad row (row_too_large)")
@@ -241,6 +244,10 @@ class GRPOConfig:
     max_extra_rounds: int = doc(2, "dynamic sampling: extra generation rounds per step")
     max_rollout_factor: int = doc(4, "a phase stops after steps x this many rollout steps even if too few made "
                                      "an update (a pool that is all solved or all failed)")
+    token_budget: int = doc(0, "the run's budget of generated tokens (profiles, GRPO rollouts, Bridge rewrites, CFT "
+                               "repairs; evaluation not counted): each GRPO rollout step samples as many prompts as "
+                               "keeps the run on it, given the tokens spent and the cost of the phases still to come; "
+                               "0 = prompts_per_step every step")
 
 
 @dataclass
@@ -250,6 +257,7 @@ class EvalConfig:
     split: str = doc("test", "synthetic split to evaluate on; '' = none")
     benchmarks: list[str] = doc(help="benchmark JSONL files to evaluate on as well", factory=list)
     limit: int = doc(0, "at most N problems per benchmark file; 0 = all")
+    per_level: int = doc(0, "synthetic split: the first N problems of each level; 0 = all")
     k: int = doc(8, "samples per problem for pass@k; 0 = greedy only")
     temperature: float = doc(1.0, "sampling temperature for pass@k")
     max_new_tokens: int = doc(0, "generation budget; 0 = derived from the task")
@@ -382,6 +390,7 @@ _CHOICES = {
     "model.attn_implementation": {"sdpa", "eager", "flash_attention_2"},
     "data.source": {"synthetic", "jsonl", "hf", "benchmark"},
     "data.target": {"teacher_trace", "reference"},
+    "data.replay_target": {"target", "own"},
     "data.on_bad_row": {"error", "skip"},
     "trainer.kernel": {"auto", "torch", "triton"},
     "rollout.engine": {"hf", "vllm"},
@@ -399,11 +408,11 @@ _POSITIVE = ["optim.max_nonfinite_steps", "data.max_row_bytes", "rollout.tensor_
              "grpo.prompts_per_step", "grpo.num_generations", "grpo.num_iterations", "grpo.minibatches",
              "grpo.max_rollout_factor", "profile.k", "profile.chunk", "bridge.samples", "bridge.candidates",
              "bridge.temperature", "teacher.ops_per_line", "cft.failures_per_problem", "cft.repair_samples", "cft.max_length"]
-_NON_NEGATIVE = ["model.lora_rank", "model.lora_dropout", "verifier.memory_mb", "optim.lr", "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip", "eval.k",
+_NON_NEGATIVE = ["eval.per_level", "model.lora_rank", "model.lora_dropout", "verifier.memory_mb", "optim.lr", "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip", "eval.k",
                  "eval.limit", "eval.max_new_tokens", "data.limit", "model.warmup.steps", "run.threads",
                  "grpo.max_new_tokens", "grpo.beta", "grpo.entropy_coef", "grpo.micro_batch_size",
                  "grpo.max_extra_rounds", "grpo.epsilon_low", "grpo.epsilon_high",
-                 "profile.max_new_tokens", "profile.limit", "bridge.max_new_tokens"]
+                 "profile.max_new_tokens", "profile.limit", "bridge.max_new_tokens", "grpo.token_budget"]
 
 
 def _get(cfg: Any, key: str) -> Any:
@@ -496,6 +505,9 @@ def find_conf(name: str) -> Path:
     candidates += [Path("conf") / f"{name}.yaml", CONF_DIR / f"{name}.yaml"]
     for path in candidates:
         if path.is_file():
+            if path.stem in EXPERIMENT_CONFS and path.parent.resolve() == CONF_DIR:
+                raise ConfigError(f"conf={name}: {path} describes an experiment (arms x seeds), not a run: "
+                                  f"python -m stagewise_pl.experiment runs it")
             return path
     raise ConfigError(f"conf={name}: no such file (looked at {', '.join(str(p) for p in candidates)}); "
                       f"available: {', '.join(available_confs())}")
@@ -517,8 +529,11 @@ def load_prompts(name: str) -> dict[str, str]:
     return prompts
 
 
+EXPERIMENT_CONFS = {"experiment"}  # conf/ files python -m stagewise_pl.experiment reads, not the fit
+
+
 def available_confs() -> list[str]:
-    return sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+    return sorted(p.stem for p in CONF_DIR.glob("*.yaml") if p.stem not in EXPERIMENT_CONFS)
 
 
 def _merge(base: Any, layer: Any, source: str) -> Any:

@@ -134,6 +134,15 @@ class DifficultyLedger:
                 c[1] += 1
         return OrderedDict((pid, ok / n) for pid, (ok, n) in counts.items())
 
+    def tokens_by_phase(self) -> "OrderedDict[str, dict]":
+        """Phase -> rollouts graded and completion tokens generated in it (a run's generation budget)."""
+        out: "OrderedDict[str, dict]" = OrderedDict()
+        for row in self._rows(["phase", "completion_tokens"]):
+            entry = out.setdefault(row["phase"], {"rollouts": 0, "tokens": 0})
+            entry["rollouts"] += 1
+            entry["tokens"] += int(row["completion_tokens"])
+        return out
+
     def history(self, problem_id: str) -> list[dict]:
         """One entry per phase the problem was graded in, in order: phase, kind, rollouts, pass rate."""
         out: "OrderedDict[str, dict]" = OrderedDict()
@@ -155,6 +164,14 @@ class DifficultyLedger:
         out: "OrderedDict[str, list[str]]" = OrderedDict()
         for row in self._rows(["phase", "problem_id", "reward", "completion"]):
             if row["phase"] == phase and row["reward"] <= 0 and row["completion"] is not None:
+                out.setdefault(row["problem_id"], []).append(row["completion"])
+        return out
+
+    def correct_by_problem(self, phase: str) -> "OrderedDict[str, list[str]]":
+        """Problem id -> the texts of its correct rollouts in ``phase`` (profiles keep every text)."""
+        out: "OrderedDict[str, list[str]]" = OrderedDict()
+        for row in self._rows(["phase", "problem_id", "reward", "completion"]):
+            if row["phase"] == phase and row["reward"] > 0 and row["completion"] is not None:
                 out.setdefault(row["problem_id"], []).append(row["completion"])
         return out
 

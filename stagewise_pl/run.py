@@ -315,7 +315,16 @@ class Run:
 
             ev, sets = self.cfg.eval, []
             if ev.split:
-                problems = self._check_golds(self.task.split(ev.split), f"synthetic-{ev.split}")
+                problems = self.task.split(ev.split)
+                if ev.per_level:  # the first per_level problems of each level
+                    seen: dict = {}
+                    kept = []
+                    for p in problems:
+                        seen[p.level] = seen.get(p.level, 0) + 1
+                        if seen[p.level] <= ev.per_level:
+                            kept.append(p)
+                    problems = kept
+                problems = self._check_golds(problems, f"synthetic-{ev.split}")
                 sets.append((f"synthetic-{ev.split}", problems, self.task.max_new_tokens()))
             for bench in ev.benchmarks:
                 problems, _ = load_benchmark(bench, limit=ev.limit)

@@ -29,6 +29,25 @@ def generation_budget(run, override: int) -> int:
     return override or (run.task.max_new_tokens() if cfg.data.source == "synthetic" else cfg.eval.max_new_tokens or 512)
 
 
+GENERATING = ("profile", "grpo", "bridge_sft", "cft")  # phase kinds whose student samples count as generated
+
+
+def generation_spent(run, specs, current) -> dict:
+    """Tokens the student generated in the phases before ``current`` (their summaries in ``state.json``), the
+    estimated cost of the non-GRPO phases after it (each as the latest earlier phase of its kind cost; 0 when
+    there is none) and the tokens per sample of the latest profile or GRPO phase (else half the budget)."""
+    done = run._state()["completed"]
+    earlier = [s for s in specs[:current.index - 1] if s.name in done]
+    tokens = sum(int(done[s.name].get("generated_tokens", 0)) for s in earlier)
+    latest = {s.kind: done[s.name] for s in earlier}
+    reserve = sum(int(latest.get(s.kind, {}).get("generated_tokens", 0))
+                  for s in specs[current.index:] if s.kind in GENERATING and s.kind != "grpo")
+    sampled = [done[s.name] for s in earlier if s.kind in ("profile", "grpo") and done[s.name].get("rollouts")]
+    per_sample = (sampled[-1]["generated_tokens"] / sampled[-1]["rollouts"]) if sampled else \
+        generation_budget(run, run.cfg.grpo.max_new_tokens) / 2
+    return {"tokens": tokens, "reserve": reserve, "per_sample": per_sample}
+
+
 class PhaseRunner:
     """One phase's work. Steps are numbered 0, 1, ...; ``position`` is the number done."""
 
@@ -122,7 +141,7 @@ class ProfileRunner(PhaseRunner):
                     reward = float(verdicts[r].reward)
                     group.append(RolloutRecord(spec.name, "profile", step, problem.id, j, reward, verdicts[r].reason,
                                                len(batch.completion_ids[r]), batch.finish_reasons[r] == "length",
-                                               zero, batch.texts[r] if reward <= 0 else None, 0, spec.index,
+                                               zero, batch.texts[r], 0, spec.index,
                                                module.global_step))
                 records.append(group)
         groups = dist.unshard(dist.gather(records))  # per problem, in chunk order, on every rank
@@ -137,8 +156,10 @@ class ProfileRunner(PhaseRunner):
 
         rates = self.run.ledger.pass_rates(self.spec.name)
         counts = {name: sum(1 for p in rates.values() if rule(p)) for name, rule in BUCKETS.items()}
+        spent = self.run.ledger.tokens_by_phase().get(self.spec.name, {"rollouts": 0, "tokens": 0})
         return {"kind": "profile", "problems": len(rates), "k": self.cfg.profile.k, **counts,
-                "mean_pass_rate": round(sum(rates.values()) / max(1, len(rates)), 4)}
+                "mean_pass_rate": round(sum(rates.values()) / max(1, len(rates)), 4),
+                "rollouts": spent["rollouts"], "generated_tokens": spent["tokens"]}
 
 
 @PHASES.register("sft")
@@ -166,7 +187,26 @@ class SFTRunner(PhaseRunner):
         self.steps = spec.budget(len(problems), self.batch_size * self.accumulate * dist.world_size())
         self.collate = Collator(self.run.tokenizer.pad_token_id, self.max_length(), cfg.trainer.packing)
         if not self.builds_at_start:
-            self.prepare(build_examples(self.run.tokenizer, problems, cfg.data.target, cfg.trainer.max_length))
+            replayed = set(self.replay_targets())
+            self.prepare(build_examples(self.run.tokenizer, [p for p in problems if p.id not in replayed],
+                                        cfg.data.target, cfg.trainer.max_length) + self.replay_examples())
+
+    def replay_targets(self) -> dict[str, str]:
+        """Replayed problem id -> its target when the routing chose the student's own solutions (data.replay_target
+        = own); {} otherwise."""
+        return self.manager.decisions.get(self.spec.name, {}).get("replay_targets") or {}
+
+    def replay_examples(self) -> list:
+        """Examples of the problems replayed with the student's own solutions ([] unless data.replay_target = own;
+        otherwise replayed problems train on data.target like the rest)."""
+        from stagewise_pl.train import encode_pairs
+
+        own = self.replay_targets()
+        if own:
+            by_id = {p.id: p for p in self.problems}
+            return encode_pairs(self.run.tokenizer, [(by_id[pid].prompt, text) for pid, text in own.items()],
+                                self.cfg.trainer.max_length)
+        return []
 
     builds_at_start = False  # True: the examples are made in start() (they need the policy as the phase begins)
 
@@ -244,8 +284,8 @@ class SFTRunner(PhaseRunner):
         if not self.problems:
             return {"kind": self.kind, "steps": 0, "problems": 0}
         tail = self.losses[-max(1, len(self.losses) // 10):]
-        return {"kind": self.kind, "steps": self.position, "problems": len(self.problems),
-                "examples": len(self.examples), "final_loss": round(sum(tail) / len(tail), 4) if tail else None,
+        return {"kind": self.kind, "steps": self.position, "optimizer_steps": len(self.losses),
+                "problems": len(self.problems), "examples": len(self.examples), "final_loss": round(sum(tail) / len(tail), 4) if tail else None,
                 "target": self.cfg.data.target, **({"nonfinite_skipped": self.guard.skipped} if self.guard.skipped else {})}
 
 
@@ -298,7 +338,9 @@ class TaughtRunner(SFTRunner):
 
         tok = self.run.tokenizer
         examples = encode_pairs(tok, [(r["prompt"], r["target"], self.weight(r["kind"])) for r in rows], self.max_length())
-        if self.replayed:
+        if self.replay_targets():
+            examples += self.replay_examples()
+        elif self.replayed:
             examples += build_examples(tok, self.replayed, self.cfg.data.target, self.cfg.trainer.max_length)
         return examples
 
@@ -334,7 +376,9 @@ class BridgeSFTRunner(TaughtRunner):
     def make_rows(self):
         from stagewise_pl.bridge import make_strategy, run_bridge
 
-        items, report = run_bridge(make_strategy(self.cfg.bridge), self.context(), self.taught)
+        ctx = self.context()
+        items, report = run_bridge(make_strategy(self.cfg.bridge), ctx, self.taught)
+        report["generated_tokens"] = ctx.generated_tokens
         by_id = {p.id: p for p in self.taught}
         rows = [{"problem_id": it.problem_id, "kind": "bridged" if it.kept else "raw",
                  "prompt": by_id[it.problem_id].prompt, "target": it.target, "raw": it.raw, "reason": it.reason,
@@ -380,8 +424,10 @@ class CFTRunner(TaughtRunner):
         from stagewise_pl.bridge import make_strategy
         from stagewise_pl.cft import build_cft
 
-        items, report = build_cft(self.context(), self.run.teacher(critic=True), self.run.teacher(),
+        ctx = self.context()
+        items, report = build_cft(ctx, self.run.teacher(critic=True), self.run.teacher(),
                                   make_strategy(self.cfg.bridge), self.taught, self.failures(), self.cfg.cft)
+        report["generated_tokens"] = ctx.generated_tokens
         return [{"problem_id": it.problem_id, "kind": it.kind, "prompt": it.prompt, "target": it.target,
                  "failure": it.failure} for it in items], report
 
@@ -446,7 +492,35 @@ class GRPORunner(PhaseRunner):
     def step(self, module, step: int) -> None:
         g = self.grpo
         g._current_fx_name = module._current_fx_name  # lets its progress-bar self.log reach the trainer
-        g.training_step(self.sampler.batch(step), step)
+        if self.cfg.grpo.token_budget:
+            count = dist.broadcast(self.budget_prompts() if dist.is_main() else None)
+            batch = np.random.default_rng([g.seed, step, 11]).choice(len(self.problems), size=count,
+                                                                      replace=False).tolist()
+        else:
+            batch = self.sampler.batch(step)
+        g.training_step(batch, step)
+
+    # ------------------------------------------------------------------ the run's budget of generated tokens
+    def budget_prompts(self) -> int:
+        """Prompts for this rollout step under ``grpo.token_budget`` (rank 0): what is left of the budget after
+        the tokens spent so far and the estimated cost of the later non-GRPO phases, spread evenly over the
+        GRPO rollout steps still to come (this phase's and later ones' updates, times the rollout steps per update
+        so far), divided by the cost of one prompt's group."""
+        g, spent = self.cfg.grpo, self.spent()
+        steps_left = max(1, self.spec.steps - self.grpo.update_steps) + sum(
+            s.steps or 0 for s in self.manager.specs[self.spec.index:] if s.kind == "grpo")
+        # rollout steps whose groups were all flat make no update but cost tokens: expect as many as so far
+        steps_left *= max(1.0, self.grpo.rollout_steps / max(1, self.grpo.update_steps))
+        done = [h for h in self.grpo.history if h.get("rollouts")]
+        per_sample = (sum(h["generated_tokens"] for h in done) / sum(h["rollouts"] for h in done)) if done else \
+            self.before["per_sample"]
+        per_step = (g.token_budget - spent["before"] - spent["now"] - self.before["reserve"]) / steps_left
+        return int(min(len(self.problems), max(1, round(per_step / max(1.0, per_sample * g.num_generations)))))
+
+    def spent(self) -> dict:
+        if not hasattr(self, "before"):
+            self.before = generation_spent(self.run, self.manager.specs, self.spec)
+        return {"before": self.before["tokens"], "now": sum(h.get("generated_tokens", 0) for h in self.grpo.history)}
 
     def curves(self) -> dict[str, list]:
         """Every metric of every rollout step but wall times (s_*): deterministic for a seed. A step without
@@ -477,7 +551,9 @@ class GRPORunner(PhaseRunner):
             self.run.log(f"phase {self.spec.name}: only {g.update_steps} of {self.spec.steps} rollout steps had a "
                          f"group with signal within {self.max_rollout_steps} rollout steps (grpo.max_rollout_factor)")
         return {"kind": "grpo", "steps": g.update_steps, "rollout_steps": g.rollout_steps,
-                "optimizer_steps": g.optimizer_steps,
+                "optimizer_steps": g.optimizer_steps, "rollouts": int(sum(r.get("rollouts", 0) for r in h)),
+                "generated_tokens": int(sum(r.get("generated_tokens", 0) for r in h)),
+                "mean_prompts": mean("prompts", h),
                 "problems": len(self.problems), "reward_first_tenth": mean("reward", h[:tenth]),
                 "reward_last_tenth": mean("reward", h[-tenth:]), "zero_groups": mean("zero_groups", h),
                 "one_groups": mean("one_groups", h),

@@ -327,14 +327,25 @@ class StageManager(L.Callback):
             keep = np.random.default_rng([cfg.run.seed]).choice(len(candidates), limit, replace=False)
             candidates = [candidates[i] for i in sorted(keep)]
         replay: list = []
+        own: dict[str, str] = {}
         if spec.replay > 0 and candidates:
             chosen = {p.id for p in candidates}
             rest = [p for p in (run.pool if spec.kind == "sft" else pool) if p.id not in chosen]
+            if cfg.data.replay_target == "own":  # problems the latest profile saw solved, with one of their solutions
+                solved = self.own_solutions(spec)
+                if not solved:
+                    run.log(f"phase {spec.name}: data.replay_target=own, but no earlier profile solved a problem: "
+                            f"no replay")
+                rest = [p for p in rest if p.id in solved]
             count = min(len(rest), round(len(candidates) * spec.replay / (1.0 - spec.replay)))
             if count:
                 keep = np.random.default_rng([cfg.run.seed, spec.index, 1]).choice(len(rest), count, replace=False)
                 replay = [rest[i] for i in sorted(keep)]
+                if cfg.data.replay_target == "own":
+                    rng = np.random.default_rng([cfg.run.seed, spec.index, 2])
+                    own = {p.id: solved[p.id][int(rng.integers(len(solved[p.id])))] for p in replay}
         decision = {"phase": spec.name, "kind": spec.kind, "select": spec.select, "replay": [p.id for p in replay],
+                    **({"replay_targets": own} if own else {}),
                     "rules": [rule_name(r) for r in self.rules] if spec.select != "all" else [],
                     "counts": counts, "ids": buckets, "selected": [p.id for p in candidates + replay], "error": error}
         path = run.dir / "routing" / f"{spec.index:02d}-{spec.name}.json"
@@ -342,6 +353,11 @@ class StageManager(L.Callback):
 
         atomic_write(path, json.dumps(decision, indent=1))
         return decision
+
+    def own_solutions(self, spec: PhaseSpec) -> dict[str, list[str]]:
+        """Problem id -> the student's correct completions in the latest profile before ``spec`` ({} if none)."""
+        profiles = [s for s in self.specs[:spec.index - 1] if s.kind == "profile"]
+        return self.run.ledger.correct_by_problem(profiles[-1].name) if profiles else {}
 
     def enter(self, module: StagewiseModule, pos: int, runner_state: Optional[dict]) -> None:
         spec = self.specs[pos]

@@ -31,9 +31,12 @@ class EvalResult:
     name: str
     k: int
     by_level: dict[str, dict[str, float]] = field(default_factory=dict)
+    # problem id -> [greedy reward, sampled pass rate or None]: where each held-out problem stands (the
+    # flow of problems between buckets from one evaluation to the next)
+    problems: dict[str, list] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "k": self.k, "by_level": self.by_level}
+        return {"name": self.name, "k": self.k, "by_level": self.by_level, "problems": self.problems}
 
 
 def _level_key(problem: Problem) -> str:
@@ -70,7 +73,8 @@ def evaluate_problems(engine, tokenizer, verifier, problems: Sequence[Problem], 
                 metrics[lvl][f"pass@{k}"].update(torch.tensor(any_correct[i]))
                 for name, in_bucket in BUCKETS.items():
                     metrics[lvl][name].update(torch.tensor(float(in_bucket(sampled_rates[i]))))
-    result = EvalResult(name=name, k=k)
+    result = EvalResult(name=name, k=k, problems={p.id: [float(greedy_rewards[i]), sampled_rates[i]]
+                                                  for i, p in enumerate(problems)})
     for lvl, ms in metrics.items():
         row = {"n": counts[lvl], "pass@1": float(ms["pass@1"].compute())}
         if k > 0:

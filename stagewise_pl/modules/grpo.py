@@ -432,6 +432,7 @@ class GRPOModule(L.LightningModule):
             "groups_trained": float(len(keep)),
             "rounds": float(rounds),
             "completion_len": float(lengths.mean()),
+            "prompts": float(len(problems)), "rollouts": float(len(lengths)), "generated_tokens": float(lengths.sum()),
             "truncated": sum(all_groups.truncated) / max(1, len(all_groups.truncated)),
             "s_generation": gen_s, "s_grading": grade_s, "s_training": train_s,
             "s_step": time.perf_counter() - step_started,

@@ -1,0 +1,163 @@
+"""The Claim experiment (python -m stagewise_pl.experiment): arms at equal budgets, the Slurm fan-out, the
+results table and plots; the --quick run is what CI runs, and it checks that every cell and plot is made."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stagewise_pl.config import CONF_DIR, ConfigError, available_confs, load_config
+from stagewise_pl.experiment import ExperimentError, allot, fit_args, load_experiment, main
+
+EXPERIMENT = CONF_DIR / "experiment.yaml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "e.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shares_become_steps_that_sum_to_the_budget_exactly():
+    phases = [{"kind": "profile"}, {"kind": "bridge_sft", "share": 3}, {"kind": "profile"},
+              {"kind": "grpo", "share": 2}, {"kind": "cft", "share": 1}]
+    for total in (1 * 6, 7, 12, 119, 120, 121):
+        if total < 3:
+            continue
+        steps = [p.get("steps") for p in allot(phases, total)]
+        assert sum(s for s in steps if s) == total
+        assert steps[0] is None and steps[2] is None  # profiles take no optimizer step
+    assert [p["steps"] for p in allot(phases, 120) if "steps" in p] == [60, 40, 20]
+    assert all("share" not in p for p in allot(phases, 12))
+    with pytest.raises(ExperimentError, match="0 steps"):
+        allot([{"kind": "sft", "share": 1}, {"kind": "grpo", "share": 100}], 12)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("seeds: [0]\nbudget: {optimizer_steps: 10, generated_tokens: 100}\narms: {a: {phases: [{kind: sft}]}}",
+     "needs a share"),
+    ("seeds: [0]\nbudget: {optimizer_steps: 10, generated_tokens: 100}\n"
+     "arms: {a: {phases: [{kind: sft, share: 1, steps: 4}]}}", "not steps"),
+    ("seeds: []\nbudget: {optimizer_steps: 10, generated_tokens: 100}\narms: {a: {phases: [{kind: eval}]}}",
+     "seeds must be"),
+    ("seeds: [0]\nbudget: {optimizer_steps: 0, generated_tokens: 100}\narms: {a: {phases: [{kind: eval}]}}",
+     "optimizer_steps"),
+    ("seeds: [0]\nbudget: {optimizer_steps: 1, generated_tokens: 100}\nfoo: 1\narms: {a: {phases: [{kind: eval}]}}",
+     "unknown keys"),
+])
+def test_a_bad_experiment_file_is_an_error_naming_the_key(tmp_path, text, message):
+    with pytest.raises(ExperimentError, match=message):
+        load_experiment(write(tmp_path, text))
+
+
+def test_every_arm_is_a_valid_run_at_the_same_budget(tmp_path):
+    """Both budgets of conf/experiment.yaml: every arm's command line loads; its training phases sum to the
+    budget's optimizer steps and every GRPO phase runs under the same token budget; arms (a)-(f) are there."""
+    for quick in (False, True):
+        exp = load_experiment(EXPERIMENT, quick)
+        assert len(exp.seeds) >= (2 if quick else 3)
+        names = {a.name for a in exp.arms}
+        assert {"sft_reference", "distill", "rl", "sft_then_rl", "stagewise", "no_bridge", "no_cft", "one_round"} <= names
+        for arm in exp.arms:
+            args = fit_args(exp, arm, exp.seeds[0], tmp_path)
+            cfg = load_config(exp.base, args[1:])
+            trained = [p.steps for p in cfg.phases if p.kind in ("sft", "bridge_sft", "cft", "grpo")]
+            assert sum(trained) == exp.optimizer_steps, arm.name
+            assert cfg.grpo.token_budget == exp.generated_tokens
+            assert cfg.run.dir == str(tmp_path / arm.name / f"seed-{exp.seeds[0]}")
+            assert cfg.data.target == "reference"  # no arm trains on the task's one-step traces
+
+
+def test_the_experiment_file_is_not_a_fit_conf():
+    assert "experiment" not in available_confs()
+    with pytest.raises(ConfigError, match="stagewise_pl.experiment"):
+        load_config("experiment")
+
+
+def test_dry_run_prints_one_fit_per_arm_and_seed(tmp_path, capsys):
+    assert main(["--dry-run", f"run.dir={tmp_path}"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    exp = load_experiment(EXPERIMENT)
+    assert len(lines) == len(exp.arms) * len(exp.seeds)
+    assert all(line.startswith("python -m stagewise_pl.fit conf=default") for line in lines)
+    assert main(["--arms", "nope", f"run.dir={tmp_path}"]) == 2
+    assert main(["--dry-run", "seed=3"]) == 2
+
+
+def test_slurm_submits_one_array_task_per_arm_and_seed_then_the_report(tmp_path):
+    """A stand-in sbatch records its calls: the array script has one case per arm x seed, each its own run
+    directory; the report job waits for the array (afterany)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/bash\necho "$@" >> {bin_dir}/calls\n'
+                                    f'if [ -f {bin_dir}/n ]; then echo 43; else touch {bin_dir}/n; echo 42; fi\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    root = tmp_path / "exp"
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    out = subprocess.run([sys.executable, "-m", "stagewise_pl.experiment", "--slurm", "--quick", f"run.dir={root}"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    exp = load_experiment(EXPERIMENT, quick=True)
+    n = len(exp.arms) * len(exp.seeds)
+    script = (root / "submit.sbatch").read_text()
+    assert f"#SBATCH --array=0-{n - 1}" in script
+    for seed in exp.seeds:
+        for arm in exp.arms:
+            assert f"RUN_DIR={root / arm.name / f'seed-{seed}'};" in script
+    calls = (bin_dir / "calls").read_text().splitlines()
+    assert len(calls) == 2 and calls[1].startswith("--parsable --dependency=afterany:42")
+    assert "--report" in calls[1] and "--quick" in calls[1]
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["job_id"] == "42" and manifest["report_job"] == "43" and len(manifest["tasks"]) == n
+
+
+def test_grpo_spends_the_runs_token_budget(tmp_path, base_overrides):
+    """A profile then GRPO under grpo.token_budget (the real tiny base model: its groups carry signal): the run's
+    generated tokens (profile + rollouts) end within 10% of the budget, GRPO taking what the profile left."""
+    from stagewise_pl.fit import main as fit
+
+    budget = 15000
+    run = tmp_path / "run"
+    assert fit(["conf=default", *base_overrides, "eval.each_phase=false", "profile.k=4", "trainer.batch_size=8",
+                "profile.limit=24", "grpo.num_generations=4",
+                "phases=[{name: p, kind: profile}, {name: g, kind: grpo, select: all, steps: 6}]",
+                f"grpo.token_budget={budget}", f"run.dir={run}"]) == 0
+    done = json.loads((run / "state.json").read_text())["completed"]
+    profile, grpo = done["p"]["generated_tokens"], done["g"]["generated_tokens"]
+    assert 0 < profile < budget and grpo > 0
+    assert abs(profile + grpo - budget) <= 0.1 * budget, (profile, grpo)
+    assert done["g"]["mean_prompts"] > 1
+
+
+def test_quick_experiment_makes_every_cell_and_plot(tmp_path):
+    """What CI runs: python -m stagewise_pl.experiment --quick. Every arm x seed finishes, every cell of the table
+    is filled, every plot is a PNG; the numbers themselves are not asserted."""
+    from matplotlib.image import imread
+
+    root = tmp_path / "quick"
+    out = subprocess.run([sys.executable, "-m", "stagewise_pl.experiment", "--quick", f"run.dir={root}"],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    data = json.loads((root / "results.json").read_text())
+    exp = load_experiment(EXPERIMENT, quick=True)
+    assert list(data["arms"]) == [a.name for a in exp.arms]
+    for name, arm in data["arms"].items():
+        assert arm["seeds_done"] == exp.seeds, name
+        assert len(arm["trajectory"]) >= 2, name
+    table = [line for line in (root / "results.md").read_text().splitlines() if line.startswith("| (")]
+    assert len(table) == len(exp.arms)
+    for row in table:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == 12 and all(c and c != "-" for c in cells), row  # arm, seeds, all, L1-L6, tokens...
+        assert all("±" in c for c in cells[2:]), row  # two seeds: a std in every numeric cell
+    assert sorted(data["plots"]) == ["accuracy.png", "buckets.png", "flow.png", "rewards.png"]
+    for name in data["plots"]:
+        assert imread(root / name).shape[0] > 100
+    # a rerun finds every run finished and only rewrites the results
+    again = subprocess.run([sys.executable, "-m", "stagewise_pl.experiment", "--quick", f"run.dir={root}"],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("finished earlier") == len(exp.arms) * len(exp.seeds)
