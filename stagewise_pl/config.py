@@ -248,6 +248,7 @@ class GRPOConfig:
                                "repairs; evaluation not counted): each GRPO rollout step samples as many prompts as "
                                "keeps the run on it, given the tokens spent and the cost of the phases still to come; "
                                "0 = prompts_per_step every step")
+    max_prompts_per_step: int = doc(256, "token_budget: the most prompts one rollout step draws")
 
 
 @dataclass
@@ -338,6 +339,8 @@ class PhaseConfig:
     limit: int = doc(0, "work on at most N of the selected problems (a seeded draw); 0 = all")
     replay: float = doc(0.0, "sft: share of the phase's examples drawn from the rest of the pool (problems it "
                              "did not select), against forgetting what the bucket does not hold; 0 = none")
+    fallback: str = doc("", "a bucket to work on when select's is empty (e.g. cft on unsolved_in_rl falls back to "
+                            "hard), so the phase still spends its budget; '' = an empty bucket skips the phase")
 
 
 @dataclass
@@ -406,7 +409,7 @@ _POSITIVE = ["optim.max_nonfinite_steps", "data.max_row_bytes", "rollout.tensor_
              "task.train_per_level", "task.test_per_level", "model.warmup.batch_size",
              "model.tiny.hidden_size", "model.tiny.num_layers", "model.tiny.vocab_size",
              "grpo.prompts_per_step", "grpo.num_generations", "grpo.num_iterations", "grpo.minibatches",
-             "grpo.max_rollout_factor", "profile.k", "profile.chunk", "bridge.samples", "bridge.candidates",
+             "grpo.max_rollout_factor", "grpo.max_prompts_per_step", "profile.k", "profile.chunk", "bridge.samples", "bridge.candidates",
              "bridge.temperature", "teacher.ops_per_line", "cft.failures_per_problem", "cft.repair_samples", "cft.max_length"]
 _NON_NEGATIVE = ["eval.per_level", "model.lora_rank", "model.lora_dropout", "verifier.memory_mb", "optim.lr", "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip", "eval.k",
                  "eval.limit", "eval.max_new_tokens", "data.limit", "model.warmup.steps", "run.threads",

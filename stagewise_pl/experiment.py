@@ -1,6 +1,6 @@
 """The Claim experiment: arms x seeds at equal budgets, one table and its plots.
 
-    python -m stagewise_pl.experiment [--quick] [run.dir=PATH] [--arms a,b] [--seeds 0,1,2]
+    python -m stagewise_pl.experiment [--quick] [run.dir=PATH] [--arms a,b] [--seeds 0,1,2] [--jobs N]
     python -m stagewise_pl.experiment --slurm [--time HH:MM:SS] [--partition P] [run.dir=PATH]
     python -m stagewise_pl.experiment --report run.dir=PATH
     python -m stagewise_pl.experiment --dry-run [--quick]
@@ -169,38 +169,53 @@ def finished(directory: Path) -> bool:
 
 
 # ------------------------------------------------------------------ running
-def run_local(exp: Experiment, root: Path) -> int:
-    """Every arm x seed in turn (seeds outermost, so early results compare arms); returns the failures."""
-    jobs = [(arm, seed) for seed in exp.seeds for arm in exp.arms]
+def run_local(exp: Experiment, root: Path, jobs: int = 1) -> int:
+    """Every arm x seed (seeds outermost, so early results compare arms), ``jobs`` runs at a time, each with
+    an equal share of the machine's cores (run.threads); returns the number of failed runs, or 128 + SIGINT
+    when a signal stopped them (their checkpoints hold; the same command continues)."""
+    todo = [(arm, seed) for seed in exp.seeds for arm in exp.arms]
     (root / "logs").mkdir(parents=True, exist_ok=True)
-    failures, started = 0, time.time()
-    for n, (arm, seed) in enumerate(jobs, 1):
-        directory = run_dir(root, arm, seed)
-        prefix = f"[{n}/{len(jobs)}] {arm.name} seed {seed}"
-        if finished(directory):
-            print(f"{prefix}: finished earlier", flush=True)
-            continue
-        resume = resume_args(directory)
-        log = root / "logs" / f"{arm.name}-seed{seed}.log"
-        command = [sys.executable, "-m", "stagewise_pl.fit", *fit_args(exp, arm, seed, root), *resume]
-        t0 = time.time()
-        print(f"{prefix}: running" + (f" ({resume[0]})" if resume else "") + f", log {log}", flush=True)
-        with open(log, "a") as handle:
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    failures, started, n = 0, time.time(), 0
+    running: dict = {}  # Popen -> (label, log handle, start time)
+    stopped = False
+    while todo or running:
+        while todo and len(running) < jobs and not stopped:
+            arm, seed = todo.pop(0)
+            n += 1
+            directory = run_dir(root, arm, seed)
+            label = f"[{n}/{len(exp.arms) * len(exp.seeds)}] {arm.name} seed {seed}"
+            if finished(directory):
+                print(f"{label}: finished earlier", flush=True)
+                continue
+            resume = resume_args(directory)
+            log = root / "logs" / f"{arm.name}-seed{seed}.log"
+            command = [sys.executable, "-m", "stagewise_pl.fit", *fit_args(exp, arm, seed, root), *resume] + \
+                ([f"run.threads={threads}"] if jobs > 1 else [])
+            handle = open(log, "a")
             handle.write(f"$ {shlex.join(command)}\n")
             handle.flush()
-            rc = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT)
-        if rc in (128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM):
-            print(f"{prefix}: stopped by a signal; run the same command again to continue", flush=True)
-            return 128 + signal.SIGINT
-        elapsed = time.time() - started
-        left = (len(jobs) - n) * elapsed / n
-        if rc:
-            failures += 1
-            print(f"{prefix}: FAILED (exit {rc}); see {log}", flush=True)
-        else:
-            print(f"{prefix}: done in {time.time() - t0:.0f} s; {elapsed / 60:.1f} min so far, about "
-                  f"{left / 60:.0f} min left", flush=True)
-    return failures
+            print(f"{label}: running" + (f" ({resume[0]})" if resume else "") + f", log {log}", flush=True)
+            running[subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)] = (label, handle, time.time())
+        if not running:
+            break
+        time.sleep(0.5)
+        for proc in [p for p in running if p.poll() is not None]:
+            label, handle, t0 = running.pop(proc)
+            handle.close()
+            rc = proc.returncode
+            if rc in (128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM):
+                print(f"{label}: stopped by a signal; run the same command again to continue", flush=True)
+                stopped = True
+            elif rc:
+                failures += 1
+                print(f"{label}: FAILED (exit {rc}); see its log in {root / 'logs'}", flush=True)
+            else:
+                elapsed = time.time() - started
+                left = len(todo) * elapsed / max(1, n - len(running))
+                print(f"{label}: done in {time.time() - t0:.0f} s; {elapsed / 60:.1f} min so far, about "
+                      f"{left / 60:.0f} min left", flush=True)
+    return 128 + signal.SIGINT if stopped else failures
 
 
 def submit_slurm(exp: Experiment, root: Path, args) -> int:
@@ -492,6 +507,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the file's quick section: a small budget (CI)")
     parser.add_argument("--arms", help="comma-separated arm names (default: every arm)")
     parser.add_argument("--seeds", help="comma-separated seeds (default: the file's)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time on this machine, each with an equal "
+                                                              "share of its cores (default 1)")
     parser.add_argument("--report", action="store_true", help="only write the results from the runs there")
     parser.add_argument("--dry-run", action="store_true", help="print each run's command line (or with --slurm the "
                                                                "sbatch script) and start nothing")
@@ -538,7 +555,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         root.mkdir(parents=True, exist_ok=True)
         print(f"experiment {exp.source}{' (quick)' if exp.quick else ''}: {len(exp.arms)} arms x {len(exp.seeds)} "
               f"seeds in {root}", flush=True)
-        failures = run_local(exp, root)
+        if args.jobs < 1:
+            raise ExperimentError(f"--jobs {args.jobs}: must be >= 1")
+        failures = run_local(exp, root, args.jobs)
         if failures >= 128:
             return failures
         write_results(exp, root, command)

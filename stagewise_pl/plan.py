@@ -33,6 +33,7 @@ class PhaseSpec:
     temperature: Optional[float] = None
     limit: int = 0
     replay: float = 0.0
+    fallback: str = ""
 
     def budget(self, n_items: int, batch_size: int) -> int:
         """Steps this phase runs: ``steps``, or ``epochs`` passes over ``n_items`` in batches of ``batch_size``."""
@@ -68,17 +69,20 @@ def build_plan(phases: Sequence, kinds: Iterable[str], rules: Sequence[RuleInfo]
             raise ConfigError(f"{key}.kind: unknown phase kind {p.kind!r}; registered: {', '.join(sorted(kinds))} "
                               f"(or give a dotted path package.module:name)")
         select = p.select or "all"
-        if ":" in select:  # a rule named by dotted path selects the union of the buckets it builds
-            pass
-        elif select != "all":
-            rule = producers.get(select)
+        fallback = getattr(p, "fallback", "") or ""
+        for field, bucket in (("select", select), ("fallback", fallback)):
+            if not bucket or ":" in bucket or bucket == "all":  # a rule by dotted path: the buckets it builds
+                continue
+            rule = producers.get(bucket)
             if rule is None:
                 known = sorted(producers) or ["none: stages.rules is empty"]
-                raise ConfigError(f"{key}.select={select!r}: no stage rule builds this bucket; buckets: "
+                raise ConfigError(f"{key}.{field}={bucket!r}: no stage rule builds this bucket; buckets: "
                                   f"{', '.join(known)} (or 'all')")
             if rule.reads and not any(s.kind == rule.reads for s in specs):
-                raise ConfigError(f"{key}.select={select!r}: rule {rule.name} builds it from the ledger records of "
-                                  f"a {rule.reads} phase, and no {rule.reads} phase comes before phase {i}")
+                raise ConfigError(f"{key}.{field}={bucket!r}: rule {rule.name} builds it from the ledger records "
+                                  f"of a {rule.reads} phase, and no {rule.reads} phase comes before phase {i}")
+        if fallback and select == "all":
+            raise ConfigError(f"{key}.fallback: a phase on 'all' never has an empty selection")
         if p.kind in SUPERVISED and p.steps <= 0 and p.epochs <= 0:
             raise ConfigError(f"{key}: {p.kind} phases need steps > 0 or epochs > 0")
         if p.epochs > 0 and p.kind not in SUPERVISED:
@@ -90,7 +94,7 @@ def build_plan(phases: Sequence, kinds: Iterable[str], rules: Sequence[RuleInfo]
             raise ConfigError(f"{key}: a cft phase critiques failed rollouts from the ledger, and no profile or "
                               f"grpo phase comes before phase {i}")
         specs.append(PhaseSpec(i + 1, p.name or f"{i + 1}-{p.kind}", p.kind, select, p.steps, float(p.epochs), p.lr,
-                               p.batch_size, p.temperature, p.limit, float(p.replay)))
+                               p.batch_size, p.temperature, p.limit, float(p.replay), fallback))
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ConfigError(f"phases: names must be unique, got {names}")
@@ -111,7 +115,8 @@ def describe(specs: Sequence[PhaseSpec]) -> list[str]:
         budget = {"profile": "", "eval": ""}.get(s.kind, f", {s.epochs:g} epochs" if s.epochs > 0 else
                                                  f", {s.steps} steps")
         extra = "".join(f", {k} {v}" for k, v in (("lr", s.lr), ("batch", s.batch_size), ("temperature", s.temperature),
-                                                   ("limit", s.limit or None), ("replay", s.replay or None))
+                                                   ("limit", s.limit or None), ("replay", s.replay or None),
+                                                   ("fallback", s.fallback or None))
                         if v is not None)
         out.append(f"{s.name}: {s.kind} on {s.select}{budget}{extra}")
     return out

@@ -494,8 +494,11 @@ class GRPORunner(PhaseRunner):
         g._current_fx_name = module._current_fx_name  # lets its progress-bar self.log reach the trainer
         if self.cfg.grpo.token_budget:
             count = dist.broadcast(self.budget_prompts() if dist.is_main() else None)
-            batch = np.random.default_rng([g.seed, step, 11]).choice(len(self.problems), size=count,
-                                                                      replace=False).tolist()
+            # seeded by phase and step; past the phase's problem count a problem gets a second group (more
+            # samples of it), so a small bucket can still take its share of the budget
+            rng, batch = np.random.default_rng([g.seed, step, 11]), []
+            while len(batch) < count:
+                batch += rng.permutation(len(self.problems))[:count - len(batch)].tolist()
         else:
             batch = self.sampler.batch(step)
         g.training_step(batch, step)
@@ -515,7 +518,7 @@ class GRPORunner(PhaseRunner):
         per_sample = (sum(h["generated_tokens"] for h in done) / sum(h["rollouts"] for h in done)) if done else \
             self.before["per_sample"]
         per_step = (g.token_budget - spent["before"] - spent["now"] - self.before["reserve"]) / steps_left
-        return int(min(len(self.problems), max(1, round(per_step / max(1.0, per_sample * g.num_generations)))))
+        return int(min(g.max_prompts_per_step, max(1, round(per_step / max(1.0, per_sample * g.num_generations)))))
 
     def spent(self) -> dict:
         if not hasattr(self, "before"):

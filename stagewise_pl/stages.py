@@ -302,15 +302,11 @@ class StageManager(L.Callback):
             buckets, counts = {}, {}
         else:
             view = RoutingView(run.ledger, {p.id: p for p in pool}, self.specs[:spec.index - 1], spec)
-            if ":" in spec.select:  # select: a rule by dotted path, after the configured ones; its buckets
-                rule = selector_rule(spec.select)
-                before = route(self.rules, view)
-                buckets = route(self.rules + [rule], view)
-                names = getattr(rule, "buckets", ()) or [k for k in buckets if buckets[k] != before.get(k)]
-                chosen = {pid for name in names for pid in buckets.get(name, [])}
-            else:
-                buckets = route(self.rules, view)
-                chosen = set(buckets.get(spec.select, []))
+            buckets, chosen = self.bucket(spec.select, view)
+            if not chosen and spec.fallback:  # the selected bucket is empty: the phase's fallback bucket
+                run.log(f"phase {spec.name}: bucket {spec.select!r} is empty; falling back to {spec.fallback!r}")
+                more, chosen = self.bucket(spec.fallback, view)
+                buckets = {**buckets, **more}
             counts = {name: len(ids) for name, ids in buckets.items()}
             candidates = [p for p in (run.pool if spec.kind == "sft" else pool) if p.id in chosen]
         levels = {"grpo": cfg.grpo.levels, "profile": cfg.profile.levels}.get(spec.kind) or []
@@ -353,6 +349,18 @@ class StageManager(L.Callback):
 
         atomic_write(path, json.dumps(decision, indent=1))
         return decision
+
+    def bucket(self, select: str, view: RoutingView) -> tuple[dict, set]:
+        """The buckets the rules build and the ids ``select`` names: a bucket, or a rule by dotted path (run after
+        the configured ones: the buckets it builds)."""
+        if ":" in select:
+            rule = selector_rule(select)
+            before = route(self.rules, view)
+            buckets = route(self.rules + [rule], view)
+            names = getattr(rule, "buckets", ()) or [k for k in buckets if buckets[k] != before.get(k)]
+            return buckets, {pid for name in names for pid in buckets.get(name, [])}
+        buckets = route(self.rules, view)
+        return buckets, set(buckets.get(select, []))
 
     def own_solutions(self, spec: PhaseSpec) -> dict[str, list[str]]:
         """Problem id -> the student's correct completions in the latest profile before ``spec`` ({} if none)."""

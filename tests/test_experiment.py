@@ -72,6 +72,22 @@ def test_every_arm_is_a_valid_run_at_the_same_budget(tmp_path):
             assert cfg.data.target == "reference"  # no arm trains on the task's one-step traces
 
 
+def test_a_fallback_bucket_is_checked_like_select():
+    from stagewise_pl.run import plan_phases
+
+    def plan(phases: str):
+        return plan_phases(load_config("default", [f"phases={phases}"]))
+
+    with pytest.raises(ConfigError, match="phases.2.fallback='nope'"):
+        plan("[{kind: profile}, {kind: grpo, select: medium, steps: 2}, "
+             "{kind: cft, select: unsolved_in_rl, fallback: nope, steps: 2}]")
+    with pytest.raises(ConfigError, match="never has an empty selection"):
+        plan("[{kind: profile}, {kind: sft, select: all, fallback: hard, steps: 2}]")
+    specs = plan("[{kind: profile}, {kind: grpo, select: medium, steps: 2}, "
+                 "{kind: cft, select: unsolved_in_rl, fallback: hard, steps: 2}]")
+    assert specs[2].fallback == "hard"
+
+
 def test_the_experiment_file_is_not_a_fit_conf():
     assert "experiment" not in available_confs()
     with pytest.raises(ConfigError, match="stagewise_pl.experiment"):
@@ -134,13 +150,13 @@ def test_grpo_spends_the_runs_token_budget(tmp_path, base_overrides):
 
 
 def test_quick_experiment_makes_every_cell_and_plot(tmp_path):
-    """What CI runs: python -m stagewise_pl.experiment --quick. Every arm x seed finishes, every cell of the table
+    """What CI runs: python -m stagewise_pl.experiment --quick (two runs at a time). Every arm x seed finishes, every cell of the table
     is filled, every plot is a PNG; the numbers themselves are not asserted."""
     from matplotlib.image import imread
 
     root = tmp_path / "quick"
-    out = subprocess.run([sys.executable, "-m", "stagewise_pl.experiment", "--quick", f"run.dir={root}"],
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run([sys.executable, "-m", "stagewise_pl.experiment", "--quick", "--jobs", "2",
+                          f"run.dir={root}"], capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     data = json.loads((root / "results.json").read_text())
     exp = load_experiment(EXPERIMENT, quick=True)
