@@ -455,12 +455,14 @@ def plots(data: dict, out: Path) -> list[tuple[str, str]]:
     fig, ax = plt.subplots(figsize=(8, 3.8))
     for name, a in data["arms"].items():
         if a["rewards"]:
-            ax.plot(range(1, len(a["rewards"]) + 1), a["rewards"], label=a["title"], linewidth=1)
-    ax.set(xlabel="GRPO rollout step (across the arm's GRPO phases)", ylabel="mean reward (mean over seeds)",
-           title="GRPO reward curves")
+            r = a["rewards"]
+            smooth = [sum(r[max(0, i - 4):i + 1]) / len(r[max(0, i - 4):i + 1]) for i in range(len(r))]
+            ax.plot(range(1, len(r) + 1), smooth, label=a["title"], linewidth=1.2)
+    ax.set(xlabel="GRPO rollout step (across the arm's GRPO phases)",
+           ylabel="reward (mean over seeds, 5 steps)", title="GRPO reward curves")
     if ax.lines:
         ax.legend(fontsize=7)
-    save(fig, "rewards.png", "GRPO training reward per rollout step, per arm with RL")
+    save(fig, "rewards.png", "GRPO training reward per rollout step (running mean of 5), per arm with RL")
     return made
 
 
