@@ -220,7 +220,7 @@ def run_local(exp: Experiment, root: Path, jobs: int = 1) -> int:
 
 def submit_slurm(exp: Experiment, root: Path, args) -> int:
     """One array task per arm x seed (the sbatch script of stagewise_pl.slurm), then a report job after it."""
-    from stagewise_pl.slurm import SlurmError, Task, render
+    from stagewise_pl.slurm import SlurmError, Task, render, sbatch
 
     tasks = [Task(i, str(run_dir(root, arm, seed)), fit_args(exp, arm, seed, root))
              for i, (arm, seed) in enumerate((a, s) for s in exp.seeds for a in exp.arms)]
@@ -235,12 +235,13 @@ def submit_slurm(exp: Experiment, root: Path, args) -> int:
         print(script, end="")
         print(f"# then, after the array: {shlex.join(report)}")
         return 0
-    (root / "logs").mkdir(parents=True, exist_ok=True)
-    (root / "submit.sbatch").write_text(script)
-    out = subprocess.run(["sbatch", "--parsable", str(root / "submit.sbatch")], capture_output=True, text=True)
-    if out.returncode:
-        raise ExperimentError(f"sbatch failed: {out.stderr.strip()}")
-    job = out.stdout.strip().split(";")[0]
+    if (root / "manifest.json").exists():
+        raise ExperimentError(f"{root} already holds a submission (manifest.json): wait for it, or remove "
+                              f"manifest.json to submit again (finished runs do nothing, stopped ones resume)")
+    try:
+        job = sbatch(script, root)
+    except SlurmError as exc:
+        raise ExperimentError(str(exc)) from None
     after = subprocess.run(["sbatch", "--parsable", f"--dependency=afterany:{job}", "--job-name",
                             f"experiment-{root.name}-report", f"--output={root / 'logs' / 'report-%j.out'}",
                             "--wrap", shlex.join(report)], capture_output=True, text=True)

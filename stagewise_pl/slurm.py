@@ -106,6 +106,16 @@ def render(tasks: list[Task], name: str, nodes: int, gpus_per_node: int, cpus_pe
     return "\n".join(lines) + "\n"
 
 
+def sbatch(script: str, root: Path) -> str:
+    """Write ``root/submit.sbatch`` (and ``root/logs/``), submit it; the job id."""
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    (root / "submit.sbatch").write_text(script)
+    out = subprocess.run(["sbatch", "--parsable", str(root / "submit.sbatch")], capture_output=True, text=True)
+    if out.returncode:
+        raise SlurmError(f"sbatch failed: {out.stderr.strip()}")
+    return out.stdout.strip().split(";")[0]
+
+
 def submit(args) -> int:
     from stagewise_pl.config import ConfigError, load_config
 
@@ -125,12 +135,7 @@ def submit(args) -> int:
         return 0
     if (root / "manifest.json").exists():
         raise SlurmError(f"{root} already holds a submission (manifest.json): choose another --name")
-    (root / "logs").mkdir(parents=True, exist_ok=True)
-    (root / "submit.sbatch").write_text(script)
-    out = subprocess.run(["sbatch", "--parsable", str(root / "submit.sbatch")], capture_output=True, text=True)
-    if out.returncode:
-        raise SlurmError(f"sbatch failed: {out.stderr.strip()}")
-    job = out.stdout.strip().split(";")[0]
+    job = sbatch(script, root)
     manifest = {"job_id": job, "tasks": {t.index: {"run_dir": t.run_dir, "overrides": t.overrides} for t in tasks}}
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
     print(f"submitted array job {job}: {len(tasks)} tasks; manifest {root / 'manifest.json'}")

@@ -150,10 +150,6 @@ def fit(args, env_extra=None, timeout=600):
                           timeout=timeout, env=env)
 
 
-def records(run_dir: Path):
-    return DifficultyLedger(run_dir / "ledger", "x", writer=False).table().drop(["run_id"])
-
-
 def same_weights(a: Path, b: Path) -> bool:
     x, y = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
@@ -182,27 +178,6 @@ def test_one_launch_runs_the_plan_and_routes_by_the_ledger(tmp_path, plan_overri
     assert not (run_dir / "eval" / "1-profile.json").exists()
     summary = (run_dir / "summary.md").read_text()
     assert "2-sft pass@1" in summary and "5-eval pass@1" in summary
-
-
-@pytest.mark.parametrize("point", ["checkpoint:2-sft:2", "step:4-grpo:2", "phase_end:3-profile"])
-def test_killed_and_resumed_it_ends_as_an_uninterrupted_run(tmp_path_factory, plan_overrides, point):
-    base = tmp_path_factory.getbasetemp() / "straight-plan"
-    if not (base / "final").is_dir():  # one uninterrupted run for every kill point
-        out = fit(plan_overrides + [f"run.dir={base}"])
-        assert out.returncode == 0, out.stderr[-3000:]
-    run_dir = tmp_path_factory.mktemp("killed")
-    out = fit(plan_overrides + [f"run.dir={run_dir}"], {"STAGEWISE_FAULT": point})
-    assert out.returncode == -9, out.stderr[-3000:]  # SIGKILL: no handler ran
-    assert not (run_dir / "final").exists()
-    out = fit(plan_overrides + [f"run.dir={run_dir}", "resume=last"])
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "resuming from" in out.stdout
-    assert same_weights(base / "final", run_dir / "final")
-    assert records(base).equals(records(run_dir))
-    for decision in (base / "routing").glob("*.json"):
-        assert json.loads(decision.read_text()) == json.loads((run_dir / "routing" / decision.name).read_text())
-    again = fit(plan_overrides + [f"run.dir={run_dir}", "resume=last"])
-    assert again.returncode == 0 and "nothing to do" in again.stdout
 
 
 def test_a_resume_continues_in_the_same_phase_at_the_same_step(tmp_path, plan_overrides):
