@@ -176,11 +176,21 @@ def run_local(exp: Experiment, root: Path, jobs: int = 1) -> int:
     todo = [(arm, seed) for seed in exp.seeds for arm in exp.arms]
     (root / "logs").mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    failures, started, n = 0, time.time(), 0
+    # Ctrl-C reaches the runs too (one process group): each checkpoints its step and exits; this loop only stops
+    # starting new ones and waits for them
+    interrupted: list = []
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    try:
+        return _loop(exp, root, jobs, todo, threads, interrupted)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _loop(exp: Experiment, root: Path, jobs: int, todo: list, threads: int, interrupted: list) -> int:
+    failures, started, n, stopped = 0, time.time(), 0, False
     running: dict = {}  # Popen -> (label, log handle, start time)
-    stopped = False
     while todo or running:
-        while todo and len(running) < jobs and not stopped:
+        while todo and len(running) < jobs and not stopped and not interrupted:
             arm, seed = todo.pop(0)
             n += 1
             directory = run_dir(root, arm, seed)
@@ -215,7 +225,7 @@ def run_local(exp: Experiment, root: Path, jobs: int = 1) -> int:
                 left = len(todo) * elapsed / max(1, n - len(running))
                 print(f"{label}: done in {time.time() - t0:.0f} s; {elapsed / 60:.1f} min so far, about "
                       f"{left / 60:.0f} min left", flush=True)
-    return 128 + signal.SIGINT if stopped else failures
+    return 128 + signal.SIGINT if stopped or interrupted else failures
 
 
 def submit_slurm(exp: Experiment, root: Path, args) -> int:

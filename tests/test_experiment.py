@@ -94,6 +94,21 @@ def test_the_experiment_file_is_not_a_fit_conf():
         load_config("experiment")
 
 
+def test_a_rerun_resumes_what_was_stopped_and_skips_what_finished(tmp_path):
+    from stagewise_pl.experiment import finished, resume_args
+
+    run = tmp_path / "run"
+    assert resume_args(run) == [] and not finished(run)  # never started: a fresh run
+    run.mkdir()
+    (run / "state.json").write_text(json.dumps({"completed": {}}))
+    assert resume_args(run) == ["resume=restart"]  # stopped before its first checkpoint
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "previous.ckpt").write_bytes(b"x")
+    assert resume_args(run) == ["resume=last"]  # the fit verifies the checkpoint and falls back if asked
+    (run / "state.json").write_text(json.dumps({"completed": {}, "finished": True}))
+    assert finished(run)
+
+
 def test_dry_run_prints_one_fit_per_arm_and_seed(tmp_path, capsys):
     assert main(["--dry-run", f"run.dir={tmp_path}"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
