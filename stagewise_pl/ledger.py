@@ -168,7 +168,8 @@ class DifficultyLedger:
         return out
 
     def correct_by_problem(self, phase: str) -> "OrderedDict[str, list[str]]":
-        """Problem id -> the texts of its correct rollouts in ``phase`` (profiles keep every text)."""
+        """Problem id -> the texts of its correct rollouts in ``phase`` (profiles keep them with
+        data.replay_target=own)."""
         out: "OrderedDict[str, list[str]]" = OrderedDict()
         for row in self._rows(["phase", "problem_id", "reward", "completion"]):
             if row["phase"] == phase and row["reward"] > 0 and row["completion"] is not None:

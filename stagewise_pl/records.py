@@ -31,7 +31,8 @@ class RolloutRecord:
     completion_tokens: int
     truncated: bool  # stopped at the generation budget, not at EOS
     zero_group: bool  # every sample of this problem's group got reward 0 in this step
-    completion: Optional[str] = None  # the text: kept for failures (reward 0), and every text in profiles
+    completion: Optional[str] = None  # the text: kept for failures (reward 0); in profiles also for correct
+    # ones when data.replay_target=own (replay trains on them)
     round: int = 0  # generation round within the step (dynamic sampling adds rounds)
     phase_index: int = 0  # the phase's place in the plan (1-based)
     global_step: int = 0  # optimizer steps of the phase's trainer when the rollout was graded

@@ -133,6 +133,7 @@ class ProfileRunner(PhaseRunner):
                                                desc=f"{spec.name} {min(len(self.problems), (step + 1) * size)}/"
                                                     f"{len(self.problems)}")
             verdicts = self.run.verifier.score_batch(batch.texts, [p.answer for p in mine for _ in range(pc.k)])
+            keep_correct = cfg.data.replay_target == "own"  # correct texts are kept only when replay trains on them
             for i, problem in enumerate(mine):
                 rows = range(i * pc.k, (i + 1) * pc.k)
                 zero = all(verdicts[r].reward <= 0 for r in rows)
@@ -141,7 +142,7 @@ class ProfileRunner(PhaseRunner):
                     reward = float(verdicts[r].reward)
                     group.append(RolloutRecord(spec.name, "profile", step, problem.id, j, reward, verdicts[r].reason,
                                                len(batch.completion_ids[r]), batch.finish_reasons[r] == "length",
-                                               zero, batch.texts[r], 0, spec.index,
+                                               zero, batch.texts[r] if reward <= 0 or keep_correct else None, 0, spec.index,
                                                module.global_step))
                 records.append(group)
         groups = dist.unshard(dist.gather(records))  # per problem, in chunk order, on every rank

@@ -192,3 +192,23 @@ def test_quick_experiment_makes_every_cell_and_plot(tmp_path):
     again = subprocess.run([sys.executable, "-m", "stagewise_pl.experiment", "--quick", f"run.dir={root}"],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("finished earlier") == len(exp.arms) * len(exp.seeds)
+
+
+def test_own_replay_trains_on_the_students_correct_profile_solutions(tmp_path, base_overrides):
+    """data.replay_target=own: the replayed problems are ones the latest profile saw solved, each with one of the
+    student's own completions there that the verifier graded correct; the routing records them."""
+    from stagewise_pl.fit import main as fit
+    from stagewise_pl.ledger import DifficultyLedger
+
+    run = tmp_path / "run"
+    assert fit(["conf=default", *base_overrides, "eval.each_phase=false", "profile.k=4", "trainer.batch_size=8",
+                "data.replay_target=own", "profile.limit=24",
+                "phases=[{name: p, kind: profile}, {name: s, kind: sft, select: hard, replay: 0.5, steps: 2}]",
+                f"run.dir={run}"]) == 0
+    routing = json.loads((run / "routing" / "02-s.json").read_text())
+    own = routing["replay_targets"]
+    assert own and sorted(own) == sorted(routing["replay"])
+    rows = DifficultyLedger(run / "ledger", "x", writer=False).table().to_pylist()
+    correct = {(r["problem_id"], r["completion"]) for r in rows if r["phase"] == "p" and r["reason"] == "correct"}
+    assert all((pid, text) in correct for pid, text in own.items())
+    assert not set(own) & set(routing["ids"]["hard"])  # replay comes from outside the taught bucket
