@@ -112,7 +112,6 @@ def test_an_experiment_fans_out_as_one_array_task_per_arm_and_seed_then_reports(
     conf.write_text(json.dumps({
         "base": "default", "seeds": [0, 1], "budget": {"optimizer_steps": 4, "generated_tokens": 2000},
         "overrides": overrides, "arms": {
-            "sft": {"title": "SFT", "phases": [{"name": "sft", "kind": "sft", "share": 1}]},
             "rl": {"title": "RL", "phases": [{"name": "g", "kind": "grpo", "share": 1}]}}}))
     root = tmp_path / "exp"
     out = subprocess.run([sys.executable, "-m", "stagewise_pl.experiment", "--slurm", "--conf", str(conf),
@@ -120,12 +119,11 @@ def test_an_experiment_fans_out_as_one_array_task_per_arm_and_seed_then_reports(
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     manifest = json.loads((root / "manifest.json").read_text())
-    assert len(manifest["tasks"]) == 4 and manifest["report_job"]
+    assert len(manifest["tasks"]) == 2 and manifest["report_job"]
     wait_done(manifest["job_id"])
     wait_done(manifest["report_job"])
-    for arm in ("sft", "rl"):
-        for seed in (0, 1):
-            assert json.loads((root / arm / f"seed-{seed}" / "state.json").read_text())["finished"]
+    for seed in (0, 1):
+        assert json.loads((root / "rl" / f"seed-{seed}" / "state.json").read_text())["finished"]
     results = json.loads((root / "results.json").read_text())
-    assert [a["seeds_done"] for a in results["arms"].values()] == [[0, 1], [0, 1]]
+    assert [a["seeds_done"] for a in results["arms"].values()] == [[0, 1]]
     assert all((root / name).is_file() for name in results["plots"])

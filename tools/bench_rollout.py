@@ -9,7 +9,7 @@ fresh process, interleaved, median of ``--repeats``:
   (what TRL's GRPOTrainer does without vLLM);
 - ours: ``HFEngine.generate`` (prefill once per prompt, finished rows leave the batch);
 - vllm: VLLMEngine (in-process vLLM, float32), run with the interpreter of ``--vllm-python``
-  (default: .venv-vllm/bin/python, which .ci/run_vllm builds), when it exists.
+  (default: ~/.cache/stagewise_pl/venv-vllm/bin/python, which .ci/run_vllm builds), when it exists.
 Every variant first warms up on one prompt (2 tokens), untimed.
 
     python tools/bench_rollout.py [--repeats 3] [--vllm-python PATH] [--json PATH]
@@ -111,7 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--vllm-python", default=str(Path(__file__).resolve().parents[1] / ".venv-vllm/bin/python"),
+    parser.add_argument("--vllm-python", default=str(Path.home() / ".cache/stagewise_pl/venv-vllm/bin/python"),
                         help="interpreter with vllm installed, for the vllm variant")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
