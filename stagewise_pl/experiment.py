@@ -29,7 +29,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -62,7 +62,6 @@ class Experiment:
     arms: list[Arm]
     source: str = ""
     quick: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------ the experiment file

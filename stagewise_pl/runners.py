@@ -456,6 +456,7 @@ class GRPORunner(PhaseRunner):
         if spec.temperature:
             settings.temperature = spec.temperature
         self.max_rollout_steps = spec.steps * g.max_rollout_factor if problems else 0  # an empty bucket: nothing to do
+        self.before: Optional[dict] = None  # grpo.token_budget: generation_spent() of the phases before this one
         lr = cfg.optim.lr if spec.lr is None else spec.lr
         self.grpo = GRPOModule(self.run.policy, self.run.tokenizer, self.run.engine(), self.run.verifier, problems,
                                settings, lr=lr, total_steps=spec.steps, weight_decay=cfg.optim.weight_decay,
@@ -522,7 +523,7 @@ class GRPORunner(PhaseRunner):
         return int(min(g.max_prompts_per_step, max(1, round(per_step / max(1.0, per_sample * g.num_generations)))))
 
     def spent(self) -> dict:
-        if not hasattr(self, "before"):
+        if self.before is None:  # what earlier phases spent: fixed once the phase runs
             self.before = generation_spent(self.run, self.manager.specs, self.spec)
         return {"before": self.before["tokens"], "now": sum(h.get("generated_tokens", 0) for h in self.grpo.history)}
 
