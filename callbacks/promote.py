@@ -1,10 +1,10 @@
-"""An example of a stage rule written outside the core: it changes the routing without touching
-stagewise_pl. Put it after ``callbacks.rules:RouteByPassRate`` in ``stages.rules``::
+"""An example of a routing rule written outside the core: it changes the routing without touching the core.
+Put it after ``stagewise_pl.callbacks.rules:RouteByPassRate`` in ``routing.rules``::
 
-    stages:
+    routing:
       rules:
-        - target: callbacks.rules:RouteByPassRate
-        - target: callbacks.promote:PromoteAboveThreshold
+        - target: stagewise_pl.callbacks.rules:RouteByPassRate
+        - target: stagewise_pl.callbacks.promote:PromoteAboveThreshold
           args: {threshold: 0.25}
 
 A problem is promoted to RL (``medium``) only once its pass rate in the latest profile reaches
@@ -14,10 +14,10 @@ now.
 """
 from __future__ import annotations
 
-from stagewise_pl.stages import RoutingView, StageRule
+from stagewise_pl.routing import RoutingRule, RoutingView
 
 
-class PromoteAboveThreshold(StageRule):
+class PromoteAboveThreshold(RoutingRule):
     name = "promote_above_threshold"
     buckets = ("promoted",)
     reads = "profile"

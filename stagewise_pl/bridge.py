@@ -128,7 +128,7 @@ class BridgeContext:
         from stagewise_pl.data.sft import encode_example, pad_collate
         from stagewise_pl.kernels import logprobs
         from stagewise_pl.losses import IGNORE_INDEX, shift_labels
-        from stagewise_pl.modules.sft import hidden_states
+        from stagewise_pl.models.forward import hidden_states
 
         policy = self.policy
         was_training = policy.training

@@ -17,8 +17,8 @@ import os
 from pathlib import Path
 from typing import Callable, Optional
 
-from stagewise_pl.ledger import fsync_dir
-from stagewise_pl.run import atomic_write
+from stagewise_pl.io import atomic_write, fsync_dir
+from stagewise_pl.io import remove_partial as _remove_partial
 
 LAST, PREVIOUS, DIGESTS = "last.ckpt", "previous.ckpt", "digests.json"
 
@@ -69,8 +69,7 @@ def install(directory: Path, tmp: Path, kill_point: Callable[[str], None] = lamb
 
 def remove_partial(directory: Path) -> None:
     """Temporary files of saves cut by a kill: never read, removed."""
-    for stale in directory.glob(".*.tmp-*"):
-        stale.unlink(missing_ok=True)
+    _remove_partial(directory)
 
 
 def problem(path: Path, record: Optional[set[str]]) -> Optional[str]:

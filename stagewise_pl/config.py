@@ -8,8 +8,10 @@ command line) before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -24,11 +26,26 @@ class ConfigError(ValueError):
     """A configuration problem, reported before any work starts."""
 
 
-def doc(default: Any = MISSING, help: str = "", factory: Any = None) -> Any:
-    """A dataclass field with a help text that ``--help`` prints."""
+CACHE_ENV = "STAGEWISE_CACHE_DIR"
+
+
+def default_cache_dir() -> str:
+    """``model.cache_dir`` when not set: $STAGEWISE_CACHE_DIR, else ~/.cache/stagewise_pl."""
+    return os.environ.get(CACHE_ENV) or "~/.cache/stagewise_pl"
+
+
+def doc(default: Any = MISSING, help: str = "", factory: Any = None, *, choices: Optional[tuple] = None,
+        registry: str = "", gt: Optional[float] = None, ge: Optional[float] = None, lt: Optional[float] = None,
+        le: Optional[float] = None) -> Any:
+    """A dataclass field with a help text that ``--help`` prints, and what a valid value is: one of ``choices``,
+    a name in ``registry`` (a dotted path to a :class:`~stagewise_pl.registry.Registry`, read when the config is
+    checked, so a variant registered by a plug-in is accepted; a dotted path value names a plug-in), or a number
+    within ``gt``/``ge``/``lt``/``le``. Checks that span fields are the ``check()`` method of their dataclass."""
+    meta = {"help": help, "choices": choices, "registry": registry,
+            "bounds": {k: v for k, v in (("gt", gt), ("ge", ge), ("lt", lt), ("le", le)) if v is not None}}
     if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -40,8 +57,8 @@ class RunConfig:
     resume: str = doc("", "'' = fresh run; 'last' = continue run.dir from its last checkpoint (an error when it has "
                           "none); 'restart' = start run.dir over (a run stopped before its first checkpoint); or a "
                           ".ckpt path")
-    logger: str = doc("csv", "csv | tensorboard | wandb (wandb runs offline unless WANDB_MODE says otherwise)")
-    threads: int = doc(0, "torch intra-op threads; 0 = torch's default")
+    logger: str = doc("csv", "csv | tensorboard | wandb (wandb runs offline unless WANDB_MODE says otherwise)", choices=('csv', 'tensorboard', 'wandb'))
+    threads: int = doc(0, "torch intra-op threads; 0 = torch's default", ge=0)
     deterministic: bool = doc(False, "torch deterministic algorithms (Trainer(deterministic=True))")
     progress_bar: bool = doc(True, "show progress bars for training, generation and evaluation")
     force: bool = doc(False, "resume even though the plan, the configuration or the training data changed "
@@ -56,29 +73,34 @@ class RunConfig:
 class TinyModelConfig:
     """The built-in tiny Qwen2 model (random init, local tokenizer)."""
 
-    hidden_size: int = doc(128, "width")
-    num_layers: int = doc(4, "transformer blocks")
+    hidden_size: int = doc(128, "width", gt=0)
+    num_layers: int = doc(4, "transformer blocks", gt=0)
     num_heads: int = doc(4, "attention heads")
     num_kv_heads: int = doc(2, "key/value heads (grouped-query attention)")
     intermediate_size: int = doc(384, "MLP width")
-    vocab_size: int = doc(384, "BPE vocabulary the local tokenizer is trained to (special tokens included)")
+    vocab_size: int = doc(384, "BPE vocabulary the local tokenizer is trained to (special tokens included)", gt=0)
     max_position_embeddings: int = doc(512, "longest sequence")
     initializer_range: float = doc(0.02, "std of the random init")
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            return [("num_heads", "hidden_size must divide by num_heads, num_heads by num_kv_heads")]
+        return []
 
 
 @dataclass
 class WarmupConfig:
     """The warm-up SFT that turns the random tiny model into the base model (cached on disk)."""
 
-    steps: int = doc(700, "optimizer steps; 0 = use the random model as base")
-    batch_size: int = doc(64, "problems per step")
+    steps: int = doc(700, "optimizer steps; 0 = use the random model as base", ge=0)
+    batch_size: int = doc(64, "problems per step", gt=0)
     lr: float = doc(2e-3, "peak learning rate (cosine, 50 warm-up steps)")
     level_weights: list[float] = doc(help="sampling weight of each task level during warm-up",
                                      factory=lambda: [3.0, 3.0, 3.0, 1.0, 1.0, 0.0])
     rewrite_share: float = doc(0.25, "share of warm-up examples that show a coarser reference trace in the "
                                      "prompt (prompts' bridge_rewrite template) and teach the one-step-per-line "
                                      "solution: the tiny student learns to read a reference, as an instruction-"
-                                     "tuned model can (needed by bridge.strategy=student_rewrite); 0 = none")
+                                     "tuned model can (needed by bridge.strategy=student_rewrite); 0 = none", ge=0.0, lt=1.0)
 
 
 @dataclass
@@ -86,15 +108,16 @@ class ModelConfig:
     """The policy: a hub name, a local path, or 'tiny' for the built-in tiny model."""
 
     name_or_path: str = doc("tiny", "'tiny', a Hugging Face hub name or a local directory")
-    dtype: str = doc("float32", "float32 | bfloat16 | float16")
-    attn_implementation: str = doc("sdpa", "sdpa | eager | flash_attention_2")
-    cache_dir: str = doc("~/.cache/stagewise_pl", "where the tiny base model is cached (keyed by its config)")
+    dtype: str = doc("float32", "float32 | bfloat16 | float16", choices=('bfloat16', 'float16', 'float32'))
+    attn_implementation: str = doc("sdpa", "sdpa | eager | flash_attention_2", choices=('eager', 'flash_attention_2', 'sdpa'))
+    cache_dir: str = doc(help="where the tiny base model and teacher answers are cached (keyed by what made them); "
+                              "default $STAGEWISE_CACHE_DIR, else ~/.cache/stagewise_pl", factory=default_cache_dir)
     gradient_checkpointing: bool = doc(False, "recompute each layer's activations in the backward pass (less "
                                               "memory, ~30% more compute); for the GPU recipes")
     lora_rank: int = doc(0, "LoRA adapters of this rank in every training phase (peft, injected in place; "
-                            "exports and vLLM pushes carry merged weights); 0 = full fine-tuning")
+                            "exports and vLLM pushes carry merged weights); 0 = full fine-tuning", ge=0)
     lora_alpha: float = doc(16.0, "LoRA scale numerator (scale = alpha / rank)")
-    lora_dropout: float = doc(0.0, "dropout on the LoRA input")
+    lora_dropout: float = doc(0.0, "dropout on the LoRA input", ge=0)
     lora_targets: list[str] = doc(help="module names (suffixes) that get adapters",
                                   factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                    "down_proj"])
@@ -106,8 +129,8 @@ class ModelConfig:
 class LevelConfig:
     """One difficulty level of the synthetic arithmetic task."""
 
-    steps: int = doc(1, "number of operations (one line of the trace each)")
-    max_operand: int = doc(9, "operands are drawn from 1..max_operand")
+    steps: int = doc(1, "number of operations (one line of the trace each)", ge=1)
+    max_operand: int = doc(9, "operands are drawn from 1..max_operand", ge=1)
 
 
 @dataclass
@@ -118,43 +141,55 @@ class TaskConfig:
     levels: list[LevelConfig] = doc(help="difficulty levels, easiest first", factory=lambda: [
         LevelConfig(1, 9), LevelConfig(2, 9), LevelConfig(3, 9),
         LevelConfig(2, 40), LevelConfig(3, 40), LevelConfig(6, 60)])
-    train_per_level: int = doc(2000, "training problems per level")
-    test_per_level: int = doc(50, "held-out problems per level (never in train)")
+    train_per_level: int = doc(2000, "training problems per level", gt=0)
+    test_per_level: int = doc(50, "held-out problems per level (never in train)", gt=0)
+
+    def check(self) -> list[tuple[str, str]]:
+        return [] if self.levels else [("levels", "needs at least one level")]
 
 
 @dataclass
 class DataConfig:
     """The training pool and how it becomes SFT examples."""
 
-    source: str = doc("synthetic", "synthetic | jsonl | hf | benchmark")
+    source: str = doc("synthetic", "synthetic | jsonl | hf | benchmark", choices=('benchmark', 'hf', 'jsonl', 'synthetic'))
     path: str = doc("", "file or directory for jsonl / hf / benchmark sources")
     format: str = doc("", "benchmark format (math500, gsm8k, aime24, amc23, minerva_math, olympiadbench); "
                           "empty = from the file name")
     fields: dict[str, str] = doc(help="field map for jsonl/hf rows: id, prompt, answer, solution, level",
                                  factory=lambda: {"prompt": "prompt", "answer": "answer"})
     split: str = doc("train", "split of an hf dataset or of the synthetic task")
-    limit: int = doc(0, "keep only the first N problems; 0 = all")
-    target: str = doc("teacher_trace", "SFT target: teacher_trace | reference (the short solution)")
+    limit: int = doc(0, "keep only the first N problems; 0 = all", ge=0)
+    target: str = doc("teacher_trace", "SFT target: teacher_trace | reference (the short solution)", choices=('reference', 'teacher_trace'))
     replay_target: str = doc("target", "what a phase's replayed problems train on: target = data.target; own = one "
                                        "of the student's own correct completions in the latest profile (replay "
-                                       "then draws from the problems that profile saw solved)")
-    on_bad_row: str = doc("error", "error = stop at the first bad row with file:line; skip = count and skip")
-    max_bad_fraction: float = doc(0.05, "with on_bad_row=skip, abort if more rows than this are bad")
-    max_row_bytes: int = doc(1_000_000, "a JSONL line longer than this is a bad row (row_too_large)")
+                                       "then draws from the problems that profile saw solved)", choices=('own', 'target'))
+    on_bad_row: str = doc("error", "error = stop at the first bad row with file:line; skip = count and skip", choices=('error', 'skip'))
+    max_bad_fraction: float = doc(0.05, "with on_bad_row=skip, abort if more rows than this are bad", ge=0.0, le=1.0)
+    max_row_bytes: int = doc(1_000_000, "a JSONL line longer than this is a bad row (row_too_large)", gt=0)
+
+    def check(self) -> list[tuple[str, str]]:
+        return [("path", f"data.source={self.source} needs a path")] if self.source != "synthetic" and not self.path \
+            else []
 
 
 @dataclass
 class OptimConfig:
     """AdamW with linear warm-up and cosine decay."""
 
-    lr: float = doc(1e-3, "peak learning rate")
-    weight_decay: float = doc(0.01, "AdamW weight decay")
+    lr: float = doc(1e-3, "peak learning rate", ge=0)
+    weight_decay: float = doc(0.01, "AdamW weight decay", ge=0)
     betas: list[float] = doc(help="AdamW betas", factory=lambda: [0.9, 0.98])
-    warmup_steps: int = doc(20, "linear warm-up steps (at most a fifth of a phase's steps)")
-    min_lr_ratio: float = doc(0.1, "cosine floor as a fraction of lr")
-    grad_clip: float = doc(1.0, "gradient norm clip; 0 = off")
+    warmup_steps: int = doc(20, "linear warm-up steps (at most a fifth of a phase's steps)", ge=0)
+    min_lr_ratio: float = doc(0.1, "cosine floor as a fraction of lr", ge=0.0, le=1.0)
+    grad_clip: float = doc(1.0, "gradient norm clip; 0 = off", ge=0)
     max_nonfinite_steps: int = doc(3, "a step with a NaN/inf loss or gradient is skipped and counted; this many in a "
-                                      "row stop the run (non-zero exit, no checkpoint of them)")
+                                      "row stop the run (non-zero exit, no checkpoint of them)", gt=0)
+
+    def check(self) -> list[tuple[str, str]]:
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            return [("betas", f"must be two numbers in [0, 1), got {self.betas}")]
+        return []
 
 
 @dataclass
@@ -167,24 +202,33 @@ class TrainerConfig:
     strategy: str = doc("auto", "auto | ddp | ddp_spawn | ... (a Lightning DDP strategy; FSDP and DeepSpeed are not "
                                 "supported: rollouts and exports need the whole weights on each rank)")
     precision: str = doc("32-true", "Lightning precision, e.g. 32-true, bf16-mixed")
-    batch_size: int = doc(64, "sequences per micro-batch")
-    accumulate_grad_batches: int = doc(1, "micro-batches per optimizer step")
-    max_length: int = doc(128, "longest training sequence in tokens; longer examples are truncated")
+    batch_size: int = doc(64, "sequences per micro-batch", gt=0)
+    accumulate_grad_batches: int = doc(1, "micro-batches per optimizer step", gt=0)
+    max_length: int = doc(128, "longest training sequence in tokens; longer examples are truncated", gt=0)
     packing: bool = doc(False, "pack examples into rows of max_length (attention never crosses examples)")
-    kernel: str = doc("auto", "fused log-prob kernel backend: auto (triton on CUDA when installed) | torch | triton")
-    log_every_n_steps: int = doc(10, "logging interval")
-    checkpoint_every_n_steps: int = doc(100, "Lightning checkpoint interval (and at the end of each phase)")
+    kernel: str = doc("auto", "fused log-prob kernel backend: auto (triton on CUDA when installed) | torch | triton", choices=('auto', 'torch', 'triton'))
+    log_every_n_steps: int = doc(10, "logging interval", gt=0)
+    checkpoint_every_n_steps: int = doc(100, "Lightning checkpoint interval (and at the end of each phase)", gt=0)
+    callbacks: list[str] = doc(help="further Lightning callbacks by dotted path (package.module:Class)",
+                               factory=list)
+
+    def check(self) -> list[tuple[str, str]]:
+        if any(word in str(self.strategy).lower() for word in ("fsdp", "deepspeed")):
+            return [("strategy", f"{self.strategy!r}: sharded strategies are not supported (rollouts, the bridge and "
+                                 f"exports read the whole weights on each rank); use ddp, and model.lora_rank or "
+                                 f"model.gradient_checkpointing when memory is short")]
+        return []
 
 
 @dataclass
 class RolloutConfig:
-    """The rollout engine used for sampling (evaluation now; profiling and RL later)."""
+    """The rollout engine every phase and the evaluation sample with."""
 
-    engine: str = doc("hf", "hf (transformers, CPU and GPU) | vllm (needs vllm; weights pushed in memory)")
+    engine: str = doc("hf", "hf (transformers, CPU and GPU) | vllm (needs vllm; weights pushed in memory)", choices=('hf', 'vllm'))
     gpu_memory_utilization: float = doc(0.3, "vllm: share of GPU memory for weights and KV cache")
-    tensor_parallel_size: int = doc(1, "vllm: GPUs per engine")
-    max_model_len: int = doc(1024, "vllm: longest prompt + completion")
-    kv_cache_mb: int = doc(128, "vllm on CPU: KV cache size (uncapped it takes ~90% of RAM)")
+    tensor_parallel_size: int = doc(1, "vllm: GPUs per engine", gt=0)
+    max_model_len: int = doc(1024, "vllm: longest prompt + completion", gt=0)
+    kv_cache_mb: int = doc(128, "vllm on CPU: KV cache size (uncapped it takes ~90% of RAM)", gt=0)
     canary_tolerance: float = doc(1e-3, "vllm: largest log-prob gap to the training model after a weight push")
 
 
@@ -192,24 +236,24 @@ class RolloutConfig:
 class VerifierConfig:
     """How completions are graded: which verifier, and the grading pool that bounds every call."""
 
-    name: str = doc("exact", "registered verifier (exact | math) or a dotted path package.module:Class")
+    name: str = doc("exact", "registered verifier (exact | math) or a dotted path package.module:Class", registry="stagewise_pl.verify:VERIFIERS")
     after_think: bool = doc(False, "grade only the text after the last </think>")
     options: dict[str, Any] = doc(help="extra keyword arguments for a third-party verifier", factory=dict)
-    workers: int = doc(1, "grading processes")
-    timeout_s: float = doc(5.0, "hard wall-clock bound per completion; over it the verdict is 'timeout'")
-    memory_mb: int = doc(2048, "address-space limit of each grading process; 0 = none")
+    workers: int = doc(1, "grading processes", gt=0)
+    timeout_s: float = doc(5.0, "hard wall-clock bound per completion; over it the verdict is 'timeout'", gt=0)
+    memory_mb: int = doc(2048, "address-space limit of each grading process; 0 = none", ge=0)
 
 
 @dataclass
 class ProfileConfig:
     """Profile phases (kind profile): each problem's pass rate under the current policy, into the ledger."""
 
-    k: int = doc(8, "samples per problem")
-    temperature: float = doc(1.0, "sampling temperature")
-    max_new_tokens: int = doc(0, "generation budget; 0 = derived from the task")
+    k: int = doc(8, "samples per problem", gt=0)
+    temperature: float = doc(1.0, "sampling temperature (a pass rate needs samples)", gt=0.0)
+    max_new_tokens: int = doc(0, "generation budget; 0 = derived from the task", ge=0)
     levels: list[str] = doc(help="profile pool problems of these levels; [] = the whole pool", factory=list)
-    limit: int = doc(0, "profile at most N problems (a seeded draw); 0 = all")
-    chunk: int = doc(256, "problems per generation call (each call's records are one ledger part)")
+    limit: int = doc(0, "profile at most N problems (a seeded draw); 0 = all", ge=0)
+    chunk: int = doc(256, "problems per generation call (each call's records are one ledger part)", gt=0)
 
 
 @dataclass
@@ -218,37 +262,47 @@ class GRPOConfig:
 
     levels: list[str] = doc(help="standalone: train on pool problems of these levels; [] = the whole pool",
                             factory=list)
-    prompts_per_step: int = doc(16, "prompts per rollout step")
-    num_generations: int = doc(8, "completions per prompt (the group)")
-    max_new_tokens: int = doc(0, "generation budget; 0 = derived from the task")
-    temperature: float = doc(1.0, "sampling temperature (log-probs are taken at the same temperature)")
-    top_p: float = doc(1.0, "nucleus sampling")
-    advantage: str = doc("grpo", "advantage estimator: grpo | dr_grpo | rloo (or a registered name)")
+    prompts_per_step: int = doc(16, "prompts per rollout step", gt=0)
+    num_generations: int = doc(8, "completions per prompt (the group)", gt=0)
+    max_new_tokens: int = doc(0, "generation budget; 0 = derived from the task", ge=0)
+    temperature: float = doc(1.0, "sampling temperature (log-probs are taken at the same temperature)", gt=0.0)
+    top_p: float = doc(1.0, "nucleus sampling", gt=0.0, le=1.0)
+    advantage: str = doc("grpo", "advantage estimator: grpo | dr_grpo | rloo (or a registered name)",
+                         registry="stagewise_pl.advantages:ADVANTAGES")
     std_scale: str = doc("default", "divide advantages by the reward std: group | batch | none | default "
-                                    "(grpo: group, dr_grpo and rloo: none)")
+                                    "(grpo: group, dr_grpo and rloo: none)", choices=('batch', 'default', 'group', 'none'))
     loss_aggregation: str = doc("token_mean", "token_mean (DAPO) | seq_mean_token_mean (GRPO) | "
-                                              "constant (Dr. GRPO: batch x max_new_tokens)")
-    epsilon_low: float = doc(0.2, "clip ratio below 1 - epsilon_low")
-    epsilon_high: float = doc(0.2, "clip ratio above 1 + epsilon_high (> epsilon_low: DAPO clip-higher)")
+                                              "constant (Dr. GRPO: batch x max_new_tokens) | a registered name", registry="stagewise_pl.losses:AGGREGATIONS")
+    epsilon_low: float = doc(0.2, "clip ratio below 1 - epsilon_low", ge=0, lt=1.0)
+    epsilon_high: float = doc(0.2, "clip ratio above 1 + epsilon_high (> epsilon_low: DAPO clip-higher)", ge=0)
     beta: float = doc(0.0, "weight of the k3 KL to a frozen copy of the phase's starting policy; "
-                           "0 = no reference model is kept")
-    entropy_coef: float = doc(0.0, "entropy bonus weight")
+                           "0 = no reference model is kept", ge=0)
+    entropy_coef: float = doc(0.0, "entropy bonus weight", ge=0)
     mask_truncated: bool = doc(False, "completions cut by the budget get no loss (DAPO overlong filtering)")
-    num_iterations: int = doc(1, "passes over each rollout batch (>1: old log-probs are stored and ratios clip)")
-    minibatches: int = doc(1, "optimizer steps per pass: the rollout batch is split into this many mini-batches")
-    micro_batch_size: int = doc(0, "sequences per forward/backward (gradient accumulation); 0 = a whole mini-batch")
+    num_iterations: int = doc(1, "passes over each rollout batch (>1: old log-probs are stored and ratios clip)", gt=0)
+    minibatches: int = doc(1, "optimizer steps per pass: the rollout batch is split into this many mini-batches", gt=0)
+    micro_batch_size: int = doc(0, "sequences per forward/backward (gradient accumulation); 0 = a whole mini-batch", ge=0)
     drop_flat_groups: bool = doc(True, "groups whose rewards are all equal (no signal) are left out of the update; "
                                        "a step with none left makes no update")
     dynamic_sampling: bool = doc(False, "refill the batch with fresh prompts until it has prompts_per_step "
                                         "informative groups (DAPO), at most max_extra_rounds more rounds")
-    max_extra_rounds: int = doc(2, "dynamic sampling: extra generation rounds per step")
+    max_extra_rounds: int = doc(2, "dynamic sampling: extra generation rounds per step", ge=0)
     max_rollout_factor: int = doc(4, "a phase stops after steps x this many rollout steps even if too few made "
-                                     "an update (a pool that is all solved or all failed)")
+                                     "an update (a pool that is all solved or all failed)", gt=0)
     token_budget: int = doc(0, "the run's budget of generated tokens (profiles, GRPO rollouts, Bridge rewrites, CFT "
                                "repairs; evaluation not counted): each GRPO rollout step samples as many prompts as "
                                "keeps the run on it, given the tokens spent and the cost of the phases still to come; "
-                               "0 = prompts_per_step every step")
-    max_prompts_per_step: int = doc(256, "token_budget: the most prompts one rollout step draws")
+                               "0 = prompts_per_step every step", ge=0)
+    max_prompts_per_step: int = doc(256, "token_budget: the most prompts one rollout step draws", gt=0)
+
+    def check(self) -> list[tuple[str, str]]:
+        bad = []
+        if self.advantage == "rloo" and self.num_generations < 2:
+            bad.append(("num_generations", "rloo needs at least 2 completions per prompt"))
+        if self.minibatches > self.prompts_per_step * self.num_generations:
+            bad.append(("minibatches", f"{self.minibatches} mini-batches for "
+                                       f"{self.prompts_per_step * self.num_generations} completions per step"))
+        return bad
 
 
 @dataclass
@@ -257,14 +311,17 @@ class EvalConfig:
 
     split: str = doc("test", "synthetic split to evaluate on; '' = none")
     benchmarks: list[str] = doc(help="benchmark JSONL files to evaluate on as well", factory=list)
-    limit: int = doc(0, "at most N problems per benchmark file; 0 = all")
-    per_level: int = doc(0, "synthetic split: the first N problems of each level; 0 = all")
-    k: int = doc(8, "samples per problem for pass@k; 0 = greedy only")
+    limit: int = doc(0, "at most N problems per benchmark file; 0 = all", ge=0)
+    per_level: int = doc(0, "synthetic split: the first N problems of each level; 0 = all", ge=0)
+    k: int = doc(8, "samples per problem for pass@k; 0 = greedy only", ge=0)
     temperature: float = doc(1.0, "sampling temperature for pass@k")
-    max_new_tokens: int = doc(0, "generation budget; 0 = derived from the task")
-    batch_size: int = doc(64, "prompts per generation batch")
+    max_new_tokens: int = doc(0, "generation budget; 0 = derived from the task", ge=0)
+    batch_size: int = doc(64, "prompts per generation batch", gt=0)
     before: bool = doc(True, "evaluate before the first phase")
     each_phase: bool = doc(True, "evaluate after every training phase (sft, grpo); eval phases always evaluate")
+
+    def check(self) -> list[tuple[str, str]]:
+        return [("temperature", "must be > 0 when eval.k > 0")] if self.temperature <= 0 and self.k > 0 else []
 
 
 @dataclass
@@ -276,8 +333,8 @@ class TeacherConfig:
     args: dict[str, Any] = doc(help="keyword arguments of the teacher, e.g. trace_file: {path: traces.jsonl}; "
                                     "openai: {base_url, model, api_key_env, concurrency, cache_dir}", factory=dict)
     style: str = doc("steps", "programmatic teacher: steps (one operation per line, the student's granularity) | "
-                              "chunked (ops_per_line per line: a stand-in for a large model's coarser traces)")
-    ops_per_line: int = doc(2, "programmatic teacher, style chunked: operations per trace line")
+                              "chunked (ops_per_line per line: a stand-in for a large model's coarser traces)", choices=('chunked', 'steps'))
+    ops_per_line: int = doc(2, "programmatic teacher, style chunked: operations per trace line", gt=0)
     critic: str = doc("", "another teacher for critiques and repairs when the trace teacher cannot write them "
                           "(a trace file); '' = the same teacher")
     critic_args: dict[str, Any] = doc(help="keyword arguments of the critic", factory=dict)
@@ -288,79 +345,93 @@ class BridgeConfig:
     """Bridge SFT: teacher traces made learnable by the student (reconstruction; see stagewise_pl/bridge.py)."""
 
     strategy: str = doc("student_rewrite", "student_rewrite | teacher_simplify | prefix_hint | min_nll_select | "
-                                           "raw (no bridge: the baseline) | a dotted path")
-    samples: int = doc(4, "student_rewrite, prefix_hint: student samples per problem (the first kept one wins)")
-    temperature: float = doc(0.7, "sampling temperature of the student's candidates")
-    prefix_fraction: float = doc(0.5, "prefix_hint: share of the teacher trace's lines given as the prefix")
-    candidates: int = doc(4, "min_nll_select: teacher traces per problem to choose among")
+                                           "raw (no bridge: the baseline) | a dotted path", registry="stagewise_pl.bridge:BRIDGES")
+    samples: int = doc(4, "student_rewrite, prefix_hint: student samples per problem (the first kept one wins)", gt=0)
+    temperature: float = doc(0.7, "sampling temperature of the student's candidates", gt=0)
+    prefix_fraction: float = doc(0.5, "prefix_hint: share of the teacher trace's lines given as the prefix", ge=0.0, lt=1.0)
+    candidates: int = doc(4, "min_nll_select: teacher traces per problem to choose among", gt=0)
     reference_markers: list[str] = doc(help="student_rewrite: a candidate that contains one of these "
                                             "(case-insensitive) mentions the reference and is not kept",
                                        factory=lambda: ["reference", "given solution", "provided solution"])
-    max_new_tokens: int = doc(0, "generation budget of the student's candidates; 0 = derived from the task")
+    max_new_tokens: int = doc(0, "generation budget of the student's candidates; 0 = derived from the task", ge=0)
     fallback: str = doc("raw", "a problem with no kept candidate: raw = train on the teacher trace (if it "
-                               "verifies); drop = leave the problem out")
+                               "verifies); drop = leave the problem out", choices=('drop', 'raw'))
 
 
 @dataclass
 class CFTConfig:
     """Critique fine-tuning data from the ledger (reconstruction after CFT and Critique-GRPO)."""
 
-    failures_per_problem: int = doc(2, "failed rollouts used per problem (the latest graded phase's)")
+    failures_per_problem: int = doc(2, "failed rollouts used per problem (the latest graded phase's)", gt=0)
     weights: dict[str, float] = doc(help="loss weight of each kind: diagnosis (critique of a failure), repair "
                                          "(corrected solution, kept only if verified), trace (a new reasoning "
                                          "trace through Bridge); 0 leaves a kind out",
                                     factory=lambda: {"diagnosis": 1.0, "repair": 1.0, "trace": 1.0})
     repair_by: str = doc("student", "student: the student continues the failure from before its first wrong "
-                                    "step (named in the diagnosis); teacher: the teacher's repair")
-    repair_samples: int = doc(4, "repair_by=student: samples per failure (the first verified one is kept)")
+                                    "step (named in the diagnosis); teacher: the teacher's repair", choices=('student', 'teacher'))
+    repair_samples: int = doc(4, "repair_by=student: samples per failure (the first verified one is kept)", gt=0)
     step_pattern: str = doc(r"[Ss]tep (\d+)", "regex whose first group is the first wrong step (1-based) in a "
                                                "diagnosis")
-    max_length: int = doc(256, "longest CFT example in tokens (diagnosis inputs hold a whole failed solution)")
+    max_length: int = doc(256, "longest CFT example in tokens (diagnosis inputs hold a whole failed solution)", gt=0)
+
+    def check(self) -> list[tuple[str, str]]:
+        bad = []
+        unknown = set(self.weights) - {"diagnosis", "repair", "trace"}
+        if unknown or any(w < 0 for w in self.weights.values()) or not any(w > 0 for w in self.weights.values()):
+            bad.append(("weights", f"needs diagnosis, repair and trace weights >= 0, one > 0; got {dict(self.weights)}"))
+        try:
+            if re.compile(self.step_pattern).groups < 1:
+                bad.append(("step_pattern", "needs a group that captures the step number"))
+        except re.error as exc:
+            bad.append(("step_pattern", f"not a regular expression ({exc})"))
+        return bad
 
 
 @dataclass
 class PhaseConfig:
     """One phase of the plan: its kind, the data it works on, its budget and its overrides."""
 
-    kind: str = doc("sft", "profile | sft | bridge_sft | cft | grpo | eval, or a kind registered in "
-                           "stagewise_pl.runners.PHASES")
+    kind: str = doc("sft", "profile | sft | bridge_sft | cft | grpo | eval, a kind registered in "
+                           "stagewise_pl.phases.PHASES, or a runner class by dotted path package.module:Class",
+                    registry="stagewise_pl.phases:PHASES")
     name: str = doc("", "label in logs and directories; empty = <index>-<kind>")
-    select: str = doc("all", "the problems it works on: 'all' (the training pool), a bucket that the stage "
+    select: str = doc("all", "the problems it works on: 'all' (the training pool), a bucket that the routing "
                              "rules build at the phase's start (hard, medium, easy, unsolved_in_rl, ...), or a "
                              "rule by dotted path (package.module:Class): the buckets it builds")
-    steps: int = doc(100, "budget. sft: optimizer steps; grpo: rollout steps that make an update (each makes "
-                          "grpo.num_iterations x grpo.minibatches optimizer steps); profile, eval: unused")
-    epochs: float = doc(0.0, "sft: budget in passes over the selected problems instead of steps (> 0 wins)")
-    lr: Optional[float] = doc(None, "overrides optim.lr for this phase")
+    steps: int = doc(100, "how many steps. supervised kinds: optimizer steps; grpo: rollout steps that make an "
+                          "update (each makes grpo.num_iterations x grpo.minibatches optimizer steps); profile, "
+                          "eval: unused", gt=0)
+    epochs: float = doc(0.0, "supervised kinds: passes over the selected problems instead of steps (> 0 wins)",
+                        ge=0.0)
+    lr: Optional[float] = doc(None, "overrides optim.lr for this phase", ge=0.0)
     batch_size: Optional[int] = doc(None, "overrides trainer.batch_size (sft) or grpo.prompts_per_step (grpo) "
-                                          "for this phase")
+                                          "for this phase", gt=0)
     temperature: Optional[float] = doc(None, "overrides the sampling temperature (grpo.temperature or "
-                                             "profile.temperature) for this phase")
-    limit: int = doc(0, "work on at most N of the selected problems (a seeded draw); 0 = all")
-    replay: float = doc(0.0, "sft: share of the phase's examples drawn from the rest of the pool (problems it "
-                             "did not select), against forgetting what the bucket does not hold; 0 = none")
+                                             "profile.temperature) for this phase", gt=0.0)
+    limit: int = doc(0, "work on at most N of the selected problems (a seeded draw); 0 = all", ge=0)
+    replay: float = doc(0.0, "supervised kinds: share of the phase's examples drawn from the rest of the pool "
+                             "(problems it did not select), against forgetting what the bucket does not hold; "
+                             "0 = none", ge=0.0, lt=1.0)
     fallback: str = doc("", "a bucket to work on when select's is empty (e.g. cft on unsolved_in_rl falls back to "
                             "hard), so the phase still spends its budget; '' = an empty bucket skips the phase")
 
 
 @dataclass
 class RuleConfig:
-    """A stage rule: a Lightning Callback with a ``route`` method, named by dotted path."""
+    """A routing rule: a Lightning Callback with a ``route`` method, named by dotted path."""
 
-    target: str = doc("callbacks.rules:RouteByPassRate", "package.module:Class (or package.module.Class)")
+    target: str = doc("stagewise_pl.callbacks.rules:RouteByPassRate", "package.module:Class (or package.module.Class)")
     args: dict[str, Any] = doc(help="keyword arguments of the class", factory=dict)
 
 
 @dataclass
-class StagesConfig:
-    """How problems are routed to phases: the stage rules, asked in order at every phase boundary."""
+class RoutingConfig:
+    """How problems are routed to phases: the routing rules, asked in order at every phase boundary."""
 
-    rules: list[RuleConfig] = doc(help="stage rules, applied in order (each sees the buckets of the ones "
+    rules: list[RuleConfig] = doc(help="routing rules, applied in order (each sees the buckets of the ones "
                                        "before it)", factory=lambda: [
-        RuleConfig("callbacks.rules:RouteByPassRate", {}),
-        RuleConfig("callbacks.rules:NeverSolvedInRL", {})])
-    callbacks: list[str] = doc(help="further Lightning callbacks by dotted path (package.module:Class)",
-                               factory=list)
+        RuleConfig("stagewise_pl.callbacks.rules:RouteByPassRate", {}),
+        RuleConfig("stagewise_pl.callbacks.rules:NeverSolvedInRL", {})])
 
 
 @dataclass
@@ -376,7 +447,7 @@ class Config:
     eval: EvalConfig = doc(help="evaluation", factory=EvalConfig)
     profile: ProfileConfig = doc(help="profile phases (kind profile)", factory=ProfileConfig)
     grpo: GRPOConfig = doc(help="RL phases (kind grpo)", factory=GRPOConfig)
-    stages: StagesConfig = doc(help="stage rules that route problems to phases", factory=StagesConfig)
+    routing: RoutingConfig = doc(help="routing rules that choose each phase's problems", factory=RoutingConfig)
     teacher: TeacherConfig = doc(help="teacher of bridge_sft and cft phases", factory=TeacherConfig)
     bridge: BridgeConfig = doc(help="Bridge SFT (bridge_sft phases, and cft's new traces)", factory=BridgeConfig)
     cft: CFTConfig = doc(help="critique fine-tuning (cft phases)", factory=CFTConfig)
@@ -384,121 +455,72 @@ class Config:
     phases: list[PhaseConfig] = doc(help="the plan: phases run in order", factory=lambda: [PhaseConfig()])
     conf_name: str = doc("default", "name of the conf file this config came from (set by the loader)")
 
+    def check(self) -> list[tuple[str, str]]:
+        """Checks across groups (each group checks its own fields)."""
+        bad = []
+        warm = self.model.warmup
+        if len(warm.level_weights) != len(self.task.levels):
+            bad.append(("model.warmup.level_weights",
+                        f"has {len(warm.level_weights)} weights for {len(self.task.levels)} task levels"))
+        elif warm.steps and sum(warm.level_weights) <= 0:
+            bad.append(("model.warmup.level_weights", "needs a positive weight"))
+        if not self.phases:
+            bad.append(("phases", "the plan needs at least one phase"))
+        return bad
+
 
 GROUPS = ["run", "model", "task", "data", "optim", "trainer", "rollout", "verifier", "eval", "profile", "grpo",
-          "stages", "teacher", "bridge", "cft", "prompts", "phases"]
-_CHOICES = {
-    "run.logger": {"csv", "tensorboard", "wandb"},
-    "model.dtype": {"float32", "bfloat16", "float16"},
-    "model.attn_implementation": {"sdpa", "eager", "flash_attention_2"},
-    "data.source": {"synthetic", "jsonl", "hf", "benchmark"},
-    "data.target": {"teacher_trace", "reference"},
-    "data.replay_target": {"target", "own"},
-    "data.on_bad_row": {"error", "skip"},
-    "trainer.kernel": {"auto", "torch", "triton"},
-    "rollout.engine": {"hf", "vllm"},
-    "grpo.std_scale": {"default", "group", "batch", "none"},
-    "grpo.loss_aggregation": {"token_mean", "seq_mean_token_mean", "constant"},
-    "cft.repair_by": {"student", "teacher"},
-    "bridge.fallback": {"raw", "drop"},
-    "teacher.style": {"steps", "chunked"},
-}
-_POSITIVE = ["optim.max_nonfinite_steps", "data.max_row_bytes", "rollout.tensor_parallel_size", "rollout.max_model_len", "rollout.kv_cache_mb",
-             "verifier.workers", "verifier.timeout_s", "trainer.batch_size", "trainer.accumulate_grad_batches", "trainer.max_length",
-             "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps", "eval.batch_size",
-             "task.train_per_level", "task.test_per_level", "model.warmup.batch_size",
-             "model.tiny.hidden_size", "model.tiny.num_layers", "model.tiny.vocab_size",
-             "grpo.prompts_per_step", "grpo.num_generations", "grpo.num_iterations", "grpo.minibatches",
-             "grpo.max_rollout_factor", "grpo.max_prompts_per_step", "profile.k", "profile.chunk", "bridge.samples", "bridge.candidates",
-             "bridge.temperature", "teacher.ops_per_line", "cft.failures_per_problem", "cft.repair_samples", "cft.max_length"]
-_NON_NEGATIVE = ["eval.per_level", "model.lora_rank", "model.lora_dropout", "verifier.memory_mb", "optim.lr", "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip", "eval.k",
-                 "eval.limit", "eval.max_new_tokens", "data.limit", "model.warmup.steps", "run.threads",
-                 "grpo.max_new_tokens", "grpo.beta", "grpo.entropy_coef", "grpo.micro_batch_size",
-                 "grpo.max_extra_rounds", "grpo.epsilon_low", "grpo.epsilon_high",
-                 "profile.max_new_tokens", "profile.limit", "bridge.max_new_tokens", "grpo.token_budget"]
+          "routing", "teacher", "bridge", "cft", "prompts", "phases"]
+Problem = tuple[str, str]  # (key, message)
+_BOUNDS = {"gt": (lambda v, b: v > b, "> {}"), "ge": (lambda v, b: v >= b, ">= {}"),
+           "lt": (lambda v, b: v < b, "< {}"), "le": (lambda v, b: v <= b, "<= {}")}
 
 
-def _get(cfg: Any, key: str) -> Any:
-    for part in key.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
+def _registry_names(path: str) -> Optional[list[str]]:
+    """The names registered in the registry at ``path`` (None when it cannot be imported)."""
+    import importlib
 
-
-def _problems(cfg: Config) -> list[tuple[str, str]]:
-    """Every bad value as (key, message): choices, ranges and cross-field rules."""
-    bad: list[tuple[str, str]] = []
-    for key, choices in _CHOICES.items():
-        if _get(cfg, key) not in choices:
-            bad.append((key, f"{_get(cfg, key)!r} is not one of {sorted(choices)}"))
-    bad += [(k, f"must be > 0, got {_get(cfg, k)}") for k in _POSITIVE if _get(cfg, k) <= 0]
-    bad += [(k, f"must be >= 0, got {_get(cfg, k)}") for k in _NON_NEGATIVE if _get(cfg, k) < 0]
-    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
-        bad.append(("optim.min_lr_ratio", f"must be in [0, 1], got {cfg.optim.min_lr_ratio}"))
-    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
-        bad.append(("optim.betas", f"must be two numbers in [0, 1), got {cfg.optim.betas}"))
-    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
-        bad.append(("data.max_bad_fraction", f"must be in [0, 1], got {cfg.data.max_bad_fraction}"))
-    if any(word in str(cfg.trainer.strategy).lower() for word in ("fsdp", "deepspeed")):
-        bad.append(("trainer.strategy", f"{cfg.trainer.strategy!r}: sharded strategies are not supported (rollouts, "
-                    f"the bridge and exports read the whole weights on each rank); use ddp, and model.lora_rank or "
-                    f"model.gradient_checkpointing when memory is short"))
-    if cfg.data.source != "synthetic" and not cfg.data.path:
-        bad.append(("data.path", f"data.source={cfg.data.source} needs a path"))
-    if not cfg.task.levels:
-        bad.append(("task.levels", "needs at least one level"))
-    for i, level in enumerate(cfg.task.levels):
-        if level.steps < 1 or level.max_operand < 1:
-            bad.append((f"task.levels.{i}", f"steps and max_operand must be >= 1, got {level}"))
-    if len(cfg.model.warmup.level_weights) != len(cfg.task.levels):
-        bad.append(("model.warmup.level_weights",
-                    f"has {len(cfg.model.warmup.level_weights)} weights for {len(cfg.task.levels)} task levels"))
-    elif cfg.model.warmup.steps and sum(cfg.model.warmup.level_weights) <= 0:
-        bad.append(("model.warmup.level_weights", "needs a positive weight"))
-    if cfg.eval.temperature <= 0 and cfg.eval.k > 0:
-        bad.append(("eval.temperature", "must be > 0 when eval.k > 0"))
-    if cfg.profile.temperature <= 0:
-        bad.append(("profile.temperature", f"must be > 0 (a pass rate needs samples), got {cfg.profile.temperature}"))
-    g = cfg.grpo
-    if g.temperature <= 0:
-        bad.append(("grpo.temperature", f"must be > 0 (GRPO samples), got {g.temperature}"))
-    if not 0.0 < g.top_p <= 1.0:
-        bad.append(("grpo.top_p", f"must be in (0, 1], got {g.top_p}"))
-    if g.epsilon_low >= 1.0:
-        bad.append(("grpo.epsilon_low", f"must be < 1, got {g.epsilon_low}"))
-    if g.advantage == "rloo" and g.num_generations < 2:
-        bad.append(("grpo.num_generations", "rloo needs at least 2 completions per prompt"))
-    if g.minibatches > g.prompts_per_step * g.num_generations:
-        bad.append(("grpo.minibatches", f"{g.minibatches} mini-batches for {g.prompts_per_step * g.num_generations} "
-                                        f"completions per step"))
-    if cfg.model.tiny.hidden_size % cfg.model.tiny.num_heads or cfg.model.tiny.num_heads % cfg.model.tiny.num_kv_heads:
-        bad.append(("model.tiny.num_heads", "hidden_size must divide by num_heads, num_heads by num_kv_heads"))
-    if not 0.0 <= cfg.model.warmup.rewrite_share < 1.0:
-        bad.append(("model.warmup.rewrite_share", f"must be in [0, 1), got {cfg.model.warmup.rewrite_share}"))
-    if not 0.0 <= cfg.bridge.prefix_fraction < 1.0:
-        bad.append(("bridge.prefix_fraction", f"must be in [0, 1), got {cfg.bridge.prefix_fraction}"))
-    unknown = set(cfg.cft.weights) - {"diagnosis", "repair", "trace"}
-    if unknown or any(w < 0 for w in cfg.cft.weights.values()) or not any(w > 0 for w in cfg.cft.weights.values()):
-        bad.append(("cft.weights", f"needs diagnosis, repair and trace weights >= 0, one > 0; got {dict(cfg.cft.weights)}"))
+    module, _, attr = path.partition(":")
     try:
-        if re.compile(cfg.cft.step_pattern).groups < 1:
-            bad.append(("cft.step_pattern", "needs a group that captures the step number"))
-    except re.error as exc:
-        bad.append(("cft.step_pattern", f"not a regular expression ({exc})"))
-    if not cfg.phases:
-        bad.append(("phases", "the plan needs at least one phase"))
-    for i, phase in enumerate(cfg.phases):
-        if phase.steps <= 0:
-            bad.append((f"phases.{i}.steps", f"must be > 0, got {phase.steps}"))
-        if phase.lr is not None and phase.lr < 0:
-            bad.append((f"phases.{i}.lr", f"must be >= 0, got {phase.lr}"))
-        if not 0.0 <= phase.replay < 1.0:
-            bad.append((f"phases.{i}.replay", f"must be in [0, 1), got {phase.replay}"))
-        if phase.epochs < 0 or phase.limit < 0:
-            bad.append((f"phases.{i}", f"epochs and limit must be >= 0, got {phase.epochs} and {phase.limit}"))
-        if phase.batch_size is not None and phase.batch_size <= 0:
-            bad.append((f"phases.{i}.batch_size", f"must be > 0, got {phase.batch_size}"))
-        if phase.temperature is not None and phase.temperature <= 0:
-            bad.append((f"phases.{i}.temperature", f"must be > 0, got {phase.temperature}"))
+        return getattr(importlib.import_module(module), attr).names()
+    except (ImportError, AttributeError):
+        return None
+
+
+def _value_problem(value: Any, meta: dict) -> Optional[str]:
+    """Why ``value`` is not valid for a field with ``meta`` (see :func:`doc`), or None."""
+    choices, registry = meta.get("choices"), meta.get("registry")
+    if choices is not None and value not in choices:
+        return f"{value!r} is not one of {sorted(choices)}"
+    if registry and not (":" in str(value) or "." in str(value)):  # a dotted path names a plug-in
+        names = _registry_names(registry)
+        if names is not None and value not in names:
+            return f"{value!r} is not registered; registered: {', '.join(names)} (or a dotted path package.module:name)"
+    for bound, limit in (meta.get("bounds") or {}).items():
+        test, text = _BOUNDS[bound]
+        if value is not None and not test(value, limit):
+            return f"must be {text.format(limit)}, got {value}"
+    return None
+
+
+def _problems(obj: Any, prefix: str = "") -> list[Problem]:
+    """Every bad value of a config dataclass as (key, message): each field's own rule (choices, registry, range),
+    nested dataclasses and lists of them, then the dataclass's cross-field ``check()``."""
+    bad: list[Problem] = []
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        why = _value_problem(value, f.metadata)
+        if why:
+            bad.append((key, why))
+        if dataclasses.is_dataclass(value):
+            bad += _problems(value, key + ".")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    bad += _problems(item, f"{key}.{i}.")
+    check = getattr(obj, "check", None)
+    if check is not None:
+        bad += [(f"{prefix}{k}" if k else prefix.rstrip("."), msg) for k, msg in check()]
     return bad
 
 
@@ -565,6 +587,36 @@ def _apply_override(merged: Any, item: str) -> Any:
     return merged
 
 
+RENAMED = {"stages.rules": "routing.rules", "stages.callbacks": "trainer.callbacks"}  # old key -> new key
+
+
+def _renamed_key(item: str) -> str:
+    """An override of a renamed key, rewritten with a deprecation message."""
+    for old, new in RENAMED.items():
+        if item == old or item.startswith((old + ".", old + "=")):
+            warnings.warn(f"command line: {old} is now {new}; {item!r} is read as {new + item[len(old):]!r}",
+                          FutureWarning, stacklevel=3)
+            return new + item[len(old):]
+    return item
+
+
+def _renamed_groups(layer: Any, source: str) -> Any:
+    """A conf file with the former 'stages' group: its keys moved to their new places, with a deprecation message."""
+    if "stages" not in layer:
+        return layer
+    stages = layer.pop("stages") or {}
+    moved = []
+    for old, new in RENAMED.items():
+        key = old.split(".", 1)[1]
+        if key in stages:
+            group, name = new.split(".")
+            OmegaConf.update(layer, new, stages[key], force_add=True)
+            moved.append(f"{old} -> {new}")
+    warnings.warn(f"{source}: the 'stages' group was renamed ({', '.join(moved) or 'nothing in it'}); "
+                  f"please update the file", FutureWarning, stacklevel=3)
+    return layer
+
+
 def load_config(conf: str = "default", overrides: Optional[list[str]] = None) -> Config:
     """Merge conf/<conf>.yaml and ``key=value`` overrides onto :class:`Config`, then check values."""
     overrides = list(overrides or [])
@@ -575,9 +627,9 @@ def load_config(conf: str = "default", overrides: Optional[list[str]] = None) ->
         raise ConfigError(f"{path}: cannot parse: {exc}") from None
     if file_layer is None or not isinstance(file_layer, type(OmegaConf.create({}))):
         raise ConfigError(f"{path}: must hold a mapping of config groups")
-    merged = _merge(OmegaConf.structured(Config), file_layer, str(path))
+    merged = _merge(OmegaConf.structured(Config), _renamed_groups(file_layer, str(path)), str(path))
     for item in overrides:
-        merged = _apply_override(merged, item)
+        merged = _apply_override(merged, _renamed_key(item))
     merged.conf_name = path.stem
     try:
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]

@@ -23,7 +23,8 @@ def _main(args) -> int:
     try:
         cfg = load_config(args.conf, args.overrides)
         from stagewise_pl.logging import quiet_third_party
-        from stagewise_pl.run import Run, check_teaching, plan_phases, referenced_files
+        from stagewise_pl.preflight import check_teaching, plan_phases, plan_traits, referenced_files
+        from stagewise_pl.run import Run
 
         quiet_third_party()
 
@@ -34,7 +35,7 @@ def _main(args) -> int:
 
             phases = plan_phases(cfg)
             check_teaching(cfg, phases)
-            print(to_yaml(cfg) + "\nplan:\n" + "\n".join(f"  {line}" for line in describe(phases)))
+            print(to_yaml(cfg) + "\nplan:\n" + "\n".join(f"  {line}" for line in describe(phases, plan_traits(phases))))
             for what, path, exists in referenced_files(cfg, phases):
                 print(f"file {what}: {path} " + ("(found)" if exists else "(MISSING: the run stops at set-up)"))
             if cfg.data.source != "synthetic" and Path(cfg.data.path).expanduser().exists():

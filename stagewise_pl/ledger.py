@@ -15,7 +15,6 @@ solved in a phase. A pass is a verdict ``correct``.
 """
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from dataclasses import asdict
 from pathlib import Path
@@ -25,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stagewise_pl.faults import fault_point
+from stagewise_pl.io import atomic_file, fsync_dir
 from stagewise_pl.records import RolloutRecord
 
 SCHEMA = pa.schema([
@@ -33,14 +33,6 @@ SCHEMA = pa.schema([
     ("reward", pa.float64()), ("reason", pa.string()), ("completion_tokens", pa.int32()), ("truncated", pa.bool_()),
     ("zero_group", pa.bool_()), ("completion", pa.string()), ("round", pa.int32()),
 ])
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DifficultyLedger:
@@ -68,14 +60,8 @@ class DifficultyLedger:
                 rows[name].append(self.run_id if name == "run_id" else values[name])
         table = pa.table(rows, schema=SCHEMA)
         path = self.dir / f"part-{len(self.parts()):06d}.parquet"
-        tmp = self.dir / f".{path.name}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as handle:
+        with atomic_file(path, "wb", before_rename=lambda: fault_point("ledger_rename")) as handle:
             pq.write_table(table, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        fault_point("ledger_rename")
-        os.replace(tmp, path)
-        fsync_dir(self.dir)
         self._table = None
 
     # ------------------------------------------------------------------ position (checkpoints)

@@ -1,28 +1,46 @@
 """The plan as data: an ordered list of phases, checked before any work, as a pure function.
 
-A phase has a kind (profile, sft, bridge_sft, cft, grpo, eval, or a registered one), a data selector (``all`` or a bucket that a stage rule builds), a budget (steps,
-or epochs for SFT) and overrides (learning rate, batch size, sampling temperature, a problem limit).
+A phase has a kind (profile, sft, bridge_sft, cft, grpo, eval, or a registered one), a data selector (``all``
+or a bucket that a routing rule builds), a step count (``steps``, or ``epochs`` for supervised kinds) and
+overrides (learning rate, batch size, sampling temperature, a problem limit, replay, a fallback bucket).
 
-:func:`build_plan` needs no Trainer, model or data: it takes the phase configs, the phase kinds
-that exist and what each stage rule declares (the buckets it builds and the phase kind whose
-ledger records it reads), and returns the phases or raises :class:`ConfigError` naming the phase.
+Each phase kind declares its :class:`PhaseTraits` (on its runner class, :mod:`stagewise_pl.phases`). The plan
+check, the token-budget arithmetic, the experiment and the phase manager read the traits, never a list of
+kind names, so a kind registered from outside the package is checked and run like a built-in one.
+
+:func:`build_plan` needs no Trainer, model or data: it takes the phase configs, the traits of every kind that
+exists and what each routing rule declares (the buckets it builds and the phase kind whose ledger records it
+reads), and returns the phases or raises :class:`ConfigError` naming the phase.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import asdict, dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from stagewise_pl.config import ConfigError
 
-# kinds that train on targets: they take an epoch budget and replay
-SUPERVISED = ("sft", "bridge_sft", "cft")
+
+@dataclass(frozen=True)
+class PhaseTraits:
+    """What the core needs to know about a phase kind, declared by its runner class."""
+
+    trains: bool = False  # updates the policy: exported after it, takes a share of an experiment's optimizer steps
+    supervised: bool = False  # trains on targets: may take an epoch count and replay other problems
+    generates: bool = False  # samples from the student: its tokens count against grpo.token_budget
+    records_rollouts: bool = False  # writes graded rollouts to the ledger (rules and critique phases read them)
+    reads_rollouts: bool = False  # needs an earlier phase that records rollouts (its failures are its input)
+    uses_teacher: bool = False  # asks the teacher and the critic, with the prompt templates (checked before any work)
+    token_budgeted: bool = False  # sizes its rollout steps to keep the run on grpo.token_budget
+    gradable_only: bool = True  # works only on problems whose gold answer the verifier can grade
+    uses_pool: bool = True  # works on training-pool problems (False: held-out sets only, like eval)
+    step_unit: str = "optimizer step"  # what its `steps` count ("" = it runs over its problems, steps unused)
 
 
 @dataclass(frozen=True)
 class PhaseSpec:
-    index: int  # 1-based place in the plan
+    number: int  # the phase's place in the plan, counted from 1 (its files are NN-<name>)
     name: str
     kind: str
     select: str = "all"
@@ -35,7 +53,7 @@ class PhaseSpec:
     replay: float = 0.0
     fallback: str = ""
 
-    def budget(self, n_items: int, batch_size: int) -> int:
+    def step_count(self, n_items: int, batch_size: int) -> int:
         """Steps this phase runs: ``steps``, or ``epochs`` passes over ``n_items`` in batches of ``batch_size``."""
         if self.epochs > 0:
             return max(1, round(self.epochs * n_items / batch_size))
@@ -44,7 +62,7 @@ class PhaseSpec:
 
 @dataclass(frozen=True)
 class RuleInfo:
-    """What a stage rule declares: its name, the buckets it builds, the kind of phase it reads."""
+    """What a routing rule declares: its name, the buckets it builds, the kind of phase it reads."""
 
     name: str
     buckets: tuple[str, ...]
@@ -56,18 +74,25 @@ def rule_info(rule) -> RuleInfo:
                     getattr(rule, "reads", None))
 
 
-def build_plan(phases: Sequence, kinds: Iterable[str], rules: Sequence[RuleInfo] = ()) -> list[PhaseSpec]:
-    """The checked plan. ``phases``: PhaseConfig-like objects; ``kinds``: phase kinds that exist."""
-    kinds = set(kinds)
+def short_kind(kind: str) -> str:
+    """A kind as it appears in default phase names: a dotted path's last part (``pkg.mod:Distill`` -> distill)."""
+    return kind.replace(":", ".").rpartition(".")[2].lower() if (":" in kind or "." in kind) else kind
+
+
+def build_plan(phases: Sequence, traits: Mapping[str, PhaseTraits], rules: Sequence[RuleInfo] = ()) -> list[PhaseSpec]:
+    """The checked plan. ``phases``: PhaseConfig-like objects; ``traits``: kind -> its traits, for every kind
+    that exists (registered names, and the dotted paths the plan names that imported)."""
     if not phases:
         raise ConfigError("phases: the plan needs at least one phase")
     producers = {bucket: rule for rule in rules for bucket in rule.buckets}
     specs: list[PhaseSpec] = []
     for i, p in enumerate(phases):
         key = f"phases.{i}"
-        if p.kind not in kinds and "." not in p.kind and ":" not in p.kind:
-            raise ConfigError(f"{key}.kind: unknown phase kind {p.kind!r}; registered: {', '.join(sorted(kinds))} "
-                              f"(or give a dotted path package.module:name)")
+        t = traits.get(p.kind)
+        if t is None:
+            registered = sorted(k for k in traits if ":" not in k and "." not in k)
+            raise ConfigError(f"{key}.kind: unknown phase kind {p.kind!r}; registered: {', '.join(registered)} "
+                              f"(or give a dotted path package.module:Class)")
         select = p.select or "all"
         fallback = getattr(p, "fallback", "") or ""
         for field, bucket in (("select", select), ("fallback", fallback)):
@@ -75,26 +100,29 @@ def build_plan(phases: Sequence, kinds: Iterable[str], rules: Sequence[RuleInfo]
                 continue
             rule = producers.get(bucket)
             if rule is None:
-                known = sorted(producers) or ["none: stages.rules is empty"]
-                raise ConfigError(f"{key}.{field}={bucket!r}: no stage rule builds this bucket; buckets: "
+                known = sorted(producers) or ["none: routing.rules is empty"]
+                raise ConfigError(f"{key}.{field}={bucket!r}: no routing rule builds this bucket; buckets: "
                                   f"{', '.join(known)} (or 'all')")
             if rule.reads and not any(s.kind == rule.reads for s in specs):
                 raise ConfigError(f"{key}.{field}={bucket!r}: rule {rule.name} builds it from the ledger records "
                                   f"of a {rule.reads} phase, and no {rule.reads} phase comes before phase {i}")
         if fallback and select == "all":
             raise ConfigError(f"{key}.fallback: a phase on 'all' never has an empty selection")
-        if p.kind in SUPERVISED and p.steps <= 0 and p.epochs <= 0:
+        supervised = sorted(k for k, kt in traits.items() if kt.supervised and ":" not in k and "." not in k)
+        if t.supervised and p.steps <= 0 and p.epochs <= 0:
             raise ConfigError(f"{key}: {p.kind} phases need steps > 0 or epochs > 0")
-        if p.epochs > 0 and p.kind not in SUPERVISED:
-            raise ConfigError(f"{key}.epochs: only {', '.join(SUPERVISED)} phases take an epoch budget (kind is {p.kind})")
-        if p.replay > 0 and p.kind not in SUPERVISED:
-            raise ConfigError(f"{key}.replay: only {', '.join(SUPERVISED)} phases replay other problems "
+        if p.epochs > 0 and not t.supervised:
+            raise ConfigError(f"{key}.epochs: only supervised phases ({', '.join(supervised)}) take an epoch count "
                               f"(kind is {p.kind})")
-        if p.kind == "cft" and not any(s.kind in ("profile", "grpo") for s in specs):
-            raise ConfigError(f"{key}: a cft phase critiques failed rollouts from the ledger, and no profile or "
-                              f"grpo phase comes before phase {i}")
-        specs.append(PhaseSpec(i + 1, p.name or f"{i + 1}-{p.kind}", p.kind, select, p.steps, float(p.epochs), p.lr,
-                               p.batch_size, p.temperature, p.limit, float(p.replay), fallback))
+        if p.replay > 0 and not t.supervised:
+            raise ConfigError(f"{key}.replay: only supervised phases ({', '.join(supervised)}) replay other "
+                              f"problems (kind is {p.kind})")
+        if t.reads_rollouts and not any(traits[s.kind].records_rollouts for s in specs):
+            recorders = sorted(k for k, kt in traits.items() if kt.records_rollouts and ":" not in k)
+            raise ConfigError(f"{key}: a {p.kind} phase reads failed rollouts from the ledger, and no phase that "
+                              f"records them ({' or '.join(recorders)}) comes before phase {i}")
+        specs.append(PhaseSpec(i + 1, p.name or f"{i + 1}-{short_kind(p.kind)}", p.kind, select, p.steps,
+                               float(p.epochs), p.lr, p.batch_size, p.temperature, p.limit, float(p.replay), fallback))
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ConfigError(f"phases: names must be unique, got {names}")
@@ -108,15 +136,15 @@ def fingerprint(specs: Sequence[PhaseSpec], rules: Sequence[dict], data_digest: 
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def describe(specs: Sequence[PhaseSpec]) -> list[str]:
+def describe(specs: Sequence[PhaseSpec], traits: Mapping[str, PhaseTraits]) -> list[str]:
     """One line per phase, for --dry-run and the log."""
     out = []
     for s in specs:
-        budget = {"profile": "", "eval": ""}.get(s.kind, f", {s.epochs:g} epochs" if s.epochs > 0 else
-                                                 f", {s.steps} steps")
+        unit = traits[s.kind].step_unit if s.kind in traits else "step"
+        count = "" if not unit else f", {s.epochs:g} epochs" if s.epochs > 0 else f", {s.steps} steps"
         extra = "".join(f", {k} {v}" for k, v in (("lr", s.lr), ("batch", s.batch_size), ("temperature", s.temperature),
                                                    ("limit", s.limit or None), ("replay", s.replay or None),
                                                    ("fallback", s.fallback or None))
                         if v is not None)
-        out.append(f"{s.name}: {s.kind} on {s.select}{budget}{extra}")
+        out.append(f"{s.name}: {s.kind} on {s.select}{count}{extra}")
     return out

@@ -17,7 +17,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
 
-BUCKET_ORDER = ("easy", "medium", "hard")
+from stagewise_pl.buckets import BUCKET_ORDER, DEFAULT_BANDS, PassRateBands, bands_of
+from stagewise_pl.plots import Figures, PlotError, bucket_bars, flow_matrix, series
 
 
 class ReportError(ValueError):
@@ -32,10 +33,23 @@ def _json(path: Path):
         raise ReportError(f"{path}: cannot read ({exc})") from None
 
 
-def bucket_of(rate: float) -> str:
-    from stagewise_pl.eval.evaluate import BUCKETS
+def run_bands(run_dir: Path) -> PassRateBands:
+    """The pass-rate bands the run routed by (its configuration's rules), else the defaults."""
+    from types import SimpleNamespace
 
-    return next(name for name in BUCKET_ORDER if BUCKETS[name](rate))
+    from omegaconf import OmegaConf
+
+    from stagewise_pl.routing import make_rules
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return DEFAULT_BANDS
+    cfg = OmegaConf.to_container(OmegaConf.load(path))
+    rules = (cfg.get("routing") or cfg.get("stages") or {}).get("rules") or []  # 'stages': runs of format 1
+    try:
+        return bands_of(make_rules([SimpleNamespace(target=r["target"], args=r.get("args") or {}) for r in rules]))
+    except Exception:  # a rule that no longer imports: the report still shows the run, by the default bands
+        return DEFAULT_BANDS
 
 
 def collect(run_dir: Path) -> dict:
@@ -48,12 +62,12 @@ def collect(run_dir: Path) -> dict:
     labels = [label for label in ["before", *phases] if (run_dir / "eval" / f"{label}.json").is_file()]
     evals = OrderedDict((label, _json(run_dir / "eval" / f"{label}.json")) for label in labels)
     curves = OrderedDict((f.stem, _json(f)) for f in sorted((run_dir / "curves").glob("*.json")))
-    ledger = ledger_stats(run_dir, phases)
+    ledger = ledger_stats(run_dir, phases, run_bands(run_dir))
     return {"run": run_dir.name, "dir": str(run_dir), "finished": bool(state.get("finished")), "phases": phases,
             "evals": evals, "curves": curves, **ledger}
 
 
-def ledger_stats(run_dir: Path, phases: dict) -> dict:
+def ledger_stats(run_dir: Path, phases: dict, bands: PassRateBands = DEFAULT_BANDS) -> dict:
     """Per phase that graded rollouts: rows, problems, pass rate, zero-reward share, completion length; per
     profile phase: bucket counts; between consecutive profiles: the flow of problems between buckets."""
     from stagewise_pl.ledger import DifficultyLedger
@@ -79,7 +93,7 @@ def ledger_stats(run_dir: Path, phases: dict) -> dict:
                       "completion_tokens": sum(r["completion_tokens"] for r in rs) / len(rs),
                       "truncated": sum(bool(r["truncated"]) for r in rs) / len(rs)})
         if rs[0]["phase_kind"] == "profile":
-            buckets[name] = {pid: bucket_of(ok / n) for pid, (ok, n) in per_problem.items()}
+            buckets[name] = {pid: bands.bucket(ok / n) for pid, (ok, n) in per_problem.items()}
     names = list(buckets)
     flows = []
     for a, b in zip(names, names[1:]):
@@ -93,73 +107,46 @@ def ledger_stats(run_dir: Path, phases: dict) -> dict:
 
 
 # ------------------------------------------------------------------ plots
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise ReportError("the report's plots need matplotlib: pip install -e '.[report]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plots(data: dict, out: Path) -> list[tuple[str, str]]:
     """(title, file name) of every PNG written to ``out``."""
-    plt = _pyplot()
-    made: list[tuple[str, str]] = []
-
-    def save(fig, name: str, title: str) -> None:
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=90)
-        plt.close(fig)
-        made.append((title, name))
-
+    try:
+        figs = Figures(out)
+    except PlotError as exc:
+        raise ReportError(str(exc)) from None
     for benchmark in _benchmarks(data):
         labels = [lab for lab, ev in data["evals"].items() if benchmark in ev]
         levels = list(data["evals"][labels[0]][benchmark]["by_level"])
-        fig, ax = plt.subplots(figsize=(7, 3.6))
+        fig, axes = figs.figure(7, 3.6)
+        ax = axes[0][0]
         for level in levels:
             ys = [data["evals"][lab][benchmark]["by_level"].get(level, {}).get("pass@1") for lab in labels]
             ax.plot(labels, ys, marker="o", label="all levels" if level == "all" else f"level {level}",
                     linewidth=2.5 if level == "all" else 1.2, color="black" if level == "all" else None)
         ax.set(ylim=(-0.02, 1.02), ylabel="pass@1", xlabel="after phase", title=f"held-out {benchmark}")
         ax.legend(fontsize=7, ncol=2)
-        save(fig, f"accuracy-{_slug(benchmark)}.png", f"Held-out pass@1 on {benchmark} after each phase")
+        figs.save(fig, f"accuracy-{_slug(benchmark)}.png", f"Held-out pass@1 on {benchmark} after each phase")
     if data["buckets"]:
         names = list(data["buckets"])
-        fig, ax = plt.subplots(figsize=(6, 3.4))
-        bottom = [0] * len(names)
-        for bucket, color in zip(BUCKET_ORDER, ("#4caf50", "#ffb300", "#e53935")):
-            values = [data["buckets"][n][bucket] for n in names]
-            ax.bar(names, values, bottom=bottom, label=bucket, color=color)
-            bottom = [b + v for b, v in zip(bottom, values)]
+        fig, axes = figs.figure(6, 3.4)
+        ax = axes[0][0]
+        bucket_bars(ax, names, {b: [data["buckets"][n][b] for n in names] for b in BUCKET_ORDER})
         ax.set(ylabel="problems", title="buckets at each profile")
         ax.legend(fontsize=8)
-        save(fig, "buckets.png", "Problems per bucket at each profile phase")
+        figs.save(fig, "buckets.png", "Problems per bucket at each profile phase")
     for flow in data["flows"]:
-        fig, ax = plt.subplots(figsize=(4, 3.4))
-        grid = [[flow["matrix"][x][y] for y in BUCKET_ORDER] for x in BUCKET_ORDER]
-        ax.imshow(grid, cmap="Blues")
-        for i, row in enumerate(grid):
-            for j, v in enumerate(row):
-                ax.text(j, i, str(v), ha="center", va="center", fontsize=10)
-        ax.set_xticks(range(3), BUCKET_ORDER)
-        ax.set_yticks(range(3), BUCKET_ORDER)
-        ax.set(xlabel=f"at {flow['to']}", ylabel=f"at {flow['from']}", title="flow between buckets")
-        save(fig, f"flow-{_slug(flow['from'])}-{_slug(flow['to'])}.png",
-             f"How problems moved between buckets from {flow['from']} to {flow['to']}")
-    for name, series in data["curves"].items():
-        keys = [k for k in ("loss", "reward", "pass_rate") if k in series and any(v is not None for v in series[k])]
+        fig, axes = figs.figure(4, 3.4)
+        flow_matrix(axes[0][0], flow["matrix"], f"at {flow['to']}", f"at {flow['from']}", "flow between buckets")
+        figs.save(fig, f"flow-{_slug(flow['from'])}-{_slug(flow['to'])}.png",
+                  f"How problems moved between buckets from {flow['from']} to {flow['to']}")
+    for name, curves in data["curves"].items():
+        keys = [k for k in ("loss", "reward", "pass_rate") if k in curves and any(v is not None for v in curves[k])]
         if not keys:
             continue
-        fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3), squeeze=False)
+        fig, axes = figs.figure(3.6 * len(keys), 3, 1, len(keys))
         for ax, key in zip(axes[0], keys):
-            points = [(i + 1, v) for i, v in enumerate(series[key]) if v is not None]
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", linewidth=1)
-            ax.set(xlabel="step", ylabel=key, title=f"{name}: {key}")
-        save(fig, f"curve-{_slug(name)}.png", f"Per-step {', '.join(keys)} of phase {name}")
-    return made
+            series(ax, curves[key], "step", key, f"{name}: {key}")
+        figs.save(fig, f"curve-{_slug(name)}.png", f"Per-step {', '.join(keys)} of phase {name}")
+    return figs.made
 
 
 def _benchmarks(data: dict) -> list[str]:

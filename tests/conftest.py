@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,12 @@ collect_ignore_glob = [] if importlib.util.find_spec("vllm") else ["vllm_engine/
 SHARED_BENCHMARKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
 
 torch.set_num_threads(2)
+
+# Every cache a test run makes (the real tiny base model, built once per session by the first test that needs it,
+# and teacher answers) goes to a temporary directory of this session, never the user's ~/.cache; the processes
+# the tests start inherit it. Removed when the session ends.
+SESSION_CACHE = Path(tempfile.mkdtemp(prefix="stagewise-test-cache-"))
+os.environ["STAGEWISE_CACHE_DIR"] = str(SESSION_CACHE)
 
 
 @pytest.fixture(scope="session")
@@ -45,8 +53,9 @@ def fast(cache_dir) -> list[str]:
 
 @pytest.fixture(scope="session")
 def base_overrides():
-    """The real tiny base model (warm-up as in the default run; cached like the default run's). Keep the
-    task and trainer.packing as in conf/default.yaml: they are part of the base model's cache key."""
+    """The real tiny base model (warm-up as in the default run, about 2 minutes on 2 cores, built once per
+    session in SESSION_CACHE by the first test that needs it). Keep the task and trainer.packing as in
+    conf/default.yaml: they are part of the base model's cache key."""
     return ["run.progress_bar=false", "eval.k=0", "trainer.log_every_n_steps=1", "eval.before=false"]
 
 
@@ -89,6 +98,7 @@ def reliability(request):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(SESSION_CACHE, ignore_errors=True)
     out = os.environ.get("STAGEWISE_RELIABILITY_OUT")
     if not out or not RELIABILITY:
         return

@@ -192,7 +192,7 @@ def test_cft_items_from_failures():
 def test_weighted_sft_loss(tiny):
     from stagewise_pl.data.sft import Example, pack_collate, pad_collate
     from stagewise_pl.losses import IGNORE_INDEX
-    from stagewise_pl.modules.sft import sft_loss
+    from stagewise_pl.models.forward import sft_loss
 
     policy, _ = tiny
     a = Example([5, 6, 7, 8], [IGNORE_INDEX, 6, 7, 8])

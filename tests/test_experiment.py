@@ -71,7 +71,7 @@ def test_every_arm_is_a_valid_run_at_the_same_budget(tmp_path):
 
 
 def test_a_fallback_bucket_is_checked_like_select():
-    from stagewise_pl.run import plan_phases
+    from stagewise_pl.preflight import plan_phases
 
     def plan(phases: str):
         return plan_phases(load_config("default", [f"phases={phases}"]))

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from stagewise_pl.ledger import DifficultyLedger
-from test_stages import fit
+from helpers import fit
 
 PLAN = ("phases=[{name: s, kind: sft, steps: 4, lr: 5e-4}, {name: p, kind: profile, limit: 40}, "
         "{name: g, kind: grpo, select: medium, steps: 3, lr: 1e-4}, "
@@ -197,7 +197,7 @@ def test_a_nan_loss_skips_its_step_and_k_in_a_row_stop_the_run(tmp_path, base_ov
     before = torch.load(one / "checkpoints" / "previous.ckpt", weights_only=True)
     after = torch.load(one / "checkpoints" / "last.ckpt", weights_only=True)
     assert all(torch.equal(before["state_dict"][k], after["state_dict"][k]) for k in before["state_dict"])
-    assert after["callbacks"]["StageManager"]["runner"]["nonfinite"] == {"skipped": 1, "in_a_row": 1}
+    assert after["callbacks"]["PhaseManager"]["runner"]["nonfinite"] == {"skipped": 1, "in_a_row": 1}
     resumed = fit(sft + [f"run.dir={one}", "resume=last"])
     assert resumed.returncode == 0 and json.loads((one / "state.json").read_text())["completed"]["s"][
         "nonfinite_skipped"] == 1
@@ -212,7 +212,7 @@ def test_a_nan_loss_skips_its_step_and_k_in_a_row_stop_the_run(tmp_path, base_ov
     for name in ("last.ckpt", "previous.ckpt"):
         ckpt = torch.load(many / "checkpoints" / name, weights_only=True)
         assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values())
-        assert ckpt["callbacks"]["StageManager"]["runner"]["position"] <= 2  # no checkpoint of the third bad step
+        assert ckpt["callbacks"]["PhaseManager"]["runner"]["position"] <= 2  # no checkpoint of the third bad step
     reliability("NaN loss at 3 SFT steps in a row (optim.max_nonfinite_steps=3)", "nan:nan_loss:s:1-3",
                 "stopped, exit 3, no checkpoint of the bad steps; every checkpoint finite", 0)
 
@@ -283,7 +283,7 @@ def test_a_failing_disk_while_saving_is_a_clear_error_and_keeps_the_checkpoint_b
     monkeypatch.undo()
     directory = tmp_path / "run" / "checkpoints"
     chosen = checkpoints.choose(directory, fallback=False, warn=lambda *_: None)
-    state = torch.load(chosen, weights_only=True)["callbacks"]["StageManager"]
+    state = torch.load(chosen, weights_only=True)["callbacks"]["PhaseManager"]
     assert state["phase"] == 0 and state["runner"]["position"] == 2  # the checkpoint before the failed one
     assert not partial_files(tmp_path / "run")
     reliability(f"a {failure} failure while saving a checkpoint", f"disk:{failure}",

@@ -13,6 +13,8 @@ from stagewise_pl.config import ConfigError, load_config
 from stagewise_pl.fit import main
 from stagewise_pl.run import Run
 
+from helpers import CrashAt
+
 
 def weights(directory):
     return load_file(str(directory / "model.safetensors"))
@@ -40,17 +42,6 @@ def test_fit_writes_the_run_directory(tmp_path, fast_overrides, cache_dir):
     assert any(not torch.equal(final[k], base[k]) for k in base)
 
 
-class CrashAt(L.Callback):
-    """Raises after optimizer step ``step`` (a crash mid-phase; checkpoints before it survive)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == self.step:
-            raise RuntimeError("injected crash")
-
-
 class StepRecorder(L.Callback):
     """Records the global step at the start of every training batch."""
 
@@ -76,7 +67,7 @@ def test_resume_continues_at_the_same_step_and_matches(tmp_path, fast_overrides)
     assert torch.load(crashed / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 3
 
     resumed = Run(load_config("default", overrides + [f"run.dir={crashed}", "run.resume=last"]), log=lambda *_: None)
-    assert resumed.checkpoint() == str(crashed / "checkpoints" / "last.ckpt")
+    assert resumed.choose_checkpoint() == str(crashed / "checkpoints" / "last.ckpt")
     record = StepRecorder()
     resumed.callbacks.append(record)
     resumed.execute()
@@ -110,8 +101,12 @@ def test_refusals(tmp_path, fast_overrides):
 
 
 def test_unknown_phase_kind_fails_before_work(tmp_path, fast_overrides):
-    cfg = load_config("default", fast_overrides + [f"run.dir={tmp_path / 'x'}", "phases.0.kind=nonexistent"])
-    with pytest.raises(ConfigError, match="phases.0.kind: unknown phase kind 'nonexistent'"):
+    """The phase-kind registry is the source of the allowed kinds: the configuration names the registered ones."""
+    with pytest.raises(ConfigError, match="'phases.0.kind': 'nonexistent' is not registered; registered: "
+                                          "bridge_sft, cft, eval, grpo, profile, sft"):
+        load_config("default", fast_overrides + [f"run.dir={tmp_path / 'x'}", "phases.0.kind=nonexistent"])
+    cfg = load_config("default", fast_overrides + [f"run.dir={tmp_path / 'x'}", "phases.0.kind=no_such.module:Kind"])
+    with pytest.raises(ConfigError, match="phases.0.kind: unknown phase kind 'no_such.module:Kind'"):
         Run(cfg).execute()
     assert not (tmp_path / "x").exists()
 
@@ -143,7 +138,7 @@ def test_resume_from_a_given_checkpoint(tmp_path, fast_overrides):
     step3 = tmp_path / "c" / "checkpoints" / "kept-3.ckpt"
     shutil.copy(tmp_path / "c" / "checkpoints" / "last.ckpt", step3)
     resumed = Run(load_config("default", overrides + [f"run.resume={step3}"]), log=lambda *_: None)
-    assert resumed.dir == tmp_path / "c" and resumed.checkpoint() == str(step3)
+    assert resumed.dir == tmp_path / "c" and resumed.choose_checkpoint() == str(step3)
     record = StepRecorder()
     resumed.callbacks.append(record)
     resumed.execute()

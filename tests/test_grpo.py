@@ -1,4 +1,4 @@
-"""GRPO: advantage estimators, the zero-reward log, micro-batch accumulation, the phase end to end,
+"""GRPO: advantage estimators, micro-batch accumulation, the phase end to end,
 resume, and learning on the synthetic task from the tiny base model."""
 import csv
 import json
@@ -12,11 +12,10 @@ from stagewise_pl.advantages import ADVANTAGES, compute_advantages, group_stats
 from stagewise_pl.config import ConfigError, load_config
 from stagewise_pl.kernels import fused_policy_loss
 from stagewise_pl.losses import PolicyLossConfig, aggregation_weights, entropy_weights
-from stagewise_pl.records import RolloutRecord, ZeroRewardLog
 from stagewise_pl.ledger import DifficultyLedger
 from stagewise_pl.run import Run
 
-from test_fit import CrashAt
+from helpers import CrashAt
 
 REWARDS = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0]])
 
@@ -65,25 +64,6 @@ def test_group_stats():
     stats = group_stats(REWARDS)
     assert stats["zero_groups"] == pytest.approx(1 / 3) and stats["one_groups"] == 0.0
     assert group_stats(torch.ones(2, 3))["one_groups"] == 1.0
-
-
-# ------------------------------------------------------------------ zero-reward records
-def record(step, problem, zero, sample=0):
-    return RolloutRecord("2-grpo", "grpo", step, problem, sample, 0.0, "wrong", 5, False, zero, "1+1=3")
-
-
-def test_zero_reward_log_keeps_zero_groups_and_rewinds(tmp_path):
-    log = ZeroRewardLog(tmp_path / "zero_reward.jsonl")
-    log.record([record(0, "a", True), record(0, "b", False), record(1, "c", True), record(2, "d", True)])
-    assert [r["problem_id"] for r in log.read()] == ["a", "c", "d"]
-    with open(log.path, "a") as handle:
-        handle.write('{"phase": "2-grpo", "step": 3, "probl')  # a write cut by a crash
-    assert len(log.read()) == 3
-    log.rewind("2-grpo", 2)  # resumed at step 2: steps 2.. are sampled again
-    assert [r["problem_id"] for r in log.read()] == ["a", "c"]
-    assert log.path.read_text().endswith("\n") and log.never_solved("2-grpo") == {"a", "c"}
-    log.rewind("other-phase", 0)
-    assert len(log.read()) == 2
 
 
 # ------------------------------------------------------------------ micro-batches
@@ -171,7 +151,7 @@ def test_grpo_phase_logs_every_metric_and_records_zero_groups(tmp_path, base_ove
         by_group.setdefault((r["step"], r["round"], r["problem_id"]), []).append(r["sample_index"])
     assert all(sorted(samples) == [0, 1, 2, 3] for samples in by_group.values())  # whole groups
     grpo = grpo_state(run_dir)
-    assert grpo["rollout_steps"] == summary["rollout_steps"] and "reference" in grpo
+    assert grpo["position"] == summary["rollout_steps"] and "reference" in grpo
     keys = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert keys and all(k.startswith("policy.") for k in keys)  # the reference is no parameter of the module
 
@@ -188,13 +168,13 @@ def test_grpo_resume_reaches_the_same_weights_and_records(tmp_path, base_overrid
     with pytest.raises(RuntimeError, match="injected crash"):
         run.execute()
     # the crash came after rollout step 4 wrote its records, the last checkpoint before it: resume must drop them
-    assert grpo_state(crashed)["rollout_steps"] == 4
+    assert grpo_state(crashed)["position"] == 4
     assert any(r["step"] == 4 for r in DifficultyLedger(crashed / "ledger", "c").table().to_pylist())
     resumed = Run(load_config("default", grpo_overrides(base_overrides, crashed, extra=extra + ["run.resume=last"])),
                   log=lambda *_: None)
     resumed.execute()
     state = grpo_state(crashed)
-    assert state["rollout_steps"] == 6 and "reference" not in state  # beta = 0: no reference kept
+    assert state["position"] == 6 and "reference" not in state  # beta = 0: no reference kept
     a, b = load_file(str(straight / "final" / "model.safetensors")), load_file(str(crashed / "final" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     records = [DifficultyLedger(d / "ledger", "x").table().drop(["run_id"]) for d in (straight, crashed)]
@@ -203,7 +183,7 @@ def test_grpo_resume_reaches_the_same_weights_and_records(tmp_path, base_overrid
 
 def grpo_state(run_dir):
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    return ckpt["callbacks"]["StageManager"]["runner"]["grpo"]
+    return ckpt["callbacks"]["PhaseManager"]["runner"]
 
 
 def test_grpo_config_errors(tmp_path, base_overrides):
@@ -213,9 +193,8 @@ def test_grpo_config_errors(tmp_path, base_overrides):
         load_config("default", ["grpo.advantage=rloo", "grpo.num_generations=1"])
     with pytest.raises(ConfigError, match="grpo.temperature"):
         load_config("default", ["grpo.temperature=0"])
-    with pytest.raises(ConfigError, match="grpo.advantage"):
-        Run(load_config("default", grpo_overrides(base_overrides, tmp_path / "a", extra=["grpo.advantage=ppo"])),
-            log=lambda *_: None).execute()
+    with pytest.raises(ConfigError, match="'grpo.advantage': 'ppo' is not registered; registered: dr_grpo, grpo"):
+        load_config("default", grpo_overrides(base_overrides, tmp_path / "a", extra=["grpo.advantage=ppo"]))
     with pytest.raises(ConfigError, match="grpo.levels"):
         Run(load_config("default", grpo_overrides(base_overrides, tmp_path / "b", extra=["grpo.levels=[9]"])),
             log=lambda *_: None).execute()
@@ -258,11 +237,9 @@ def test_shared_prefix_forward_gives_the_same_hidden_states_and_gradients(tiny, 
     """Each distinct prompt computed once == G full forwards, on every completion token."""
     from stagewise_pl.data.problems import Problem
     from stagewise_pl.models.load import render_prompts
-    from stagewise_pl.modules import grpo
-    from stagewise_pl.rollout.hf import HFEngine
-    from stagewise_pl.verify import get_verifier
+    from stagewise_pl.phases import grpo_batch
 
-    monkeypatch.setattr(grpo, "PACK_LIMIT", pack_limit)
+    monkeypatch.setattr(grpo_batch, "PACK_LIMIT", pack_limit)
     model, tokenizer = tiny
     texts = ["1+2", "30-4+5", "7"]
     problems = [Problem(f"p{i}", text, "0", "t") for i, text in enumerate(texts)]
@@ -270,19 +247,17 @@ def test_shared_prefix_forward_gives_the_same_hidden_states_and_gradients(tiny, 
     g = torch.Generator().manual_seed(0)
     lengths = [5, 1, 7, 3, 2, 7, 4, 6, 1, 7, 2, 5]  # ragged completions, 4 per prompt
     completions = [torch.randint(5, 300, (n,), generator=g).tolist() for n in lengths]
-    groups = grpo.Groups(problems, prompt_ids, completions, [""] * 12, [False] * 12, torch.zeros(3, 4), ["wrong"] * 12,
-                         [0, 0, 0])
-    module = grpo.GRPOModule(model, tokenizer, HFEngine(model, tokenizer), get_verifier("exact"), problems,
-                             grpo.GRPOSettings(num_generations=4, max_new_tokens=7), lr=1e-4, total_steps=1)
-    t = module._tensors(groups, torch.randn(3, 4))
+    groups = grpo_batch.Groups(problems, prompt_ids, completions, [""] * 12, [False] * 12, torch.zeros(3, 4),
+                               ["wrong"] * 12, [0, 0, 0])
+    pad = tokenizer.pad_token_id
+    t = grpo_batch.batch_tensors(groups, torch.randn(3, 4), pad, False, torch.device("cpu"))
     rows = torch.tensor([0, 1, 2, 3, 4, 5, 8, 9, 10])  # uneven: 4, 2 and 3 rows of the three prompts
     mask = t["mask"][rows]
     probe = torch.randn(model.config.hidden_size)
     results = []
     for shared in (False, True):
-        module.shared_prefix = shared
         model.zero_grad()
-        hidden = module._hidden(model, t, rows)
+        hidden = grpo_batch.completion_hidden(model, t, rows, pad, shared_prefix=shared)
         ((hidden * probe).sum(-1) * mask).sum().backward()
         results.append((hidden.detach() * mask[..., None], [p.grad.clone() for p in model.parameters()]))
     (h1, g1), (h2, g2) = results
@@ -296,6 +271,7 @@ def test_an_engine_with_its_own_weights_gets_every_update_and_the_resumed_checkp
     """An engine that keeps a copy of the weights (vLLM) is pushed the policy before each rollout step that
     follows an update, and at the first step after a resume (the checkpoint's weights are newer than the
     copy the run handed out); never twice for the same weights."""
+    from stagewise_pl.phases import RolloutEngines
     from stagewise_pl.rollout.hf import HFEngine
 
     pushes = []
@@ -307,7 +283,7 @@ def test_an_engine_with_its_own_weights_gets_every_update_and_the_resumed_checkp
     def engine(self):
         return CopyingEngine(self.policy, self.tokenizer)
 
-    monkeypatch.setattr(Run, "engine", engine)
+    monkeypatch.setattr(RolloutEngines, "with_current_weights", engine)
     extra = ["grpo.drop_flat_groups=false"]
     run = Run(load_config("default", grpo_overrides(base_overrides, tmp_path / "r", steps=5, extra=extra)),
               log=lambda *_: None)
@@ -323,31 +299,47 @@ def test_an_engine_with_its_own_weights_gets_every_update_and_the_resumed_checkp
 
 
 @pytest.mark.parametrize("precision,dtype", [("32-true", "float32"), ("bf16-true", "bfloat16")])
-def test_fit_grpo_stops_after_its_rollout_budget_when_no_group_is_informative(tmp_path, precision, dtype):
-    """A policy that never earns a reward makes no optimizer step; fit_grpo must still stop at max_rollout_steps
-    (a Trainer given only max_steps would start epoch after epoch, waiting for a step that never comes)."""
-    import lightning as L
+def test_a_grpo_phase_on_its_own_stops_after_its_rollout_steps_when_no_group_is_informative(tmp_path, precision,
+                                                                                           dtype):
+    """A policy that never earns a reward makes no optimizer step; the phase must still stop after
+    steps x grpo.max_rollout_factor rollout steps (a Trainer given only max_steps would start epoch after epoch,
+    waiting for a step that never comes). The same runner as in a plan, driven on its own (fit_phase)."""
+    import dataclasses
 
-    from stagewise_pl.config import GRPOConfig, TinyModelConfig
+    from stagewise_pl.config import Config, TinyModelConfig
     from stagewise_pl.data.problems import Problem
     from stagewise_pl.models.load import load_policy
     from stagewise_pl.models.tiny import save_random_tiny
-    from stagewise_pl.modules.grpo import GRPOModule, GRPOSettings
+    from stagewise_pl.phases import GRPORunner, PhaseContext
+    from stagewise_pl.phases.driver import fit_phase
+    from stagewise_pl.plan import PhaseSpec
     from stagewise_pl.rollout.hf import HFEngine
+    from stagewise_pl.routing.selection import Selection
     from stagewise_pl.tasks.arithmetic import ArithmeticTask, Level
-    from stagewise_pl.train import fit_grpo
     from stagewise_pl.verify.base import Verdict
 
     class NeverRight:
         def score_batch(self, texts, golds):
             return [Verdict(reward=0.0, reason="wrong") for _ in texts]
 
+    class Engines:
+        def __init__(self, engine):
+            self.engine = engine
+
+        def with_current_weights(self):
+            return self.engine
+
     task = ArithmeticTask([Level(2, 9)], train_per_level=16, test_per_level=2)
     policy, tok = load_policy(str(save_random_tiny(tmp_path / "m", TinyModelConfig(), task)), dtype, "sdpa")
     problems = [Problem(id=p.id, prompt=p.prompt, answer=p.answer, source="t") for p in task.split("train")[:8]]
-    settings = GRPOSettings.from_config(GRPOConfig(prompts_per_step=4, num_generations=2), 8)
-    module = GRPOModule(policy, tok, HFEngine(policy, tok), NeverRight(), problems, settings, lr=1e-4, total_steps=1)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, precision=precision)
-    fit_grpo(trainer, module, max_rollout_steps=3)
-    assert module.rollout_steps == 3 and module.update_steps == 0 and trainer.global_step == 0
+    cfg = Config()
+    cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, prompts_per_step=4, num_generations=2,
+                                                            max_new_tokens=8, max_rollout_factor=3),
+                              trainer=dataclasses.replace(cfg.trainer, accelerator="cpu", precision=precision),
+                              run=dataclasses.replace(cfg.run, progress_bar=False))
+    ctx = PhaseContext(cfg, policy, tok, verifier=NeverRight(), engines=Engines(HFEngine(policy, tok)), task=task,
+                       log=lambda *_: None)
+    spec = PhaseSpec(1, "grpo", "grpo", steps=1)
+    ctx.plan, ctx.traits = [spec], {"grpo": GRPORunner.traits}
+    runner = fit_phase(GRPORunner(ctx, spec, Selection("grpo", "grpo", "all", problems)))
+    assert runner.position == 3 and runner.update_steps == 0 and runner.optimizer_steps == 0

@@ -182,7 +182,7 @@ def test_sft_never_builds_full_logits(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     from stagewise_pl.data.sft import Example, pad_collate
-    from stagewise_pl.modules.sft import SFTModule
+    from stagewise_pl.models.forward import sft_loss
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     head = model.get_output_embeddings()
@@ -192,6 +192,6 @@ def test_sft_never_builds_full_logits(tiny_model_dir):
 
     head.forward = refuse
     batch = pad_collate([Example([5, 6, 7, 8], [-100, -100, 7, 8])], pad_id=0)
-    loss, count = SFTModule(model, lr=1e-3, total_steps=1).loss(batch)
+    loss, count = sft_loss(model, batch)
     loss.backward()
     assert count == 2 and torch.isfinite(loss) and head.weight.grad is not None

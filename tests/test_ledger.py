@@ -84,7 +84,7 @@ def test_grpo_records_every_graded_rollout_in_the_ledger(tmp_path):
 
 
 def test_a_resumed_grpo_phase_leaves_the_ledger_as_an_uninterrupted_one(tmp_path):
-    from test_fit import CrashAt
+    from helpers import CrashAt
 
     def make(run_dir, *extra):
         cfg = load_config("default", ["run.progress_bar=false", "eval.k=0", "eval.before=false", f"run.dir={run_dir}",
@@ -146,7 +146,7 @@ def test_a_profile_cut_short_is_redone_to_the_same_ledger(tmp_path):
 
     def setup():
         original_setup()
-        run.verifier = Dies(run.verifier)
+        run.ctx.verifier = Dies(run.ctx.verifier)
 
     run.setup = setup
     with pytest.raises(RuntimeError, match="killed while grading"):

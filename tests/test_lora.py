@@ -44,8 +44,8 @@ def test_a_run_with_lora_trains_only_adapters_and_exports_merged_weights(tmp_pat
                                                         "{kind: grpo, steps: 2, lr: 1e-3}]", "grpo.prompts_per_step=4",
                                                         "grpo.num_generations=4"]), log=lambda *_: None)
     run.execute()
-    base, _ = load_policy(run.base_model_path())
-    policy = run.policy
+    base, _ = load_policy(run.base_model_path(run.ctx.task))
+    policy = run.ctx.policy
     for name, param in policy.named_parameters():  # frozen base weights never moved
         if "lora_" not in name:
             key = name.replace(".base_layer", "")
@@ -59,7 +59,7 @@ def test_a_run_with_lora_trains_only_adapters_and_exports_merged_weights(tmp_pat
 
 
 def test_a_lora_run_killed_mid_phase_resumes_with_its_adapters(tmp_path, fast_overrides):
-    from test_stages import fit, same_weights
+    from helpers import fit, same_weights
 
     args = fast_overrides + ["model.lora_rank=4", "eval.before=false", "phases=[{kind: sft, steps: 6, lr: 1e-2}]",
                              "run.deterministic=true"]

@@ -8,7 +8,7 @@ import stat
 import pytest
 import torch
 
-from test_stages import fit, same_weights
+from helpers import fit, same_weights
 
 STEPS = 6  # checkpoint_every_n_steps=3 in fast_overrides: step 4 is not a periodic checkpoint
 
@@ -32,7 +32,7 @@ def fake_scontrol(directory, code=0):
 
 
 def position(run_dir):
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]["StageManager"]
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]["PhaseManager"]
     return state["phase"], state["runner"]["position"]
 
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from test_stages import fit
+from helpers import fit
 
 PLAN = ("phases=[{name: s, kind: sft, steps: 3, lr: 5e-4}, {name: p, kind: profile, limit: 24}, "
         "{name: g, kind: grpo, select: medium, steps: 2, lr: 1e-4}, {name: p2, kind: profile, limit: 24}]")

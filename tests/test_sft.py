@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from stagewise_pl.data.sft import Example, encode_example, pack_collate, pack_rows, pad_collate, ResumableLoader, StepBatchSampler
+from stagewise_pl.data.sft import Example, encode_example, pack_collate, pack_rows, pad_collate, StepBatchSampler
 from stagewise_pl.losses import IGNORE_INDEX, masked_mean_nll
 from stagewise_pl.models.load import render_prompt
-from stagewise_pl.modules.sft import SFTModule, cosine_with_warmup
+from stagewise_pl.models.forward import sft_loss
+from stagewise_pl.phases.optim import cosine_with_warmup
 
 
 def test_loss_ignores_prompt_and_padding_by_hand():
@@ -75,12 +76,11 @@ def test_packed_loss_equals_unpacked_loss(tiny_model_dir, attn):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn, dtype=torch.float64)
     examples = random_examples(9, model.config.vocab_size, seed=1)
-    module = SFTModule(model, lr=1e-3, total_steps=10)
     padded, packed = pad_collate(examples, pad_id=0), pack_collate(examples, pad_id=0, max_length=40)
     assert packed["input_ids"].shape[0] < len(examples)  # really packed
-    loss_pad, n_pad = module.loss(padded)
+    loss_pad, n_pad = sft_loss(model, padded)
     grad_pad = torch.autograd.grad(loss_pad, model.model.embed_tokens.weight)[0]
-    loss_pack, n_pack = module.loss(packed)
+    loss_pack, n_pack = sft_loss(model, packed)
     grad_pack = torch.autograd.grad(loss_pack, model.model.embed_tokens.weight)[0]
     assert n_pad == n_pack
     assert loss_pack.item() == pytest.approx(loss_pad.item(), abs=1e-10)
@@ -117,11 +117,8 @@ def test_batch_order_is_seeded_and_resumable():
     assert len(full) == 20 and all(len(b) == 8 for b in full)
     assert list(StepBatchSampler(50, 8, 20, seed=3)) == full
     assert list(StepBatchSampler(50, 8, 20, seed=4)) != full
-    loader = ResumableLoader(list(range(50)), StepBatchSampler(50, 8, 20, seed=3), collate_fn=list,
-                             consumed=lambda: 7)
-    assert loader.state_dict() == {"batches_consumed": 7}
-    loader.load_state_dict({"batches_consumed": 7})
-    assert list(loader) == full[7:] and len(loader) == 13
+    resumed = StepBatchSampler(50, 8, 20, seed=3)
+    assert [resumed.batch(b) for b in range(7, 20)] == full[7:]  # a resumed phase asks for its next batch
     # one pass sees every example once before any repeats
     first_pass = [i for b in full[:6] for i in b]
     assert len(set(first_pass)) == len(first_pass)
@@ -145,7 +142,7 @@ def test_module_loss_equals_the_logits_path(tiny_model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
     batch = pad_collate(random_examples(5, model.config.vocab_size, seed=3), pad_id=0)
-    fused, count = SFTModule(model, lr=1e-3, total_steps=1).loss(batch)
+    fused, count = sft_loss(model, batch)
     grad_fused = torch.autograd.grad(fused, model.model.embed_tokens.weight)[0]
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     plain, plain_count = masked_mean_nll(logits, batch["labels"])

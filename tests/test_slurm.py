@@ -5,8 +5,8 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -81,9 +81,23 @@ def test_the_script_runs_a_task_resumes_it_and_requeues_on_usr1(tmp_path, fast_o
     # task and exits 128 + 10; run again (as the requeued task), the script resumes it to the end
     task0 = dict(task, SLURM_ARRAY_TASK_ID="0")
     shell = subprocess.Popen(["bash", str(script)], env=task0, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(3)
+    out, err, training = [], [], threading.Event()
+
+    def read(stream, lines) -> None:  # the run says when its first phase starts: the batch shell's trap is in place
+        for line in stream:
+            lines.append(line)
+            if "phase 1-sft: sft" in line:
+                training.set()
+
+    readers = [threading.Thread(target=read, args=a, daemon=True) for a in ((shell.stdout, out), (shell.stderr, err))]
+    for reader in readers:
+        reader.start()
+    assert training.wait(timeout=600), "the run never started training"
     shell.send_signal(signal.SIGUSR1)
-    stdout, stderr = shell.communicate(timeout=600)
+    shell.wait(timeout=600)
+    for reader in readers:
+        reader.join(timeout=60)
+    stdout, stderr = "".join(out), "".join(err)
     assert shell.returncode == 128 + signal.SIGUSR1, stderr[-3000:]
     assert "USR1: passed on to the run" in stdout and "requeue: job 77_0 requeued" in stdout
     assert (tmp_path / "bin" / "scontrol.calls").read_text().split() == ["requeue", "77_0"]

@@ -59,7 +59,7 @@ def test_an_array_runs_every_task_in_its_own_run_directory(tmp_path):
 
 
 def test_a_requeued_task_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
-    from test_stages import fit, same_weights
+    from helpers import fit, same_weights
 
     overrides = TINY + [f"model.cache_dir={tmp_path / 'cache'}", "phases=[{kind: sft, steps: 60, lr: 5e-4}]"]
     straight = tmp_path / "straight"
@@ -80,7 +80,7 @@ def test_a_requeued_task_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
 
 
 def test_usr1_makes_a_task_checkpoint_requeue_itself_and_finish_like_an_uninterrupted_one(tmp_path):
-    from test_stages import fit, same_weights
+    from helpers import fit, same_weights
 
     overrides = TINY + [f"model.cache_dir={tmp_path / 'cache'}", "phases=[{kind: sft, steps: 60, lr: 5e-4}]",
                         "trainer.checkpoint_every_n_steps=1000"]  # no periodic checkpoint: only the signal's
@@ -94,7 +94,6 @@ def test_usr1_makes_a_task_checkpoint_requeue_itself_and_finish_like_an_uninterr
     while not any("phase 1-sft: sft" in f.read_text() for f in logs.glob("*_0.out")):  # training has started
         assert time.time() < end and states(job), "the task never started training"
         time.sleep(0.2)
-    time.sleep(1)
     # as --signal=USR1@120 does before the time limit: the signal goes to the task's steps (the run)
     assert subprocess.run(["scancel", "--signal=USR1", f"{job}_0"]).returncode == 0
     wait_done(job)

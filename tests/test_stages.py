@@ -1,27 +1,27 @@
-"""The plan, the stage rules and the stage manager: pure plan checks, routing on hand-made ledgers,
-a rule from a module only this test has, kill-and-resume equality through fault points, refusals,
+"""The plan, the routing rules and the phase manager: pure plan checks, routing on hand-made ledgers,
+a rule from a module only this test has, a resume in the same phase at the same step, refusals,
 and the plan across two DDP processes."""
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from callbacks.promote import PromoteAboveThreshold
-from callbacks.rules import NeverSolvedInRL, RouteByPassRate
+from stagewise_pl.callbacks.promote import PromoteAboveThreshold
+from stagewise_pl.callbacks.rules import NeverSolvedInRL, RouteByPassRate
 from stagewise_pl.config import ConfigError, PhaseConfig, load_config
 from stagewise_pl.data.problems import Problem
 from stagewise_pl.ledger import DifficultyLedger
+from stagewise_pl.phases import kind_traits
 from stagewise_pl.plan import PhaseSpec, RuleInfo, build_plan, describe, fingerprint
-from stagewise_pl.records import RolloutRecord
 from stagewise_pl.run import Run
-from stagewise_pl.stages import RoutingView, route
+from stagewise_pl.routing import RoutingView, route
 
-KINDS = ["profile", "sft", "bridge_sft", "cft", "grpo", "eval"]
+from helpers import fit, hand_ledger
+
+KINDS = kind_traits()  # the registered kinds and their traits
 RULES = [RuleInfo("route_by_pass_rate", ("hard", "medium", "easy"), "profile"),
          RuleInfo("never_solved_in_rl", ("unsolved_in_rl",), "grpo")]
 
@@ -37,20 +37,21 @@ def test_the_method_plan_is_checked_and_named():
                        phase("sft", select="unsolved_in_rl", steps=20, name="repair"), phase("eval")], KINDS, RULES)
     assert [p.name for p in plan] == ["1-profile", "2-sft", "3-profile", "4-grpo", "repair", "6-eval"]
     assert plan[3] == PhaseSpec(4, "4-grpo", "grpo", "medium", 30, 0.0, 1e-4, None, 0.9, 0)
-    assert plan[1].budget(n_items=100, batch_size=16) == 12 and plan[3].budget(100, 16) == 30
+    assert plan[1].step_count(n_items=100, batch_size=16) == 12 and plan[3].step_count(100, 16) == 30
     assert build_plan([phase("sft", select="pkg.rules:Mine")], KINDS, RULES)[0].select == "pkg.rules:Mine"
-    lines = describe(plan)
+    lines = describe(plan, KINDS)
     assert lines[1] == "2-sft: sft on hard, 2 epochs" and lines[3].startswith("4-grpo: grpo on medium, 30 steps, lr")
 
 
 @pytest.mark.parametrize("phases,message", [
-    ([phase("cft")], "phases.0: a cft phase critiques failed rollouts .* no profile or grpo phase comes before"),
+    ([phase("cft")], "phases.0: a cft phase reads failed rollouts .* no phase that records them \\(grpo or profile\\) "
+                     "comes before"),
     ([phase("profile"), phase("bridge_sft", select="hard", steps=0)], "phases.1: bridge_sft phases need steps"),
     ([phase("distill")], "phases.0.kind: unknown phase kind 'distill'"),
-    ([phase("profile"), phase("sft", select="tricky")], "phases.1.select='tricky': no stage rule builds"),
+    ([phase("profile"), phase("sft", select="tricky")], "phases.1.select='tricky': no routing rule builds"),
     ([phase("sft", select="hard")], "phases.0.select='hard': .* no profile phase comes before"),
     ([phase("profile"), phase("sft", select="unsolved_in_rl")], "no grpo phase comes before phase 1"),
-    ([phase("grpo", epochs=1.0)], "phases.0.epochs: only sft, bridge_sft, cft"),
+    ([phase("grpo", epochs=1.0)], "phases.0.epochs: only supervised phases \\(bridge_sft, cft, sft\\)"),
     ([phase("sft", steps=0)], "phases.0: sft phases need steps > 0 or epochs > 0"),
     ([phase("sft", name="a"), phase("grpo", name="a")], "names must be unique"),
     ([], "at least one phase"),
@@ -70,23 +71,13 @@ def test_the_fingerprint_follows_plan_rules_and_data():
 
 
 # ------------------------------------------------------------------ rules on hand-made ledgers
-def hand_ledger(tmp_path, results: dict) -> DifficultyLedger:
-    """results: phase name -> (kind, index, {problem: [rewards]})."""
-    ledger = DifficultyLedger(tmp_path / "ledger", run_id="hand")
-    for name, (kind, index, by_problem) in results.items():
-        ledger.record([RolloutRecord(name, kind, 0, pid, j, r, "correct" if r > 0 else "wrong", 5, False,
-                                     not any(rs), None if r > 0 else "x", 0, index, 0)
-                       for pid, rs in by_problem.items() for j, r in enumerate(rs)])
-    return ledger
-
-
 def view_of(ledger, done, pool_ids, next_kind="sft"):
     pool = {pid: Problem(id=pid, prompt=pid, answer="1", source="hand") for pid in pool_ids}
     return RoutingView(ledger, pool, done, PhaseSpec(len(done) + 1, "next", next_kind))
 
 
 def test_route_by_pass_rate_buckets_the_latest_profile(tmp_path):
-    ledger = hand_ledger(tmp_path, {
+    ledger = hand_ledger(tmp_path / "ledger", {
         "1-profile": ("profile", 1, {"a": [0, 0, 0, 0], "b": [1, 0, 0, 0], "c": [1, 1, 1, 1], "d": [0, 0, 0, 0]}),
         "3-profile": ("profile", 3, {"a": [1, 0, 0, 0], "b": [1, 1, 1, 0], "c": [1, 1, 1, 1], "d": [0, 0, 0, 0]}),
     })
@@ -107,7 +98,7 @@ def test_route_by_pass_rate_buckets_the_latest_profile(tmp_path):
 
 
 def test_never_solved_in_rl_and_a_rule_that_holds_problems_back(tmp_path):
-    ledger = hand_ledger(tmp_path, {
+    ledger = hand_ledger(tmp_path / "ledger", {
         "1-profile": ("profile", 1, {"a": [0] * 4, "b": [0] * 4, "c": [1, 0, 0, 0], "d": [1, 1, 0, 0]}),
         "2-grpo": ("grpo", 2, {"a": [0] * 8, "c": [0] * 4 + [1] + [0] * 3, "d": [0] * 8}),
         "3-profile": ("profile", 3, {"a": [0] * 4, "b": [1, 0, 0, 0], "c": [1, 1, 0, 0], "d": [1, 0, 0, 0]}),
@@ -125,7 +116,7 @@ def test_a_rule_must_return_pool_ids(tmp_path):
         def route(self, view, buckets):
             return {"hard": ["nope"]}
 
-    ledger = hand_ledger(tmp_path, {"1-profile": ("profile", 1, {"a": [0]})})
+    ledger = hand_ledger(tmp_path / "ledger", {"1-profile": ("profile", 1, {"a": [0]})})
     with pytest.raises(ValueError, match="not in the pool: \\['nope'\\]"):
         route([Wrong()], view_of(ledger, [PhaseSpec(1, "1-profile", "profile")], "a"))
 
@@ -141,18 +132,6 @@ def plan_overrides(base_overrides):
     return base_overrides + [PLAN, "trainer.batch_size=16", "profile.k=4", "grpo.prompts_per_step=4", "grpo.num_generations=4",
                              "grpo.max_new_tokens=24", "eval.k=0", "trainer.checkpoint_every_n_steps=2",
                              "run.deterministic=true"]
-
-
-def fit(args, env_extra=None, timeout=600):
-    env = dict(os.environ, **(env_extra or {}))
-    env.pop("STAGEWISE_RUN_DIR", None)
-    return subprocess.run([sys.executable, "-m", "stagewise_pl.fit", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
-
-
-def same_weights(a: Path, b: Path) -> bool:
-    x, y = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
-    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
 def test_one_launch_runs_the_plan_and_routes_by_the_ledger(tmp_path, plan_overrides):
@@ -184,8 +163,8 @@ def test_a_resume_continues_in_the_same_phase_at_the_same_step(tmp_path, plan_ov
     run_dir = tmp_path / "r"
     out = fit(plan_overrides + [f"run.dir={run_dir}"], {"STAGEWISE_FAULT": "step:4-grpo:3"})
     assert out.returncode == -9
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]["StageManager"]
-    assert state["phase"] == 3 and state["runner"]["grpo"]["rollout_steps"] == 2  # checkpointed after step 2
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]["PhaseManager"]
+    assert state["phase"] == 3 and state["runner"]["position"] == 2  # checkpointed after step 2
     assert len(DifficultyLedger(run_dir / "ledger", "x").parts()) > state["ledger"]["parts"]  # step 3 recorded
     out = fit(plan_overrides + [f"run.dir={run_dir}", "resume=last"])
     assert out.returncode == 0, out.stderr[-3000:]
@@ -215,18 +194,18 @@ def test_a_changed_plan_or_data_is_refused_unless_forced(tmp_path, fast_override
 RULE_MODULE = '''
 import lightning as L
 
-from stagewise_pl.stages import StageRule
+from stagewise_pl.routing import RoutingRule
 
 
 class StepsAtEnd(L.Callback):
-    """A plain user callback (stages.callbacks): writes the optimizer steps the fit made."""
+    """A plain user callback (trainer.callbacks): writes the optimizer steps the fit made."""
 
     def on_train_end(self, trainer, pl_module):
         with open("steps-at-end.txt", "w") as handle:
             handle.write(str(trainer.global_step))
 
 
-class FirstSampleFailed(StageRule):
+class FirstSampleFailed(RoutingRule):
     """Routes the problems whose first sample in the latest profile was not correct to 'retry'."""
     buckets = ("retry",)
     reads = "profile"
@@ -257,8 +236,8 @@ def test_a_rule_from_a_module_only_this_test_has(tmp_path, fast_overrides):
     run_dir = tmp_path / "custom"
     out = fit_with_the_rule_module(
         tmp_path, fast_overrides, run_dir,
-        "stages.rules=[{target: my_rules_for_this_test:FirstSampleFailed, args: {sample: 1}}]",
-        "stages.callbacks=[my_rules_for_this_test:StepsAtEnd]",
+        "routing.rules=[{target: my_rules_for_this_test:FirstSampleFailed, args: {sample: 1}}]",
+        "trainer.callbacks=[my_rules_for_this_test:StepsAtEnd]",
         "phases=[{kind: profile, limit: 30}, {kind: sft, select: retry, steps: 2}]")
     rows = DifficultyLedger(run_dir / "ledger", "x").table().to_pylist()
     decision = json.loads((run_dir / "routing" / "02-2-sft.json").read_text())
@@ -266,8 +245,8 @@ def test_a_rule_from_a_module_only_this_test_has(tmp_path, fast_overrides):
     assert decision["rules"] == ["FirstSampleFailed"] and decision["selected"] == expected and expected
     assert f"buckets: retry {len(expected)}" in out.stdout
     assert (tmp_path / "steps-at-end.txt").read_text() == "2"  # the user callback ran inside the one fit
-    bad = fit(fast_overrides + [f"run.dir={tmp_path / 'bad'}", "stages.rules=[{target: no_such_module:Rule}]"])
-    assert bad.returncode == 2 and "stages.rules.0.target: cannot import 'no_such_module'" in bad.stderr
+    bad = fit(fast_overrides + [f"run.dir={tmp_path / 'bad'}", "routing.rules=[{target: no_such_module:Rule}]"])
+    assert bad.returncode == 2 and "routing.rules.0.target: cannot import 'no_such_module'" in bad.stderr
     bad = fit(fast_overrides + [f"run.dir={tmp_path / 'bad'}", "phases=[{kind: sft, select: 'no_such_module:R'}]"])
     assert bad.returncode == 2 and "phases.0.select='no_such_module:R': cannot import" in bad.stderr
 
@@ -304,7 +283,7 @@ def test_two_ddp_processes_run_the_plan_with_one_ledger_and_one_routing(tmp_path
 
 
 def test_the_default_conf_is_the_method_in_two_rounds():
-    from stagewise_pl.run import plan_phases
+    from stagewise_pl.preflight import plan_phases
 
     cfg = load_config("default")
     plan = plan_phases(cfg)
@@ -313,5 +292,7 @@ def test_the_default_conf_is_the_method_in_two_rounds():
     assert [(p.kind, p.select) for p in plan] == round_ + [("cft", "unsolved_in_rl")] + round_ + [("eval", "all")]
     assert (cfg.teacher.name, cfg.teacher.style, cfg.bridge.strategy) == ("programmatic", "chunked",
                                                                                    "student_rewrite")
-    out = fit(["--dry-run", "bridge.strategy=nope", "teacher.name=nobody"])
+    out = fit(["--dry-run", "teacher.name=nobody"])
     assert out.returncode == 2 and "teacher.name: unknown teacher 'nobody'" in out.stderr
+    out = fit(["--dry-run", "bridge.strategy=nope"])  # a registry's names are the config's allowed values
+    assert out.returncode == 2 and "'bridge.strategy': 'nope' is not registered; registered: min_nll_select" in out.stderr

@@ -9,7 +9,7 @@ import pytest
 from stagewise_pl.config import VerifierConfig, load_config
 from stagewise_pl.tasks.arithmetic import ArithmeticTask
 from stagewise_pl.verify import make_verifier
-from test_stages import fit, same_weights
+from helpers import fit, same_weights
 
 PLAN = ("phases=[{name: p, kind: profile}, {name: b, kind: bridge_sft, select: hard, steps: 4, lr: 5e-4}, "
         "{name: g, kind: grpo, select: medium, steps: 2, lr: 1e-5}, "

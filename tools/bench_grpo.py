@@ -19,8 +19,9 @@ Generation, grading and training are split the same way (first step excluded):
   prompts and calls ``model.generate``); grading is the time inside ``_calculate_rewards`` (the reward
   function, which calls the exact verifier in-process); training is the rest of the step
   (tokenising the prompts, decoding, advantages, the forward/backward, the optimizer step, logging).
-- ours: the figures ``stagewise_pl.modules.grpo.bench_steps`` returns, which follow the same
-  convention (first step excluded; training = step - generation - grading).
+- ours: the grpo phase's runner (``stagewise_pl.phases.grpo``, the code a plan's GRPO phase runs) driven on its
+  own; its per-step history follows the same convention (first step excluded; training = step - generation -
+  grading).
 Completion tokens count generated tokens up to and including the first EOS, per step; the TRL
 child also checks that it runs on the CPU and that every step generates 4 x 8 = 32 completions.
 
@@ -95,22 +96,21 @@ def model_path(directory: Path) -> str:
 
 
 def run_ours(directory: Path, steps: int, drop_flat_groups: bool = False) -> dict:
-    """Our GRPOModule in a Lightning Trainer, as the grpo phase runs it: the HF rollout engine on the
-    policy itself, grading in the verifier's process pool, the fused policy loss. The loss is the
-    token mean over the batch (TRL's default "dapo") with per-group std scaling (TRL's default).
-    ``drop_flat_groups=False`` trains on every group as TRL does (equal work); True is our default
-    (groups with no signal are left out of the update)."""
+    """The grpo phase's runner, driven on its own as a plan drives it: the HF rollout engine on the policy itself,
+    grading in the verifier's process pool, the fused policy loss. The loss is the token mean over the batch
+    (TRL's default "dapo") with per-group std scaling (TRL's default). ``drop_flat_groups=False`` trains on every
+    group as TRL does (equal work); True is our default (groups with no signal are left out of the update)."""
     import lightning as L
     import torch
-    from torch.utils.data import DataLoader
 
     from stagewise_pl.config import load_config
     from stagewise_pl.data.problems import Problem
     from stagewise_pl.logging import quiet_third_party
     from stagewise_pl.models.load import load_policy
-    from stagewise_pl.modules.grpo import GRPOModule, GRPOSettings
-    from stagewise_pl.rollout.hf import HFEngine
-    from stagewise_pl.train import make_trainer
+    from stagewise_pl.phases import GRPORunner, PhaseContext, RolloutEngines
+    from stagewise_pl.phases.driver import fit_phase
+    from stagewise_pl.plan import PhaseSpec
+    from stagewise_pl.routing.selection import Selection
     from stagewise_pl.verify.pool import GradingPool
 
     quiet_third_party()
@@ -118,23 +118,26 @@ def run_ours(directory: Path, steps: int, drop_flat_groups: bool = False) -> dic
     policy, tokenizer = load_policy(model_path(directory))
     rows = json.loads((directory / "prompts.json").read_text())
     problems = [Problem(r["id"], r["problem"], r["answer"], "synthetic", level=r["level"]) for r in rows]
-    settings = GRPOSettings(prompts_per_step=PROMPTS_PER_STEP, num_generations=GENERATIONS, max_new_tokens=MAX_NEW,
-                            drop_flat_groups=drop_flat_groups)
     ends: list[float] = []
 
     class StepEnd(L.Callback):
         def on_train_batch_end(self, *args):
             ends.append(time.perf_counter())
 
-    cfg = load_config("default", ["run.progress_bar=false"])
+    cfg = load_config("default", ["run.progress_bar=false", f"grpo.prompts_per_step={PROMPTS_PER_STEP}",
+                                  f"grpo.num_generations={GENERATIONS}", f"grpo.max_new_tokens={MAX_NEW}",
+                                  f"grpo.drop_flat_groups={str(drop_flat_groups).lower()}", "optim.warmup_steps=0",
+                                  "optim.min_lr_ratio=1.0", "optim.weight_decay=0.0", "optim.grad_clip=1.0",
+                                  "grpo.max_rollout_factor=1"])
+    spec = PhaseSpec(1, "grpo", "grpo", steps=steps, lr=LR)
     with GradingPool("exact", {}, workers=1) as verifier:
-        module = GRPOModule(policy, tokenizer, HFEngine(policy, tokenizer), verifier, problems, settings, lr=LR,
-                            total_steps=steps, grad_clip=1.0)
-        trainer = make_trainer(cfg.trainer, cfg.run, steps, 0.0, callbacks=[StepEnd()], max_epochs=1, accumulate=1,
-                               checkpointing=False)
-        batches = [list(range(i * PROMPTS_PER_STEP, (i + 1) * PROMPTS_PER_STEP)) for i in range(steps)]
-        loader = DataLoader(range(len(problems)), batch_sampler=batches, collate_fn=list)
-        trainer.fit(module, train_dataloaders=loader)
+        ctx = PhaseContext(cfg, policy, tokenizer, plan=[spec], traits={"grpo": GRPORunner.traits},
+                           verifier=verifier, engines=RolloutEngines(cfg, policy, tokenizer, lambda: "", []),
+                           log=lambda *_: None)
+        runner = GRPORunner(ctx, spec, Selection("grpo", "grpo", "all", problems))
+        runner.sampler.batch = lambda b: list(range(b * PROMPTS_PER_STEP, (b + 1) * PROMPTS_PER_STEP))  # in order
+        fit_phase(runner, callbacks=[StepEnd()])
+    module = runner
     h, timed = module.history[1:], steps - 1  # the first step is the warm-up
     if len(ends) != steps or any(r["rounds"] != 1 for r in module.history):
         sys.exit(f"ours ran {len(ends)} rollout steps; expected {steps}")
@@ -149,7 +152,7 @@ def run_ours(directory: Path, steps: int, drop_flat_groups: bool = False) -> dic
             "training_s_per_step": seconds - generation - grading, "completion_tokens_per_step": tokens,
             "completions_per_step": PROMPTS_PER_STEP * GENERATIONS,
             "mean_reward": statistics.mean(r["reward"] for r in module.history),
-            "groups_trained_per_step": per_step("groups_trained"), "optimizer_steps": trainer.global_step,
+            "groups_trained_per_step": per_step("groups_trained"), "optimizer_steps": runner.optimizer_steps,
             "threads": torch.get_num_threads(), "steps": steps}
 
 

@@ -34,7 +34,7 @@ def prepare(directory: Path, n_examples: int = 4000) -> None:
     from stagewise_pl.models.load import load_policy
     from stagewise_pl.models.tiny import save_random_tiny
     from stagewise_pl.tasks.arithmetic import ArithmeticTask
-    from stagewise_pl.train import build_examples
+    from stagewise_pl.data.examples import build_examples
 
     cfg = load_config("default")
     task = ArithmeticTask.from_config(cfg.task)
@@ -47,6 +47,7 @@ def prepare(directory: Path, n_examples: int = 4000) -> None:
 
 
 def run_ours(directory: Path, steps: int, packing: bool) -> dict:
+    """The sft phase's runner (the code every SFT phase and the tiny model's warm-up run), driven on its own."""
     import lightning as L
     import torch
 
@@ -54,7 +55,9 @@ def run_ours(directory: Path, steps: int, packing: bool) -> dict:
     from stagewise_pl.data.sft import Example
     from stagewise_pl.logging import quiet_third_party
     from stagewise_pl.models.load import load_policy
-    from stagewise_pl.train import fit_sft, make_trainer, sft_module
+    from stagewise_pl.phases import PhaseContext, SFTRunner
+    from stagewise_pl.phases.driver import fit_phase
+    from stagewise_pl.plan import PhaseSpec
 
     quiet_third_party()
     torch.set_num_threads(THREADS)
@@ -63,17 +66,16 @@ def run_ours(directory: Path, steps: int, packing: bool) -> dict:
     examples = [Example(r["input_ids"], r["labels"]) for r in json.loads((directory / "examples.json").read_text())]
     cfg = load_config("default", ["run.progress_bar=false", f"trainer.max_length={LENGTH}",
                                   f"trainer.packing={str(packing).lower()}", "optim.warmup_steps=5"])
+    spec = PhaseSpec(1, "sft", "sft", steps=steps, lr=1e-3, batch_size=BATCH)
+    runner = SFTRunner.on_examples(PhaseContext(cfg, model, tokenizer, log=lambda *_: None), spec, examples, seed=0)
     timer = _LightningTimer()
-    trainer = make_trainer(cfg.trainer, cfg.run, steps, cfg.optim.grad_clip, callbacks=[timer], checkpointing=False)
-    module = sft_module(model, cfg.optim, steps, lr=1e-3, kernel=cfg.trainer.kernel)
-    fit_sft(trainer, module, examples, tokenizer.pad_token_id, BATCH, LENGTH, packing=packing, seed=0)
-    sampler_batches = [b for b in range(steps)]
-    real = sum(len(examples[i].input_ids) for b in sampler_batches for i in timer.batches[b])
-    return {"seconds": timer.seconds, "real_tokens": real, "steps": trainer.global_step}
+    fit_phase(runner, callbacks=[timer])
+    real = sum(len(examples[i].input_ids) for b in range(steps) for i in runner.sampler.batch(b))
+    return {"seconds": timer.seconds, "real_tokens": real, "steps": len(runner.losses)}
 
 
 class _LightningTimer:
-    """Callback: wall time from the first batch to the end of training, and the example indices seen."""
+    """Callback: wall time from the first batch to the end of training."""
 
     def __new__(cls):
         import lightning as L
@@ -81,13 +83,10 @@ class _LightningTimer:
         class Timer(L.Callback):
             def __init__(self):
                 self.start = self.seconds = None
-                self.batches = []
 
             def on_train_batch_start(self, trainer, module, batch, batch_idx):
                 if self.start is None:
                     self.start = time.perf_counter()
-                loader = trainer.train_dataloader
-                self.batches.append(loader.batch_sampler.global_batch(batch_idx)[:BATCH].tolist())
 
             def on_train_end(self, trainer, module):
                 self.seconds = time.perf_counter() - self.start

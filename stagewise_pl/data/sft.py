@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Sampler
 
 from stagewise_pl.losses import IGNORE_INDEX
 
@@ -32,17 +32,6 @@ def encode_example(tokenizer, prompt_text: str, completion: str, max_length: int
     labels = [IGNORE_INDEX] * len(prompt_ids) + completion_ids
     truncated = len(ids) > max_length
     return Example(ids[:max_length], labels[:max_length], truncated, weight)
-
-
-class ExampleDataset(Dataset):
-    def __init__(self, examples: Sequence[Example]):
-        self.examples = list(examples)
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> Example:
-        return self.examples[i]
 
 
 def pad_collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
@@ -133,11 +122,11 @@ class Collator:
 
 
 class StepBatchSampler(Sampler[list[int]]):
-    """A fixed, seeded sequence of ``num_batches`` batches that can start at any batch.
+    """A fixed, seeded sequence of ``num_batches`` batches, any of which can be asked for on its own.
 
     Batch b is a pure function of (seed, b): uniform order reshuffles each pass over the data;
-    with ``weights`` every batch is drawn with replacement by weight. ``start`` skips batches already
-    trained on, which is how a resumed run continues with exactly the data it had not seen.
+    with ``weights`` every batch is drawn with replacement by weight. A resumed phase asks for the
+    batch of its next step, so it continues with exactly the data it had not seen.
     With several ranks, each takes its slice of a global batch of ``batch_size * world_size``.
     """
 
@@ -148,7 +137,6 @@ class StepBatchSampler(Sampler[list[int]]):
         self.n, self.batch_size, self.num_batches, self.seed = n_examples, batch_size, num_batches, seed
         self.rank, self.world = rank, world_size
         self.weights = None if weights is None else np.asarray(weights, dtype=np.float64) / np.sum(weights)
-        self.start = 0
 
     def global_batch(self, b: int) -> np.ndarray:
         size = self.batch_size * self.world
@@ -167,26 +155,8 @@ class StepBatchSampler(Sampler[list[int]]):
         return self.global_batch(b)[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist()
 
     def __iter__(self):
-        for b in range(self.start, self.num_batches):
+        for b in range(self.num_batches):
             yield self.batch(b)
 
     def __len__(self) -> int:
-        return self.num_batches - self.start
-
-
-class ResumableLoader(DataLoader):
-    """A DataLoader whose position is saved in Lightning checkpoints (Lightning's _Stateful protocol).
-
-    ``consumed`` says how many batches training has used at checkpoint time; loading the state
-    moves the sampler past them.
-    """
-
-    def __init__(self, dataset, batch_sampler: StepBatchSampler, collate_fn, consumed):
-        super().__init__(dataset, batch_sampler=batch_sampler, collate_fn=collate_fn)
-        self._consumed = consumed
-
-    def state_dict(self) -> dict:
-        return {"batches_consumed": int(self._consumed())}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.batch_sampler.start = int(state["batches_consumed"])
+        return self.num_batches

@@ -2,8 +2,9 @@
 
 pass@1 is greedy decoding (one sample at temperature 0). With ``k`` samples at the configured
 temperature, a problem's pass rate is p = correct / k and pass@k is 1 when any sample is correct
-(the unbiased estimator of Chen et al. 2021 with n = k); the fractions of problems with p = 1,
-0 < p < 1 and p = 0 (easy, medium, hard) are reported too. Per-level and overall means are
+(the unbiased estimator of Chen et al. 2021 with n = k); the fractions of problems in each bucket (easy,
+medium, hard: by default p = 1, 0 < p < 1, p = 0; a run passes its routing's bands,
+:mod:`stagewise_pl.buckets`) are reported too. Per-level and overall means are
 aggregated with torchmetrics, so they reduce across ranks the same way training metrics do.
 """
 from __future__ import annotations
@@ -15,13 +16,12 @@ from typing import Sequence
 import torch
 from torchmetrics.aggregation import MeanMetric
 
+from stagewise_pl.buckets import BUCKET_ORDER, DEFAULT_BANDS, PassRateBands
 from stagewise_pl.data.problems import Problem
 from stagewise_pl.models.load import render_prompts
 from stagewise_pl.rollout.base import SamplingParams
 
 ALL = "all"
-# Fractions of problems by sampled pass rate: the buckets the method routes by (p=1, 0<p<1, p=0).
-BUCKETS = {"easy": lambda p: p == 1.0, "medium": lambda p: 0.0 < p < 1.0, "hard": lambda p: p == 0.0}
 
 
 @dataclass
@@ -44,7 +44,8 @@ def _level_key(problem: Problem) -> str:
 
 
 def evaluate_problems(engine, tokenizer, verifier, problems: Sequence[Problem], name: str, k: int = 8,
-                      temperature: float = 1.0, max_new_tokens: int = 64, seed: int = 0) -> EvalResult:
+                      temperature: float = 1.0, max_new_tokens: int = 64, seed: int = 0,
+                      bands: PassRateBands = DEFAULT_BANDS) -> EvalResult:
     prompts = render_prompts(tokenizer, [p.prompt for p in problems])
     golds = [p.answer for p in problems]
     greedy = engine.generate(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens),
@@ -61,7 +62,7 @@ def evaluate_problems(engine, tokenizer, verifier, problems: Sequence[Problem], 
     levels = sorted({_level_key(p) for p in problems}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
     metrics: dict[str, dict[str, MeanMetric]] = OrderedDict(
         # one process evaluates (rank 0 under DDP): the metrics must not wait for the others
-        (lvl, {name: MeanMetric(sync_on_compute=False) for name in ("pass@1", "mean_p", f"pass@{k}", *BUCKETS)})
+        (lvl, {name: MeanMetric(sync_on_compute=False) for name in ("pass@1", "mean_p", f"pass@{k}", *BUCKET_ORDER)})
         for lvl in levels + [ALL])
     counts = {lvl: 0 for lvl in levels + [ALL]}
     for i, p in enumerate(problems):
@@ -71,8 +72,9 @@ def evaluate_problems(engine, tokenizer, verifier, problems: Sequence[Problem], 
             if k > 0:
                 metrics[lvl]["mean_p"].update(torch.tensor(sampled_rates[i]))
                 metrics[lvl][f"pass@{k}"].update(torch.tensor(any_correct[i]))
-                for name, in_bucket in BUCKETS.items():
-                    metrics[lvl][name].update(torch.tensor(float(in_bucket(sampled_rates[i]))))
+                bucket = bands.bucket(sampled_rates[i])
+                for name in BUCKET_ORDER:
+                    metrics[lvl][name].update(torch.tensor(float(name == bucket)))
     result = EvalResult(name=name, k=k, problems={p.id: [float(greedy_rewards[i]), sampled_rates[i]]
                                                   for i, p in enumerate(problems)})
     for lvl, ms in metrics.items():
@@ -80,7 +82,7 @@ def evaluate_problems(engine, tokenizer, verifier, problems: Sequence[Problem], 
         if k > 0:
             row["mean_p"] = float(ms["mean_p"].compute())
             row[f"pass@{k}"] = float(ms[f"pass@{k}"].compute())
-            row.update({name: float(ms[name].compute()) for name in BUCKETS})
+            row.update({name: float(ms[name].compute()) for name in BUCKET_ORDER})
         result.by_level[lvl] = row
     return result
 
@@ -95,7 +97,7 @@ def format_table(columns: "OrderedDict[str, EvalResult]") -> str:
         cells = []
         for lab in labels:
             row = columns[lab].by_level.get(lvl, {})
-            buckets = "/".join(f"{row[b]:.2f}" for b in BUCKETS) if "easy" in row else "-"
+            buckets = "/".join(f"{row[b]:.2f}" for b in BUCKET_ORDER) if "easy" in row else "-"
             mean_p = f"{row['mean_p']:.3f}" if "mean_p" in row else "-"
             cells += [f"{row.get('pass@1', float('nan')):.2f}", mean_p, buckets]
         n = next(iter(columns.values())).by_level[lvl]["n"]

