@@ -292,6 +292,7 @@ class GRPOConfig:
     token_budget: int = doc(0, "the run's budget of generated tokens (profiles, GRPO rollouts, Bridge rewrites, CFT "
                                "repairs; evaluation not counted): each GRPO rollout step samples as many prompts as "
                                "keeps the run on it, given the tokens spent and the cost of the phases still to come; "
+                               "a GRPO phase ends once it is spent, before its steps if need be; "
                                "0 = prompts_per_step every step", ge=0)
     max_prompts_per_step: int = doc(256, "token_budget: the most prompts one rollout step draws", gt=0)
 

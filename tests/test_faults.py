@@ -148,9 +148,10 @@ def corrupt(path: Path, how: str) -> None:
 
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory, args):
-    """A run killed in its GRPO phase, with last.ckpt and previous.ckpt."""
+    """A run killed in its GRPO phase (3 rollout steps), after its checkpoint of step 2: with last.ckpt and
+    previous.ckpt."""
     run_dir = tmp_path_factory.mktemp("stopped") / "run"
-    assert fit(args + [f"run.dir={run_dir}"], {"STAGEWISE_FAULT": "step:g:5"}).returncode == -9
+    assert fit(args + [f"run.dir={run_dir}"], {"STAGEWISE_FAULT": "step:g:3"}).returncode == -9
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "checkpoints" / "previous.ckpt").is_file()
     return run_dir
 

@@ -98,7 +98,9 @@ def test_the_token_budget_spreads_what_is_left_over_the_steps_to_come():
     # half the rollout steps so far made no update: twice as many steps to come
     assert token_budget.prompts_for_step(100_000, before, 0, 10, 5, 4, 2, 10.0, 8, 256) == 38
     assert token_budget.prompts_for_step(100_000, before, 0, 10, 5, 0, 0, 10.0, 8, 50) == 50  # the cap
-    assert token_budget.prompts_for_step(1_000, before, 0, 10, 5, 0, 0, 10.0, 8, 50) == 1  # spent: at least 1
+    assert token_budget.prompts_for_step(8_010, before, 0, 10, 5, 0, 0, 10.0, 8, 50) == 1  # 10 tokens left: at least 1
+    assert token_budget.prompts_for_step(8_000, before, 0, 10, 5, 0, 0, 10.0, 8, 50) == 0  # nothing left: the phase ends
+    assert token_budget.prompts_for_step(9_000, before, 1_500, 10, 5, 0, 0, 10.0, 8, 50) == 0  # overspent
 
 
 # ------------------------------------------------------------------ one definition of the buckets

@@ -113,6 +113,7 @@ class GRPORunner(PhaseRunner):
         self.guard = NonFiniteGuard(cfg.optim.max_nonfinite_steps, spec.name)
         self.nonfinite_rewards = 0  # rewards a verifier gave as NaN/inf, counted as 0
         self.before: Optional[token_budget.SpentBefore] = None  # grpo.token_budget: what earlier phases spent
+        self.budget_spent = False  # grpo.token_budget: nothing left, the phase ended before its steps
         # updates made / the update the rollout engine's weights are from (the phase starts in sync: the context
         # pushes the policy when it hands out the engine)
         self._weights_version = self._engine_version = 0
@@ -131,7 +132,7 @@ class GRPORunner(PhaseRunner):
         return self.max_rollout_steps
 
     def done(self) -> bool:
-        return self.update_steps >= self.spec.steps or self.position >= self.max_rollout_steps
+        return self.update_steps >= self.spec.steps or self.position >= self.max_rollout_steps or self.budget_spent
 
     @property
     def reference(self):
@@ -158,6 +159,9 @@ class GRPORunner(PhaseRunner):
     def step(self, module, step: int) -> None:
         if self.cfg.grpo.token_budget:
             count = dist.broadcast(self.prompts_within_token_budget() if dist.is_main() else None)
+            if count == 0:  # the run's budget is spent: no more rollouts
+                self.budget_spent = True
+                return
             # seeded by phase and step; past the phase's problem count a problem gets a second group (more samples
             # of it), so a small bucket can still take its share of the budget
             rng, batch = np.random.default_rng([self.seed, step, 11]), []
@@ -369,7 +373,8 @@ class GRPORunner(PhaseRunner):
     def state_dict(self) -> dict:
         state = {"position": self.position, "update_steps": self.update_steps,
                  "optimizer_steps": self.optimizer_steps, "nonfinite": self.guard.state_dict(),
-                 "nonfinite_rewards": self.nonfinite_rewards, "history": self.history}
+                 "nonfinite_rewards": self.nonfinite_rewards, "history": self.history,
+                 "budget_spent": self.budget_spent}
         if self.reference is not None:
             state["reference"] = self.reference.state_dict()
         return state
@@ -379,6 +384,7 @@ class GRPORunner(PhaseRunner):
         self.optimizer_steps, self.nonfinite_rewards = int(state["optimizer_steps"]), int(state["nonfinite_rewards"])
         self.guard.load_state_dict(state.get("nonfinite", {}))
         self.history = list(state.get("history", []))
+        self.budget_spent = bool(state.get("budget_spent", False))
         if "reference" in state:
             reference = copy.deepcopy(self.ctx.policy).eval().requires_grad_(False)
             reference.load_state_dict(state["reference"])
@@ -400,13 +406,16 @@ class GRPORunner(PhaseRunner):
         def mean(key, rows):
             return round(sum(r[key] for r in rows) / len(rows), 4) if rows else None
 
-        if self.update_steps < self.spec.steps:
+        if self.budget_spent:
+            self.ctx.log(f"phase {self.spec.name}: the run's token budget (grpo.token_budget) was spent after "
+                         f"{self.update_steps} of {self.spec.steps} update steps")
+        elif self.update_steps < self.spec.steps:
             self.ctx.log(f"phase {self.spec.name}: only {self.update_steps} of {self.spec.steps} rollout steps had a "
                          f"group with signal within {self.max_rollout_steps} rollout steps (grpo.max_rollout_factor)")
         return {"kind": "grpo", "steps": self.update_steps, "rollout_steps": self.position,
                 "optimizer_steps": self.optimizer_steps, "rollouts": int(sum(r.get("rollouts", 0) for r in h)),
                 "generated_tokens": int(sum(r.get("generated_tokens", 0) for r in h)),
-                "mean_prompts": mean("prompts", h), "problems": len(self.problems),
+                "mean_prompts": mean("prompts", h), "problems": len(self.problems), "budget_spent": self.budget_spent,
                 "reward_first_tenth": mean("reward", h[:tenth]), "reward_last_tenth": mean("reward", h[-tenth:]),
                 "zero_groups": mean("zero_groups", h), "one_groups": mean("one_groups", h),
                 "seconds_generation": round(sum(r["s_generation"] for r in h), 1),

@@ -5,7 +5,8 @@ repairs; evaluation is not counted) records ``generated_tokens`` in its summary.
 ``token_budgeted`` (GRPO) sizes each rollout step so that the run ends on the budget: what is left after the
 tokens spent so far and the estimated cost of the later phases that generate but are not budgeted (each as the
 latest earlier phase of its kind cost), spread evenly over the budgeted rollout steps still to come, divided by
-the cost of one prompt's group.
+the cost of one prompt's group. Once nothing is left, the budgeted phase ends (before its ``steps`` if need be):
+the budget, not the step count, binds a comparison at equal generated tokens.
 """
 from __future__ import annotations
 
@@ -46,8 +47,12 @@ def prompts_for_step(budget: int, before: SpentBefore, spent_now: int, updates_l
                      rollout_steps: int, update_steps: int, per_sample: float, group_size: int, cap: int) -> int:
     """Prompts for the next rollout step: the budget left, spread over the update steps still to come (this
     phase's ``updates_left`` and ``later_steps``), times the rollout steps per update so far (steps whose groups
-    were all flat make no update but cost tokens), over the tokens of one prompt's group; between 1 and ``cap``."""
+    were all flat make no update but cost tokens), over the tokens of one prompt's group; between 1 and ``cap``.
+    0 when the budget is spent: the phase ends."""
+    left = budget - before.tokens - spent_now - before.reserve
+    if left <= 0:
+        return 0
     steps_left = max(1, updates_left) + later_steps
     steps_left *= max(1.0, rollout_steps / max(1, update_steps))
-    per_step = (budget - before.tokens - spent_now - before.reserve) / steps_left
+    per_step = left / steps_left
     return int(min(cap, max(1, round(per_step / max(1.0, per_sample * group_size)))))
