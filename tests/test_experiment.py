@@ -162,6 +162,7 @@ def test_grpo_spends_the_runs_token_budget(tmp_path, base_overrides):
     assert done["g"]["mean_prompts"] > 1
 
 
+@pytest.mark.slow  # every arm x 2 seeds: about 6 minutes
 def test_quick_experiment_makes_every_cell_and_plot(tmp_path):
     """What CI runs: python -m stagewise_pl.experiment --quick (two runs at a time). Every arm x seed finishes, every cell of the table
     is filled, every plot is a PNG; the numbers themselves are not asserted."""

@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 from stagewise_pl.ledger import DifficultyLedger
 from helpers import fit
 
+pytestmark = pytest.mark.slow  # the fault matrix: about 12 minutes on 2 cores (.ci/run's second step)
+
 PLAN = ("phases=[{name: s, kind: sft, steps: 4, lr: 5e-4}, {name: p, kind: profile, limit: 40}, "
         "{name: g, kind: grpo, select: medium, steps: 3, lr: 1e-4}, "
         "{name: c, kind: cft, select: unsolved_in_rl, steps: 3, lr: 1e-4}]")

@@ -314,6 +314,7 @@ def arithmetic_teacher(call, body):
     return answer(200, {"choices": [{"index": i, "message": {"content": text}} for i in range(body["n"])]})
 
 
+@pytest.mark.slow  # two runs; make_traces covers the endpoint in the fast tier
 def test_a_run_with_the_http_teacher_keeps_the_key_out_and_pays_nothing_twice(endpoint, key, tmp_path, base_overrides):
     """bridge_sft with teacher_simplify through the loopback endpoint: the key is in the requests' header and
     nowhere in the run directory, the cache or the output; a second run is answered by the cache alone."""

@@ -2,6 +2,7 @@
 exports a plain model that loads with from_pretrained and computes what the adapted policy computed."""
 import copy
 
+import pytest
 import torch
 
 from stagewise_pl.models.lora import apply_lora, has_lora, merged_state_dict
@@ -58,6 +59,7 @@ def test_a_run_with_lora_trains_only_adapters_and_exports_merged_weights(tmp_pat
         torch.testing.assert_close(exported(ids).logits, policy(ids).logits, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # three runs; the kill-resume kind is in the fast tier by test_stages
 def test_a_lora_run_killed_mid_phase_resumes_with_its_adapters(tmp_path, fast_overrides):
     from helpers import fit, same_weights
 

@@ -60,6 +60,7 @@ def fake_tools(directory: Path) -> dict:
     return dict(os.environ, PATH=f"{directory}{os.pathsep}{os.environ['PATH']}")
 
 
+@pytest.mark.slow  # three runs through the sbatch script
 def test_the_script_runs_a_task_resumes_it_and_requeues_on_usr1(tmp_path, fast_overrides):
     root = tmp_path / "runs"
     out = slurm("submit", "conf=default", *fast_overrides, "eval.before=false", "--array", "seed=0,1",

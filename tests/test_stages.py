@@ -172,6 +172,7 @@ def test_a_resume_continues_in_the_same_phase_at_the_same_step(tmp_path, plan_ov
     assert "phase 2-sft: sft" not in out.stdout  # finished phases are not rerun
 
 
+@pytest.mark.slow  # four runs
 def test_a_changed_plan_or_data_is_refused_unless_forced(tmp_path, fast_overrides):
     rows = tmp_path / "pool.jsonl"
     rows.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"{i} + 1", "answer": str(i + 1),

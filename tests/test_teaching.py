@@ -27,6 +27,7 @@ def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow  # a run, a kill and a resume of both teaching phases
 def test_bridge_and_cft_phases_run_log_and_resume_on_the_same_data(tmp_path_factory, teach_overrides):
     straight = tmp_path_factory.mktemp("straight")
     out = fit(teach_overrides + [f"run.dir={straight}"])
@@ -105,6 +106,7 @@ def test_cft_diagnoses_name_the_first_wrong_step_and_every_kept_repair_verifies(
         assert r["failure"] in r["prompt"]
 
 
+@pytest.mark.slow  # DDP is in the fast tier by test_stages
 def test_two_ddp_processes_train_bridge_and_cft_on_the_same_rows(tmp_path, teach_overrides):
     """Rank 0 makes the rows (the student's rewrites, the critiques) and broadcasts them: both ranks train on
     the same rows and end with the same weights."""
