@@ -257,6 +257,22 @@ class ProfileConfig:
 
 
 @dataclass
+class MixedConfig:
+    """The peers that mix imitation into RL per problem (kinds hpt and relift; reconstructions from their papers and
+    code, see docs/PEERS.md). Both sample and update as grpo does (the grpo group); a problem whose group has at
+    most ``switch_gate`` correct rollouts gets the configured teacher's trace instead of an RL signal."""
+
+    switch_gate: int = doc(0, "a group with at most this many correct rollouts goes to imitation (HPT's switch_gate; "
+                              "0 = only groups where every rollout failed, as in HPT and ReLIFT)", ge=0)
+    sft_weight: float = doc(1.0, "hpt: weight of the SFT term in the step's one loss, L = L_RL + w * L_SFT (HPT's "
+                                 "scripts: 1.0, 0.3 for Qwen2.5-Math-1.5B)", ge=0)
+    buffer_size: int = doc(16, "relift: one SFT optimizer step each time this many failed problems with a teacher "
+                               "trace are buffered (ReLIFT: 128 at 1.5B-7B scale)", gt=0)
+    bridge: bool = doc(False, "teacher traces go through the Bridge (bridge.strategy) before they are learned; "
+                              "False = raw traces, as the peers use them")
+
+
+@dataclass
 class GRPOConfig:
     """The RL phase (kind grpo): sampling, advantages, the clipped surrogate and its updates."""
 
@@ -392,7 +408,7 @@ class CFTConfig:
 class PhaseConfig:
     """One phase of the plan: its kind, the data it works on, its budget and its overrides."""
 
-    kind: str = doc("sft", "profile | sft | bridge_sft | cft | grpo | eval, a kind registered in "
+    kind: str = doc("sft", "profile | sft | bridge_sft | cft | grpo | hpt | relift | eval, a kind registered in "
                            "stagewise_pl.phases.PHASES, or a runner class by dotted path package.module:Class",
                     registry="stagewise_pl.phases:PHASES")
     name: str = doc("", "label in logs and directories; empty = <index>-<kind>")
@@ -448,8 +464,9 @@ class Config:
     eval: EvalConfig = doc(help="evaluation", factory=EvalConfig)
     profile: ProfileConfig = doc(help="profile phases (kind profile)", factory=ProfileConfig)
     grpo: GRPOConfig = doc(help="RL phases (kind grpo)", factory=GRPOConfig)
+    mixed: MixedConfig = doc(help="imitation mixed into RL per problem (kinds hpt and relift)", factory=MixedConfig)
     routing: RoutingConfig = doc(help="routing rules that choose each phase's problems", factory=RoutingConfig)
-    teacher: TeacherConfig = doc(help="teacher of bridge_sft and cft phases", factory=TeacherConfig)
+    teacher: TeacherConfig = doc(help="teacher of bridge_sft, cft, hpt and relift phases", factory=TeacherConfig)
     bridge: BridgeConfig = doc(help="Bridge SFT (bridge_sft phases, and cft's new traces)", factory=BridgeConfig)
     cft: CFTConfig = doc(help="critique fine-tuning (cft phases)", factory=CFTConfig)
     prompts: str = doc("default", "prompt templates: conf/prompts/NAME.yaml, or a path to a YAML file")
@@ -471,7 +488,7 @@ class Config:
 
 
 GROUPS = ["run", "model", "task", "data", "optim", "trainer", "rollout", "verifier", "eval", "profile", "grpo",
-          "routing", "teacher", "bridge", "cft", "prompts", "phases"]
+          "mixed", "routing", "teacher", "bridge", "cft", "prompts", "phases"]
 Problem = tuple[str, str]  # (key, message)
 _BOUNDS = {"gt": (lambda v, b: v > b, "> {}"), "ge": (lambda v, b: v >= b, ">= {}"),
            "lt": (lambda v, b: v < b, "< {}"), "le": (lambda v, b: v <= b, "<= {}")}

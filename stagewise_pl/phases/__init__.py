@@ -6,6 +6,7 @@ Each kind is a :class:`PhaseRunner` subclass registered in :data:`PHASES` with i
 - ``sft`` -- :mod:`stagewise_pl.phases.supervised`
 - ``bridge_sft``, ``cft`` -- :mod:`stagewise_pl.phases.teaching`
 - ``grpo`` -- :mod:`stagewise_pl.phases.grpo`
+- ``hpt``, ``relift`` -- :mod:`stagewise_pl.phases.mixed` (peers of the method, reconstructed)
 
 A kind written outside the package registers itself the same way (``@PHASES.register("mine")``) or is named in
 the plan by dotted path (``kind: package.module:MyRunner``). The phase manager
@@ -21,7 +22,8 @@ from stagewise_pl.phases.profile import EvalRunner, ProfileRunner
 from stagewise_pl.phases.supervised import SFTRunner, TaughtRunner
 from stagewise_pl.phases.teaching import BridgeSFTRunner, CFTRunner
 from stagewise_pl.phases.grpo import GRPORunner, GRPOSettings
+from stagewise_pl.phases.mixed import HPTRunner, ReLIFTRunner
 
 __all__ = ["PHASES", "PhaseRunner", "PhaseTraits", "PhaseContext", "RolloutEngines", "Teachers", "kind_traits",
            "runner_class", "EvalRunner", "ProfileRunner", "SFTRunner", "TaughtRunner", "BridgeSFTRunner",
-           "CFTRunner", "GRPORunner", "GRPOSettings"]
+           "CFTRunner", "GRPORunner", "GRPOSettings", "HPTRunner", "ReLIFTRunner"]

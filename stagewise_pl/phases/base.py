@@ -76,6 +76,18 @@ class PhaseRunner:
     def step(self, module, step: int) -> None:
         self.position += 1
 
+    def bridge_context(self, salt: int = 0):
+        """The Bridge context of this phase: the student as it is now, the teacher, the verifier, the templates
+        (its sampling seeded by the phase and ``salt``)."""
+        from stagewise_pl.bridge import BridgeContext
+
+        cfg, ctx = self.cfg, self.ctx
+        return BridgeContext(ctx.policy, ctx.tokenizer, ctx.engine_with_current_weights(), ctx.verifier,
+                             ctx.teachers.teacher(), ctx.prompts, cfg.bridge,
+                             cfg.bridge.max_new_tokens or ctx.max_new_tokens(),
+                             seed=cfg.run.seed + 1000 * self.spec.number + 17 + salt, max_length=cfg.trainer.max_length,
+                             batch_size=cfg.eval.batch_size, kernel=cfg.trainer.kernel, progress=cfg.run.progress_bar)
+
     def configure_optimizers(self, module):
         """An optimiser the trainer can hold; phases that do not train never step it (AdamW allocates no state)."""
         from stagewise_pl.phases.optim import adamw_with_schedule

@@ -132,7 +132,11 @@ class GRPORunner(PhaseRunner):
         return self.max_rollout_steps
 
     def done(self) -> bool:
-        return self.update_steps >= self.spec.steps or self.position >= self.max_rollout_steps or self.budget_spent
+        return self.updates_done() >= self.spec.steps or self.position >= self.max_rollout_steps or self.budget_spent
+
+    def updates_done(self) -> int:
+        """What the phase's ``steps`` count, done so far: rollout steps that made an update."""
+        return self.update_steps
 
     @property
     def reference(self):
@@ -189,15 +193,10 @@ class GRPORunner(PhaseRunner):
         if dist.is_main():  # every rank holds all groups; one writes them
             self.ctx.ledger.record(self.records(all_groups, module.global_step))
         rewards = all_groups.rewards
-        keep = informative(rewards) if s.drop_flat_groups else list(range(len(all_groups.problems)))
-        if s.dynamic_sampling:
-            keep = keep[:s.prompts_per_step]
-        train_s, stats = 0.0, {}
-        if keep:
-            t0 = time.perf_counter()
-            selected = all_groups.select(keep)
-            stats = self.update(module, selected, compute_advantages(selected.rewards, s.advantage, s.std_scale))
-            train_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        trained, stats = self.train_on(module, all_groups)
+        train_s = time.perf_counter() - t0
+        if stats is not None:
             self.update_steps += 1
         self.position += 1
         lengths = torch.tensor([len(c) for c in all_groups.completion_ids], dtype=torch.float32)
@@ -208,11 +207,11 @@ class GRPORunner(PhaseRunner):
             "informative_groups": float(len(informative(rewards))),
             "nonfinite_skipped": float(self.guard.skipped),
             "nonfinite_rewards": float(self.nonfinite_rewards + getattr(self.ctx.verifier, "nonfinite", 0)),
-            "groups_trained": float(len(keep)), "rounds": float(rounds), "completion_len": float(lengths.mean()),
+            "groups_trained": float(trained), "rounds": float(rounds), "completion_len": float(lengths.mean()),
             "prompts": float(len(problems)), "rollouts": float(len(lengths)), "generated_tokens": float(lengths.sum()),
             "truncated": sum(all_groups.truncated) / max(1, len(all_groups.truncated)),
             "s_generation": gen_s, "s_grading": grade_s, "s_training": train_s,
-            "s_step": time.perf_counter() - started, "updated": float(bool(keep)), **stats,
+            "s_step": time.perf_counter() - started, "updated": float(stats is not None), **(stats or {}),
         }
         self.history.append(metrics)
         # every metric of every rollout step straight to the loggers, in one call
@@ -220,6 +219,19 @@ class GRPORunner(PhaseRunner):
         module.log_row({**{prefix + name: float(value) for name, value in metrics.items()},
                         prefix + "rollout_step": float(self.position)})
         module.bar(prefix + "reward", metrics["reward"])
+
+    def train_on(self, module, groups: Groups) -> tuple[int, Optional[dict]]:
+        """The update of one rollout step on its graded groups: (groups trained on, the update's metrics), or
+        (0, None) when no group carries signal. Kinds that train on a step's groups differently override this."""
+        s = self.s
+        keep = informative(groups.rewards) if s.drop_flat_groups else list(range(len(groups.problems)))
+        if s.dynamic_sampling:
+            keep = keep[:s.prompts_per_step]
+        if not keep:
+            return 0, None
+        selected = groups.select(keep)
+        return len(keep), self.update(module, selected, compute_advantages(selected.rewards, s.advantage,
+                                                                           s.std_scale))
 
     def prompt(self, problem) -> str:
         from stagewise_pl.models.load import render_prompt
@@ -277,7 +289,7 @@ class GRPORunner(PhaseRunner):
             zero = bool((groups.rewards[i] <= 0).all())
             for j in range(g):
                 r, reward = i * g + j, float(groups.rewards[i, j])
-                out.append(RolloutRecord(self.spec.name, "grpo", self.position, problem.id, j, reward,
+                out.append(RolloutRecord(self.spec.name, self.kind, self.position, problem.id, j, reward,
                                          groups.reasons[r], len(groups.completion_ids[r]), groups.truncated[r], zero,
                                          groups.texts[r] if reward <= 0 else None, groups.rounds[i],
                                          self.spec.number, global_step))
@@ -341,6 +353,7 @@ class GRPORunner(PhaseRunner):
                     sums["entropy"] += float((out.entropy * m).sum() / tokens)
                     if ref is not None:
                         sums["kl"] += float((k3_kl(out.logp, ref[rows]) * m).sum().detach() / tokens)
+                mb_loss += self.extra_backward(module)
                 if guarded_step(module, self.guard, mb_loss, self.position + 1, self.cfg.optim.grad_clip):
                     self._weights_version += 1
                     self.optimizer_steps += 1
@@ -354,6 +367,11 @@ class GRPORunner(PhaseRunner):
         stats["advantage_abs"] = float(advantages.abs().mean())
         return stats
 
+    def extra_backward(self, module) -> float:
+        """Gradients a kind adds to each policy-loss mini-batch before its optimizer step (their loss value);
+        GRPO adds none."""
+        return 0.0
+
     # ------------------------------------------------------------------ the run's budget of generated tokens
     def prompts_within_token_budget(self) -> int:
         """Prompts for this rollout step under ``grpo.token_budget`` (rank 0; see :mod:`token_budget`)."""
@@ -365,9 +383,13 @@ class GRPORunner(PhaseRunner):
         per_sample = (sum(h["generated_tokens"] for h in done) / sum(h["rollouts"] for h in done)) if done else \
             self.before.per_sample
         return token_budget.prompts_for_step(
-            g.token_budget, self.before, int(sum(h.get("generated_tokens", 0) for h in self.history)),
-            self.spec.steps - self.update_steps, token_budget.budgeted_steps_after(ctx.plan, self.spec, ctx.traits),
+            g.token_budget, self.before, self.spent_now(),
+            self.spec.steps - self.updates_done(), token_budget.budgeted_steps_after(ctx.plan, self.spec, ctx.traits),
             self.position, self.update_steps, per_sample, g.num_generations, g.max_prompts_per_step)
+
+    def spent_now(self) -> int:
+        """Tokens the student generated in this phase so far."""
+        return int(sum(h.get("generated_tokens", 0) for h in self.history))
 
     # ------------------------------------------------------------------ checkpoints and summaries
     def state_dict(self) -> dict:
@@ -400,7 +422,7 @@ class GRPORunner(PhaseRunner):
     def summary(self) -> dict:
         h = self.history
         if not self.problems:
-            return {"kind": "grpo", "steps": 0, "rollout_steps": 0, "optimizer_steps": 0, "problems": 0}
+            return {"kind": self.kind, "steps": 0, "rollout_steps": 0, "optimizer_steps": 0, "problems": 0}
         tenth = max(1, len(h) // 10)
 
         def mean(key, rows):
@@ -408,11 +430,11 @@ class GRPORunner(PhaseRunner):
 
         if self.budget_spent:
             self.ctx.log(f"phase {self.spec.name}: the run's token budget (grpo.token_budget) was spent after "
-                         f"{self.update_steps} of {self.spec.steps} update steps")
-        elif self.update_steps < self.spec.steps:
+                         f"{self.updates_done()} of {self.spec.steps} update steps")
+        elif self.updates_done() < self.spec.steps:
             self.ctx.log(f"phase {self.spec.name}: only {self.update_steps} of {self.spec.steps} rollout steps had a "
                          f"group with signal within {self.max_rollout_steps} rollout steps (grpo.max_rollout_factor)")
-        return {"kind": "grpo", "steps": self.update_steps, "rollout_steps": self.position,
+        return {"kind": self.kind, "steps": self.update_steps, "rollout_steps": self.position,
                 "optimizer_steps": self.optimizer_steps, "rollouts": int(sum(r.get("rollouts", 0) for r in h)),
                 "generated_tokens": int(sum(r.get("generated_tokens", 0) for r in h)),
                 "mean_prompts": mean("prompts", h), "problems": len(self.problems), "budget_spent": self.budget_spent,

@@ -217,17 +217,6 @@ class TaughtRunner(SFTRunner):
                                      self.cfg.trainer.max_length)
         return examples
 
-    def bridge_context(self):
-        """The Bridge context of this phase: the student as it is now, the teacher, the verifier, the templates."""
-        from stagewise_pl.bridge import BridgeContext
-
-        cfg, ctx = self.cfg, self.ctx
-        return BridgeContext(ctx.policy, ctx.tokenizer, ctx.engine_with_current_weights(), ctx.verifier,
-                             ctx.teachers.teacher(), ctx.prompts, cfg.bridge,
-                             cfg.bridge.max_new_tokens or ctx.max_new_tokens(),
-                             seed=cfg.run.seed + 1000 * self.spec.number + 17, max_length=cfg.trainer.max_length,
-                             batch_size=cfg.eval.batch_size, kernel=cfg.trainer.kernel, progress=cfg.run.progress_bar)
-
     def state_dict(self) -> dict:
         return dict(super().state_dict(), rows=self.rows, report=self.report)
 
