@@ -36,16 +36,15 @@ import torch
 from stagewise_pl import dist
 from stagewise_pl.advantages import compute_advantages, group_stats
 from stagewise_pl.faults import poisoned
-from stagewise_pl.kernels import fused_policy_loss, logprobs
+from stagewise_pl.kernels import fused_policy_loss
 from stagewise_pl.losses import PolicyLossConfig, aggregation_weights, entropy_weights, k3_kl
 from stagewise_pl.nonfinite import NonFiniteGuard
 from stagewise_pl.phases import token_budget
 from stagewise_pl.phases.base import PHASES, PhaseRunner
-from stagewise_pl.phases.grpo_batch import (Groups, batch_tensors, completion_hidden, informative, micro_slices,
-                                            my_micro_slices)
+from stagewise_pl.phases.grpo_batch import (Groups, batch_tensors, completion_hidden, completion_logprobs,
+                                            informative, my_micro_slices)
 from stagewise_pl.phases.optim import adamw_with_schedule, guarded_step, warmup_steps_for
 from stagewise_pl.plan import PhaseTraits
-from stagewise_pl.records import RolloutRecord
 
 
 @dataclass
@@ -191,7 +190,7 @@ class GRPORunner(PhaseRunner):
                 gen_s, grade_s, rounds = gen_s + g_s, grade_s + r_s, rounds + 1
         all_groups = Groups.concat(parts)
         if dist.is_main():  # every rank holds all groups; one writes them
-            self.ctx.ledger.record(self.records(all_groups, module.global_step))
+            self.ctx.ledger.record(all_groups.records(self.spec, self.kind, self.position, module.global_step))
         rewards = all_groups.rewards
         t0 = time.perf_counter()
         trained, stats = self.train_on(module, all_groups)
@@ -283,41 +282,17 @@ class GRPORunner(PhaseRunner):
         return [self.problems[i] for i in rng.choice(len(self.problems), size=min(count, len(self.problems)),
                                                      replace=False)]
 
-    def records(self, groups: Groups, global_step: int) -> list[RolloutRecord]:
-        g, out = self.s.num_generations, []
-        for i, problem in enumerate(groups.problems):
-            zero = bool((groups.rewards[i] <= 0).all())
-            for j in range(g):
-                r, reward = i * g + j, float(groups.rewards[i, j])
-                out.append(RolloutRecord(self.spec.name, self.kind, self.position, problem.id, j, reward,
-                                         groups.reasons[r], len(groups.completion_ids[r]), groups.truncated[r], zero,
-                                         groups.texts[r] if reward <= 0 else None, groups.rounds[i],
-                                         self.spec.number, global_step))
-        return out
-
     # ------------------------------------------------------------------ the update
-    @torch.no_grad()
-    def completion_logprobs(self, model, t: dict, device) -> torch.Tensor:
-        head = model.get_output_embeddings()
-        out = []
-        all_rows = torch.arange(t["targets"].shape[0], device=device)
-        for part in micro_slices(len(all_rows), self.s.micro_batch_size):
-            rows = all_rows[part]
-            targets = torch.where(t["mask"][rows].bool(), t["targets"][rows], torch.full_like(t["targets"][rows], -100))
-            logp, _ = logprobs(completion_hidden(model, t, rows, self.ctx.tokenizer.pad_token_id, self.s.shared_prefix),
-                               head.weight, targets, getattr(head, "bias", None), temperature=self.s.temperature,
-                               backend=self.cfg.trainer.kernel)
-            out.append(logp)
-        return torch.cat(out)
-
     def update(self, module, groups: Groups, advantages: torch.Tensor) -> dict[str, float]:
         s, policy, device = self.s, module.policy, module.device
         pad = self.ctx.tokenizer.pad_token_id
         t = batch_tensors(groups, advantages, pad, s.mask_truncated, device)
         n = t["targets"].shape[0]
         head = policy.get_output_embeddings()
-        old = self.completion_logprobs(policy, t, device) if s.num_iterations > 1 or s.minibatches > 1 else None
-        ref = self.completion_logprobs(self.reference.to(device), t, device) if s.loss.beta > 0 else None
+        frozen = dict(pad_id=pad, micro_batch_size=s.micro_batch_size, shared_prefix=s.shared_prefix,
+                      temperature=s.temperature, backend=self.cfg.trainer.kernel)
+        old = completion_logprobs(policy, t, **frozen) if s.num_iterations > 1 or s.minibatches > 1 else None
+        ref = completion_logprobs(self.reference.to(device), t, **frozen) if s.loss.beta > 0 else None
         gen = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, self.position, 99]).integers(2**31)))
         sums = {"loss": 0.0, "clip_fraction": 0.0, "entropy": 0.0, "kl": 0.0}
         count = 0

@@ -50,6 +50,22 @@ class Groups:
                       [self.rounds[i] for i in keep])
 
 
+    def records(self, spec, kind: str, step: int, global_step: int) -> list:
+        """The ledger rows of these groups, graded at rollout ``step`` of phase ``spec`` (of ``kind``)."""
+        from stagewise_pl.records import RolloutRecord
+
+        g, out = self.rewards.shape[1], []
+        for i, problem in enumerate(self.problems):
+            zero = bool((self.rewards[i] <= 0).all())
+            for j in range(g):
+                r, reward = i * g + j, float(self.rewards[i, j])
+                out.append(RolloutRecord(spec.name, kind, step, problem.id, j, reward, self.reasons[r],
+                                         len(self.completion_ids[r]), self.truncated[r], zero,
+                                         self.texts[r] if reward <= 0 else None, self.rounds[i], spec.number,
+                                         global_step))
+        return out
+
+
 def informative(rewards: torch.Tensor) -> list[int]:
     """Indices of groups whose rewards are not all equal."""
     return (rewards.max(-1).values > rewards.min(-1).values).nonzero()[:, 0].tolist()
@@ -179,3 +195,22 @@ def my_micro_slices(n: int, micro_batch_size: int) -> list[Optional[slice]]:
         parts = [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
     mine: list[Optional[slice]] = list(parts[dist.rank()::world])
     return mine + [None] * (-(-len(parts) // world) - len(mine))
+
+
+@torch.no_grad()
+def completion_logprobs(model, t: dict, pad_id: int, micro_batch_size: int, shared_prefix: bool, temperature: float,
+                        backend: str) -> torch.Tensor:
+    """Log-probs of every completion token of the batch ``t`` under ``model`` (no gradient): the old policy's or
+    the KL reference's, in micro-batches."""
+    from stagewise_pl.kernels import logprobs
+
+    head = model.get_output_embeddings()
+    out = []
+    all_rows = torch.arange(t["targets"].shape[0], device=t["targets"].device)
+    for part in micro_slices(len(all_rows), micro_batch_size):
+        rows = all_rows[part]
+        targets = torch.where(t["mask"][rows].bool(), t["targets"][rows], torch.full_like(t["targets"][rows], -100))
+        logp, _ = logprobs(completion_hidden(model, t, rows, pad_id, shared_prefix), head.weight, targets,
+                           getattr(head, "bias", None), temperature=temperature, backend=backend)
+        out.append(logp)
+    return torch.cat(out)
