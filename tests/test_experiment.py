@@ -55,15 +55,18 @@ def test_a_bad_experiment_file_is_an_error_naming_the_key(tmp_path, text, messag
 def test_every_arm_is_a_valid_run_at_the_same_budget(tmp_path):
     """Both budgets of conf/experiment.yaml: every arm's command line loads; its training phases sum to the
     budget's optimizer steps and every GRPO phase runs under the same token budget; arms (a)-(f) are there."""
+    from stagewise_pl.phases import kind_traits
+
     for quick in (False, True):
         exp = load_experiment(EXPERIMENT, quick)
         assert len(exp.seeds) >= (2 if quick else 3)
         names = {a.name for a in exp.arms}
-        assert {"sft_reference", "distill", "rl", "sft_then_rl", "stagewise", "no_bridge", "no_cft", "one_round"} <= names
+        assert {"sft_reference", "distill", "rl", "sft_then_rl", "stagewise", "no_bridge", "no_cft", "one_round",
+                "hpt", "relift"} <= names
         for arm in exp.arms:
             args = fit_args(exp, arm, exp.seeds[0], tmp_path)
             cfg = load_config(exp.base, args[1:])
-            trained = [p.steps for p in cfg.phases if p.kind in ("sft", "bridge_sft", "cft", "grpo")]
+            trained = [p.steps for p in cfg.phases if kind_traits([p.kind])[p.kind].trains]
             assert sum(trained) == exp.optimizer_steps, arm.name
             assert cfg.grpo.token_budget == exp.generated_tokens
             assert cfg.run.dir == str(tmp_path / arm.name / f"seed-{exp.seeds[0]}")

@@ -103,7 +103,7 @@ def test_refusals(tmp_path, fast_overrides):
 def test_unknown_phase_kind_fails_before_work(tmp_path, fast_overrides):
     """The phase-kind registry is the source of the allowed kinds: the configuration names the registered ones."""
     with pytest.raises(ConfigError, match="'phases.0.kind': 'nonexistent' is not registered; registered: "
-                                          "bridge_sft, cft, eval, grpo, profile, sft"):
+                                          "bridge_sft, cft, eval, grpo, hpt, profile, relift, sft"):
         load_config("default", fast_overrides + [f"run.dir={tmp_path / 'x'}", "phases.0.kind=nonexistent"])
     cfg = load_config("default", fast_overrides + [f"run.dir={tmp_path / 'x'}", "phases.0.kind=no_such.module:Kind"])
     with pytest.raises(ConfigError, match="phases.0.kind: unknown phase kind 'no_such.module:Kind'"):

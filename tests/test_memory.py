@@ -39,7 +39,8 @@ def test_every_ddp_rank_holds_the_whole_model():
     assert estimate(load_config("default", ["model.name_or_path=someone/unknown-model"])) is None
 
 
-@pytest.mark.parametrize("conf,size", [("qwen1.5b", "1.54B"), ("llama3.2-1b", "1.24B")])
+@pytest.mark.parametrize("conf,size", [("qwen1.5b", "1.54B"),
+                                       pytest.param("llama3.2-1b", "1.24B", marks=pytest.mark.slow)])
 def test_gpu_recipes_dry_run_on_this_machine(conf, size):
     out = subprocess.run([sys.executable, "-m", "stagewise_pl.fit", f"conf={conf}", "--dry-run"], capture_output=True,
                          text=True, timeout=120)

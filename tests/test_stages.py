@@ -44,8 +44,8 @@ def test_the_method_plan_is_checked_and_named():
 
 
 @pytest.mark.parametrize("phases,message", [
-    ([phase("cft")], "phases.0: a cft phase reads failed rollouts .* no phase that records them \\(grpo or profile\\) "
-                     "comes before"),
+    ([phase("cft")], "phases.0: a cft phase reads failed rollouts .* no phase that records them "
+                     "\\(grpo or hpt or profile or relift\\) comes before"),
     ([phase("profile"), phase("bridge_sft", select="hard", steps=0)], "phases.1: bridge_sft phases need steps"),
     ([phase("distill")], "phases.0.kind: unknown phase kind 'distill'"),
     ([phase("profile"), phase("sft", select="tricky")], "phases.1.select='tricky': no routing rule builds"),
@@ -159,6 +159,7 @@ def test_one_launch_runs_the_plan_and_routes_by_the_ledger(tmp_path, plan_overri
     assert "2-sft pass@1" in summary and "5-eval pass@1" in summary
 
 
+@pytest.mark.slow  # kill-resume stays in the fast tier by test_grpo and test_ledger
 def test_a_resume_continues_in_the_same_phase_at_the_same_step(tmp_path, plan_overrides):
     run_dir = tmp_path / "r"
     out = fit(plan_overrides + [f"run.dir={run_dir}"], {"STAGEWISE_FAULT": "step:4-grpo:3"})
