@@ -124,6 +124,7 @@ def test_profile_phase_records_k_samples_per_problem(tmp_path):
     assert 0 < summary["mean_pass_rate"] < 1  # the pool mixes solved and unsolved problems
 
 
+@pytest.mark.slow  # two runs and a kill
 def test_a_profile_cut_short_is_redone_to_the_same_ledger(tmp_path):
     profile_run(tmp_path / "straight").execute()
     run = profile_run(tmp_path / "cut")

@@ -67,6 +67,7 @@ def test_a_signal_checkpoints_the_step_requeues_under_slurm_and_the_run_resumes(
                 + f"exit {128 + signum}; the resumed run ends with the uninterrupted run's weights", 0)
 
 
+@pytest.mark.slow  # two runs
 def test_a_failed_requeue_is_said_and_the_checkpoint_stays(tmp_path, fast_overrides, reliability):
     args = fast_overrides + ["eval.before=false", "eval.k=0", f"run.dir={tmp_path / 'run'}"]
     env = dict(fake_scontrol(tmp_path / "bin", code=1), STAGEWISE_FAULT="step:1-sft:2", STAGEWISE_FAULT_SIGNAL="USR1",

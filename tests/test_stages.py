@@ -234,6 +234,7 @@ def fit_with_the_rule_module(tmp_path, fast_overrides, run_dir, *args):
     return out
 
 
+@pytest.mark.slow  # a rule by dotted path stays in the fast tier by test_a_phase_selects_by_naming_a_rule
 def test_a_rule_from_a_module_only_this_test_has(tmp_path, fast_overrides):
     run_dir = tmp_path / "custom"
     out = fit_with_the_rule_module(
