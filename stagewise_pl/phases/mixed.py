@@ -49,6 +49,11 @@ class MixedRunner(GRPORunner):
 
     def __init__(self, ctx, spec, selection):
         super().__init__(ctx, spec, selection)
+        if self.s.num_iterations != 1 or self.s.minibatches != 1:  # hpt mixes both losses in one step; relift's
+            # steps count one optimizer step per update
+            raise ConfigError(f"phase {spec.name} ({self.kind}): one optimizer step per update; set "
+                              f"grpo.num_iterations=1 and grpo.minibatches=1 (got {self.s.num_iterations}, "
+                              f"{self.s.minibatches})")
         self.m = self.cfg.mixed
         self.traces: dict[str, Optional[str]] = {}  # problem id -> its trace (None: the teacher gave none)
         self.teacher_traces = 0  # traces the teacher gave (asked once per problem)
@@ -144,10 +149,6 @@ class HPTRunner(MixedRunner):
 
     def __init__(self, ctx, spec, selection):
         super().__init__(ctx, spec, selection)
-        if self.s.num_iterations != 1 or self.s.minibatches != 1:
-            raise ConfigError(f"phase {spec.name} (hpt): one optimizer step per rollout step mixes both losses; "
-                              f"set grpo.num_iterations=1 and grpo.minibatches=1 (got {self.s.num_iterations}, "
-                              f"{self.s.minibatches})")
         self._pairs: list[tuple[str, str]] = []  # this step's (prompt, trace) pairs, read by extra_backward
         self._sft: dict = {}
 
@@ -193,10 +194,6 @@ class ReLIFTRunner(MixedRunner):
 
     def __init__(self, ctx, spec, selection):
         super().__init__(ctx, spec, selection)
-        if self.s.num_iterations != 1 or self.s.minibatches != 1:
-            raise ConfigError(f"phase {spec.name} (relift): its steps count one optimizer step per update; set "
-                              f"grpo.num_iterations=1 and grpo.minibatches=1 (got {self.s.num_iterations}, "
-                              f"{self.s.minibatches})")
         self.buffer: list[tuple[str, str]] = []  # (problem id, trace) waiting for the next SFT step
         self.sft_steps = self.rl_updates = 0
 
