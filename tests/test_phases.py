@@ -97,6 +97,11 @@ def test_the_token_budget_spreads_what_is_left_over_the_steps_to_come():
     assert token_budget.prompts_for_step(100_000, before, 0, 10, 5, 0, 0, 10.0, 8, 256) == 77
     # half the rollout steps so far made no update: twice as many steps to come
     assert token_budget.prompts_for_step(100_000, before, 0, 10, 5, 4, 2, 10.0, 8, 256) == 38
+    # steps that sample nothing count too (relift's SFT steps): 2 rollout steps for 4 counted steps, half as many
+    # rollout steps to come
+    assert token_budget.prompts_for_step(100_000, before, 0, 10, 5, 2, 4, 10.0, 8, 256) == 153
+    # no update yet after 3 rollout steps: three times as many steps to come
+    assert token_budget.prompts_for_step(100_000, before, 0, 10, 5, 3, 0, 10.0, 8, 256) == 26
     assert token_budget.prompts_for_step(100_000, before, 0, 10, 5, 0, 0, 10.0, 8, 50) == 50  # the cap
     assert token_budget.prompts_for_step(8_010, before, 0, 10, 5, 0, 0, 10.0, 8, 50) == 1  # 10 tokens left: at least 1
     assert token_budget.prompts_for_step(8_000, before, 0, 10, 5, 0, 0, 10.0, 8, 50) == 0  # nothing left: the phase ends

@@ -360,7 +360,7 @@ class GRPORunner(PhaseRunner):
         return token_budget.prompts_for_step(
             g.token_budget, self.before, self.spent_now(),
             self.spec.steps - self.updates_done(), token_budget.budgeted_steps_after(ctx.plan, self.spec, ctx.traits),
-            self.position, self.update_steps, per_sample, g.num_generations, g.max_prompts_per_step)
+            self.position, self.updates_done(), per_sample, g.num_generations, g.max_prompts_per_step)
 
     def spent_now(self) -> int:
         """Tokens the student generated in this phase so far."""

@@ -46,13 +46,16 @@ def budgeted_steps_after(plan: Sequence[PhaseSpec], current: PhaseSpec, traits: 
 def prompts_for_step(budget: int, before: SpentBefore, spent_now: int, updates_left: int, later_steps: int,
                      rollout_steps: int, update_steps: int, per_sample: float, group_size: int, cap: int) -> int:
     """Prompts for the next rollout step: the budget left, spread over the update steps still to come (this
-    phase's ``updates_left`` and ``later_steps``), times the rollout steps per update so far (steps whose groups
-    were all flat make no update but cost tokens), over the tokens of one prompt's group; between 1 and ``cap``.
+    phase's ``updates_left`` and ``later_steps``), times the rollout steps per counted update so far (steps whose
+    groups were all flat make no update but cost tokens; ``update_steps`` is what the phase's steps count), over the
+    tokens of one prompt's group; between 1 and ``cap``.
     0 when the budget is spent: the phase ends."""
     left = budget - before.tokens - spent_now - before.reserve
     if left <= 0:
         return 0
     steps_left = max(1, updates_left) + later_steps
-    steps_left *= max(1.0, rollout_steps / max(1, update_steps))
+    # rollout steps per counted step so far: above 1 when steps made no update, below 1 when steps that sample
+    # nothing count too (relift's SFT steps); before any update, as many as the rollout steps so far
+    steps_left *= rollout_steps / update_steps if update_steps else max(1.0, rollout_steps)
     per_step = left / steps_left
     return int(min(cap, max(1, round(per_step / max(1.0, per_sample * group_size)))))
