@@ -266,3 +266,25 @@ def test_a_killed_mixed_run_resumes_to_the_uninterrupted_one(tmp_path, base_over
     again = json.loads((crashed / "state.json").read_text())["completed"]
     strip = lambda s: {k: v for k, v in s.items() if not k.startswith("seconds")}  # noqa: E731
     assert strip(again["r"]) == strip(r) and strip(again["h"]) == strip(h)
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_run_the_peer_kinds_to_the_same_weights(tmp_path, base_overrides):
+    """hpt and relift under DDP: traces asked on rank 0 and broadcast, the SFT term sharded across the ranks;
+    both ranks end with the same weights, and the ledger holds every rollout once."""
+    from stagewise_pl.ledger import DifficultyLedger
+
+    run_dir = tmp_path / "ddp"
+    out = fit(base_overrides + SETTINGS + [f"run.dir={run_dir}", "trainer.strategy=ddp", "trainer.devices=2",
+                                           "trainer.accelerator=cpu", "run.threads=1", "run.deterministic=false"],
+              timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    ranks = [json.loads((run_dir / "routing" / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] and "final weights" in ranks[0]
+    done = json.loads((run_dir / "state.json").read_text())["completed"]
+    assert done["h"]["teacher_traces"] > 0 and done["h"]["optimizer_steps"] == 3
+    assert done["r"]["sft_steps"] >= 1 and done["r"]["optimizer_steps"] == 4
+    table = DifficultyLedger(run_dir / "ledger", "x").table().to_pylist()
+    for name in ("h", "r"):
+        keys = [(r["step"], r["problem_id"], r["sample_index"]) for r in table if r["phase"] == name]
+        assert len(keys) == done[name]["rollouts"] and len(set(keys)) == len(keys)
