@@ -288,3 +288,19 @@ def test_two_ddp_processes_run_the_peer_kinds_to_the_same_weights(tmp_path, base
     for name in ("h", "r"):
         keys = [(r["step"], r["problem_id"], r["sample_index"]) for r in table if r["phase"] == name]
         assert len(keys) == done[name]["rollouts"] and len(set(keys)) == len(keys)
+
+
+@pytest.mark.slow
+def test_bridged_traces_count_the_students_rewrite_tokens(tmp_path, base_overrides):
+    """mixed.bridge=true: traces go through the Bridge before they are learned; the student's rewrite tokens count
+    in the phase's generated tokens (and so against grpo.token_budget), beside its rollouts'."""
+    run_dir = tmp_path / "bridged"
+    out = fit(base_overrides + SETTINGS + [f"run.dir={run_dir}", "mixed.bridge=true", "bridge.samples=2"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    done = json.loads((run_dir / "state.json").read_text())["completed"]
+    for name in ("h", "r"):
+        s = done[name]
+        assert s["bridged"] and 0 < s["teacher_traces"]
+        curves = json.loads(next((run_dir / "curves").glob(f"*-{name}.json")).read_text())
+        assert s["generated_tokens"] > sum(curves["generated_tokens"])  # rollouts + the Bridge's rewrites
+    assert done["r"]["steps"] == 4 and done["r"]["rl_updates"] + done["r"]["sft_steps"] == 4

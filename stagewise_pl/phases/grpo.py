@@ -409,7 +409,7 @@ class GRPORunner(PhaseRunner):
         elif self.updates_done() < self.spec.steps:
             self.ctx.log(f"phase {self.spec.name}: only {self.update_steps} of {self.spec.steps} rollout steps had a "
                          f"group with signal within {self.max_rollout_steps} rollout steps (grpo.max_rollout_factor)")
-        return {"kind": self.kind, "steps": self.update_steps, "rollout_steps": self.position,
+        return {"kind": self.kind, "steps": self.updates_done(), "rollout_steps": self.position,
                 "optimizer_steps": self.optimizer_steps, "rollouts": int(sum(r.get("rollouts", 0) for r in h)),
                 "generated_tokens": int(sum(r.get("generated_tokens", 0) for r in h)),
                 "mean_prompts": mean("prompts", h), "problems": len(self.problems), "budget_spent": self.budget_spent,
