@@ -17,10 +17,9 @@ One rollout step of the phase:
    otherwise the old log-probs are computed once, before the first update. With ``beta > 0`` a frozen copy of
    the policy taken at the start of the phase gives reference log-probs for the k3 KL term.
 
-The phase ends after ``steps`` rollout steps that made an update, or after ``steps x grpo.max_rollout_factor``
-rollout steps. Under ``grpo.token_budget`` each rollout step draws as many prompts as keeps the run on its budget
-of generated tokens (:mod:`stagewise_pl.phases.token_budget`). Its loss and gradient equal TRL's GRPOTrainer
-loss for grpo, dr_grpo, dapo and bnpo (tests/test_trl_crosscheck.py).
+The phase ends after ``steps`` updates, ``steps x grpo.max_rollout_factor`` rollout steps, or once the run's
+``grpo.token_budget`` is spent (each rollout step draws as many prompts as keeps the run on it:
+:mod:`stagewise_pl.phases.token_budget`). Loss and gradient equal TRL's for grpo, dr_grpo, dapo, bnpo (TRL crosscheck).
 """
 from __future__ import annotations
 
@@ -220,8 +219,7 @@ class GRPORunner(PhaseRunner):
         module.bar(prefix + "reward", metrics["reward"])
 
     def train_on(self, module, groups: Groups) -> tuple[int, Optional[dict]]:
-        """The update of one rollout step on its graded groups: (groups trained on, the update's metrics), or
-        (0, None) when no group carries signal. Kinds that train on a step's groups differently override this."""
+        """One rollout step's update on its graded groups: (groups trained on, its metrics), or (0, None)."""
         s = self.s
         keep = informative(groups.rewards) if s.drop_flat_groups else list(range(len(groups.problems)))
         if s.dynamic_sampling:
@@ -329,10 +327,7 @@ class GRPORunner(PhaseRunner):
                     if ref is not None:
                         sums["kl"] += float((k3_kl(out.logp, ref[rows]) * m).sum().detach() / tokens)
                 mb_loss += self.extra_backward(module)
-                if guarded_step(module, self.guard, mb_loss, self.position + 1, self.cfg.optim.grad_clip):
-                    self._weights_version += 1
-                    self.optimizer_steps += 1
-                    count += 1
+                count += self.optimizer_step(module, mb_loss)
         if dist.world_size() > 1:
             sums = {k: sum(d[k] for d in dist.gather(sums)) for k in sums}
         stats = {k: v / max(1, count) for k, v in sums.items()}
@@ -342,9 +337,14 @@ class GRPORunner(PhaseRunner):
         stats["advantage_abs"] = float(advantages.abs().mean())
         return stats
 
+    def optimizer_step(self, module, loss: float) -> bool:
+        """The guarded optimizer step after the gradients of ``loss`` accumulated; True if the weights moved."""
+        moved = guarded_step(module, self.guard, loss, self.position + 1, self.cfg.optim.grad_clip)
+        self._weights_version, self.optimizer_steps = self._weights_version + moved, self.optimizer_steps + moved
+        return moved
+
     def extra_backward(self, module) -> float:
-        """Gradients a kind adds to each policy-loss mini-batch before its optimizer step (their loss value);
-        GRPO adds none."""
+        """Gradients a kind adds to each mini-batch before its optimizer step (their loss); grpo adds none."""
         return 0.0
 
     # ------------------------------------------------------------------ the run's budget of generated tokens

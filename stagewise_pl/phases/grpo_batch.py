@@ -49,7 +49,6 @@ class Groups:
                       [self.truncated[r] for r in rows], self.rewards[keep], [self.reasons[r] for r in rows],
                       [self.rounds[i] for i in keep])
 
-
     def records(self, spec, kind: str, step: int, global_step: int) -> list:
         """The ledger rows of these groups, graded at rollout ``step`` of phase ``spec`` (of ``kind``)."""
         from stagewise_pl.records import RolloutRecord

@@ -22,15 +22,13 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-
 from stagewise_pl import dist
 from stagewise_pl.advantages import compute_advantages
 from stagewise_pl.config import ConfigError
+from stagewise_pl.losses import IGNORE_INDEX
 from stagewise_pl.phases.base import PHASES
 from stagewise_pl.phases.grpo import GRPORunner
-from stagewise_pl.phases.grpo_batch import Groups, informative, micro_slices
-from stagewise_pl.phases.optim import guarded_step
+from stagewise_pl.phases.grpo_batch import Groups, informative, my_micro_slices
 from stagewise_pl.plan import PhaseTraits
 
 
@@ -102,12 +100,15 @@ class MixedRunner(GRPORunner):
         from stagewise_pl.models.forward import sft_loss
 
         examples = encode_pairs(self.ctx.tokenizer, pairs, self.cfg.trainer.max_length)
-        total = sum(sum(1 for x in e.labels[1:] if x != -100) for e in examples)  # every rank's trace tokens
+        total = sum(sum(1 for x in e.labels[1:] if x != IGNORE_INDEX) for e in examples)  # every rank's trace tokens
         collate = Collator(self.ctx.tokenizer.pad_token_id, self.cfg.trainer.max_length, False)
-        mine = dist.shard(list(range(len(examples))))
         nll = 0.0
-        for part in micro_slices(len(mine), self.s.micro_batch_size):
-            batch = {k: v.to(module.device) for k, v in collate([examples[i] for i in mine[part]]).items()}
+        # every rank the same number of backward passes (as the grpo update does): None = an empty one
+        for part in my_micro_slices(len(examples), self.s.micro_batch_size):
+            if part is None:
+                module.manual_backward(sum(p.sum() for p in module.policy.parameters()) * 0.0)
+                continue
+            batch = {k: v.to(module.device) for k, v in collate(examples[part]).items()}
             loss, count = sft_loss(module.policy, batch, self.cfg.trainer.kernel)
             share = loss * (count / max(1, total))  # this micro-batch's part of the token mean
             module.manual_backward(share * weight * dist.world_size())
@@ -159,18 +160,15 @@ class HPTRunner(MixedRunner):
         taught = [i for i in failed if groups.problems[i].id in have]
         self._pairs = [(groups.problems[i].prompt, have[groups.problems[i].id]) for i in taught]
         self._sft = {}
+        skip = set(failed)
         rl = [i for i in (informative(groups.rewards) if s.drop_flat_groups else range(len(groups.problems)))
-              if i not in set(failed)]
+              if i not in skip]
         if rl:
             selected = groups.select(rl)
             stats = self.update(module, selected, compute_advantages(selected.rewards, s.advantage, s.std_scale))
         elif self._pairs:
-            loss = self.extra_backward(module)
-            stats = {"loss": 0.0}
-            if guarded_step(module, self.guard, loss, self.position + 1, self.cfg.optim.grad_clip):
-                self._weights_version += 1
-                self.optimizer_steps += 1
-            stats["lr"] = float(module.lr_schedulers().get_last_lr()[0])
+            self.optimizer_step(module, self.extra_backward(module))
+            stats = {"loss": 0.0, "lr": float(module.lr_schedulers().get_last_lr()[0])}
         else:
             return 0, None
         stats.update(self._sft, rl_groups=float(len(rl)), sft_groups=float(len(taught)))
@@ -195,6 +193,7 @@ class ReLIFTRunner(MixedRunner):
     def __init__(self, ctx, spec, selection):
         super().__init__(ctx, spec, selection)
         self.buffer: list[tuple[str, str]] = []  # (problem id, trace) waiting for the next SFT step
+        self.prompts = {p.id: p.prompt for p in self.problems}  # a buffered problem's prompt, by id
         self.sft_steps = self.rl_updates = 0
 
     def updates_done(self) -> int:
@@ -213,12 +212,8 @@ class ReLIFTRunner(MixedRunner):
                 self.buffer.append((pid, have[pid]))
         if len(self.buffer) < self.m.buffer_size:
             return trained, stats
-        prompts = {p.id: p.prompt for p in groups.problems}
-        prompts.update({p.id: p.prompt for p in self.problems})
-        loss, nll = self.sft_backward(module, [(prompts[pid], trace) for pid, trace in self.buffer], 1.0)
-        if guarded_step(module, self.guard, loss, self.position + 1, self.cfg.optim.grad_clip):
-            self._weights_version += 1
-            self.optimizer_steps += 1
+        loss, nll = self.sft_backward(module, [(self.prompts[pid], trace) for pid, trace in self.buffer], 1.0)
+        self.optimizer_step(module, loss)
         self.sft_steps += 1
         stats = dict(stats or {"loss": 0.0, "lr": float(module.lr_schedulers().get_last_lr()[0])},
                      sft_loss=nll, sft_buffer=float(len(self.buffer)))
