@@ -27,6 +27,9 @@ class PromoteAboveThreshold(RoutingRule):
             raise TypeError(f"threshold must be in (0, 1), got {threshold}")
         self.threshold = threshold
 
+    def profile_key(self, rate: float) -> bool:
+        return rate >= self.threshold
+
     def route(self, view: RoutingView, buckets: dict) -> dict:
         profiles = view.phases("profile")
         if not profiles:

@@ -24,6 +24,9 @@ class RouteByPassRate(RoutingRule):
         except ValueError as exc:
             raise TypeError(str(exc)) from None
 
+    def profile_key(self, rate: float) -> str:
+        return self.bands.bucket(rate)
+
     def route(self, view: RoutingView, buckets: dict) -> dict:
         profile = view.last("profile")
         out = {**buckets, "hard": [], "medium": [], "easy": []}

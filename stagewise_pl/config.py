@@ -254,6 +254,22 @@ class ProfileConfig:
     levels: list[str] = doc(help="profile pool problems of these levels; [] = the whole pool", factory=list)
     limit: int = doc(0, "profile at most N problems (a seeded draw); 0 = all", ge=0)
     chunk: int = doc(256, "problems per generation call (each call's records are one ledger part)", gt=0)
+    sequential: bool = doc(False, "sample each problem in rounds of `round` and stop once its bucket is decided under "
+                                  "the routing rules' thresholds (a success and a failure decide medium at once); "
+                                  "False = all k samples at once")
+    round: int = doc(2, "samples per round of a sequential profile", gt=0)
+    reuse: bool = doc(False, "count rollouts the ledger already holds for a problem under the same policy (same "
+                             "optimizer step, temperature and generation length) as samples of this profile")
+    carry: int = doc(0, "carry a problem's bucket forward when every rollout of it in each of the last N profiles "
+                        "agreed (all correct or all failed) and every rollout since agrees: it is sampled `confirm` "
+                        "times to confirm; 0 = off")
+    confirm: int = doc(1, "fresh samples that must agree before a carried bucket stands; one that disagrees "
+                          "sends the problem to a full (sequential) profile", gt=0)
+    carry_trained: bool = doc(False, "carry problems that a training phase chose since the last profile too "
+                                     "(False: they are profiled anew)")
+
+    def check(self) -> list[tuple[str, str]]:
+        return [("confirm", f"must be at most k={self.k}")] if self.confirm > self.k else []
 
 
 @dataclass

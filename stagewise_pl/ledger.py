@@ -120,6 +120,26 @@ class DifficultyLedger:
                 c[1] += 1
         return OrderedDict((pid, ok / n) for pid, (ok, n) in counts.items())
 
+    def tally(self, problems, phases=None, first_index: int = 0, last_index: Optional[int] = None,
+              global_step: Optional[int] = None) -> dict[str, list]:
+        """Problem id -> [correct, graded, phases] over the rows of ``problems`` whose phase is in ``phases`` (None =
+        any), whose plan position lies in [first_index, last_index] and, given ``global_step``, graded at that
+        optimizer step (under the same policy)."""
+        wanted, out = set(problems), {}
+        for row in self._rows(["phase", "phase_index", "problem_id", "reason", "global_step"]):
+            if row["problem_id"] not in wanted or (phases is not None and row["phase"] not in phases):
+                continue
+            if row["phase_index"] < first_index or (last_index is not None and row["phase_index"] > last_index):
+                continue
+            if global_step is not None and row["global_step"] != global_step:
+                continue
+            entry = out.setdefault(row["problem_id"], [0, 0, []])
+            entry[0] += row["reason"] == "correct"
+            entry[1] += 1
+            if row["phase"] not in entry[2]:
+                entry[2].append(row["phase"])
+        return out
+
     def tokens_by_phase(self) -> "OrderedDict[str, dict]":
         """Phase -> rollouts graded and completion tokens generated in it (a run's generation budget)."""
         out: "OrderedDict[str, dict]" = OrderedDict()

@@ -59,6 +59,19 @@ class Run:
         self.signals = None
         self.prompts = check_teaching(cfg, self.phases)
 
+    def rate_key(self):
+        """How the rules (and the plan's selector rules) that read profiles classify a pass rate, for sequential
+        profiles (stagewise_pl.routing.evidence)."""
+        from stagewise_pl.routing import selector_rule
+        from stagewise_pl.routing.evidence import rate_key
+
+        selectors = [selector_rule(s.select) for s in self.phases if ":" in s.select]
+        key, why = rate_key([*self.rules, *selectors])
+        pc = self.cfg.profile
+        if key is None and pc.sequential and any(s.kind == "profile" for s in self.phases):
+            self.log(f"profile.sequential: {why}; profiles take all k={pc.k} samples")
+        return key
+
     # ------------------------------------------------------------------ layout
     def _locate_dir(self) -> Path:
         cfg = self.cfg
@@ -160,7 +173,7 @@ class Run:
         self.ctx = PhaseContext(cfg, policy, tokenizer, plan=self.phases, traits=self.traits, pool=pool,
                                 verifier=verifier, engines=engines, teachers=Teachers(cfg, task, self.prompts),
                                 ledger=ledger, rundir=self.rundir, task=task, prompts=self.prompts, bands=bands,
-                                heldout=heldout, log=self.log, signals=self.signals)
+                                heldout=heldout, log=self.log, signals=self.signals, rate_key=self.rate_key())
         if self.prompts:  # phases that use the teacher: one that cannot be built stops the run now, not hours in
             from stagewise_pl.teachers import TeacherError
 

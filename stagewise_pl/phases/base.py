@@ -103,6 +103,11 @@ class PhaseRunner:
     def summary(self) -> dict:
         return {"kind": self.kind, "problems": len(self.problems)}
 
+    def record(self) -> dict:
+        """What the phase adds to its routing decision when it ends (kept in checkpoints, written to
+        ``routing/NN-<phase>.json``; a profile: the evidence of each problem); {} = nothing."""
+        return {}
+
     def curves(self) -> dict[str, list]:
         """Per-step series of the phase (written to ``<run>/curves/`` when it ends); {} = none."""
         return {}

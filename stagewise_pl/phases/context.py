@@ -91,6 +91,10 @@ class PhaseContext:
     heldout: Any = None  # HeldOutEvaluation: evaluate(label) -> results by evaluation set
     log: Callable[..., None] = print
     signals: Any = None  # the SignalWatch of the launch (stop requests), or None
+    # how the routing rules that read profiles classify a pass rate (routing.evidence.rate_key; None = unknown, a
+    # profile takes all k samples)
+    rate_key: Optional[Callable] = None
+    decisions: dict = field(default_factory=dict)  # phase name -> its routing decision so far (the manager's)
 
     def gradable_pool(self) -> list:
         """The pool problems whose gold answer the verifier can grade."""

@@ -68,7 +68,7 @@ class PhaseManager(L.Callback):
         self.ctx, self.specs, self.rules, self.fingerprint = ctx, list(ctx.plan), list(rules), fingerprint
         self.pos = -1  # the current phase (index into specs); -1 = not started
         self.runner: Optional[PhaseRunner] = None
-        self.decisions: dict[str, dict] = {}
+        self.decisions: dict[str, dict] = ctx.decisions  # shared with the runners (a profile reads earlier ones)
         self._resumed: Optional[dict] = None  # state loaded from a checkpoint, applied when the runner exists
         self.columns: dict = {}  # evaluation label -> results
         self.phase_started = time.time()
@@ -95,7 +95,8 @@ class PhaseManager(L.Callback):
             self.ctx.ledger.load_state_dict(state["ledger"])  # parts written after the checkpoint are redone
         dist.barrier()
         self.ctx.ledger.refresh()
-        self.decisions = dict(state["decisions"])
+        self.decisions.clear()
+        self.decisions.update(state["decisions"])
         self._resumed = state
         set_rng_states(state["rng"])
 
@@ -182,7 +183,8 @@ class PhaseManager(L.Callback):
         source = gradable if traits.gradable_only else ctx.pool
         chosen, buckets = None, {}
         if traits.uses_pool and spec.select != "all":
-            view = RoutingView(ctx.ledger, {p.id: p for p in gradable}, self.specs[:spec.number - 1], spec)
+            view = RoutingView(ctx.ledger, {p.id: p for p in gradable}, self.specs[:spec.number - 1], spec,
+                               {n: d["evidence"] for n, d in self.decisions.items() if "evidence" in d})
             buckets, chosen = route_phase(spec, self.rules, view, ctx.log)
         solved = None
         if spec.replay > 0 and cfg.data.replay_target == "own":
@@ -200,7 +202,17 @@ class PhaseManager(L.Callback):
         """Problem id -> the student's correct completions in the latest profile before ``spec`` ({} if none):
         profiles keep them with data.replay_target=own (the option is defined on profiles)."""
         profiles = [s for s in self.specs[:spec.number - 1] if s.kind == "profile"]
-        return self.ctx.ledger.correct_by_problem(profiles[-1].name) if profiles else {}
+        if not profiles:
+            return {}
+        ledger, latest = self.ctx.ledger, profiles[-1].name
+        solved = dict(ledger.correct_by_problem(latest))
+        evidence = self.decisions.get(latest, {}).get("evidence", {})
+        for source in sorted({e["from"] for e in evidence.values() if e.get("how") == "kept"}):
+            # problems the latest profile kept without sampling: their texts are in the profile they were kept from
+            older = ledger.correct_by_problem(source)
+            solved.update({pid: older[pid] for pid, e in evidence.items()
+                           if e.get("how") == "kept" and e["from"] == source and pid in older and pid not in solved})
+        return solved
 
     def enter(self, pos: int, runner_state: Optional[dict]) -> None:
         spec = self.specs[pos]
@@ -251,6 +263,12 @@ class PhaseManager(L.Callback):
         runner, ctx = self.runner, self.ctx
         spec, traits = runner.spec, runner.traits
         summary = dict(runner.summary(), seconds=round(time.time() - self.phase_started, 1))
+        extra = runner.record()  # what the phase adds to its routing decision (a profile: its evidence)
+        if extra:
+            self.decisions[spec.name] = {**self.decisions[spec.name], **extra}
+            if dist.is_main():
+                atomic_write(ctx.rundir.phase_file("routing", spec.number, spec.name),
+                             json.dumps(self.decisions[spec.name], indent=1))
         summary["select"] = spec.select
         if spec.select != "all":
             summary["buckets"] = self.decisions[spec.name]["counts"]

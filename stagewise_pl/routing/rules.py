@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import lightning as L
@@ -20,6 +20,9 @@ class RoutingView:
     pool: dict  # problem id -> Problem: the gradable training pool
     done: list  # PhaseSpec of the phases already run, in order
     phase: PhaseSpec  # the phase about to start
+    # profile name -> problem id -> the evidence its rates count ({"c", "n", "how", ...}, see routing.evidence);
+    # a profile without it is read from the ledger
+    evidence: dict = field(default_factory=dict)
 
     def last(self, kind: str) -> Optional[PhaseSpec]:
         """The most recent finished phase of ``kind``."""
@@ -33,6 +36,8 @@ class RoutingView:
 
     def pass_rates(self, phase: PhaseSpec) -> dict[str, float]:
         """Pool problem id -> pass rate in ``phase`` (problems it graded)."""
+        if phase.name in self.evidence:
+            return {pid: e["c"] / e["n"] for pid, e in self.evidence[phase.name].items() if pid in self.pool and e["n"]}
         return {pid: rate for pid, rate in self.ledger.pass_rates(phase.name).items() if pid in self.pool}
 
 
@@ -42,6 +47,10 @@ class RoutingRule(L.Callback):
     name: str = ""
     buckets: tuple[str, ...] = ()
     reads: Optional[str] = None
+    # a rule that reads profiles by pass rate defines ``profile_key(rate) -> hashable``: rates with the same key route
+    # alike. A sequential profile stops sampling a problem once the key of every rate it could still reach is one
+    # (stagewise_pl.routing.evidence); a profile-reading rule without it makes profiles take all k samples.
+    profile_key = None
 
     def route(self, view: RoutingView, buckets: dict[str, list[str]]) -> dict[str, list[str]]:
         raise NotImplementedError
