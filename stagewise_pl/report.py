@@ -94,6 +94,12 @@ def ledger_stats(run_dir: Path, phases: dict, bands: PassRateBands = DEFAULT_BAN
                       "truncated": sum(bool(r["truncated"]) for r in rs) / len(rs)})
         if rs[0]["phase_kind"] == "profile":
             buckets[name] = {pid: bands.bucket(ok / n) for pid, (ok, n) in per_problem.items()}
+    decisions = [_json(f) for f in sorted((run_dir / "routing").glob("*.json"))]
+    for d in decisions:  # a profile's recorded evidence (reused, carried, kept) stands over its own rows
+        if d.get("kind") == "profile" and d.get("evidence") is not None and d.get("phase") in phases:
+            buckets[d["phase"]] = {pid: bands.bucket(e["c"] / e["n"]) for pid, e in d["evidence"].items() if e["n"]}
+    order = [n for n in phases if n in buckets] + [n for n in buckets if n not in phases]
+    buckets = OrderedDict((n, buckets[n]) for n in order)
     names = list(buckets)
     flows = []
     for a, b in zip(names, names[1:]):

@@ -148,7 +148,7 @@ P1, SFT, P2 = PhaseSpec(1, "p1", "profile"), PhaseSpec(2, "s", "sft", select="co
 
 
 def test_a_full_profile_samples_every_problem_k_times(tmp_path):
-    ctx, engine = profiles(tmp_path, [], [P1])
+    ctx, engine = profiles(tmp_path, ["profile.sequential=false"], [P1])
     runner = run_profile(ctx, P1)
     assert len(rows_of(ctx, "p1")) == len(POOL) * K and {e["how"] for e in runner.evidence.values()} == {"sampled"}
     assert all(n == K for _, n in engine.calls)  # one call of n=k per chunk, as before there were rounds
@@ -219,8 +219,23 @@ def test_rollouts_under_the_same_policy_are_reused_and_a_later_policy_samples_an
     assert all(e["how"] in ("sampled", "early") for e in later.evidence.values()) and rows_of(ctx, "p3")
 
 
+def test_the_report_counts_a_profiles_buckets_from_its_evidence_also_where_it_drew_nothing(tmp_path):
+    from stagewise_pl.report import ledger_stats
+
+    ctx, _ = profiles(tmp_path, ["profile.reuse=true", "profile.sequential=false"], [P1, P2])
+    run_profile(ctx, P1)
+    run_profile(ctx, P2)  # every sample reused: no rows of its own
+    (tmp_path / "routing").mkdir()
+    for number, name in ((1, "p1"), (3, "p2")):
+        (tmp_path / "routing" / f"{number:02d}-{name}.json").write_text(json.dumps(
+            {"phase": name, "kind": "profile", **ctx.decisions[name]}))
+    stats = ledger_stats(tmp_path, {"p1": {"kind": "profile"}, "p2": {"kind": "profile"}})
+    assert stats["buckets"]["p2"] == stats["buckets"]["p1"] == {"easy": 6, "medium": 6, "hard": 6}
+    assert [f["problems"] for f in stats["flows"]] == [18]
+
+
 def test_a_profile_of_one_bucket_keeps_the_latest_evidence_on_the_rest(tmp_path):
-    ctx, _ = profiles(tmp_path, [], [P1, PhaseSpec(2, "p2", "profile", select="hard")])
+    ctx, _ = profiles(tmp_path, ["profile.sequential=false"], [P1, PhaseSpec(2, "p2", "profile", select="hard")])
     run_profile(ctx, P1)
     hard = [p for p in POOL if p.id.startswith("never")]
     runner = run_profile(ctx, PhaseSpec(2, "p2", "profile", select="hard"), hard)
@@ -228,3 +243,104 @@ def test_a_profile_of_one_bucket_keeps_the_latest_evidence_on_the_rest(tmp_path)
     assert set(ev) == {p.id for p in POOL} and {r["problem_id"] for r in rows_of(ctx, "p2")} == {p.id for p in hard}
     assert ev["always-0"] == {"c": K, "n": K, "fresh": 0, "how": "kept", "from": "p1"}
     assert runner.summary()["decided_by"] == {"sampled": 6, "kept": 12}
+
+
+# ---------------------------------------------------------------------------------------------- runs of the tiny model
+RUN_PLAN = ("phases=[{name: p1, kind: profile}, {name: s, kind: sft, select: hard, steps: 2, lr: 5e-4}, "
+            "{name: p2, kind: profile}, {name: g, kind: grpo, select: medium, steps: 2, lr: 1e-4}, "
+            "{name: p3, kind: profile}]")
+CHEAP = [RUN_PLAN, "profile.limit=40", "profile.chunk=10", "profile.sequential=true", "profile.reuse=true",
+         "profile.carry=1", "trainer.batch_size=16", "grpo.prompts_per_step=4", "grpo.num_generations=4",
+         "grpo.max_new_tokens=24", "trainer.checkpoint_every_n_steps=1", "run.deterministic=true",
+         "eval.each_phase=false"]
+
+
+def evidence_of(run_dir, number, name):
+    return json.loads((run_dir / "routing" / f"{number:02d}-{name}.json").read_text())["evidence"]
+
+
+def test_a_run_with_cheap_profiles_routes_by_their_evidence_and_records_every_sample(tmp_path, base_overrides):
+    run_dir = tmp_path / "cheap"
+    out = fit(base_overrides + CHEAP + [f"run.dir={run_dir}"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = DifficultyLedger(run_dir / "ledger", "x").table().to_pylist()
+    done = json.loads((run_dir / "state.json").read_text())["completed"]
+    for number, name in ((1, "p1"), (3, "p2"), (5, "p3")):
+        evidence = evidence_of(run_dir, number, name)
+        mine = [r for r in rows if r["phase"] == name]
+        assert len(evidence) == 40 and len(mine) == sum(e["fresh"] for e in evidence.values()) == done[name]["rollouts"]
+        assert len({(r["problem_id"], r["sample_index"]) for r in mine}) == len(mine)
+        assert done[name]["rollouts"] < 40 * 8  # medium problems stopped early, carried ones confirmed once
+    assert done["p1"]["decided_by"].get("early", 0) > 0 and done["p2"]["decided_by"].get("carried", 0) > 0
+    # the SFT phase trained on the hard bucket of p1's evidence, the GRPO phase on p2's medium one
+    hard = sorted(pid for pid, e in evidence_of(run_dir, 1, "p1").items() if e["c"] == 0)
+    assert json.loads((run_dir / "routing" / "02-s.json").read_text())["selected"] == hard
+    medium = sorted(pid for pid, e in evidence_of(run_dir, 3, "p2").items() if 0 < e["c"] < e["n"])
+    assert sorted(json.loads((run_dir / "routing" / "04-g.json").read_text())["ids"]["medium"]) == medium
+    # carried problems were not trained on since the last profile and had every sample agree
+    for pid, e in evidence_of(run_dir, 3, "p2").items():
+        if e["how"] == "carried":
+            assert pid not in hard and e["c"] in (0, e["n"]) and e["fresh"] == 1
+
+
+@pytest.mark.slow
+def test_a_run_killed_inside_a_sequential_profile_resumes_to_the_same_ledger_evidence_and_weights(tmp_path,
+                                                                                                 base_overrides):
+    args = base_overrides + CHEAP
+    golden, crashed = tmp_path / "golden", tmp_path / "crashed"
+    assert fit(args + [f"run.dir={golden}"]).returncode == 0
+    assert fit(args + [f"run.dir={crashed}"], {"STAGEWISE_FAULT": "step:p2:3"}).returncode == -9
+    out = fit(args + [f"run.dir={crashed}", "resume=last"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    from helpers import same_weights
+
+    assert same_weights(golden / "final", crashed / "final")
+    strip = lambda r: {k: v for k, v in r.items() if k != "run_id"}  # noqa: E731
+    table = lambda d: [strip(r) for r in DifficultyLedger(d / "ledger", "x").table().to_pylist()]  # noqa: E731
+    assert table(golden) == table(crashed)  # the ledger, bit for bit: every sample once, in the same order
+    for number, name in ((1, "p1"), (3, "p2"), (5, "p3")):
+        assert evidence_of(golden, number, name) == evidence_of(crashed, number, name)
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_profile_sequentially_with_one_ledger_and_one_routing(tmp_path, base_overrides):
+    run_dir = tmp_path / "ddp"
+    out = fit(base_overrides + CHEAP + [f"run.dir={run_dir}", "trainer.strategy=ddp", "trainer.devices=2",
+                                        "trainer.accelerator=cpu", "run.threads=1", "run.deterministic=false"],
+              timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    ranks = [json.loads((run_dir / "routing" / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] and "final weights" in ranks[0]  # the same routing and weights on both ranks
+    rows = DifficultyLedger(run_dir / "ledger", "x").table().to_pylist()
+    for number, name in ((1, "p1"), (3, "p2"), (5, "p3")):
+        evidence = evidence_of(run_dir, number, name)
+        mine = [(r["problem_id"], r["sample_index"]) for r in rows if r["phase"] == name]
+        assert len(evidence) == 40 and len(mine) == len(set(mine)) == sum(e["fresh"] for e in evidence.values())
+
+
+@pytest.mark.slow
+def test_the_profile_benchmark_compares_every_variant_on_the_same_policies_and_problems(tmp_path, base_overrides):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    plan = ("phases=[{name: p1, kind: profile}, {name: s, kind: sft, select: hard, steps: 2, lr: 5e-4}, "
+            "{name: p2, kind: profile}]")
+    out = subprocess.run([sys.executable, str(root / "tools" / "bench_profile.py"), "--dir", str(tmp_path / "b"),
+                          "--json", str(tmp_path / "b.json"), "--carry-trained", plan, "profile.limit=24",
+                          "eval.before=false", "eval.k=0", "trainer.batch_size=16"],
+                         capture_output=True, text=True, timeout=900, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    figures = json.loads((tmp_path / "b.json").read_text())
+    assert [p["profile"] for p in figures["profiles"]] == ["p1", "p2"]
+    for row in figures["profiles"]:
+        assert row["problems"] == 24 and row["full"]["rollouts"] == 24 * 8 and row["full"]["agreement"] == 1.0
+        assert row["sequential"]["rollouts"] <= 24 * 8 and row["sequential + evidence"]["rollouts"] <= 24 * 8
+        assert sum(map(sum, (r.values() for r in row["full again"]["confusion"].values()))) == 24
+    p2 = figures["profiles"][1]["sequential + evidence"]
+    assert p2["decided_by"].get("carried", 0) > 0  # the second profile carried buckets from the first
+    assert 0 < figures["token_ratio"] < 1 and 0 <= figures["agreement"] <= 1
+    assert figures["totals"]["sequential + evidence"]["tokens"] == sum(
+        r["sequential + evidence"]["tokens"] for r in figures["profiles"])
+    assert "| full again |" in out.stdout and "confusion of `sequential + evidence`" in out.stdout
