@@ -234,6 +234,20 @@ def test_the_report_counts_a_profiles_buckets_from_its_evidence_also_where_it_dr
     assert [f["problems"] for f in stats["flows"]] == [18]
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_a_grpo_phases_groups_count_when_sampled_alike_under_the_same_policy(tmp_path, top_p):
+    g, p2 = PhaseSpec(1, "g", "grpo"), PhaseSpec(2, "p2", "profile")
+    ctx, _ = profiles(tmp_path, ["profile.reuse=true", f"grpo.top_p={top_p}"], [g, p2])
+    ctx.ledger = hand_ledger(tmp_path / "ledger", {"g": ("grpo", 1, {"always-0": [1] * 8, "coin-0": [1, 0]})})
+    ev = run_profile(ctx, p2, global_step=0).evidence  # the hand-made rows were graded at optimizer step 0
+    if top_p == 1.0:
+        assert ev["always-0"] == {"c": 8, "n": 8, "fresh": 0, "how": "reused", "from": "g"}
+        assert ev["coin-0"] == {"c": 1, "n": 2, "fresh": 0, "how": "reused", "from": "g"}  # medium already
+    else:  # nucleus sampling is another distribution: not evidence of this profile's
+        assert ev["always-0"]["fresh"] == K and ev["coin-0"]["how"] in ("sampled", "early")
+    assert ev["never-0"]["fresh"] == K
+
+
 def test_a_profile_of_one_bucket_keeps_the_latest_evidence_on_the_rest(tmp_path):
     ctx, _ = profiles(tmp_path, ["profile.sequential=false"], [P1, PhaseSpec(2, "p2", "profile", select="hard")])
     run_profile(ctx, P1)

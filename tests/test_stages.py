@@ -271,7 +271,8 @@ def test_a_phase_selects_by_naming_a_rule(tmp_path, fast_overrides):
 def test_two_ddp_processes_run_the_plan_with_one_ledger_and_one_routing(tmp_path, plan_overrides):
     run_dir = tmp_path / "ddp"
     out = fit(plan_overrides + [f"run.dir={run_dir}", "trainer.strategy=ddp", "trainer.devices=2",
-                                "trainer.accelerator=cpu", "run.threads=1", "run.deterministic=false"], timeout=900)
+                                "trainer.accelerator=cpu", "run.threads=1", "run.deterministic=false",
+                                "profile.sequential=false"], timeout=900)  # sequential under DDP: test_profile.py
     assert out.returncode == 0, out.stderr[-4000:]
     table = DifficultyLedger(run_dir / "ledger", "x").table().to_pylist()
     for name in ["1-profile", "3-profile"]:  # sharded across the ranks, merged: every problem k times, once each

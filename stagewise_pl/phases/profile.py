@@ -176,9 +176,11 @@ class ProfileRunner(PhaseRunner):
         return out
 
     def same_sampling(self, spec: PhaseSpec) -> bool:
-        """Whether an earlier phase's rollouts are samples of this profile's distribution (same kind of sampling,
-        temperature and generation length; the same policy is checked row by row)."""
-        return (spec.name != self.spec.name and sampling_group(spec.kind) is not None
+        """Whether an earlier phase's rollouts are samples of this profile's distribution: a profile, or a kind of the
+        GRPO family sampling at top_p 1, at the same temperature and generation length (the same policy, the same
+        optimizer step, is checked row by row)."""
+        group = sampling_group(spec.kind)
+        return (spec.name != self.spec.name and group is not None and (group != "grpo" or self.cfg.grpo.top_p == 1.0)
                 and self.temperature(spec) == self.temperature(self.spec)
                 and self.max_new_tokens(spec) == self.max_new_tokens(self.spec))
 
@@ -190,6 +192,10 @@ class ProfileRunner(PhaseRunner):
         if self.spec.select != "all" and earlier:
             out = {pid: {"c": c, "n": n, "fresh": 0, "how": "kept", "from": earlier[-1].name}
                    for pid, (c, n) in self.tallies_of(earlier[-1]).items() if pid not in self.evidence}
+        # problems this profile graded before it kept evidence (a checkpoint of an earlier version): their rows
+        recorded = self.ctx.ledger.tally({p for p in self.ctx.ledger.pass_rates(self.spec.name)} - set(self.evidence),
+                                         {self.spec.name})
+        out.update({pid: {"c": c, "n": n, "fresh": n, "how": "sampled"} for pid, (c, n, _) in recorded.items()})
         out.update(self.evidence)
         return out
 
