@@ -131,6 +131,7 @@ class LevelConfig:
 
     steps: int = doc(1, "number of operations (one line of the trace each)", ge=1)
     max_operand: int = doc(9, "operands are drawn from 1..max_operand", ge=1)
+    times: int = doc(0, "operations that multiply by a digit (task.skill_levels only; 0 in task.levels)", ge=0)
 
 
 @dataclass
@@ -143,9 +144,19 @@ class TaskConfig:
         LevelConfig(2, 40), LevelConfig(3, 40), LevelConfig(6, 60)])
     train_per_level: int = doc(2000, "training problems per level", gt=0)
     test_per_level: int = doc(50, "held-out problems per level (never in train)", gt=0)
+    skill_levels: list[LevelConfig] = doc(help="levels with a skill the base model never saw, numbered after "
+                                               "`levels`: `times` of their operations multiply the running value by "
+                                               "a digit (2..max_multiplier), which traces write as repeated addition; "
+                                               "never in the base model's warm-up (conf/skills.yaml)", factory=list)
+    max_multiplier: int = doc(3, "largest digit a skill level multiplies by", ge=2, le=9)
 
     def check(self) -> list[tuple[str, str]]:
-        return [] if self.levels else [("levels", "needs at least one level")]
+        out = [] if self.levels else [("levels", "needs at least one level")]
+        out += [(f"levels.{i}.times", "must be 0: multiplication is a skill level's (task.skill_levels)")
+                for i, lv in enumerate(self.levels) if lv.times]
+        out += [(f"skill_levels.{i}.times", f"must be between 1 and steps={lv.steps}")
+                for i, lv in enumerate(self.skill_levels) if not 1 <= lv.times <= lv.steps]
+        return out
 
 
 @dataclass

@@ -69,3 +69,66 @@ def test_max_new_tokens_covers_every_trace(task, tiny):
     _, tokenizer = tiny
     longest = max(len(tokenizer(p.teacher_traces[0])["input_ids"]) for p in task.split("train"))
     assert task.max_new_tokens() >= longest + 1  # + EOS
+
+
+# ------------------------------------------------------------------ the skill levels (conf/skills.yaml)
+def skill_task(**kw):
+    return ArithmeticTask([Level(1, 9), Level(2, 9)], train_per_level=300, test_per_level=40,
+                          skill_levels=[Level(1, 60, 1), Level(3, 9, 1)], **kw)
+
+
+def test_a_product_is_written_out_as_repeated_addition_of_the_running_value():
+    task = skill_task()
+    assert task.trace("7*3") == "7+7=14\n14+7=21\n#### 21"
+    assert task.trace("4+3*2-5") == "4+3=7\n7+7=14\n14-5=9\n#### 9"  # left to right: (4+3)*2-5
+    assert task.steps_of("4+3*3-5") == 4 and task.steps_of("4+3-5") == 2
+    assert task.chunked_trace("4+3*3-5", [2, 2]) == "4+3+7=14\n14+7-5=16\n#### 16"
+    assert task.reference_solution("7*3") == "7*3 = 21\n#### 21"
+
+
+def test_the_critic_checks_the_written_out_steps():
+    task = skill_task()
+    assert task.first_error("4+3*3", "4+3=7\n7+7=14\n14+7=21\n#### 21") is None
+    error = task.first_error("4+3*3", "4+3=7\n7*3=21\n#### 21")  # the student's guess at a step it never saw
+    assert (error.step, error.kind, error.expected) == (1, "wrong_operands", "7+7=14")
+    error = task.first_error("4+3*3", "4+3=7\n7+7=14\n14+7=22\n#### 22")
+    assert (error.step, error.kind, error.correct_value) == (2, "wrong_value", 21)
+
+
+def test_skill_levels_come_after_the_plain_ones_with_the_same_held_out_discipline():
+    task, plain = skill_task(), ArithmeticTask([Level(1, 9), Level(2, 9)], train_per_level=300, test_per_level=40)
+    train, test = task.split("train"), task.split("test")
+    assert not {p.prompt for p in train} & {p.prompt for p in test}
+    skill = [p for p in train + test if p.meta.get("skill")]
+    assert {p.level for p in skill} == {"3", "4"} and all("*" in p.prompt for p in skill)
+    assert all("*" not in p.prompt for p in train + test if not p.meta.get("skill"))
+    # the plain levels draw exactly the problems of the task without skills; plain() is that task
+    assert [p.prompt for p in test if p.level in ("1", "2")] == [p.prompt for p in plain.split("test")]
+    assert [p.prompt for p in task.plain().split("train")] == [p.prompt for p in plain.split("train")]
+    assert len([p for p in test if p.level == "3"]) == 40  # 60 x 2 products: 40 held out, the rest to train on
+    assert len([p for p in train if p.level == "3"]) == 120 - 40
+    verifier = get_verifier("exact")
+    assert all(verifier.score(p.teacher_traces[0], p.answer).reward == 1.0 for p in skill)
+    assert task.max_new_tokens() >= max(len(p.teacher_traces[0]) for p in skill)
+
+
+def test_the_base_model_key_ignores_the_skill_levels_and_a_plain_level_cannot_multiply():
+    from stagewise_pl.config import ConfigError
+    from stagewise_pl.models.base import base_key
+
+    assert base_key(load_config("skills")) == base_key(load_config("default")) == "7eae9d1b9cc855c4"
+    with pytest.raises(ConfigError, match="levels.0.times"):
+        load_config("default", ["task.levels.0.times=1"])
+    with pytest.raises(ConfigError, match="skill_levels.0.times"):
+        load_config("default", ["task.skill_levels=[{steps: 1, max_operand: 9, times: 2}]"])
+
+
+def test_the_programmatic_teacher_writes_and_checks_skill_problems():
+    from stagewise_pl.teachers.programmatic import ProgrammaticTeacher
+
+    task = skill_task()
+    problem = next(p for p in task.split("train") if p.meta.get("skill") and p.level == "4")
+    teacher = ProgrammaticTeacher(task, style="chunked", ops_per_line=2)
+    trace = teacher.traces([problem])[0][0]
+    assert get_verifier("exact").score(trace, problem.answer).reward == 1.0 and "*" not in trace
+    assert "Verdict: incorrect" in teacher.critique(problem, "1+1=2\n#### 2")

@@ -20,8 +20,11 @@ FORMAT_VERSION = 2  # 2: SFT through the fused NLL kernel
 
 
 def base_key(cfg) -> str:
+    t = cfg.task  # the plain levels alone: the base model never sees the skill levels
+    task = {"seed": t.seed, "levels": [{"steps": lv.steps, "max_operand": lv.max_operand} for lv in t.levels],
+            "train_per_level": t.train_per_level, "test_per_level": t.test_per_level}
     blob = json.dumps({"v": FORMAT_VERSION, "tiny": dataclasses.asdict(cfg.model.tiny),
-                       "warmup": dataclasses.asdict(cfg.model.warmup), "task": dataclasses.asdict(cfg.task),
+                       "warmup": dataclasses.asdict(cfg.model.warmup), "task": task,
                        "optim": dataclasses.asdict(cfg.optim), "max_length": cfg.trainer.max_length,
                        "packing": cfg.trainer.packing, "rewrite_template": rewrite_template(cfg)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -72,7 +75,7 @@ def tiny_base_model(cfg, task, log=print) -> Path:
         if (target / "config.json").is_file():  # built by another process meanwhile
             return target
         with atomic_dir(target) as tmp:
-            _build(cfg, task, tmp, log)
+            _build(cfg, task.plain(), tmp, log)  # warmed up on the plain levels: it never sees the skill
     return target
 
 

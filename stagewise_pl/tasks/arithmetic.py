@@ -5,6 +5,11 @@ set by the number of operations (one reasoning step each) and the operand size (
 borrows). Running values never go negative: a subtraction that would is turned into an addition
 when the problem is drawn.
 
+Skill levels (``task.skill_levels``, after the plain ones) add a skill the base model never saw: multiplication
+of the running value by a digit (``7*3``, ``4+3*2``, left to right). Its trace writes the product out as repeated
+addition of the running value (``7+7=14``, ``14+7=21``): a rule only the teacher's traces show, carried out with
+the additions the student already knows. The base model is warmed up on the plain levels alone (:meth:`plain`).
+
 Three kinds of text per problem:
 - the *teacher trace*: one line per step (``17+5=22``, ``22-9=13``), then ``#### 13``;
 - the *reference solution*: the short form a human dataset would hold (``17+5-9 = 13``, then
@@ -25,6 +30,7 @@ from typing import Optional, Sequence
 from stagewise_pl.data.problems import Problem
 
 ANSWER_MARK = "####"
+TIMES = "*"
 _STEP = re.compile(r"^\s*(\d+)\s*([+\-])\s*(\d+)\s*=\s*(-?\d+)\s*$")
 _FINAL = re.compile(r"####\s*(-?\d+)")
 
@@ -33,6 +39,7 @@ _FINAL = re.compile(r"####\s*(-?\d+)")
 class Level:
     steps: int
     max_operand: int
+    times: int = 0  # operations that multiply the running value by a digit (skill levels)
 
 
 @dataclass
@@ -56,13 +63,34 @@ class StepError:
                 f"(the correct value there is {self.correct_value}).")
 
 
+def apply(value: int, op: str, x: int) -> int:
+    return value + x if op == "+" else value - x if op == "-" else value * x
+
+
 def evaluate(operands: Sequence[int], ops: Sequence[str]) -> list[int]:
     """Running values after each operation."""
     values, value = [], operands[0]
     for op, x in zip(ops, operands[1:]):
-        value = value + x if op == "+" else value - x
+        value = apply(value, op, x)
         values.append(value)
     return values
+
+
+def expand(operands: Sequence[int], ops: Sequence[str]) -> list[tuple[int, str, int, int]]:
+    """The trace's steps (left, op, right, value), one per line: an addition or subtraction as it stands, a
+    multiplication by d as d - 1 additions of the running value."""
+    steps, left = [], operands[0]
+    for op, x in zip(ops, operands[1:]):
+        if op == TIMES:
+            base = left
+            for _ in range(x - 1):
+                steps.append((left, "+", base, left + base))
+                left += base
+            continue
+        value = apply(left, op, x)
+        steps.append((left, op, x, value))
+        left = value
+    return steps
 
 
 def expression(operands: Sequence[int], ops: Sequence[str]) -> str:
@@ -70,7 +98,7 @@ def expression(operands: Sequence[int], ops: Sequence[str]) -> str:
 
 
 def parse_expression(text: str) -> tuple[list[int], list[str]]:
-    tokens = re.findall(r"\d+|[+\-]", text.strip())
+    tokens = re.findall(r"\d+|[+\-*]", text.strip())
     return [int(t) for t in tokens[0::2]], tokens[1::2]
 
 
@@ -80,17 +108,29 @@ class ArithmeticTask:
     source = "synthetic"
 
     def __init__(self, levels: Sequence[Level], seed: int = 1234, train_per_level: int = 2000,
-                 test_per_level: int = 50):
+                 test_per_level: int = 50, skill_levels: Sequence[Level] = (), max_multiplier: int = 3):
         if not levels:
             raise ValueError("the task needs at least one level")
         self.levels = [Level(int(lv.steps), int(lv.max_operand)) for lv in levels]
+        self.plain_count = len(self.levels)
+        self.levels += [Level(int(lv.steps), int(lv.max_operand), int(lv.times)) for lv in skill_levels]
         self.seed, self.train_per_level, self.test_per_level = seed, train_per_level, test_per_level
+        self.max_multiplier = int(max_multiplier)
         self._splits: dict[str, list[Problem]] = {}
 
     @classmethod
     def from_config(cls, task_cfg) -> "ArithmeticTask":
         return cls([Level(lv.steps, lv.max_operand) for lv in task_cfg.levels], task_cfg.seed,
-                   task_cfg.train_per_level, task_cfg.test_per_level)
+                   task_cfg.train_per_level, task_cfg.test_per_level,
+                   [Level(lv.steps, lv.max_operand, lv.times) for lv in task_cfg.skill_levels],
+                   task_cfg.max_multiplier)
+
+    def plain(self) -> "ArithmeticTask":
+        """The task without its skill levels (what the base model is warmed up on): the same problems there."""
+        return ArithmeticTask(self.levels[:self.plain_count], self.seed, self.train_per_level, self.test_per_level)
+
+    def is_skill(self, level: int) -> bool:
+        return level > self.plain_count
 
     # ----------------------------------------------------------------- problems
     def draw(self, level: int, rng: random.Random) -> tuple[list[int], list[str]]:
@@ -98,11 +138,15 @@ class ArithmeticTask:
         operands = [rng.randint(1, spec.max_operand)]
         ops: list[str] = []
         value = operands[0]
-        for _ in range(spec.steps):
-            x, op = rng.randint(1, spec.max_operand), rng.choice("+-")
-            if op == "-" and x > value:
-                op = "+"
-            value = value + x if op == "+" else value - x
+        times = set(rng.sample(range(spec.steps), min(spec.times, spec.steps))) if spec.times else set()
+        for i in range(spec.steps):
+            if i in times:  # the skill: the running value times a digit
+                x, op = rng.randint(2, self.max_multiplier), TIMES
+            else:
+                x, op = rng.randint(1, spec.max_operand), rng.choice("+-")
+                if op == "-" and x > value:
+                    op = "+"
+            value = apply(value, op, x)
             operands.append(x)
             ops.append(op)
         return operands, ops
@@ -112,7 +156,7 @@ class ArithmeticTask:
         answer = str(evaluate(operands, ops)[-1])
         return Problem(id=pid, prompt=expr, answer=answer, source=self.source,
                        solution=self.reference_solution(expr), teacher_traces=[self.trace(expr)],
-                       level=str(level), meta={"level": level})
+                       level=str(level), meta={"level": level, **({"skill": True} if self.is_skill(level) else {})})
 
     def split(self, name: str) -> list[Problem]:
         """'train' or 'test': deterministic from the task seed; train never repeats a test expression."""
@@ -153,31 +197,28 @@ class ArithmeticTask:
     def trace(expr: str) -> str:
         """The teacher's full step-by-step trace."""
         operands, ops = parse_expression(expr)
-        values = evaluate(operands, ops)
-        lines, left = [], operands[0]
-        for op, x, value in zip(ops, operands[1:], values):
-            lines.append(f"{left}{op}{x}={value}")
-            left = value
-        return "\n".join(lines) + f"\n{ANSWER_MARK} {values[-1]}"
+        lines = [f"{left}{op}{x}={value}" for left, op, x, value in expand(operands, ops)]
+        return "\n".join(lines) + f"\n{ANSWER_MARK} {evaluate(operands, ops)[-1]}"
 
     @staticmethod
     def chunked_trace(expr: str, sizes: Sequence[int]) -> str:
         """A trace that does ``sizes[i]`` operations on line i (``17+5-9=13``): correct, but coarser than the
         one-operation steps of :meth:`trace` -- how a large model skips steps a small one needs."""
         operands, ops = parse_expression(expr)
-        values = evaluate(operands, ops)
-        if sum(sizes) != len(ops) or min(sizes, default=1) < 1:
-            raise ValueError(f"chunk sizes {list(sizes)} do not cover the {len(ops)} operations of {expr}")
-        lines, left, i = [], operands[0], 0
+        steps = expand(operands, ops)
+        if sum(sizes) != len(steps) or min(sizes, default=1) < 1:
+            raise ValueError(f"chunk sizes {list(sizes)} do not cover the {len(steps)} steps of {expr}")
+        lines, i = [], 0
         for size in sizes:
-            lines.append(f"{left}" + "".join(f"{op}{x}" for op, x in zip(ops[i:i + size], operands[i + 1:i + 1 + size]))
-                         + f"={values[i + size - 1]}")
-            left, i = values[i + size - 1], i + size
-        return "\n".join(lines) + f"\n{ANSWER_MARK} {values[-1]}"
+            chunk = steps[i:i + size]
+            lines.append(f"{chunk[0][0]}" + "".join(f"{op}{x}" for _, op, x, _ in chunk) + f"={chunk[-1][3]}")
+            i += size
+        return "\n".join(lines) + f"\n{ANSWER_MARK} {evaluate(operands, ops)[-1]}"
 
     @staticmethod
     def steps_of(expr: str) -> int:
-        return len(parse_expression(expr)[1])
+        """Lines of the trace (a multiplication by d takes d - 1)."""
+        return len(expand(*parse_expression(expr)))
 
     @staticmethod
     def reference_solution(expr: str) -> str:
@@ -197,8 +238,7 @@ class ArithmeticTask:
         values = evaluate(operands, ops)
         body = solution.split(ANSWER_MARK, 1)[0]
         lines = [ln.strip() for ln in body.strip().splitlines() if ln.strip()]
-        left = operands[0]
-        for i, (op, x, value) in enumerate(zip(ops, operands[1:], values)):
+        for i, (left, op, x, value) in enumerate(expand(operands, ops)):
             expected = f"{left}{op}{x}={value}"
             if i >= len(lines):
                 return StepError(i, "missing_step", "", expected, value)
@@ -207,7 +247,6 @@ class ArithmeticTask:
                 return StepError(i, "wrong_operands", lines[i], expected, value)
             if int(match.group(4)) != value:
                 return StepError(i, "wrong_value", lines[i], expected, value)
-            left = value
         final = self.final_answer(solution)
         expected_final = f"{ANSWER_MARK} {values[-1]}"
         if final is None:
@@ -218,7 +257,13 @@ class ArithmeticTask:
 
     def max_new_tokens(self) -> int:
         """Enough tokens for the longest trace of any level (digits are one token each)."""
-        longest = max(self.levels, key=lambda lv: lv.steps * len(str(lv.max_operand)))
+        plain = self.levels[:self.plain_count]
+        longest = max(plain, key=lambda lv: lv.steps * len(str(lv.max_operand)))
         digits = len(str(longest.max_operand * (longest.steps + 1)))
         per_step = 2 * digits + len(str(longest.max_operand)) + 3
-        return longest.steps * per_step + digits + 8
+        budget = longest.steps * per_step + digits + 8
+        for lv in self.levels[self.plain_count:]:  # a product is written out: more lines, larger values
+            lines = lv.steps + lv.times * (self.max_multiplier - 2)
+            digits = len(str(lv.max_operand * (lv.steps + 1) * self.max_multiplier ** lv.times))
+            budget = max(budget, lines * (3 * digits + 3) + digits + 8)
+        return budget

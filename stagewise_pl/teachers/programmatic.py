@@ -31,7 +31,7 @@ class ProgrammaticTeacher:
         self.task, self.style, self.ops_per_line = task, style, int(ops_per_line)
 
     def _expr(self, problem: Problem) -> str:
-        if not re.fullmatch(r"\s*\d+(\s*[+\-]\s*\d+)+\s*", problem.prompt):
+        if not re.fullmatch(r"\s*\d+(\s*[+\-*]\s*\d+)+\s*", problem.prompt):
             raise TeacherError(f"problem {problem.id}: not an expression of the synthetic task")
         return problem.prompt
 
