@@ -2,6 +2,7 @@
 bit-equality of saved weights, and hand-made ledgers."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,6 +22,19 @@ def fit(args, env_extra=None, timeout=600, cwd=None):
     env.pop("STAGEWISE_RUN_DIR", None)
     return subprocess.run([sys.executable, "-m", "stagewise_pl.fit", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=cwd)
+
+
+DDP = ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "run.threads=1", "run.deterministic=false"]
+
+
+def fit_ddp(args, run_dir: Path):
+    """``fit`` in two gloo DDP processes on the CPU: asserts that it finished and that both ranks trained on the same
+    routing to the same final weights; returns the output and rank 0's digests (phase -> selection, final weights)."""
+    out = fit(list(args) + [f"run.dir={run_dir}", *DDP], timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    ranks = [json.loads((run_dir / "routing" / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] and "final weights" in ranks[0]
+    return out, ranks[0]
 
 
 def same_weights(a: Path, b: Path) -> bool:

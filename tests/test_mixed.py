@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from helpers import fit, same_weights
+from helpers import fit, fit_ddp, same_weights
 
 
 class FakeModule:
@@ -275,12 +275,7 @@ def test_two_ddp_processes_run_the_peer_kinds_to_the_same_weights(tmp_path, base
     from stagewise_pl.ledger import DifficultyLedger
 
     run_dir = tmp_path / "ddp"
-    out = fit(base_overrides + SETTINGS + [f"run.dir={run_dir}", "trainer.strategy=ddp", "trainer.devices=2",
-                                           "trainer.accelerator=cpu", "run.threads=1", "run.deterministic=false"],
-              timeout=900)
-    assert out.returncode == 0, out.stderr[-4000:]
-    ranks = [json.loads((run_dir / "routing" / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0] == ranks[1] and "final weights" in ranks[0]
+    fit_ddp(base_overrides + SETTINGS, run_dir)  # the same routing and weights on both ranks
     done = json.loads((run_dir / "state.json").read_text())["completed"]
     assert done["h"]["teacher_traces"] > 0 and done["h"]["optimizer_steps"] == 3
     assert done["r"]["sft_steps"] >= 1 and done["r"]["optimizer_steps"] == 4

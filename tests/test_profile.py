@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from helpers import fit, hand_ledger
+from helpers import fit, fit_ddp, hand_ledger
 from stagewise_pl.callbacks.promote import PromoteAboveThreshold
 from stagewise_pl.callbacks.rules import NeverSolvedInRL, RouteByPassRate
 from stagewise_pl.config import load_config
@@ -319,12 +319,7 @@ def test_a_run_killed_inside_a_sequential_profile_resumes_to_the_same_ledger_evi
 @pytest.mark.slow
 def test_two_ddp_processes_profile_sequentially_with_one_ledger_and_one_routing(tmp_path, base_overrides):
     run_dir = tmp_path / "ddp"
-    out = fit(base_overrides + CHEAP + [f"run.dir={run_dir}", "trainer.strategy=ddp", "trainer.devices=2",
-                                        "trainer.accelerator=cpu", "run.threads=1", "run.deterministic=false"],
-              timeout=900)
-    assert out.returncode == 0, out.stderr[-4000:]
-    ranks = [json.loads((run_dir / "routing" / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0] == ranks[1] and "final weights" in ranks[0]  # the same routing and weights on both ranks
+    fit_ddp(base_overrides + CHEAP, run_dir)  # the same routing and weights on both ranks
     rows = DifficultyLedger(run_dir / "ledger", "x").table().to_pylist()
     for number, name in ((1, "p1"), (3, "p2"), (5, "p3")):
         evidence = evidence_of(run_dir, number, name)
