@@ -24,7 +24,8 @@ def fit(args, env_extra=None, timeout=600, cwd=None):
                           text=True, timeout=timeout, env=env, cwd=cwd)
 
 
-DDP = ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "run.threads=1", "run.deterministic=false"]
+DDP = ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "run.threads=1",
+       "run.deterministic=false"]
 
 
 def fit_ddp(args, run_dir: Path):
