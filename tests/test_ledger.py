@@ -126,8 +126,9 @@ def test_profile_phase_records_k_samples_per_problem(tmp_path):
 
 @pytest.mark.slow  # two runs and a kill
 def test_a_profile_cut_short_is_redone_to_the_same_ledger(tmp_path):
-    profile_run(tmp_path / "straight").execute()
-    run = profile_run(tmp_path / "cut")
+    full = "profile.sequential=false"  # one grading call per chunk (a sequential profile grades once per round)
+    profile_run(tmp_path / "straight", full).execute()
+    run = profile_run(tmp_path / "cut", full)
     calls = {"n": 0}
 
     class Dies:
@@ -153,7 +154,7 @@ def test_a_profile_cut_short_is_redone_to_the_same_ledger(tmp_path):
     with pytest.raises(RuntimeError, match="killed while grading"):
         run.execute()
     assert len(DifficultyLedger(tmp_path / "cut" / "ledger", "x").parts()) == 1
-    profile_run(tmp_path / "cut", "run.resume=restart").execute()  # cut before its first checkpoint
+    profile_run(tmp_path / "cut", full, "run.resume=restart").execute()  # cut before its first checkpoint
     a = DifficultyLedger(tmp_path / "straight" / "ledger", "x").table().drop(["run_id"])
     b = DifficultyLedger(tmp_path / "cut" / "ledger", "x").table().drop(["run_id"])
     assert a.num_rows == 160 and a.equals(b)
