@@ -273,6 +273,7 @@ def evidence_of(run_dir, number, name):
     return json.loads((run_dir / "routing" / f"{number:02d}-{name}.json").read_text())["evidence"]
 
 
+@pytest.mark.slow  # the fast tier's plans run sequential profiles (the default conf's); this one adds reuse and carry
 def test_a_run_with_cheap_profiles_routes_by_their_evidence_and_records_every_sample(tmp_path, base_overrides):
     run_dir = tmp_path / "cheap"
     out = fit(base_overrides + CHEAP + [f"run.dir={run_dir}"])
