@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from helpers import fit, fit_ddp, hand_ledger
+from helpers import fit, fit_ddp, hand_ledger, same_weights
 from stagewise_pl.callbacks.promote import PromoteAboveThreshold
 from stagewise_pl.callbacks.rules import NeverSolvedInRL, RouteByPassRate
 from stagewise_pl.config import load_config
@@ -273,11 +273,8 @@ def evidence_of(run_dir, number, name):
     return json.loads((run_dir / "routing" / f"{number:02d}-{name}.json").read_text())["evidence"]
 
 
-@pytest.mark.slow  # the fast tier's plans run sequential profiles (the default conf's); this one adds reuse and carry
-def test_a_run_with_cheap_profiles_routes_by_their_evidence_and_records_every_sample(tmp_path, base_overrides):
-    run_dir = tmp_path / "cheap"
-    out = fit(base_overrides + CHEAP + [f"run.dir={run_dir}"])
-    assert out.returncode == 0, out.stderr[-3000:]
+def check_cheap_run(run_dir):
+    """A run of CHEAP routes by its profiles' evidence and records every sample once."""
     rows = DifficultyLedger(run_dir / "ledger", "x").table().to_pylist()
     done = json.loads((run_dir / "state.json").read_text())["completed"]
     for number, name in ((1, "p1"), (3, "p2"), (5, "p3")):
@@ -299,16 +296,16 @@ def test_a_run_with_cheap_profiles_routes_by_their_evidence_and_records_every_sa
 
 
 @pytest.mark.slow
-def test_a_run_killed_inside_a_sequential_profile_resumes_to_the_same_ledger_evidence_and_weights(tmp_path,
-                                                                                                 base_overrides):
+def test_a_run_with_cheap_profiles_routes_by_their_evidence_and_a_kill_inside_one_resumes_to_the_same_run(
+        tmp_path, base_overrides):
     args = base_overrides + CHEAP
     golden, crashed = tmp_path / "golden", tmp_path / "crashed"
-    assert fit(args + [f"run.dir={golden}"]).returncode == 0
+    out = fit(args + [f"run.dir={golden}"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    check_cheap_run(golden)
     assert fit(args + [f"run.dir={crashed}"], {"STAGEWISE_FAULT": "step:p2:3"}).returncode == -9
     out = fit(args + [f"run.dir={crashed}", "resume=last"])
     assert out.returncode == 0, out.stderr[-3000:]
-    from helpers import same_weights
-
     assert same_weights(golden / "final", crashed / "final")
     strip = lambda r: {k: v for k, v in r.items() if k != "run_id"}  # noqa: E731
     table = lambda d: [strip(r) for r in DifficultyLedger(d / "ledger", "x").table().to_pylist()]  # noqa: E731
