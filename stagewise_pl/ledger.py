@@ -122,12 +122,13 @@ class DifficultyLedger:
 
     def tally(self, problems, phases=None, first_index: int = 0, last_index: Optional[int] = None,
               global_step: Optional[int] = None) -> dict[str, list]:
-        """Problem id -> [correct, graded, phases] over the rows of ``problems`` whose phase is in ``phases`` (None =
-        any), whose plan position lies in [first_index, last_index] and, given ``global_step``, graded at that
-        optimizer step (under the same policy)."""
-        wanted, out = set(problems), {}
+        """Problem id -> [correct, graded, phases] over the rows of ``problems`` (None = any) whose phase is in
+        ``phases`` (None = any), whose plan position lies in [first_index, last_index] and, given ``global_step``,
+        graded at that optimizer step (under the same policy)."""
+        wanted, out = None if problems is None else set(problems), {}
         for row in self._rows(["phase", "phase_index", "problem_id", "reason", "global_step"]):
-            if row["problem_id"] not in wanted or (phases is not None and row["phase"] not in phases):
+            if (wanted is not None and row["problem_id"] not in wanted) or (phases is not None
+                                                                            and row["phase"] not in phases):
                 continue
             if row["phase_index"] < first_index or (last_index is not None and row["phase_index"] > last_index):
                 continue

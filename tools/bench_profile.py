@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("settings", nargs="*", help="fit overrides for the plan's run")
     args = parser.parse_args(argv)
-    root = args.dir or Path(os.popen("mktemp -d /tmp/bench-profile-XXXX").read().strip())
+    root = args.dir or Path(tempfile.mkdtemp(prefix="bench-profile-"))
     root.mkdir(parents=True, exist_ok=True)
     cache = [f"model.cache_dir={args.model_cache}"] if args.model_cache else []
     cheap = ["profile.sequential=true", "profile.reuse=true", f"profile.carry={args.carry}",

@@ -13,6 +13,7 @@ profile's evidence on the others. Its summary counts the buckets with the routin
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import numpy as np
@@ -84,7 +85,7 @@ class ProfileRunner(PhaseRunner):
         key = ctx.rate_key if pc.sequential else None
         round_size = pc.round if key is not None else pc.k
         priors = self.priors(module)
-        tallies = {p.id: Tally(**vars(priors[p.id])) for p in mine}
+        tallies = {p.id: dataclasses.replace(priors[p.id]) for p in mine}
         drawn: dict[str, list] = {p.id: [] for p in mine}  # (round, reward, reason, tokens, truncated, text)
         engine, upto = ctx.engine_with_current_weights(), min(len(self.problems), (step + 1) * pc.chunk)
         for rnd in range(pc.k + pc.confirm + 1):  # each round draws at least one sample of an undecided problem
@@ -163,8 +164,7 @@ class ProfileRunner(PhaseRunner):
         recorded = self.ctx.decisions.get(profile.name, {}).get("evidence")
         if recorded is not None:
             return {pid: (e["c"], e["n"]) for pid, e in recorded.items()}
-        return {pid: (c, n) for pid, (c, n, _) in self.ctx.ledger.tally(
-            [p.id for p in self.ctx.pool], {profile.name}).items()}
+        return {pid: (c, n) for pid, (c, n, _) in self.ctx.ledger.tally(None, {profile.name}).items()}
 
     def chosen_since(self, profile: PhaseSpec) -> set[str]:
         """Problems a training phase after ``profile`` (and before this one) chose (replayed ones not counted)."""
@@ -193,9 +193,9 @@ class ProfileRunner(PhaseRunner):
             out = {pid: {"c": c, "n": n, "fresh": 0, "how": "kept", "from": earlier[-1].name}
                    for pid, (c, n) in self.tallies_of(earlier[-1]).items() if pid not in self.evidence}
         # problems this profile graded before it kept evidence (a checkpoint of an earlier version): their rows
-        recorded = self.ctx.ledger.tally({p for p in self.ctx.ledger.pass_rates(self.spec.name)} - set(self.evidence),
-                                         {self.spec.name})
-        out.update({pid: {"c": c, "n": n, "fresh": n, "how": "sampled"} for pid, (c, n, _) in recorded.items()})
+        recorded = self.ctx.ledger.tally(None, {self.spec.name})
+        out.update({pid: {"c": c, "n": n, "fresh": n, "how": "sampled"} for pid, (c, n, _) in recorded.items()
+                    if pid not in self.evidence})
         out.update(self.evidence)
         return out
 

@@ -43,10 +43,6 @@ class Tally:
         return {"c": self.correct, "n": self.n, "fresh": self.fresh, "how": self.how,
                 **({"from": self.source} if self.source else {})}
 
-    @classmethod
-    def from_json(cls, d: dict) -> "Tally":
-        return cls(int(d["c"]), int(d["n"]), int(d.get("fresh", 0)), 0, d.get("from", ""), None, d.get("how", ""))
-
 
 def rate_key(rules: Sequence) -> tuple[Optional[Callable[[float], Hashable]], str]:
     """How the rules that read profiles classify a pass rate, as one function (None when one of them does not
