@@ -24,8 +24,11 @@ torch.set_num_threads(2)
 
 # Every cache a test run makes (the real tiny base model, built once per session by the first test that needs it,
 # and teacher answers) goes to a temporary directory of this session, never the user's ~/.cache; the processes
-# the tests start inherit it. Removed when the session ends.
-SESSION_CACHE = Path(tempfile.mkdtemp(prefix="stagewise-test-cache-"))
+# the tests start inherit it. Removed when the session ends. STAGEWISE_TEST_CACHE_DIR names one to share between
+# sessions instead (.ci/run: the fast and slow tiers build the base model once), left for its owner to remove.
+SHARED_CACHE = os.environ.get("STAGEWISE_TEST_CACHE_DIR")
+SESSION_CACHE = Path(SHARED_CACHE) if SHARED_CACHE else Path(tempfile.mkdtemp(prefix="stagewise-test-cache-"))
+SESSION_CACHE.mkdir(parents=True, exist_ok=True)
 os.environ["STAGEWISE_CACHE_DIR"] = str(SESSION_CACHE)
 
 
@@ -98,7 +101,8 @@ def reliability(request):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(SESSION_CACHE, ignore_errors=True)
+    if not SHARED_CACHE:
+        shutil.rmtree(SESSION_CACHE, ignore_errors=True)
     out = os.environ.get("STAGEWISE_RELIABILITY_OUT")
     if not out or not RELIABILITY:
         return

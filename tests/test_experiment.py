@@ -165,35 +165,47 @@ def test_grpo_spends_the_runs_token_budget(tmp_path, base_overrides):
     assert done["g"]["mean_prompts"] > 1
 
 
-@pytest.mark.slow  # every arm x 2 seeds: about 6 minutes
+@pytest.mark.slow  # every arm once, two arms twice: about 5 minutes
 def test_quick_experiment_makes_every_cell_and_plot(tmp_path):
-    """What CI runs: python -m stagewise_pl.experiment --quick (two runs at a time). Every arm x seed finishes, every cell of the table
-    is filled, every plot is a PNG; the numbers themselves are not asserted."""
+    """python -m stagewise_pl.experiment --quick (two runs at a time), in three calls as a user resuming would: every
+    arm on seed 0; two arms on both seeds (seed 0 found finished); then --report over every arm. Every cell of the
+    table is filled, the arms with two seeds have a std, the missing runs are named, every plot is a PNG; the
+    numbers themselves are not asserted. (Every arm x both seeds, what --quick alone runs, took 9.7 minutes.)"""
     from matplotlib.image import imread
 
     root = tmp_path / "quick"
-    out = subprocess.run([sys.executable, "-m", "stagewise_pl.experiment", "--quick", "--jobs", "2",
-                          f"run.dir={root}"], capture_output=True, text=True, timeout=900)
+
+    def run(*args, timeout=900):
+        return subprocess.run([sys.executable, "-m", "stagewise_pl.experiment", "--quick", *args, f"run.dir={root}"],
+                              capture_output=True, text=True, timeout=timeout)
+
+    out = run("--jobs", "2", "--seeds", "0")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    exp = load_experiment(EXPERIMENT, quick=True)
+    twice = ["stagewise", "rl"]
+    out = run("--jobs", "2", "--arms", ",".join(twice))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stdout.count("finished earlier") == len(twice)  # seed 0 of each: not run again
+    out = run("--report", timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     data = json.loads((root / "results.json").read_text())
-    exp = load_experiment(EXPERIMENT, quick=True)
-    assert list(data["arms"]) == [a.name for a in exp.arms]
+    assert list(data["arms"]) == [a.name for a in exp.arms] and exp.seeds == [0, 1]
     for name, arm in data["arms"].items():
-        assert arm["seeds_done"] == exp.seeds, name
+        assert arm["seeds_done"] == ([0, 1] if name in twice else [0]), name
         assert len(arm["trajectory"]) >= 2, name
-    table = [line for line in (root / "results.md").read_text().splitlines() if line.startswith("| (")]
+    text = (root / "results.md").read_text()
+    table = [line for line in text.splitlines() if line.startswith("| (")]
     assert len(table) == len(exp.arms)
+    titles = {a.name: a.title for a in exp.arms}
     for row in table:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert len(cells) == 12 and all(c and c != "-" for c in cells), row  # arm, seeds, all, L1-L6, tokens...
-        assert all("±" in c for c in cells[2:]), row  # two seeds: a std in every numeric cell
+        assert all(("±" in c) == (cells[0] in {titles[n] for n in twice}) for c in cells[2:]), row
+    missing = next(line for line in text.splitlines() if line.startswith("**Runs missing"))
+    assert all((titles[n] in missing) == (n not in twice) for n in titles), missing
     assert sorted(data["plots"]) == ["accuracy.png", "buckets.png", "flow.png", "rewards.png"]
     for name in data["plots"]:
         assert imread(root / name).shape[0] > 100
-    # a rerun finds every run finished and only rewrites the results
-    again = subprocess.run([sys.executable, "-m", "stagewise_pl.experiment", "--quick", f"run.dir={root}"],
-                           capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("finished earlier") == len(exp.arms) * len(exp.seeds)
 
 
 def test_own_replay_trains_on_the_students_correct_profile_solutions(tmp_path, base_overrides):
