@@ -27,8 +27,15 @@ class Example:
 def encode_example(tokenizer, prompt_text: str, completion: str, max_length: int, weight: float = 1.0) -> Example:
     """Prompt (already chat-rendered) + completion + EOS; loss only on completion and EOS."""
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = prompt_ids + completion_ids
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    return example_from_ids(prompt_ids, completion_ids, tokenizer.eos_token_id, max_length, weight)
+
+
+def example_from_ids(prompt_ids: list[int], completion_ids: list[int], eos_id: int, max_length: int,
+                     weight: float = 1.0) -> Example:
+    """The example of a tokenized prompt and completion (EOS appended to the completion)."""
+    completion_ids = list(completion_ids) + [eos_id]
+    ids = list(prompt_ids) + completion_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + completion_ids
     truncated = len(ids) > max_length
     return Example(ids[:max_length], labels[:max_length], truncated, weight)
