@@ -71,6 +71,7 @@ class BridgeContext:
         self.batch_size, self.kernel, self.progress = batch_size, kernel, progress
         self.counts: Counter = Counter()
         self.generated_tokens = 0  # what the student sampled here (a run's generation budget counts it)
+        self.teacher_texts = 0  # what the teacher (or critic) wrote here: traces, simplifications, critiques, repairs
         self._nll: dict[tuple[str, str], float] = {}  # (problem id, target) -> NLL: nothing is scored twice
 
     def render(self, text: str) -> str:
@@ -199,6 +200,7 @@ class TeacherSimplify(BridgeStrategy):
         if not hasattr(ctx.teacher, "simplify"):
             raise TeacherError(f"bridge.strategy=teacher_simplify: teacher {type(ctx.teacher).__name__} cannot simplify")
         texts = ask_each(ctx.teacher, "simplify", [(p, t[0]) for p, t in zip(problems, traces)])
+        ctx.teacher_texts += written(texts)
         reasons = ctx.judge(texts, [p.answer for p in problems])
         return list(zip(texts, reasons))
 
@@ -263,6 +265,7 @@ def run_bridge(strategy: BridgeStrategy, ctx: BridgeContext, problems: Sequence[
     if not problems:
         return [], summarize(strategy.name, [], ctx.counts)
     traces = ctx.teacher.traces(problems, n=strategy.traces_needed(ctx.s))
+    ctx.teacher_texts += written(traces)
     have = [i for i, t in enumerate(traces) if t]
     missing = len(problems) - len(have)
     if not have:
@@ -285,6 +288,13 @@ def run_bridge(strategy: BridgeStrategy, ctx: BridgeContext, problems: Sequence[
     summary = summarize(strategy.name, items, ctx.counts)
     summary.update(no_trace=missing, raw_verdicts=dict(Counter(raw_ok)))
     return items, summary
+
+
+def written(texts) -> int:
+    """How many texts a teacher's answer holds: non-empty strings, in lists at any depth (None: no answer)."""
+    if isinstance(texts, str):
+        return int(bool(texts.strip()))
+    return sum(written(t) for t in texts or [])
 
 
 def summarize(strategy: str, items: Sequence[BridgeItem], counts: Counter) -> dict:

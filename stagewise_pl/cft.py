@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
-from stagewise_pl.bridge import ACCEPTED, BridgeContext, first_accepted, run_bridge
+from stagewise_pl.bridge import ACCEPTED, BridgeContext, first_accepted, run_bridge, written
 from stagewise_pl.data.problems import Problem
 from stagewise_pl.teachers.base import TeacherError, VERDICT_INCORRECT, ask_each, verdict_of
 
@@ -69,6 +69,7 @@ def build_cft(ctx: BridgeContext, critic, teacher, strategy, problems: Sequence[
     verdicts: list[str] = []
     if weights.get("diagnosis", 0) > 0 or weights.get("repair", 0) > 0:
         critiques = ask_each(critic, "critique", pairs)
+        ctx.teacher_texts += written(critiques)
         verdicts = [judge_critique(text) for text in critiques]
         for (p, f), text, reason in zip(pairs, critiques, verdicts):
             counts["diagnosis"][reason] += 1
@@ -105,6 +106,7 @@ def repairs(ctx: BridgeContext, teacher, usable: Sequence[tuple], settings) -> l
         if not hasattr(teacher, "repair"):
             raise TeacherError(f"cft.repair_by=teacher: teacher {type(teacher).__name__} cannot write repairs")
         texts = ask_each(teacher, "repair", usable)
+        ctx.teacher_texts += written(texts)
         reasons = ctx.judge(texts, [p.answer for p, _, _ in usable], count=False)
         return list(zip(texts, reasons))
     n = settings.repair_samples

@@ -110,6 +110,47 @@ def test_a_rerun_resumes_what_was_stopped_and_skips_what_finished(tmp_path):
     assert finished(run)
 
 
+def test_a_runs_teacher_texts_are_the_sum_over_its_phases(tmp_path):
+    """The table's teacher texts (a real teacher's cost): every phase's ``teacher_texts`` summed; a phase without
+    one (profile, grpo) counts nothing."""
+    from stagewise_pl.experiment.results import read_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    phases = {"p": {"kind": "profile", "generated_tokens": 10}, "b": {"kind": "bridge_sft", "teacher_texts": 7},
+              "g": {"kind": "grpo"}, "h": {"kind": "hpt", "teacher_texts": 5, "optimizer_steps": 2}}
+    (run / "state.json").write_text(json.dumps({"completed": phases, "finished": True}))
+    got = read_run(run)
+    assert got["teacher_texts"] == 12 and got["optimizer_steps"] == 2 and got["generated_tokens"] == 10
+    assert got["skill_levels"] == []  # no config.yaml: the plain task
+
+
+def test_on_the_skill_task_the_table_splits_skill_levels_from_the_rest(tmp_path):
+    """A run of conf/skills.yaml: its skill levels (numbered after task.levels) read from its config.yaml; the table
+    gains held-out pass@1 on them and on the other levels, each level weighted by its problems."""
+    from omegaconf import OmegaConf
+
+    from stagewise_pl.experiment.results import group_pass, read_run, skill_levels, table
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(load_config("skills"))))
+    assert skill_levels(run) == ["7", "8", "9"]
+    by_level = {"1": {"n": 10, "pass@1": 1.0}, "6": {"n": 30, "pass@1": 0.0}, "7": {"n": 50, "pass@1": 0.5},
+                "9": {"n": 150, "pass@1": 0.1}, "all": {"n": 240, "pass@1": 0.2}}
+    assert group_pass(by_level, ["7", "8", "9"]) == pytest.approx((25 + 15) / 200)
+    assert group_pass(by_level, ["1", "6"]) == pytest.approx(10 / 40) and group_pass(by_level, ["8"]) is None
+    (run / "state.json").write_text(json.dumps({"completed": {}, "finished": True}))
+    assert read_run(run)["skill_levels"] == ["7", "8", "9"]
+    arm = {"title": "x", "seeds_done": [0], "pass@1": [0.2], "skill": [0.2], "rest": [0.25], "levels": {},
+           "generated_tokens": [1], "optimizer_steps": [1], "teacher_texts": [3], "wall_s": [1.0]}
+    header, rows = table({"arms": {"x": arm}})
+    assert header[2:5] == ["pass@1 (all)", "pass@1 (skill levels)", "pass@1 (other levels)"]
+    assert rows[0][3:5] == ["0.200", "0.250"] and rows[0][header.index("teacher texts")] == "3"
+    header, _ = table({"arms": {"x": dict(arm, skill=[], rest=[])}})
+    assert "pass@1 (skill levels)" not in header  # the plain task: no split
+
+
 def test_dry_run_prints_one_fit_per_arm_and_seed(tmp_path, capsys):
     assert main(["--dry-run", f"run.dir={tmp_path}"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -199,7 +240,7 @@ def test_quick_experiment_makes_every_cell_and_plot(tmp_path):
     titles = {a.name: a.title for a in exp.arms}
     for row in table:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert len(cells) == 12 and all(c and c != "-" for c in cells), row  # arm, seeds, all, L1-L6, tokens...
+        assert len(cells) == 13 and all(c and c != "-" for c in cells), row  # arm, seeds, all, L1-L6, tokens...
         assert all(("±" in c) == (cells[0] in {titles[n] for n in twice}) for c in cells[2:]), row
     missing = next(line for line in text.splitlines() if line.startswith("**Runs missing"))
     assert all((titles[n] in missing) == (n not in twice) for n in titles), missing

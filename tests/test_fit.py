@@ -29,6 +29,8 @@ def test_fit_writes_the_run_directory(tmp_path, fast_overrides, cache_dir):
         assert (run_dir / path).is_file(), path
     state = json.loads((run_dir / "state.json").read_text())
     assert state["completed"]["1-sft"]["steps"] == 6
+    sft = state["completed"]["1-sft"]  # data.target=teacher_trace: each problem's trace, written by a teacher
+    assert sft["target"] == "teacher_trace" and sft["teacher_texts"] == sft["problems"] > 0
     assert "phases:" in (run_dir / "config.yaml").read_text()
     metrics = (run_dir / "logs" / "metrics.csv").read_text()
     assert "1-sft/train/loss" in metrics and "eval/before/synthetic-test/all/pass@1" in metrics

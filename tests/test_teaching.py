@@ -104,6 +104,11 @@ def test_cft_diagnoses_name_the_first_wrong_step_and_every_kept_repair_verifies(
     for r in repairs:
         assert verifier.score(r["target"], pool[r["problem_id"]].answer).reason == "correct", r
         assert r["failure"] in r["prompt"]
+    # what the teacher wrote: one critique per failure, one trace per problem (repairs are the student's here)
+    done = json.loads((run_dir / "state.json").read_text())["completed"]
+    written = sum(summary["outcomes"]["diagnosis"].values()) + summary["bridge"]["problems"]
+    assert summary["teacher_texts"] == done["c"]["teacher_texts"] == written > 0
+    assert done["p"].get("teacher_texts", 0) == 0
 
 
 @pytest.mark.slow  # DDP is in the fast tier by test_stages

@@ -22,13 +22,14 @@ def read_run(directory: Path) -> Optional[dict]:
         return None
     state = json.loads(state_path.read_text())
     phases = state.get("completed", {})
-    steps = tokens = 0
+    steps = tokens = texts = 0
     wall = 0.0
     points = []  # (label, cumulative optimizer steps, eval dict)
     for label in ["before", *phases]:
         summary = phases.get(label, {})
         steps += int(summary.get("optimizer_steps", 0))
         tokens += int(summary.get("generated_tokens", 0))
+        texts += int(summary.get("teacher_texts", 0))
         wall += float(summary.get("seconds", 0.0))
         path = directory / "eval" / f"{label}.json"
         if path.is_file():
@@ -42,6 +43,7 @@ def read_run(directory: Path) -> Optional[dict]:
         if "reward" in curves:  # the phases that roll out and learn from rewards
             rewards += [v for v in curves["reward"] if v is not None]
     return {"finished": bool(state.get("finished")), "optimizer_steps": steps, "generated_tokens": tokens,
+            "teacher_texts": texts, "skill_levels": skill_levels(directory),
             "wall_s": wall, "points": points, "rewards": rewards,
             "phases": {n: s.get("kind") for n, s in phases.items()}}
 
@@ -54,6 +56,24 @@ def mean_std(values: list[float]) -> tuple[Optional[float], Optional[float]]:
     if len(values) < 2:
         return m, None
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def skill_levels(directory: Path) -> list[str]:
+    """The levels of a run's synthetic task that need a skill the base model never saw (``task.skill_levels``, numbered
+    after ``task.levels``), from its config.yaml; [] for the plain task."""
+    from omegaconf import OmegaConf
+
+    path = directory / "config.yaml"
+    task = (OmegaConf.to_container(OmegaConf.load(path)).get("task") or {}) if path.is_file() else {}
+    plain, skill = len(task.get("levels") or []), len(task.get("skill_levels") or [])
+    return [str(plain + i) for i in range(1, skill + 1)]
+
+
+def group_pass(by_level: dict, levels, metric: str = "pass@1") -> Optional[float]:
+    """``metric`` over the problems of ``levels`` (each level weighted by its problem count); None if none."""
+    rows = [by_level[lvl] for lvl in levels if lvl in by_level and by_level[lvl].get("n")]
+    n = sum(r["n"] for r in rows)
+    return sum(r[metric] * r["n"] for r in rows) / n if n else None
 
 
 def cell(values: list[float], digits: int = 3) -> str:
@@ -71,13 +91,19 @@ def collect(exp: Experiment, root: Path) -> dict:
         done = {s: r for s, r in runs.items() if r and r["finished"] and r["points"]}
         finals = [r["points"][-1][2]["by_level"] for r in done.values()]
         levels = sorted({lvl for f in finals for lvl in f if lvl != "all"}, key=lambda s: (len(s), s))
+        skills = [(set(r["skill_levels"]), f) for r, f in zip(done.values(), finals) if r["skill_levels"]]
         budgeted = any(token_budgeted(p["kind"]) for p in arm.phases)  # phases that spend the token budget
         arms[arm.name] = {
             "title": arm.title, "seeds_done": sorted(done), "seeds_missing": sorted(set(exp.seeds) - set(done)),
             "budgeted": budgeted,
             "pass@1": [f["all"]["pass@1"] for f in finals],
+            # the skill task: held-out pass@1 on the levels that need the skill, and on the others
+            "skill": [v for s, f in skills if (v := group_pass(f, s)) is not None],
+            "rest": [v for s, f in skills if (v := group_pass(f, [lvl for lvl in f if lvl != "all" and lvl not in s]))
+                     is not None],
             "levels": {lvl: [f[lvl]["pass@1"] for f in finals if lvl in f] for lvl in levels},
             "generated_tokens": [r["generated_tokens"] for r in done.values()],
+            "teacher_texts": [r["teacher_texts"] for r in done.values()],
             "optimizer_steps": [r["optimizer_steps"] for r in done.values()],
             "wall_s": [r["wall_s"] for r in done.values()],
             "trajectory": trajectory([r["points"] for r in done.values()]),
@@ -126,13 +152,15 @@ def average_series(runs: list[list[float]]) -> list[float]:
 # ------------------------------------------------------------------ the table and the plots
 def table(data: dict) -> tuple[list[str], list[list[str]]]:
     levels = sorted({lvl for a in data["arms"].values() for lvl in a["levels"]}, key=lambda s: (len(s), s))
-    header = ["arm", "seeds", "pass@1 (all)", *[f"L{lvl}" for lvl in levels], "tokens generated", "optimizer steps",
-              "wall time (s)"]
+    split = any(a.get("skill") for a in data["arms"].values())  # the skill task: skill levels and the rest apart
+    header = ["arm", "seeds", "pass@1 (all)", *(["pass@1 (skill levels)", "pass@1 (other levels)"] if split else []),
+              *[f"L{lvl}" for lvl in levels], "tokens generated", "optimizer steps", "teacher texts", "wall time (s)"]
     rows = []
     for a in data["arms"].values():
-        rows.append([a["title"], str(len(a["seeds_done"])), cell(a["pass@1"]), *[cell(a["levels"].get(lvl, []), 2)
-                     for lvl in levels], cell(a["generated_tokens"], 0), cell(a["optimizer_steps"], 0),
-                     cell(a["wall_s"], 0)])
+        rows.append([a["title"], str(len(a["seeds_done"])), cell(a["pass@1"]),
+                     *([cell(a.get("skill", [])), cell(a.get("rest", []))] if split else []),
+                     *[cell(a["levels"].get(lvl, []), 2) for lvl in levels], cell(a["generated_tokens"], 0),
+                     cell(a["optimizer_steps"], 0), cell(a["teacher_texts"], 0), cell(a["wall_s"], 0)])
     return header, rows
 
 
@@ -204,7 +232,9 @@ def markdown(data: dict, images: list[tuple[str, str]], command: str) -> str:
              f"Command: `{command}`", "",
              f"Budget per run: {b['optimizer_steps']} optimizer steps; {b['generated_tokens']} generated tokens for "
              f"every arm that samples from the student. Seeds: {data['seeds']}. Held-out pass@1 is greedy, on the "
-             f"synthetic test split, after the run's last phase; mean ± std over seeds. Wall time: the phases' "
+             f"synthetic test split, after the run's last phase; mean ± std over seeds. Teacher texts: what a "
+             f"teacher wrote for the run's training data (traces, simplifications, critiques, repairs; a real "
+             f"teacher's cost), counted by the phases that use them. Wall time: the phases' "
              f"seconds (training, profiles, data making), not the evaluations.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]

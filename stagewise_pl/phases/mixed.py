@@ -80,7 +80,7 @@ class MixedRunner(GRPORunner):
             items, _ = run_bridge(make_strategy(self.cfg.bridge), bridge, problems)
             out: dict[str, Optional[str]] = {p.id: None for p in problems}
             out.update({it.problem_id: it.target for it in items})
-            return out, len(items), bridge.generated_tokens
+            return out, bridge.teacher_texts, bridge.generated_tokens
         from stagewise_pl.teachers.base import TeacherError
 
         try:
@@ -133,8 +133,8 @@ class MixedRunner(GRPORunner):
         out = super().summary()
         if self.problems:
             out["generated_tokens"] += self.bridge_tokens
-            out.update(teacher_traces=self.teacher_traces, sft_examples=self.sft_examples,
-                       switch_gate=self.m.switch_gate, bridged=self.m.bridge)
+            out.update(teacher_traces=self.teacher_traces, teacher_texts=self.teacher_traces,
+                       sft_examples=self.sft_examples, switch_gate=self.m.switch_gate, bridged=self.m.bridge)
         return out
 
     def spent_now(self) -> int:

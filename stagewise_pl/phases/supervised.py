@@ -40,6 +40,7 @@ class SFTRunner(PhaseRunner):
         cfg = self.cfg
         self.losses: list[float] = []
         self.examples: list = []
+        self.dataset_traces = 0  # targets that are the dataset's teacher traces (data.target=teacher_trace)
         self.weights, self.seed = weights, cfg.run.seed + spec.number if seed is None else seed
         self.guard = NonFiniteGuard(cfg.optim.max_nonfinite_steps, spec.name)
         self.batch_size = spec.batch_size or cfg.trainer.batch_size
@@ -54,8 +55,9 @@ class SFTRunner(PhaseRunner):
             self.prepare(examples)
         elif not self.builds_at_start:
             replayed = set(self.replay_targets())
-            self.prepare(self.encode_targets([p for p in self.problems if p.id not in replayed])
-                         + self.replay_examples())
+            taught = [p for p in self.problems if p.id not in replayed]
+            self.dataset_traces = self.count_dataset_traces(taught)
+            self.prepare(self.encode_targets(taught) + self.replay_examples())
 
     @classmethod
     def on_examples(cls, ctx, spec, examples: list, weights: Optional[Sequence] = None, seed: int = 0) -> "SFTRunner":
@@ -72,6 +74,12 @@ class SFTRunner(PhaseRunner):
         from stagewise_pl.data.examples import sft_target
 
         return [(p.prompt, sft_target(p, self.cfg.data.target)) for p in problems]
+
+    def count_dataset_traces(self, problems) -> int:
+        """How many of ``problems`` the built-in target makes learn a teacher trace of the dataset (a teacher wrote
+        each: the cost a real teacher would have); a kind with its own ``targets`` counts none."""
+        builtin = type(self).targets is SFTRunner.targets
+        return len(problems) if builtin and self.cfg.data.target == "teacher_trace" else 0
 
     def encode_targets(self, problems) -> list:
         from stagewise_pl.data.examples import encode_pairs
@@ -97,6 +105,10 @@ class SFTRunner(PhaseRunner):
 
     def max_length(self) -> int:
         return self.cfg.trainer.max_length
+
+    def teacher_texts(self) -> int:
+        """Texts a teacher wrote for this phase's targets (``teacher_texts`` in its summary)."""
+        return self.dataset_traces
 
     def prepare(self, examples: list) -> None:
         """The phase's examples and its seeded batch order; no examples ends the phase."""
@@ -158,6 +170,7 @@ class SFTRunner(PhaseRunner):
         return {"kind": self.kind, "steps": self.position, "optimizer_steps": len(self.losses),
                 "problems": len(self.problems), "examples": len(self.examples),
                 "final_loss": round(sum(tail) / len(tail), 4) if tail else None, "target": self.cfg.data.target,
+                "teacher_texts": self.teacher_texts(),
                 **({"nonfinite_skipped": self.guard.skipped} if self.guard.skipped else {})}
 
 
@@ -215,6 +228,7 @@ class TaughtRunner(SFTRunner):
         elif self.replayed:
             examples += encode_pairs(self.ctx.tokenizer, SFTRunner.targets(self, self.replayed),
                                      self.cfg.trainer.max_length)
+            self.dataset_traces = len(self.replayed) if self.cfg.data.target == "teacher_trace" else 0
         return examples
 
     def state_dict(self) -> dict:
@@ -226,4 +240,8 @@ class TaughtRunner(SFTRunner):
 
     def summary(self) -> dict:
         scalars = {k: v for k, v in self.report.items() if not isinstance(v, (dict, list))}
-        return dict(super().summary(), target=self.folder, **scalars)
+        return {**super().summary(), "target": self.folder, **scalars, "teacher_texts": self.teacher_texts()}
+
+    def teacher_texts(self) -> int:
+        """What the teacher wrote while the rows were made, and the dataset traces of plainly replayed problems."""
+        return int(self.report.get("teacher_texts", 0)) + self.dataset_traces

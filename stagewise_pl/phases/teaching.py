@@ -25,7 +25,7 @@ class BridgeSFTRunner(TaughtRunner):
 
         ctx = self.bridge_context()
         items, report = run_bridge(make_strategy(self.cfg.bridge), ctx, self.taught)
-        report["generated_tokens"] = ctx.generated_tokens
+        report["generated_tokens"], report["teacher_texts"] = ctx.generated_tokens, ctx.teacher_texts
         by_id = {p.id: p for p in self.taught}
         rows = [{"problem_id": it.problem_id, "kind": "bridged" if it.kept else "raw",
                  "prompt": by_id[it.problem_id].prompt, "target": it.target, "raw": it.raw, "reason": it.reason,
@@ -76,7 +76,7 @@ class CFTRunner(TaughtRunner):
         ctx, teachers = self.bridge_context(), self.ctx.teachers
         items, report = build_cft(ctx, teachers.critic(), teachers.teacher(), make_strategy(self.cfg.bridge),
                                   self.taught, self.failures(), self.cfg.cft)
-        report["generated_tokens"] = ctx.generated_tokens
+        report["generated_tokens"], report["teacher_texts"] = ctx.generated_tokens, ctx.teacher_texts
         return [{"problem_id": it.problem_id, "kind": it.kind, "prompt": it.prompt, "target": it.target,
                  "failure": it.failure} for it in items], report
 
