@@ -191,10 +191,9 @@ class Run:
         if not context:
             return pool
         before = len(pool)
-        ids = tokenizer([render_prompt(tokenizer, p.prompt) for p in pool], add_special_tokens=False)["input_ids"]
-        lengths = {id(p): len(x) for p, x in zip(pool, ids)}  # one tokenizer call for the pool
-        pool = drop_too_long(pool, report, lambda p: lengths[id(p)], context, self.cfg.data.on_bad_row,
-                             self.cfg.data.max_bad_fraction)
+        pool = drop_too_long(pool, report, lambda p: len(tokenizer(render_prompt(tokenizer, p.prompt),
+                                                                   add_special_tokens=False).input_ids),
+                             context, self.cfg.data.on_bad_row, self.cfg.data.max_bad_fraction)
         if len(pool) < before:
             self.log(f"training pool: {report.summary()}")
         return pool

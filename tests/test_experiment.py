@@ -141,7 +141,11 @@ def test_on_the_skill_task_the_table_splits_skill_levels_from_the_rest(tmp_path)
     assert group_pass(by_level, ["7", "8", "9"]) == pytest.approx((25 + 15) / 200)
     assert group_pass(by_level, ["1", "6"]) == pytest.approx(10 / 40) and group_pass(by_level, ["8"]) is None
     (run / "state.json").write_text(json.dumps({"completed": {}, "finished": True}))
-    assert read_run(run)["skill_levels"] == ["7", "8", "9"]
+    (run / "eval").mkdir()
+    (run / "eval" / "before.json").write_text(json.dumps({"synthetic-test": {"by_level": by_level}}))
+    got = read_run(run)
+    assert got["skill_levels"] == ["7", "8", "9"]
+    assert got["skill"] == pytest.approx(40 / 200) and got["rest"] == pytest.approx(10 / 40)
     arm = {"title": "x", "seeds_done": [0], "pass@1": [0.2], "skill": [0.2], "rest": [0.25], "levels": {},
            "generated_tokens": [1], "optimizer_steps": [1], "teacher_texts": [3], "wall_s": [1.0]}
     header, rows = table({"arms": {"x": arm}})

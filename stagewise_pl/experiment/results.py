@@ -42,8 +42,13 @@ def read_run(directory: Path) -> Optional[dict]:
         curves = json.loads(curve.read_text())
         if "reward" in curves:  # the phases that roll out and learn from rewards
             rewards += [v for v in curves["reward"] if v is not None]
+    skills = skill_levels(directory)
+    final = points[-1][2]["by_level"] if points else {}
     return {"finished": bool(state.get("finished")), "optimizer_steps": steps, "generated_tokens": tokens,
-            "teacher_texts": texts, "skill_levels": skill_levels(directory),
+            "teacher_texts": texts, "skill_levels": skills,
+            # the skill task: held-out pass@1 after the last phase on the levels that need the skill, and on the rest
+            "skill": group_pass(final, skills) if skills else None,
+            "rest": group_pass(final, [lvl for lvl in final if lvl != "all" and lvl not in skills]) if skills else None,
             "wall_s": wall, "points": points, "rewards": rewards,
             "phases": {n: s.get("kind") for n, s in phases.items()}}
 
@@ -91,16 +96,13 @@ def collect(exp: Experiment, root: Path) -> dict:
         done = {s: r for s, r in runs.items() if r and r["finished"] and r["points"]}
         finals = [r["points"][-1][2]["by_level"] for r in done.values()]
         levels = sorted({lvl for f in finals for lvl in f if lvl != "all"}, key=lambda s: (len(s), s))
-        skills = [(set(r["skill_levels"]), f) for r, f in zip(done.values(), finals) if r["skill_levels"]]
         budgeted = any(token_budgeted(p["kind"]) for p in arm.phases)  # phases that spend the token budget
         arms[arm.name] = {
             "title": arm.title, "seeds_done": sorted(done), "seeds_missing": sorted(set(exp.seeds) - set(done)),
             "budgeted": budgeted,
             "pass@1": [f["all"]["pass@1"] for f in finals],
-            # the skill task: held-out pass@1 on the levels that need the skill, and on the others
-            "skill": [v for s, f in skills if (v := group_pass(f, s)) is not None],
-            "rest": [v for s, f in skills if (v := group_pass(f, [lvl for lvl in f if lvl != "all" and lvl not in s]))
-                     is not None],
+            "skill": [r["skill"] for r in done.values() if r["skill"] is not None],
+            "rest": [r["rest"] for r in done.values() if r["rest"] is not None],
             "levels": {lvl: [f[lvl]["pass@1"] for f in finals if lvl in f] for lvl in levels},
             "generated_tokens": [r["generated_tokens"] for r in done.values()],
             "teacher_texts": [r["teacher_texts"] for r in done.values()],
