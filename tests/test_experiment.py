@@ -14,6 +14,7 @@ from stagewise_pl.config import CONF_DIR, ConfigError, available_confs, load_con
 from stagewise_pl.experiment import ExperimentError, allot, fit_args, load_experiment, main
 
 EXPERIMENT = CONF_DIR / "experiment.yaml"
+SKILLS = CONF_DIR / "experiment_skills.yaml"
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -71,6 +72,47 @@ def test_every_arm_is_a_valid_run_at_the_same_budget(tmp_path):
             assert cfg.grpo.token_budget == exp.generated_tokens
             assert cfg.run.dir == str(tmp_path / arm.name / f"seed-{exp.seeds[0]}")
             assert cfg.data.target == "reference"  # no arm trains on the task's one-step traces
+
+
+def test_the_skill_experiment_runs_the_first_tasks_arms_on_the_skill_task(tmp_path):
+    """conf/experiment_skills.yaml extends conf/experiment.yaml: the same arms, phases and shares (so the two tables
+    compare arm for arm), on conf/skills.yaml's levels, at its own budget, with sequential profiles; both budgets load."""
+    first = load_experiment(EXPERIMENT)
+    for quick in (False, True):
+        exp = load_experiment(SKILLS, quick)
+        assert exp.base == "skills" and len(exp.seeds) >= (2 if quick else 3)
+        assert [(a.name, a.overrides, a.phases) for a in exp.arms] == [(a.name, a.overrides, a.phases)
+                                                                         for a in first.arms]
+        assert exp.optimizer_steps == (12 if quick else 240)
+        for arm in exp.arms:
+            cfg = load_config(exp.base, fit_args(exp, arm, exp.seeds[0], tmp_path)[1:])
+            assert cfg.task.skill_levels and cfg.profile.sequential and cfg.data.target == "reference"
+            assert cfg.grpo.token_budget == exp.generated_tokens
+
+
+def test_extends_adds_overrides_after_the_parents_and_replaces_arms_by_name(tmp_path):
+    (tmp_path / "parent.yaml").write_text(
+        "seeds: [0, 1]\nbudget: {optimizer_steps: 10, generated_tokens: 100}\noverrides: [a=1]\n"
+        "arms: {x: {phases: [{kind: eval}]}, y: {phases: [{kind: sft, share: 1}]}}\n"
+        "quick: {seeds: [0], overrides: [q=1]}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: parent.yaml\nbase: skills\nbudget: {optimizer_steps: 20, generated_tokens: 100}\n"
+                     "overrides: [a=2]\narms: {y: {title: new, phases: [{kind: grpo, share: 1}]}, z: {phases: "
+                     "[{kind: eval}]}}\nquick: {overrides: [q=2]}\n")
+    exp = load_experiment(child)
+    assert (exp.base, exp.seeds, exp.optimizer_steps, exp.overrides) == ("skills", [0, 1], 20, ["a=1", "a=2"])
+    assert [(a.name, a.title, a.phases[0]["kind"]) for a in exp.arms] == [("x", "x", "eval"), ("y", "new", "grpo"),
+                                                                          ("z", "z", "eval")]
+    quick = load_experiment(child, quick=True)
+    assert quick.seeds == [0] and quick.overrides == ["a=1", "a=2", "q=1", "q=2"]
+    for target in ("child.yaml", "nope.yaml"):
+        child.write_text(f"extends: {target}\n")
+        with pytest.raises(ExperimentError, match="not another experiment file"):
+            load_experiment(child)
+    (tmp_path / "parent.yaml").write_text("extends: child.yaml\n")
+    child.write_text("extends: parent.yaml\n")
+    with pytest.raises(ExperimentError, match="without an extends"):
+        load_experiment(child)
 
 
 def test_a_fallback_bucket_is_checked_like_select():
@@ -271,3 +313,26 @@ def test_own_replay_trains_on_the_students_correct_profile_solutions(tmp_path, b
     correct = {(r["problem_id"], r["completion"]) for r in rows if r["phase"] == "p" and r["reason"] == "correct"}
     assert all((pid, text) in correct for pid, text in own.items())
     assert not set(own) & set(routing["ids"]["hard"])  # replay comes from outside the taught bucket
+
+
+@pytest.mark.slow  # every arm once on seed 0: about 2.5 minutes
+def test_quick_skill_experiment_fills_the_skill_and_other_level_columns(tmp_path):
+    """python -m stagewise_pl.experiment --conf conf/experiment_skills.yaml --quick on seed 0: the table has levels
+    L1-L9 and the skill/other split, every cell filled, every plot made; the numbers are not asserted."""
+    root = tmp_path / "skills"
+    out = subprocess.run([sys.executable, "-m", "stagewise_pl.experiment", "--conf", str(SKILLS), "--quick", "--jobs",
+                          "2", "--seeds", "0", f"run.dir={root}"], capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    text = (root / "results.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| arm |"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns[2:5] == ["pass@1 (all)", "pass@1 (skill levels)", "pass@1 (other levels)"]
+    assert [c for c in columns if c.startswith("L")] == [f"L{i}" for i in range(1, 10)]
+    rows = [line for line in text.splitlines() if line.startswith("| (")]
+    assert len(rows) == len(load_experiment(SKILLS, quick=True).arms)
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == len(columns) and all(c and c != "-" for c in cells), row
+    data = json.loads((root / "results.json").read_text())
+    assert all(len(arm["skill"]) == len(arm["rest"]) == 1 for arm in data["arms"].values())
+    assert sorted(data["plots"]) == ["accuracy.png", "buckets.png", "flow.png", "rewards.png"]

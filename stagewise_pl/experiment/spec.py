@@ -3,7 +3,9 @@
 ``conf/experiment.yaml`` (``--conf PATH`` for another) holds a base conf, overrides for every arm, the arms (their
 overrides and phases, each training phase with a ``share`` of the budget's optimizer steps), the budget
 (``optimizer_steps``, ``generated_tokens``) and the seeds; ``quick`` replaces the budget and the seeds and adds
-overrides for ``--quick``. Which phases train (and so take a share) is the phase kinds' trait ``trains``.
+overrides for ``--quick``. ``extends: FILE`` starts from another experiment file (``conf/experiment_skills.yaml``
+runs the arms of ``conf/experiment.yaml`` on the skill task). Which phases train (and so take a share) is the phase
+kinds' trait ``trains``.
 """
 from __future__ import annotations
 
@@ -64,9 +66,11 @@ def load_experiment(path: Path, quick: bool = False) -> Experiment:
         raise ExperimentError(f"{path}: cannot read ({exc})") from None
     if not isinstance(raw, dict):
         raise ExperimentError(f"{path}: must hold a mapping")
-    unknown = set(raw) - {"base", "seeds", "budget", "overrides", "arms", "quick"}
+    unknown = set(raw) - {"base", "seeds", "budget", "overrides", "arms", "quick", "extends"}
     if unknown:
         raise ExperimentError(f"{path}: unknown keys {sorted(unknown)}")
+    if raw.get("extends"):
+        raw = extend(path, raw)
     if quick:
         q = raw.get("quick") or {}
         if not q:
@@ -100,6 +104,35 @@ def load_experiment(path: Path, quick: bool = False) -> Experiment:
         raise ExperimentError(f"{path}: no arms")
     return Experiment(raw.get("base", "default"), seeds, steps, tokens, list(raw.get("overrides") or []), arms,
                       str(path), quick)
+
+
+def extend(path: Path, raw: dict) -> dict:
+    """``extends: FILE`` (relative to this file): that experiment's settings, with this file's ``base``, ``seeds``,
+    ``budget`` and ``quick`` keys replacing its own, this file's ``overrides`` after its (a later one wins), and this
+    file's arms added to its arms (an arm of the same name replaced)."""
+    from omegaconf import OmegaConf
+
+    parent_path = (Path(path).parent / str(raw["extends"])).resolve()
+    if parent_path == Path(path).resolve() or not parent_path.is_file():
+        raise ExperimentError(f"{path}: extends: {raw['extends']!r} is not another experiment file")
+    try:
+        parent = OmegaConf.to_container(OmegaConf.load(parent_path), resolve=True)
+    except Exception as exc:
+        raise ExperimentError(f"{parent_path}: cannot read ({exc})") from None
+    if not isinstance(parent, dict) or parent.get("extends"):
+        raise ExperimentError(f"{path}: extends {parent_path.name}, which must be a mapping without an extends of "
+                              f"its own")
+    out = dict(parent)
+    out.update({k: raw[k] for k in ("base", "seeds", "budget") if k in raw})
+    out["overrides"] = list(parent.get("overrides") or []) + list(raw.get("overrides") or [])
+    out["arms"] = {**(parent.get("arms") or {}), **(raw.get("arms") or {})}
+    if "quick" in raw:
+        quick = dict(parent.get("quick") or {})
+        quick.update({k: v for k, v in (raw["quick"] or {}).items() if k != "overrides"})
+        quick["overrides"] = list((parent.get("quick") or {}).get("overrides") or []) + \
+            list((raw["quick"] or {}).get("overrides") or [])
+        out["quick"] = quick
+    return out
 
 
 def allot(phases: list[dict], total: int) -> list[dict]:
