@@ -76,7 +76,8 @@ def test_every_arm_is_a_valid_run_at_the_same_budget(tmp_path):
 
 def test_the_skill_experiment_runs_the_first_tasks_arms_on_the_skill_task(tmp_path):
     """conf/experiment_skills.yaml extends conf/experiment.yaml: the same arms, phases and shares (so the two tables
-    compare arm for arm), on conf/skills.yaml's levels, at its own budget, with sequential profiles; both budgets load."""
+    compare arm for arm), on conf/skills.yaml's levels, at its own budget, with sequential profiles; both budgets
+    load."""
     first = load_experiment(EXPERIMENT)
     for quick in (False, True):
         exp = load_experiment(SKILLS, quick)
