@@ -223,9 +223,22 @@ def test_cli_grades_a_file(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
     out = subprocess.run([sys.executable, "-m", "stagewise_pl.verify", str(path), "--out", str(tmp_path / "o.jsonl"),
                           "--timeout", "2", "--no-progress"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 3, out.stderr  # some rows were bad: graded the rest, named them, exit 3
+    assert f"{path}:4: needs 'completion'" in out.stderr and f"{path}:5: invalid JSON" in out.stderr
     graded = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert [g["reason"] for g in graded] == ["correct", "wrong", "timeout", "bad_row", "bad_row"]
     assert graded[0]["problem"] == rows[0]["problem"] and graded[0]["reward"] == 1.0
     for reason, n in [("correct", 1), ("wrong", 1), ("timeout", 1), ("bad_row", 2)]:
         assert any(line.split() == [reason, str(n)] for line in out.stdout.splitlines())
+
+
+def test_cli_exits_0_when_every_row_is_good_and_help_names_the_codes(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps({"completion": "#### 4", "answer": "4"}) + "\n")
+    out = subprocess.run([sys.executable, "-m", "stagewise_pl.verify", str(path), "--no-progress"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "bad row" not in out.stderr, out.stderr
+    assert (tmp_path / "in.graded.jsonl").is_file()
+    helptext = subprocess.run([sys.executable, "-m", "stagewise_pl.verify", "--help"], capture_output=True, text=True,
+                              timeout=120).stdout
+    assert "Exit codes" in helptext and "3 some rows were bad" in helptext

@@ -3,7 +3,10 @@
 Each row needs ``completion`` and ``answer`` (``problem`` is carried along, never graded). Rows are
 graded in parallel in the bounded grading pool, written back with ``reward`` and ``reason``, and the
 counts per reason are printed. A row that is not JSON or lacks a field is written with
-``reason: "bad_row"`` and counted, never dropped silently.
+``reason: "bad_row"`` and counted, never dropped silently; each one is printed (file:line and why) and the exit
+code is then 3.
+
+Exit codes: 0 every row graded; 3 some rows were bad (the rest are graded and written); 2 bad arguments.
 """
 from __future__ import annotations
 
@@ -14,6 +17,9 @@ from collections import Counter
 from pathlib import Path
 
 from stagewise_pl.verify.base import VERIFIERS
+
+BAD_ROWS_EXIT = 3
+SHOWN_BAD_ROWS = 20  # printed on the console; every one is in the output file
 
 
 def read_rows(path: Path) -> list[tuple[int, dict, str]]:
@@ -39,7 +45,8 @@ def read_rows(path: Path) -> list[tuple[int, dict, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stagewise_pl.verify", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m stagewise_pl.verify", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n")[-1].strip())
     parser.add_argument("input", type=Path, help="JSONL rows with 'completion' and 'answer'")
     parser.add_argument("--verifier", default="math", help=f"registered ({', '.join(VERIFIERS.names())}) or dotted path")
     parser.add_argument("--out", type=Path, help="output JSONL (default: IN.graded.jsonl)")
@@ -73,7 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"graded {len(rows)} rows of {args.input} with {args.verifier!r} -> {out}")
     for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]):
         print(f"  {reason:16s} {n}")
-    return 0
+    bad = [(number, problem) for number, _, problem in rows if problem]
+    if not bad:
+        return 0
+    print(f"{len(bad)} bad row(s), written with reason 'bad_row' and not graded:", file=sys.stderr)
+    for number, problem in bad[:SHOWN_BAD_ROWS]:
+        print(f"  {args.input}:{number}: {problem}", file=sys.stderr)
+    if len(bad) > SHOWN_BAD_ROWS:
+        print(f"  ... and {len(bad) - SHOWN_BAD_ROWS} more (each row's 'error' in {out})", file=sys.stderr)
+    return BAD_ROWS_EXIT
 
 
 if __name__ == "__main__":
