@@ -106,6 +106,9 @@ def render(tasks: list[Task], name: str, nodes: int, gpus_per_node: int, cpus_pe
     return "\n".join(lines) + "\n"
 
 
+GPU_ACCELERATORS = ("gpu", "cuda")
+
+
 def sbatch(script: str, root: Path) -> str:
     """Write ``root/submit.sbatch`` (and ``root/logs/``), submit it; the job id."""
     (root / "logs").mkdir(parents=True, exist_ok=True)
@@ -123,9 +126,14 @@ def submit(args) -> int:
     tasks = plan_tasks(args.conf, args.overrides, args.array, args.sweep, root.resolve())
     for t in tasks:  # every task's configuration must load before anything is submitted
         try:
-            load_config(args.conf, t.overrides[1:])
+            cfg = load_config(args.conf, t.overrides[1:])
         except ConfigError as exc:
             raise SlurmError(f"task {t.index}: {exc}") from None
+        if str(cfg.trainer.accelerator).lower() in GPU_ACCELERATORS and not args.gpus_per_node:
+            raise SlurmError(f"task {t.index}: conf={args.conf} trains on GPUs (trainer.accelerator="
+                             f"{cfg.trainer.accelerator}) but --gpus-per-node is 0, so Slurm would give it none: "
+                             f"pass --gpus-per-node N (N GPUs per node, one process each), or "
+                             f"trainer.accelerator=cpu to run it on CPUs")
     script = render(tasks, args.name, args.nodes, args.gpus_per_node, args.cpus_per_task, args.time,
                     root.resolve() / "logs", args.partition)
     if args.dry_run:

@@ -42,12 +42,22 @@ def test_dry_run_renders_one_task_per_seed_and_sweep_value(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--time", "90"], "--time '90'"), (["--array", "lr=1,2"], "runs over seeds"),
     (["--sweep", "optim.lr"], "expected key=v1,v2"), (["optim.nope=1"], "task 0: .*optim.nope"),
+    (["trainer.accelerator=gpu"], "trains on GPUs .* pass --gpus-per-node N"),
 ])
 def test_bad_submissions_exit_2_naming_the_problem(tmp_path, args, message):
     import re
 
     out = slurm("submit", "conf=default", *args, "--root", tmp_path, "--dry-run")
     assert out.returncode == 2 and re.search(message, out.stderr), out.stderr
+
+
+def test_a_gpu_recipe_needs_gpus_per_node(tmp_path):
+    """conf/qwen1.5b.yaml trains on a GPU: without --gpus-per-node Slurm would start it with none (refused, exit
+    2); with it, the script asks for them."""
+    out = slurm("submit", "conf=qwen1.5b", "--root", tmp_path, "--dry-run")
+    assert out.returncode == 2 and "--gpus-per-node" in out.stderr, out.stderr
+    out = slurm("submit", "conf=qwen1.5b", "--gpus-per-node", "1", "--root", tmp_path, "--dry-run")
+    assert out.returncode == 0 and "#SBATCH --gpus-per-node=1" in out.stdout, out.stderr
 
 
 def fake_tools(directory: Path) -> dict:
