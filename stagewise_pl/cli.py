@@ -39,7 +39,11 @@ Runs the plan of conf/NAME.yaml (default: the embedded CPU run: tiny model, synt
   resume=last        continue run.dir (or the newest runs/<conf>-*) from its last checkpoint
   resume=PATH        continue from a given Lightning checkpoint
   group.key=value    override any key below, e.g. optim.lr=3e-4 trainer.packing=true
-  --dry-run          resolve and check the configuration, print it and the plan, and exit
+  --dry-run          resolve and check the configuration, print it, the plan, the files it reads and a memory
+                     estimate, and exit
+exit codes: 0 done; 2 a bad configuration, argument or training data (the message names it); 3 a non-finite loss
+  or a checkpoint that cannot be used; 4 (--dry-run) a file the run reads is missing (with where to get it);
+  128 + N stopped by signal N after a checkpoint (requeued under Slurm)
 """
 
 

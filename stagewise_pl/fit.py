@@ -7,6 +7,8 @@ from pathlib import Path
 from stagewise_pl.cli import help_text, parse_args
 from stagewise_pl.config import ConfigError, load_config, to_yaml
 
+MISSING_FILES_EXIT = 4  # --dry-run: a file the run reads is missing (each named with where to get it)
+
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -23,7 +25,8 @@ def _main(args) -> int:
     try:
         cfg = load_config(args.conf, args.overrides)
         from stagewise_pl.logging import quiet_third_party
-        from stagewise_pl.preflight import check_teaching, plan_phases, plan_traits, referenced_files
+        from stagewise_pl.preflight import (check_teaching, how_to_get, plan_phases, plan_traits,
+                                           referenced_files)
         from stagewise_pl.run import Run
 
         quiet_third_party()
@@ -36,13 +39,20 @@ def _main(args) -> int:
             phases = plan_phases(cfg)
             check_teaching(cfg, phases)
             print(to_yaml(cfg) + "\nplan:\n" + "\n".join(f"  {line}" for line in describe(phases, plan_traits(phases))))
+            missing = []
             for what, path, exists in referenced_files(cfg, phases):
                 print(f"file {what}: {path} " + ("(found)" if exists else "(MISSING: the run stops at set-up)"))
+                if not exists:
+                    missing.append(f"  {path} ({what}): {how_to_get(what, path, cfg)}")
             if cfg.data.source != "synthetic" and Path(cfg.data.path).expanduser().exists():
                 from stagewise_pl.data.loaders import load_pool
 
                 print(f"training pool: {load_pool(cfg.data)[1].summary()}")  # bad rows stop the dry run too
             print("\n".join(memory(cfg)))
+            if missing:
+                print(f"error: {len(missing)} file(s) the run needs are missing; where to get each:\n"
+                      + "\n".join(missing), file=sys.stderr)
+                return MISSING_FILES_EXIT
             return 0
         Run(cfg).execute()
     except ConfigError as exc:

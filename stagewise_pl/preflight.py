@@ -72,6 +72,16 @@ def check_teaching(cfg: Config, phases) -> dict:
     return prompts
 
 
+def how_to_get(what: str, path: Path, cfg: Config) -> str:
+    """Where a user gets a file the run reads (printed by ``--dry-run`` when it is missing)."""
+    if what.startswith("teacher."):
+        return ("make it from a large model behind an OpenAI-compatible server: python tools/make_traces.py "
+                f"--base-url URL --model NAME --out {path} conf={cfg.conf_name or 'NAME'} (the same overrides)")
+    from stagewise_pl.data.loaders import benchmark_source
+
+    return benchmark_source(path)
+
+
 def referenced_files(cfg: Config, phases) -> list[tuple[str, Path, bool]]:
     """(what, path, exists) for every file the run will read: the pool, evaluation sets, a trace file."""
     files = []

@@ -143,6 +143,29 @@ BENCHMARK_FORMATS: dict[str, RowMapper] = {
 }
 
 
+# Where a user gets each benchmark file: the public source whose rows the format reads as published (JSON Lines,
+# one problem a line, the source's own field names).
+BENCHMARK_SOURCES: dict[str, str] = {
+    "math500": "the MATH-500 split of Hendrycks MATH (Lightman et al.; Hugging Face HuggingFaceH4/MATH-500, "
+               "test split): fields problem, solution, answer",
+    "aime24": "github.com/QwenLM/Qwen2.5-Math, evaluation/data/aime24/test.jsonl",
+    "amc23": "github.com/QwenLM/Qwen2.5-Math, evaluation/data/amc23/test.jsonl",
+    "gsm8k": "github.com/openai/grade-school-math, grade_school_math/data/train.jsonl or test.jsonl (Hugging Face "
+             "openai/gsm8k, config main): fields question, answer",
+    "minerva_math": "github.com/QwenLM/Qwen2.5-Math, evaluation/data/minerva_math/test.jsonl",
+    "olympiadbench": "github.com/QwenLM/Qwen2.5-Math, evaluation/data/olympiadbench/test.jsonl",
+}
+
+
+def benchmark_source(path: Path) -> str:
+    """Where to get a benchmark file named like ``path`` (by its format), or how to bring a pool of one's own."""
+    try:
+        return f"download {BENCHMARK_SOURCES[benchmark_format(path)]} and save it as {path}"
+    except ValueError:
+        return ("a JSONL of your own problems: data.source=jsonl with data.fields mapping its keys to id, prompt, "
+                "answer (see --help data)")
+
+
 def benchmark_format(path: Path, fmt: str = "") -> str:
     if fmt:
         if fmt not in BENCHMARK_FORMATS:
