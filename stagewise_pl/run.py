@@ -331,18 +331,21 @@ class Run:
         return out
 
     def finish(self, columns: "OrderedDict[str, Any]", seconds: float) -> None:
-        from stagewise_pl.eval.evaluate import format_table
+        from stagewise_pl.eval.evaluate import compact_table, format_table
 
         if self.logger is not None:
             self.logger.finalize("success")
-        sections = [f"# Run {self.dir.name}\n", f"conf: {self.cfg.conf_name}, seed {self.cfg.run.seed}, "
-                    f"{seconds:.0f} s this launch\n"]
+        head = f"conf: {self.cfg.conf_name}, seed {self.cfg.run.seed}, {seconds:.0f} s this launch"
+        sections, console = [f"# Run {self.dir.name}\n", head + "\n"], [head]
         if columns:
             first = next(iter(columns.values()))
             for name in first:
-                table = format_table(OrderedDict((label, res[name]) for label, res in columns.items() if name in res))
-                sections.append(f"## {name}: greedy pass@1 and mean sampled pass rate by level\n\n{table}\n")
-        text = "\n".join(sections)
-        atomic_write(self.dir / "summary.md", text)
-        self.log("\n" + text)
-        self.log(f"run directory: {self.dir}")
+                results = OrderedDict((label, res[name]) for label, res in columns.items() if name in res)
+                sections.append(f"## {name}: greedy pass@1 and mean sampled pass rate by level\n\n"
+                                f"{format_table(results)}\n")
+                console.append(f"\n{name}: held-out greedy pass@1 by level\n{compact_table(results)}")
+        atomic_write(self.dir / "summary.md", "\n".join(sections))
+        # the console gets the narrow table; summary.md keeps the wide one (mean p and buckets per phase)
+        self.log("\n" + "\n".join(console))
+        self.log(f"run directory: {self.dir} (tables with mean pass rates and buckets: summary.md; phase "
+                 f"summaries: state.json)")

@@ -20,9 +20,14 @@ def weights(directory):
     return load_file(str(directory / "model.safetensors"))
 
 
-def test_fit_writes_the_run_directory(tmp_path, fast_overrides, cache_dir):
+def test_fit_writes_the_run_directory(tmp_path, fast_overrides, cache_dir, capsys):
     run_dir = tmp_path / "run"
     assert main(fast_overrides + [f"run.dir={run_dir}"]) == 0
+    out = capsys.readouterr().out  # the console: short phase lines and a narrow table; the figures in the files
+    assert "phase 1-sft done: 6 optimizer steps" in out and '"kind"' not in out
+    closing = out[out.index("held-out greedy pass@1 by level"):].splitlines()
+    assert closing[1].split()[0] == "after" and closing[-1].startswith("run directory:")
+    assert all(len(line) <= 100 for line in closing[:-1]), closing
     for path in ["config.yaml", "state.json", "summary.md", "eval/before.json", "eval/1-sft.json",
                  "checkpoints/last.ckpt", "routing/01-1-sft.json", "export/1-sft/model.safetensors", "export/1-sft/tokenizer.json", "final/model.safetensors",
                  "final/config.json", "logs/metrics.csv"]:
@@ -159,3 +164,24 @@ def test_accumulation_packing_and_benchmark_eval(tmp_path, fast_overrides):
     assert state["completed"]["1-sft"]["steps"] == 4  # optimizer steps, each of 2 micro-batches
     results = json.loads((run_dir / "eval" / "1-sft.json").read_text())
     assert set(results) == {"synthetic-test", "gsm8k_test"} and results["gsm8k_test"]["by_level"]["all"]["n"] == 3
+
+
+def test_a_phase_summary_prints_as_one_short_line():
+    from stagewise_pl.phases.manager import brief
+
+    grpo = {"kind": "grpo", "steps": 2, "rollout_steps": 2, "optimizer_steps": 2, "rollouts": 588,
+            "generated_tokens": 13642, "mean_prompts": 73.5, "problems": 19, "reward_first_tenth": 0.5341,
+            "reward_last_tenth": 0.6944, "zero_groups": 0.2138, "seconds": 2.1, "select": "medium",
+            "buckets": {"hard": 21, "medium": 19, "easy": 0}}
+    assert brief(grpo) == ("2 optimizer steps, 19 problems (medium), reward 0.53 -> 0.69, 13 642 tokens generated, "
+                           "2 s")
+    profile = {"kind": "profile", "problems": 40, "k": 8, "easy": 11, "medium": 11, "hard": 18,
+               "mean_pass_rate": 0.4146, "generated_tokens": 6997, "seconds": 1.4, "select": "all"}
+    assert brief(profile) == "40 problems, easy/medium/hard 11/11/18, mean p 0.415, 6 997 tokens generated, 1 s"
+    bridge = {"kind": "bridge_sft", "optimizer_steps": 3, "problems": 18, "examples": 24, "final_loss": 0.4514,
+              "teacher_texts": 18, "strategy": "student_rewrite", "kept": 6, "acceptance": 0.3333, "select": "hard"}
+    assert brief(bridge) == ("3 optimizer steps, 18 problems (hard), 24 examples, loss 0.451, bridged 6 "
+                             "(acceptance 0.33), 18 teacher texts")
+    skipped = brief({"kind": "cft", "problems": 0, "skipped": "bucket 'x' is empty"})
+    assert skipped.endswith("skipped: bucket 'x' is empty")
+    assert brief({"kind": "eval"}) == "eval"

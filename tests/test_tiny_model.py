@@ -64,3 +64,44 @@ def test_tiny_base_model_is_cached(cache_dir, fast_overrides, monkeypatch):
     assert base.tiny_base_model(cfg, task) == first
     other = load_config("default", fast_overrides + ["model.warmup.steps=21"])
     assert base.base_key(other) != base.base_key(cfg)
+
+
+def test_the_base_models_warm_up_prints_progress_lines_into_a_file(tmp_path, fast_overrides, monkeypatch):
+    """Output that is not a terminal (a log file, pytest's capture): the warm-up reports a line every 10 s with the
+    steps done, of how many, and the time left (a clock that moves 11 s per reading stands in for a slow build)."""
+    from stagewise_pl.config import load_config
+    from stagewise_pl.models import base
+    from stagewise_pl.phases import driver
+    from stagewise_pl.tasks.arithmetic import ArithmeticTask
+
+    class Clock:
+        now = 0.0
+
+        def monotonic(self):
+            self.now += 11.0
+            return self.now
+
+    monkeypatch.setattr(driver, "time", Clock())
+    cfg = load_config("default", fast_overrides + ["run.progress_bar=true", "model.warmup.steps=4"])
+    lines = []
+    base._build(cfg, ArithmeticTask.from_config(cfg.task), tmp_path / "base", log=lines.append)
+    steps = [line for line in lines if line.startswith("tiny base warm-up: step")]
+    assert steps[0] == "tiny base warm-up: step 1/4, 11 s, about 33 s left"
+    assert steps[-1].startswith("tiny base warm-up: step 4/4")
+    assert (tmp_path / "base" / "model.safetensors").is_file()
+    off = load_config("default", fast_overrides + ["run.progress_bar=false"])
+    assert driver.progress_callbacks(off.run) == []
+
+
+def test_the_live_bar_names_the_phase_and_counts_steps():
+    from types import SimpleNamespace
+
+    from stagewise_pl.phases.driver import step_bar
+
+    bar = step_bar("phase r1-grpo", 40)
+    assert bar._get_train_description(0) == "phase r1-grpo" and bar.total_train_batches == 40
+    bar.relabel("phase r1-cft")
+    assert bar._get_train_description(0) == "phase r1-cft"
+    column = bar.configure_columns(None)[2]
+    assert column.render(SimpleNamespace(completed=8, total=40)).plain == "8/40 steps"
+    assert column.render(SimpleNamespace(completed=8, total=float("inf"))).plain == "8 steps"

@@ -103,3 +103,16 @@ def format_table(columns: "OrderedDict[str, EvalResult]") -> str:
         n = next(iter(columns.values())).by_level[lvl]["n"]
         lines.append(f"| {lvl} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def compact_table(columns: "OrderedDict[str, EvalResult]") -> str:
+    """The console's table: one row per labelled result (before, after each phase), greedy pass@1 by level and
+    over all; narrow enough for a terminal whatever the number of phases (the wide table is :func:`format_table`)."""
+    levels = list(next(iter(columns.values())).by_level)
+    names = [f"L{lvl}" if lvl != "all" else "all" for lvl in levels]
+    width = max(len("after"), *(len(lab) for lab in columns))
+    lines = [f"{'after':<{width}}  " + " ".join(f"{n:>5}" for n in names)]
+    for lab, res in columns.items():
+        lines.append(f"{lab:<{width}}  " + " ".join(f"{res.by_level.get(lvl, {}).get('pass@1', float('nan')):5.2f}"
+                                                   for lvl in levels))
+    return "\n".join(lines)

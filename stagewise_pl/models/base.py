@@ -120,7 +120,8 @@ def _build(cfg, task, directory: Path, log) -> None:
         policy, tokenizer = load_policy(str(directory))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            fit_phase(warmup_runner(cfg, task, policy, tokenizer))
+            # a line every 10 s when the output is a file, a bar on a terminal (the build takes minutes)
+            fit_phase(warmup_runner(cfg, task, policy, tokenizer), label="tiny base warm-up", every_s=10, log=log)
         policy.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
     (directory / "stagewise_base.json").write_text(json.dumps({"key": base_key(cfg),

@@ -8,6 +8,8 @@ plan's phases.
 """
 from __future__ import annotations
 
+import sys
+import time
 import warnings
 from typing import Optional
 
@@ -41,15 +43,104 @@ class StagewiseModule(L.LightningModule):
             self.log(name, value, prog_bar=True, logger=False, batch_size=1)
 
 
-def make_trainer(trainer_cfg, run_cfg, logger=None, callbacks=()) -> L.Trainer:
+class StepLines(L.Callback):
+    """Progress as a line every ``every_s`` seconds (``label: step n[/total], elapsed[, left]``): for output that
+    goes to a file (a Slurm log, ``> run.log``), where a live bar writes nothing readable."""
+
+    def __init__(self, every_s: float = 30.0, label: str = "training", total: Optional[int] = None, log=None):
+        self.every_s, self.label, self.total = every_s, label, total
+        self.write = log or (lambda text: print(text, flush=True))  # (not self.log: Lightning's name)
+        self.started = self.last = 0.0
+        self.count = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.started = self.last = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last < self.every_s or not trainer.is_global_zero:
+            return
+        self.last, elapsed = now, now - self.started
+        of = f"/{self.total}" if self.total else ""
+        left = (f", about {elapsed / self.count * (self.total - self.count):.0f} s left"
+                if self.total and self.count < self.total else "")
+        self.write(f"{self.label}: step {self.count}{of}, {elapsed:.0f} s{left}")
+
+
+def step_bar(label: str = "training", total: Optional[int] = None):
+    """A live bar for a terminal: ``label`` (the phase) instead of Lightning's "Epoch 0/0", and ``n/total steps`` or
+    ``n steps`` (a plan's length is known only phase by phase) instead of "n/--". None without rich."""
+    try:
+        from lightning.pytorch.callbacks import RichProgressBar
+        from rich.progress import ProgressColumn
+        from rich.text import Text
+    except ImportError:
+        return None
+
+    class StepsColumn(ProgressColumn):
+        def render(self, task) -> Text:
+            total = f"/{int(task.total)}" if task.total not in (None, float("inf")) else ""
+            return Text(f"{int(task.completed)}{total} steps")
+
+    class StepBar(RichProgressBar):
+        def __init__(self):
+            super().__init__(leave=True)
+            self.label, self.total = label, total
+
+        @property
+        def total_train_batches(self):
+            return self.total if self.total else super().total_train_batches
+
+        def _get_train_description(self, current_epoch: int) -> str:
+            return self.label
+
+        def configure_columns(self, trainer) -> list:
+            columns = super().configure_columns(trainer)
+            columns[2] = StepsColumn()
+            return columns
+
+        def relabel(self, text: str) -> None:
+            self.label = text
+            if self.progress is not None and self.train_progress_bar_id is not None:
+                self.progress.update(self.train_progress_bar_id, description=text)
+
+    return StepBar()
+
+
+def progress_callbacks(run_cfg, label: str = "training", total: Optional[int] = None, every_s: float = 30.0,
+                       log=None) -> list:
+    """``run.progress_bar``: a live bar on a terminal, a line every ``every_s`` seconds otherwise; none when off."""
+    if not run_cfg.progress_bar:
+        return []
+    if sys.stdout.isatty():
+        bar = step_bar(label, total)
+        if bar is not None:
+            return [bar]
+    return [StepLines(every_s, label, total, log)]
+
+
+def relabel_progress(trainer, text: str) -> None:
+    """The current phase's name on the bar (and in the lines)."""
+    for callback in trainer.callbacks:
+        if hasattr(callback, "relabel"):
+            callback.relabel(text)
+        elif isinstance(callback, StepLines):
+            callback.label = text
+
+
+def make_trainer(trainer_cfg, run_cfg, logger=None, callbacks=(), progress=None) -> L.Trainer:
     """The Trainer a plan (or a single phase) runs in: one pass over a finite stream of steps, manual
     optimisation (no automatic clipping or accumulation: the runners do both), no Lightning checkpointing
-    (the phase manager writes its own)."""
+    (the phase manager writes its own). ``progress``: the progress callbacks (default
+    :func:`progress_callbacks` of ``run_cfg``)."""
+    progress = progress_callbacks(run_cfg) if progress is None else progress
+    bar = any(not isinstance(cb, StepLines) for cb in progress)
     return L.Trainer(
         accelerator=trainer_cfg.accelerator, devices=trainer_cfg.devices, num_nodes=trainer_cfg.num_nodes,
         strategy=trainer_cfg.strategy, precision=trainer_cfg.precision, max_steps=-1, max_epochs=1,
-        logger=logger if logger is not None else False, callbacks=list(callbacks), enable_checkpointing=False,
-        enable_progress_bar=run_cfg.progress_bar, enable_model_summary=False,
+        logger=logger if logger is not None else False, callbacks=list(callbacks) + list(progress),
+        enable_checkpointing=False, enable_progress_bar=bar, enable_model_summary=False,
         log_every_n_steps=trainer_cfg.log_every_n_steps, num_sanity_val_steps=0, limit_val_batches=0,
         use_distributed_sampler=False, deterministic=run_cfg.deterministic or None)
 
@@ -85,12 +176,15 @@ class SinglePhase(L.Callback):
             self.runner.step(module, step)                            # was done: nothing to do
 
 
-def fit_phase(runner, trainer: Optional[L.Trainer] = None, callbacks=()):
-    """Run ``runner`` to its end in ``trainer`` (default: one made from its context's configuration); returns
-    the runner."""
+def fit_phase(runner, trainer: Optional[L.Trainer] = None, callbacks=(), label: str = "", every_s: float = 30.0,
+              log=None):
+    """Run ``runner`` to its end in ``trainer`` (default: one made from its context's configuration, its progress
+    labelled ``label`` or the phase's name, a line every ``every_s`` seconds when not on a terminal); returns the
+    runner."""
     conductor = SinglePhase(runner)
     ctx = runner.ctx
-    trainer = trainer or make_trainer(ctx.cfg.trainer, ctx.cfg.run, callbacks=callbacks)
+    progress = progress_callbacks(ctx.cfg.run, label or runner.spec.name, runner.total_steps(), every_s, log)
+    trainer = trainer or make_trainer(ctx.cfg.trainer, ctx.cfg.run, callbacks=callbacks, progress=progress)
     trainer.callbacks.append(conductor)
     ctx.policy.train()
     quiet_fit(trainer, StagewiseModule(ctx.policy, conductor), conductor)
