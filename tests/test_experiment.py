@@ -336,4 +336,10 @@ def test_quick_skill_experiment_fills_the_skill_and_other_level_columns(tmp_path
         assert len(cells) == len(columns) and all(c and c != "-" for c in cells), row
     data = json.loads((root / "results.json").read_text())
     assert all(len(arm["skill"]) == len(arm["rest"]) == 1 for arm in data["arms"].values())
+    # tools/claim_breakdown.py reads the same directories: trajectories by level, what the routed phases trained on
+    out = subprocess.run([sys.executable, "tools/claim_breakdown.py", str(root), "--skill-levels", "7,8,9"],
+                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr
+    assert "| after | L1 |" in out.stdout and "| skill | rest |" in out.stdout
+    assert "### stagewise" in out.stdout and "| r1-bridge trained |" in out.stdout and "- distill: " in out.stdout
     assert sorted(data["plots"]) == ["accuracy.png", "buckets.png", "flow.png", "rewards.png"]
