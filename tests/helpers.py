@@ -16,7 +16,7 @@ from stagewise_pl.ledger import DifficultyLedger
 from stagewise_pl.records import RolloutRecord
 
 
-def fit(args, env_extra=None, timeout=600, cwd=None):
+def fit(args, env_extra=None, timeout=1800, cwd=None):  # a net for hangs, not a speed check
     """``python -m stagewise_pl.fit ARGS`` in a fresh process (not inside a DDP launch's environment)."""
     env = dict(os.environ, **(env_extra or {}))
     env.pop("STAGEWISE_RUN_DIR", None)
@@ -31,7 +31,7 @@ DDP = ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "
 def fit_ddp(args, run_dir: Path):
     """``fit`` in two gloo DDP processes on the CPU: asserts that it finished and that both ranks trained on the same
     routing to the same final weights; returns the output and rank 0's digests (phase -> selection, final weights)."""
-    out = fit(list(args) + [f"run.dir={run_dir}", *DDP], timeout=900)
+    out = fit(list(args) + [f"run.dir={run_dir}", *DDP], timeout=1800)
     assert out.returncode == 0, out.stderr[-4000:]
     ranks = [json.loads((run_dir / "routing" / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1] and "final weights" in ranks[0]

@@ -263,7 +263,7 @@ def test_quick_experiment_makes_every_cell_and_plot(tmp_path):
 
     root = tmp_path / "quick"
 
-    def run(*args, timeout=900):
+    def run(*args, timeout=2700):  # a net for hangs: 5 min idle, far more on a loaded machine
         return subprocess.run([sys.executable, "-m", "stagewise_pl.experiment", "--quick", *args, f"run.dir={root}"],
                               capture_output=True, text=True, timeout=timeout)
 
