@@ -97,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         levels = [lvl for lvl in next(iter(paths[0].values())) if lvl != "all"]
         print(f"### {arm.name} ({len(runs)} seeds)\n")
         extra = ["skill", "rest"] if skill else []
-        print("| after | " + " | ".join(f"L{lvl}" for lvl in levels) + " | all | " + " | ".join(extra)
-              + (" |" if extra else "|"))
+        print("| after | " + " | ".join(f"L{lvl}" for lvl in levels) + " | all |" + "".join(f" {e} |" for e in extra))
         print("|---" * (len(levels) + 2 + len(extra)) + "|")
         for label in labels:
             rows = [p[label] for p in paths if label in p]
