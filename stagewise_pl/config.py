@@ -575,7 +575,7 @@ def find_conf(name: str) -> Path:
     candidates += [Path("conf") / f"{name}.yaml", CONF_DIR / f"{name}.yaml"]
     for path in candidates:
         if path.is_file():
-            if path.stem in EXPERIMENT_CONFS and path.parent.resolve() == CONF_DIR:
+            if is_experiment_conf(path.stem) and path.parent.resolve() == CONF_DIR:
                 raise ConfigError(f"conf={name}: {path} describes an experiment (arms x seeds), not a run: "
                                   f"python -m stagewise_pl.experiment runs it")
             return path
@@ -599,11 +599,13 @@ def load_prompts(name: str) -> dict[str, str]:
     return prompts
 
 
-EXPERIMENT_CONFS = {"experiment"}  # conf/ files python -m stagewise_pl.experiment reads, not the fit
+def is_experiment_conf(stem: str) -> bool:
+    """conf/experiment.yaml and conf/experiment_*.yaml: files python -m stagewise_pl.experiment reads, not the fit."""
+    return stem == "experiment" or stem.startswith("experiment_")
 
 
 def available_confs() -> list[str]:
-    return sorted(p.stem for p in CONF_DIR.glob("*.yaml") if p.stem not in EXPERIMENT_CONFS)
+    return sorted(p.stem for p in CONF_DIR.glob("*.yaml") if not is_experiment_conf(p.stem))
 
 
 def _merge(base: Any, layer: Any, source: str) -> Any:

@@ -102,3 +102,10 @@ def test_dry_run_prints_plan():
 def test_conf_dir_is_the_projects():
     assert (CONF_DIR / "default.yaml").is_file()
     assert Path(CONF_DIR).parent.joinpath("stagewise_pl").is_dir()
+
+
+@pytest.mark.parametrize("name", ["experiment", "experiment_skills", "experiment_skills_posthoc"])
+def test_an_experiment_file_is_not_a_run_conf(name):
+    assert name not in available_confs()
+    with pytest.raises(ConfigError, match="describes an experiment"):
+        load_config(name)
