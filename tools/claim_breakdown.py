@@ -82,13 +82,16 @@ def fmt(values: list[float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tools/claim_breakdown.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path, help="the experiment's run.dir")
-    parser.add_argument("--skill-levels", default="", help="levels to sum apart as 'skill' (e.g. 7,8,9)")
+    parser.add_argument("--skill-levels", default="", help="levels to sum apart as 'skill' (default: the runs' task.skill_levels)")
     args = parser.parse_args(argv)
     arms = [d for d in sorted(args.root.iterdir()) if d.is_dir() and seeds(d)] if args.root.is_dir() else []
     if not arms:
         print(f"error: no finished runs under {args.root}", file=sys.stderr)
         return 2
-    skill = [s for s in args.skill_levels.split(",") if s]
+    from stagewise_pl.experiment.results import skill_levels
+
+    # the run's own task.skill_levels (as the experiment's table reads them), unless given
+    skill = [s for s in args.skill_levels.split(",") if s] or skill_levels(seeds(arms[0])[0])
     print("## Held-out pass@1 by level after each phase (mean over seeds)\n")
     for arm in arms:
         runs = seeds(arm)
