@@ -82,7 +82,8 @@ def fmt(values: list[float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tools/claim_breakdown.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path, help="the experiment's run.dir")
-    parser.add_argument("--skill-levels", default="", help="levels to sum apart as 'skill' (default: the runs' task.skill_levels)")
+    parser.add_argument("--skill-levels", default="",
+                        help="levels to sum apart as 'skill' (default: the runs' task.skill_levels)")
     args = parser.parse_args(argv)
     arms = [d for d in sorted(args.root.iterdir()) if d.is_dir() and seeds(d)] if args.root.is_dir() else []
     if not arms:
