@@ -1,7 +1,9 @@
 """What several test modules share (test modules never import each other): the entry point in a subprocess,
-bit-equality of saved weights, and hand-made ledgers."""
+bit-equality of saved weights, what a run leaves that a kill must not change (``outcome``), a resume as the
+sbatch script does it, and hand-made ledgers."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -63,3 +65,33 @@ class CrashAt(L.Callback):
     def on_train_batch_end(self, trainer, *args):
         if trainer.global_step == self.step:
             raise RuntimeError("injected crash")
+
+
+def outcome(run_dir: Path) -> dict:
+    """What a run leaves that must not depend on how often it was killed: final weights, ledger, per-step curves
+    (losses, rewards), phase summaries without wall times, routing decisions."""
+    weights = hashlib.sha256()
+    for name, tensor in sorted(load_file(str(run_dir / "final" / "model.safetensors")).items()):
+        weights.update(name.encode() + tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    ledger = DifficultyLedger(run_dir / "ledger", "x", writer=False).table().drop(["run_id"]).to_pylist()
+    state = json.loads((run_dir / "state.json").read_text())
+    return {
+        "weights": weights.hexdigest(),
+        "ledger": hashlib.sha256(json.dumps(ledger, sort_keys=True).encode()).hexdigest(),
+        "ledger_rows": len(ledger),
+        "curves": {f.name: f.read_text() for f in sorted((run_dir / "curves").glob("*.json"))},
+        "summaries": {name: {k: v for k, v in s.items() if not k.startswith("seconds")}
+                      for name, s in state["completed"].items()},
+        "routing": {f.name: f.read_text() for f in sorted((run_dir / "routing").glob("*.json"))},
+        "finished": state.get("finished"),
+    }
+
+
+def partial_files(run_dir: Path) -> list[str]:
+    return [str(p) for p in run_dir.rglob("*") if ".tmp-" in p.name]
+
+
+def resume(args, run_dir: Path, *extra, env=None):
+    """As the sbatch script does: resume=last where a checkpoint exists, resume=restart where none does."""
+    has = any((run_dir / "checkpoints" / n).is_file() for n in ("last.ckpt", "previous.ckpt"))
+    return fit(args + [f"run.dir={run_dir}", "resume=last" if has else "resume=restart", *extra], env)

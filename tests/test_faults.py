@@ -2,7 +2,6 @@
 any of the fault points, twice, with a corrupt or missing checkpoint, a failing disk or non-finite values either
 ends exactly as the golden run or stops with an error naming the file -- never a silent fresh start.
 Every case adds a row to docs/RELIABILITY.md (python tools/reliability.py)."""
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -11,8 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stagewise_pl.ledger import DifficultyLedger
-from helpers import fit
+from helpers import fit, outcome, partial_files, resume
 
 pytestmark = pytest.mark.slow  # the fault matrix: about 12 minutes on 2 cores (.ci/run's second step)
 
@@ -29,42 +27,12 @@ def args(base_overrides):
     return base_overrides + SETTINGS
 
 
-def outcome(run_dir: Path) -> dict:
-    """What a run leaves that must not depend on how often it was killed: final weights, ledger, per-step curves
-    (losses, rewards), phase summaries without wall times, routing decisions."""
-    weights = hashlib.sha256()
-    for name, tensor in sorted(load_file(str(run_dir / "final" / "model.safetensors")).items()):
-        weights.update(name.encode() + tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    ledger = DifficultyLedger(run_dir / "ledger", "x", writer=False).table().drop(["run_id"]).to_pylist()
-    state = json.loads((run_dir / "state.json").read_text())
-    return {
-        "weights": weights.hexdigest(),
-        "ledger": hashlib.sha256(json.dumps(ledger, sort_keys=True).encode()).hexdigest(),
-        "ledger_rows": len(ledger),
-        "curves": {f.name: f.read_text() for f in sorted((run_dir / "curves").glob("*.json"))},
-        "summaries": {name: {k: v for k, v in s.items() if not k.startswith("seconds")}
-                      for name, s in state["completed"].items()},
-        "routing": {f.name: f.read_text() for f in sorted((run_dir / "routing").glob("*.json"))},
-        "finished": state.get("finished"),
-    }
-
-
-def partial_files(run_dir: Path) -> list[str]:
-    return [str(p) for p in run_dir.rglob("*") if ".tmp-" in p.name]
-
-
 @pytest.fixture(scope="module")
 def golden(tmp_path_factory, args):
     run_dir = tmp_path_factory.mktemp("golden") / "run"
     out = fit(args + [f"run.dir={run_dir}"])
     assert out.returncode == 0, out.stderr[-3000:]
     return outcome(run_dir)
-
-
-def resume(args, run_dir: Path, *extra, env=None):
-    """As the sbatch script does: resume=last where a checkpoint exists, resume=restart where none does."""
-    has = any((run_dir / "checkpoints" / n).is_file() for n in ("last.ckpt", "previous.ckpt"))
-    return fit(args + [f"run.dir={run_dir}", "resume=last" if has else "resume=restart", *extra], env)
 
 
 # ------------------------------------------------------------------ 1. golden
@@ -79,7 +47,7 @@ def test_golden_the_same_seed_is_bit_identical_and_another_seed_differs(tmp_path
     differs = outcome(other)
     assert differs["weights"] != golden["weights"] and differs["ledger"] != golden["ledger"]
     reliability("golden: the plan twice with seed 0", "none", "weights, ledger, curves, summaries, routing identical; "
-                "seed 1 differs", 0)  # a lossy case fails the assertion above and writes no row
+                "seed 1 differs", 0)
 
 
 # ------------------------------------------------------------------ 2. SIGKILL at each point
@@ -104,7 +72,7 @@ def test_a_kill_at_each_point_resumes_to_the_golden_run(tmp_path, args, golden, 
     assert not partial_files(run_dir)  # the partial files of the kill were never read, and are gone
     got = outcome(run_dir)
     assert got == golden
-    reliability(f"SIGKILL {POINTS[point]}", f"kill:{point}", "resumed; ends as the golden run", 0)  # a lossy case fails the assertion above and writes no row
+    reliability(f"SIGKILL {POINTS[point]}", f"kill:{point}", "resumed; ends as the golden run", 0)
 
 
 def test_a_kill_before_the_first_checkpoint_is_not_resumed_silently(tmp_path, args, golden, reliability):
@@ -117,7 +85,7 @@ def test_a_kill_before_the_first_checkpoint_is_not_resumed_silently(tmp_path, ar
     got = outcome(run_dir)
     assert got == golden
     reliability("SIGKILL before the first checkpoint; resume=last", "kill:sft_backward#1",
-                "error (exit 2), not a fresh start; resume=restart ends as the golden run", 0)  # a lossy case fails the assertion above and writes no row
+                "error (exit 2), not a fresh start; resume=restart ends as the golden run", 0)
 
 
 # ------------------------------------------------------------------ 3. two kills, then a rerun
@@ -133,7 +101,7 @@ def test_two_kills_in_a_row_then_a_rerun_after_completion(tmp_path, args, golden
     assert again.returncode == 0 and "nothing to do" in again.stdout
     assert outcome(run_dir) == golden
     reliability("two kills in a row, then a rerun of the finished run", "kill:step:g:3 + kill:verify#2",
-                "resumed to the golden run; the rerun is a no-op (exit 0, says so)", 0)  # a lossy case fails the assertion above and writes no row
+                "resumed to the golden run; the rerun is a no-op (exit 0, says so)", 0)
 
 
 # ------------------------------------------------------------------ 4. corrupt or missing checkpoints
@@ -179,7 +147,7 @@ def test_a_corrupt_last_checkpoint_is_an_error_naming_it_or_a_fallback_with_a_wa
     got = outcome(run_dir)
     assert got == golden
     reliability(f"{how} last.ckpt", f"corrupt:{how}", "error naming the file (exit 3); with run.checkpoint_fallback: "
-                "previous.ckpt with a warning, ends as the golden run", 0)  # a lossy case fails the assertion above and writes no row
+                "previous.ckpt with a warning, ends as the golden run", 0)
 
 
 def test_resume_last_without_any_run_or_checkpoint_is_an_error(tmp_path, args, reliability):
@@ -349,8 +317,8 @@ def test_a_prompt_longer_than_the_context_is_a_bad_row(tmp_path, base_overrides,
 def test_a_nan_loss_on_one_ddp_rank_is_skipped_by_every_rank(tmp_path, base_overrides, reliability):
     run_dir = tmp_path / "ddp"
     sft = base_overrides + ["phases=[{name: s, kind: sft, steps: 4, lr: 5e-4}]", "trainer.batch_size=8",
-                            f"run.dir={run_dir}", "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
-                            "run.threads=1"]
+                            f"run.dir={run_dir}", "trainer.strategy=ddp", "trainer.devices=2",
+                            "trainer.accelerator=cpu", "run.threads=1"]
     out = fit(sft, {"STAGEWISE_FAULT": "nan_loss:s:2", "STAGEWISE_FAULT_RANK": "1"}, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
     assert json.loads((run_dir / "state.json").read_text())["completed"]["s"]["nonfinite_skipped"] == 1
