@@ -251,7 +251,9 @@ class VerifierConfig:
     after_think: bool = doc(False, "grade only the text after the last </think>")
     options: dict[str, Any] = doc(help="extra keyword arguments for a third-party verifier", factory=dict)
     workers: int = doc(1, "grading processes", gt=0)
-    timeout_s: float = doc(5.0, "hard wall-clock bound per completion; over it the verdict is 'timeout'", gt=0)
+    timeout_s: float = doc(5.0, "hard wall-clock bound per grading try of a completion", gt=0)
+    timeout_retries: int = doc(1, "a completion over timeout_s is graded again on a fresh process this many times "
+                               "before its verdict is 'timeout' (a busy machine's stall is not a verdict)", ge=0)
     memory_mb: int = doc(2048, "address-space limit of each grading process; 0 = none", ge=0)
 
 

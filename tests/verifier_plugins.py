@@ -45,3 +45,22 @@ class NaNVerifier:
         if completion in ("nan", "inf"):
             return Verdict(float(completion), "correct")
         return Verdict(1.0, "correct") if completion == gold else Verdict(0.0, "wrong")
+
+
+class StallOnceVerifier:
+    """Stalls (sleeps 60 s) the first time it grades "stall", as a busy machine's stall would, and grades it
+    correct on any later try; the first try is marked by creating ``marker`` (shared by fresh processes)."""
+
+    def __init__(self, after_think: bool = False, marker: str = ""):
+        self.marker = marker
+
+    def score(self, completion: str, gold: str) -> Verdict:
+        if completion == "stall":
+            try:
+                os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                return Verdict(1.0, "correct")
+            import time
+
+            time.sleep(60)
+        return Verdict(1.0, "correct")

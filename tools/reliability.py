@@ -3,9 +3,11 @@
     python tools/reliability.py [--out docs/RELIABILITY.md] [pytest args...]
 
 The suite: tests/test_faults.py (golden runs, SIGKILL at every fault point, two kills, corrupt and missing
-checkpoints, bad data, NaN losses and rewards, a failing disk) and tests/test_preempt.py (SIGUSR1, SIGTERM and
-Ctrl-C, with and without Slurm). Each passing case adds a row; data lost is the sum over the rows (0 expected).
-CPU only, about 7 minutes on 2 cores. Exits with pytest's code.
+checkpoints, bad data, NaN losses and rewards, a failing disk), tests/test_preempt.py (SIGUSR1, SIGTERM and
+Ctrl-C, with and without Slurm) and tests/test_exact.py (the default conf under a CPU load, SIGKILL at seeded
+random moments). Each passing case adds a row; data lost is the sum over the rows (0 expected). The slow marker
+is selected here (pyproject's addopts deselect it); a -m among the pytest args replaces that selection.
+CPU only, about 16 minutes on 2 cores. Exits with pytest's code.
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "docs" / "RELIABILITY.md"), help="where the table goes")
     args, rest = parser.parse_known_args()
     env = dict(os.environ, STAGEWISE_RELIABILITY_OUT=str(Path(args.out).resolve()))
-    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "tests/test_faults.py",
-               "tests/test_preempt.py", *rest]
+    marks = [] if "-m" in rest else ["-m", "not gpu and not vllm and not slurm and not browser"]
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *marks, "tests/test_faults.py",
+               "tests/test_preempt.py", "tests/test_exact.py", *rest]
     code = subprocess.call(command, cwd=ROOT, env=env)
     print(f"reliability table: {args.out}" if Path(args.out).is_file() else "no table written (no case passed)")
     return code

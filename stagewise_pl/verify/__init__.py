@@ -13,7 +13,8 @@ def make_verifier(cfg):
     from stagewise_pl.verify.pool import GradingPool
 
     kwargs = {"after_think": cfg.after_think, **dict(cfg.options)}
-    return GradingPool(cfg.name, kwargs, workers=cfg.workers, timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb)
+    return GradingPool(cfg.name, kwargs, workers=cfg.workers, timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb,
+                       retries=cfg.timeout_retries)
 
 
 __all__ = ["VERIFIERS", "Verdict", "get_verifier", "make_verifier"]

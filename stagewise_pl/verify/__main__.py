@@ -51,12 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verifier", default="math", help=f"registered ({', '.join(VERIFIERS.names())}) or dotted path")
     parser.add_argument("--out", type=Path, help="output JSONL (default: IN.graded.jsonl)")
     parser.add_argument("--workers", type=int, default=2, help="grading processes (default 2)")
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds per completion before 'timeout'")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds per grading try of a completion")
+    parser.add_argument("--retries", type=int, default=1,
+                        help="tries after a timed-out one, on a fresh process, before the verdict is 'timeout'")
     parser.add_argument("--after-think", action="store_true", help="grade only the text after </think>")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if not args.input.is_file():
         parser.error(f"no such file: {args.input}")
+    if args.timeout <= 0 or args.retries < 0 or args.workers < 1:
+        parser.error("--timeout must be > 0, --retries >= 0 and --workers >= 1")
     out = args.out or args.input.with_suffix(".graded.jsonl")
 
     from stagewise_pl.verify.pool import GradingPool
@@ -64,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = read_rows(args.input)
     good = [(n, r) for n, r, problem in rows if not problem]
     with GradingPool(args.verifier, {"after_think": args.after_think}, workers=args.workers,
-                     timeout_s=args.timeout) as pool:
+                     timeout_s=args.timeout, retries=args.retries) as pool:
         verdicts = pool.score_batch([r["completion"] for _, r in good], [str(r["answer"]) for _, r in good],
                                     progress=not args.no_progress, desc=f"grading {args.input.name}")
     by_line = {n: v for (n, _), v in zip(good, verdicts)}

@@ -3,9 +3,12 @@
 Parsing and comparing model output can hang (a power tower, ``100000!``, pathological LaTeX) and
 math-verify's own timeout relies on SIGALRM, which only works on a process's main thread. So every
 verdict is computed in a worker process: the caller waits on a pipe for at most ``timeout_s``; a
-worker that does not answer in time is killed and replaced, and the call returns
-``Verdict(0, "timeout")``. A worker that dies (out of memory under its address-space limit, a
-crash) yields ``Verdict(0, "error")`` and is replaced too. Exceptions never cross to the caller.
+worker that does not answer in time is killed and replaced, and the completion is graded again on the
+replacement (``retries`` times, 1 by default), so a stall of a loaded machine does not become a verdict and
+the same run grades the same way on a busy machine as on an idle one. Only a completion that times out on
+every try is ``Verdict(0, "timeout")``: a true hang costs ``(1 + retries) * timeout_s``. A worker that
+dies (out of memory under its address-space limit, a crash) yields ``Verdict(0, "error")`` and is
+replaced too. Exceptions never cross to the caller.
 
 Thread-safe: each call checks out an idle worker, so callers on many threads grade in parallel;
 ``score_batch`` does exactly that over a small thread pool. A started interpreter takes about a
@@ -124,17 +127,20 @@ class GradingPool:
     start_timeout_s = 60.0
 
     def __init__(self, name: str, kwargs: Optional[dict] = None, workers: int = 1, timeout_s: float = 5.0,
-                 memory_mb: int = 2048):
+                 memory_mb: int = 2048, retries: int = 1):
         if workers < 1:
             raise ValueError("a grading pool needs at least one worker")
         if timeout_s <= 0:
             raise ValueError("timeout_s must be > 0")
+        if retries < 0:
+            raise ValueError("retries must be >= 0")
         self.name, self.kwargs = name, dict(kwargs or {})
-        self.workers, self.timeout_s, self.memory_mb = workers, timeout_s, memory_mb
+        self.workers, self.timeout_s, self.memory_mb, self.retries = workers, timeout_s, memory_mb, retries
         self._idle: "queue.Queue[_Worker]" = queue.Queue()
         self._lock = threading.Lock()
         self._closed = False
-        self.timeouts = self.errors = self.restarts = self.nonfinite = 0
+        # timeouts: 'timeout' verdicts; retried: tries that timed out and were graded again
+        self.timeouts = self.retried = self.errors = self.restarts = self.nonfinite = 0
         spawned = [self._spawn() for _ in range(workers + 1)]
         try:
             for worker in spawned:  # a verifier that cannot be built fails here, before any grading
@@ -164,11 +170,13 @@ class GradingPool:
 
     def score_many(self, pairs: Sequence[tuple[str, str]], progress=None) -> list[Verdict]:
         """Grade ``pairs`` on one worker: sent as one message, answered as a stream, each answer
-        waited for at most ``timeout_s`` (the bound per completion holds). A worker that times out
-        or dies is replaced and the rest of the pairs go to its replacement."""
+        waited for at most ``timeout_s`` (the bound per try holds). A worker that times out or dies is
+        replaced and the rest of the pairs go to its replacement; a pair that timed out goes with them
+        until it has timed out ``1 + retries`` times."""
         if self._closed:
             raise RuntimeError("this grading pool is closed")
         out: list[Verdict] = []
+        tries = 0  # timed-out tries of the pair at len(out)
         worker = self._idle.get()
         try:
             while len(out) < len(pairs):
@@ -179,11 +187,18 @@ class GradingPool:
                     fault_point("verify")
                     for _ in todo:
                         if not worker.conn.poll(self.timeout_s):
+                            tries += 1
                             with self._lock:
-                                self.timeouts += 1
-                            out.append(Verdict(0.0, "timeout"))
+                                if tries > self.retries:
+                                    self.timeouts += 1
+                                else:
+                                    self.retried += 1
+                            if tries > self.retries:
+                                out.append(Verdict(0.0, "timeout"))
+                                tries = 0
                             worker = self._replace(worker)
                             break
+                        tries = 0
                         reward, reason = worker.conn.recv()
                         if not math.isfinite(reward):  # a verifier's NaN/inf reward: 0, and counted
                             with self._lock:
