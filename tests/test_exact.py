@@ -107,12 +107,13 @@ def killed_at(args, run_dir: Path, moment: float) -> str:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_sigkill_at_random_moments_resumes_to_the_uninterrupted_run(tmp_path, args, uninterrupted, reliability,
                                                                       seed):
-    """Three kills in one run, each at a moment drawn (seeded) from the uninterrupted run's wall time, then a
+    """Three kills in one run, each at a moment drawn (seeded) from a window of the uninterrupted run's wall time
+    that shrinks as less is left to do (all of it, then 70%, then 40%: a resumed run also starts up again), then a
     resume to the end: the outcome is the uninterrupted run's, bit for bit."""
     golden, seconds = uninterrupted
     rng = random.Random(seed)
     run_dir = tmp_path / "run"
-    what = [killed_at(args, run_dir, rng.uniform(0.1, 0.9) * seconds) for _ in range(3)]
+    what = [killed_at(args, run_dir, rng.uniform(0.1, 0.9) * seconds * window) for window in (1.0, 0.7, 0.4)]
     out = fit(args + [f"run.dir={run_dir}", *continuation(run_dir)])
     assert out.returncode == 0, out.stderr[-3000:]
     assert not [p for p in run_dir.rglob("*") if ".tmp-" in p.name]

