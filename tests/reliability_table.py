@@ -14,9 +14,10 @@ def render(rows: list[dict], failed: int, collected: int) -> str:
         "# Reliability: faults injected, bad inputs tried, data lost",
         "",
         "Written by the fault suite, not by hand: `python tools/reliability.py` runs `tests/test_faults.py`",
-        "(kills, checkpoints, bad data, non-finite values, disks) and `tests/test_preempt.py` (signals) and writes",
-        "this page from the cases that passed. A case that loses data fails its test: its row is then missing",
-        "and the count of failed tests below is not 0.",
+        "(kills, checkpoints, bad data, non-finite values, disks), `tests/test_preempt.py` (signals) and",
+        "`tests/test_exact.py` (the default conf, run.deterministic off, under a CPU load and killed at seeded random",
+        "moments) and writes this page from the cases that passed. A case that loses data fails its test: its row",
+        "is then missing and the count of failed tests below is not 0.",
         f"Last run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.machine()} "
         f"({collected} tests collected, {failed} failed).",
         "",
