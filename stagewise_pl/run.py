@@ -276,8 +276,15 @@ class Run:
                 raise ConfigError(f"resume: the training data differs from the data {self.dir} was started with "
                                   f"(digest {self.data_digest} != {state['data']}); pass run.force=true to resume anyway")
             self.log("resume: run.force=true: continuing although the training data changed")
+        import torch
+
+        threads = torch.get_num_threads()  # the order of float sums: another count changes the last bits
+        if state.get("threads") and state["threads"] != threads:
+            self.log(f"resume: this launch computes with {threads} torch threads, the run started with "
+                     f"{state['threads']}: the weights will differ from an uninterrupted run in the last bits "
+                     f"(set run.threads={state['threads']} to match)")
         if dist.is_main():
-            self.rundir.update_state(data=self.data_digest)
+            self.rundir.update_state(data=self.data_digest, **({} if state.get("threads") else {"threads": threads}))
 
     def _execute_plan(self) -> Path:
         from lightning.pytorch.utilities.exceptions import SIGTERMException

@@ -84,6 +84,27 @@ def test_resume_continues_at_the_same_step_and_matches(tmp_path, fast_overrides)
     assert all(torch.equal(final[k], reference[k]) for k in reference)
 
 
+def test_a_resume_with_another_thread_count_says_the_weights_will_differ(tmp_path, fast_overrides):
+    """Float sums depend on the torch thread count: the run records the count it started with, and a resume with
+    another says that its weights will not be the uninterrupted run's bit for bit (and how to match)."""
+    overrides = fast_overrides + ["eval.before=false", "eval.k=0", f"run.dir={tmp_path / 'r'}"]
+    run = Run(load_config("default", overrides), log=lambda *_: None)
+    run.callbacks.append(CrashAt(4))
+    with pytest.raises(RuntimeError, match="injected crash"):
+        run.execute()
+    threads = torch.get_num_threads()
+    assert json.loads((tmp_path / "r" / "state.json").read_text())["threads"] == threads
+    said = []
+    try:
+        Run(load_config("default", overrides + ["run.resume=last", f"run.threads={threads + 1}"]),
+            log=said.append).execute()
+    finally:
+        torch.set_num_threads(threads)
+    assert any(f"with {threads + 1} torch threads, the run started with {threads}" in line
+               and f"run.threads={threads}" in line for line in said), said
+    assert json.loads((tmp_path / "r" / "state.json").read_text())["threads"] == threads  # the first launch's
+
+
 def test_resume_of_a_finished_run_is_a_no_op(tmp_path, fast_overrides, capsys):
     run_dir = tmp_path / "done"
     assert main(fast_overrides + [f"run.dir={run_dir}", "eval.k=0"]) == 0
