@@ -11,13 +11,12 @@ silently started afresh.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Callable, Optional
 
-from stagewise_pl.io import atomic_write, fsync_dir
+from stagewise_pl.io import atomic_write, file_digest, fsync_dir
 from stagewise_pl.io import remove_partial as _remove_partial
 
 LAST, PREVIOUS, DIGESTS = "last.ckpt", "previous.ckpt", "digests.json"
@@ -25,14 +24,6 @@ LAST, PREVIOUS, DIGESTS = "last.ckpt", "previous.ckpt", "digests.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or trusted; the message names the file."""
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _record(directory: Path) -> Optional[dict]:

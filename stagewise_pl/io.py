@@ -12,6 +12,7 @@ left (:func:`remove_partial`). This module imports nothing of the project: every
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import threading
@@ -90,3 +91,12 @@ def remove_partial(directory: Path) -> list[Path]:
             stale.unlink(missing_ok=True)
         removed.append(stale)
     return removed
+
+
+def file_digest(path: Union[str, Path]) -> str:
+    """SHA-256 of a file's bytes (hex), read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()

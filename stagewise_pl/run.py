@@ -37,6 +37,7 @@ def say(*args, **kwargs) -> None:
 
 class Run:
     def __init__(self, cfg: Config, log=say):
+        from stagewise_pl.models.packaged import gguf_path, is_packaged
         from stagewise_pl.routing import make_rules, selector_rule
 
         self.cfg = cfg
@@ -50,6 +51,8 @@ class Run:
                     selector_rule(spec.select)
                 except ConfigError as exc:
                     raise ConfigError(f"phases.{i}.{exc}") from None
+        if is_packaged(cfg.model.name_or_path):
+            gguf_path(cfg.model.name_or_path)  # a missing GGUF stops here, before the run directory or any set-up
         self.dir = self._locate_dir()
         self.rundir = RunDir(self.dir)
         os.environ[RUN_DIR_ENV] = str(self.dir)
@@ -132,7 +135,7 @@ class Run:
         from stagewise_pl.eval.heldout import HeldOutEvaluation
         from stagewise_pl.ledger import DifficultyLedger
         from stagewise_pl.logging import make_logger
-        from stagewise_pl.models.load import load_policy
+        from stagewise_pl.models.load import load_policy, set_system_prompt
         from stagewise_pl.phases import PhaseContext, RolloutEngines, Teachers
         from stagewise_pl.tasks.arithmetic import ArithmeticTask
         from stagewise_pl.verify import make_verifier
@@ -154,6 +157,7 @@ class Run:
         logger = make_logger(cfg.run.logger, self.dir)
         base = self.base_model_path(task)
         policy, tokenizer = load_policy(base, cfg.model.dtype, cfg.model.attn_implementation)
+        set_system_prompt(tokenizer, cfg.model.system_prompt)
         pool = self._drop_too_long(pool, report, policy, tokenizer)
         if cfg.model.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -316,13 +316,18 @@ def test_own_replay_trains_on_the_students_correct_profile_solutions(tmp_path, b
     assert not set(own) & set(routing["ids"]["hard"])  # replay comes from outside the taught bucket
 
 
-@pytest.mark.slow  # every arm once on seed 0: about 2.5 minutes
+SKILL_ARMS = ["stagewise", "distill", "rl", "relift"]  # the method, a teacher-only, an RL-only and a peer arm
+
+
+@pytest.mark.slow  # four arms once on seed 0: about a minute (every arm's cells: the first task's quick test)
 def test_quick_skill_experiment_fills_the_skill_and_other_level_columns(tmp_path):
-    """python -m stagewise_pl.experiment --conf conf/experiment_skills.yaml --quick on seed 0: the table has levels
-    L1-L9 and the skill/other split, every cell filled, every plot made; the numbers are not asserted."""
+    """python -m stagewise_pl.experiment --conf conf/experiment_skills.yaml --quick on seed 0, four kinds of arm: the
+    table has levels L1-L9 and the skill/other split, every cell filled, every plot made; the numbers are not
+    asserted."""
     root = tmp_path / "skills"
     out = subprocess.run([sys.executable, "-m", "stagewise_pl.experiment", "--conf", str(SKILLS), "--quick", "--jobs",
-                          "2", "--seeds", "0", f"run.dir={root}"], capture_output=True, text=True, timeout=1800)
+                          "2", "--seeds", "0", "--arms", ",".join(SKILL_ARMS), f"run.dir={root}"],
+                         capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     text = (root / "results.md").read_text()
     header = next(line for line in text.splitlines() if line.startswith("| arm |"))
@@ -330,7 +335,8 @@ def test_quick_skill_experiment_fills_the_skill_and_other_level_columns(tmp_path
     assert columns[2:5] == ["pass@1 (all)", "pass@1 (skill levels)", "pass@1 (other levels)"]
     assert [c for c in columns if c.startswith("L")] == [f"L{i}" for i in range(1, 10)]
     rows = [line for line in text.splitlines() if line.startswith("| (")]
-    assert len(rows) == len(load_experiment(SKILLS, quick=True).arms)
+    assert len(rows) == len(SKILL_ARMS)
+    assert {a.name for a in load_experiment(SKILLS, quick=True).arms} >= set(SKILL_ARMS)
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert len(cells) == len(columns) and all(c and c != "-" for c in cells), row

@@ -252,6 +252,7 @@ def run_tool(*args, env=None):
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
 
 
+@pytest.mark.slow  # ~25 s (the fast tier stays within 8 minutes)
 def test_make_traces_end_to_end(endpoint, key, tmp_path):
     pool_args = ["task.train_per_level=5", "task.test_per_level=2", "data.limit=5"]
     cfg = load_config("default", pool_args)

@@ -36,8 +36,8 @@ def position(run_dir):
     return state["phase"], state["runner"]["position"]
 
 
-@pytest.mark.parametrize("name,slurm", [("USR1", True)] + [pytest.param(n, s, marks=pytest.mark.slow)  # one in the fast tier
-                                                           for n, s in [("TERM", True), ("TERM", False), ("INT", False)]])
+@pytest.mark.slow  # ~30 s each (the fast tier stays within 8 minutes; tests/test_fit.py resumes in the fast tier)
+@pytest.mark.parametrize("name,slurm", [("USR1", True), ("TERM", True), ("TERM", False), ("INT", False)])
 def test_a_signal_checkpoints_the_step_requeues_under_slurm_and_the_run_resumes(tmp_path, monkeypatch, fast_overrides,
                                                                                straight, reliability, name, slurm):
     args = fast_overrides + ["eval.before=false", "eval.k=0", f"run.dir={tmp_path / 'run'}"]

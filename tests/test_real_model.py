@@ -5,8 +5,6 @@ conversion, its cache, and the training losses of the fused kernels on the real 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -31,21 +29,44 @@ def test_a_package_that_is_not_installed_names_the_install_command(monkeypatch, 
     assert not list(tmp_path.iterdir())  # nothing half-made in the cache
 
 
-def test_the_entry_point_and_its_dry_run_say_how_to_get_a_missing_gguf(tmp_path):
+def test_the_entry_point_and_its_dry_run_say_how_to_get_a_missing_gguf(tmp_path, capsys):
+    from stagewise_pl.fit import main
+
     missing = tmp_path / "missing.gguf"
-    args = [sys.executable, "-m", "stagewise_pl.fit", f"model.name_or_path={missing}", f"run.dir={tmp_path / 'r'}"]
-    dry = subprocess.run(args + ["--dry-run"], capture_output=True, text=True, timeout=300)
-    assert dry.returncode == 4, dry.stderr[-2000:]
-    assert f"{missing} (model.name_or_path): give a path to an existing .gguf file" in dry.stderr
-    run = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 2 and "error: model.name_or_path=" in run.stderr, run.stderr[-2000:]
-    assert "Traceback" not in run.stderr
+    args = [f"model.name_or_path={missing}", f"run.dir={tmp_path / 'r'}", "run.progress_bar=false"]
+    assert main(args + ["--dry-run"]) == 4
+    assert f"{missing} (model.name_or_path): give a path to an existing .gguf file" in capsys.readouterr().err
+    assert main(args) == 2  # a ConfigError: one line, no traceback, before any set-up
+    assert "error: model.name_or_path=" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_a_system_prompt_reaches_what_the_run_renders(tmp_path, fast_overrides, tiny_model_dir):
+    """model.system_prompt is how a chat model is told the task's format: set on the run's tokenizer, every
+    prompt rendered through it carries it; '' leaves the chat template's own default."""
+    from transformers import AutoTokenizer
+
+    from stagewise_pl.config import load_config
+    from stagewise_pl.models.load import render_prompt, set_system_prompt
+    from stagewise_pl.run import Run
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    plain = render_prompt(tokenizer, "1+2")
+    set_system_prompt(tokenizer, "Write one step per line.")
+    assert "Write one step per line." in render_prompt(tokenizer, "1+2") and render_prompt(tokenizer, "1+2") != plain
+    assert "Other." in render_prompt(tokenizer, "1+2", "Other.")
+    set_system_prompt(tokenizer, "")
+    assert render_prompt(tokenizer, "1+2") == plain
+    run = Run(load_config("default", fast_overrides + [f"run.dir={tmp_path / 'r'}", "eval.before=false",
+                                                        "model.system_prompt=Write one step per line."]),
+              log=lambda *_: None)
+    run.execute()
+    assert "Write one step per line." in render_prompt(run.ctx.tokenizer, "1+2")
 
 
 # ------------------------------------------------------------------ with the smol extra installed (slow tier)
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
-    """The converted checkpoint, in the session's cache (converted once per cache, about a minute)."""
+    """The converted checkpoint, in the session's cache (converted once per cache, about 10 s)."""
     from stagewise_pl.config import default_cache_dir
 
     said = []

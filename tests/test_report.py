@@ -26,6 +26,7 @@ def report(tmp_path_factory, base_overrides):
     return run_dir / "report"
 
 
+@pytest.mark.slow  # its run takes ~27 s (the fast tier stays within 8 minutes)
 def test_the_report_has_every_table_and_plot(report):
     md = (report / "report.md").read_text()
     for title in ("## Phases", "## Held-out pass@1: synthetic-test", "## Ledger: graded rollouts per phase",

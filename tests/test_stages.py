@@ -268,6 +268,7 @@ def test_a_phase_selects_by_naming_a_rule(tmp_path, fast_overrides):
 
 
 
+@pytest.mark.slow  # two gloo processes: ~30 s (the fast tier stays within 8 minutes)
 def test_two_ddp_processes_run_the_plan_with_one_ledger_and_one_routing(tmp_path, plan_overrides):
     run_dir = tmp_path / "ddp"
     # the same routing on both ranks, and the same weights at the end (sequential profiles under DDP: test_profile)
@@ -282,6 +283,7 @@ def test_two_ddp_processes_run_the_plan_with_one_ledger_and_one_routing(tmp_path
     assert out.stdout.count("phase 2-sft done") == 1  # one voice
 
 
+@pytest.mark.slow  # the default plan, shortened: ~16 s
 def test_the_default_conf_is_the_method_in_two_rounds():
     from stagewise_pl.preflight import plan_phases
 

@@ -77,6 +77,7 @@ def first_wrong_line(expr: str, solution: str) -> int:
     return len(tokens) // 2 + 1
 
 
+@pytest.mark.slow  # ~18 s (the fast tier stays within 8 minutes)
 def test_cft_diagnoses_name_the_first_wrong_step_and_every_kept_repair_verifies(tmp_path, base_overrides):
     run_dir = tmp_path / "cft"
     out = fit(base_overrides + [f"run.dir={run_dir}", "profile.limit=160", "profile.k=4", "trainer.batch_size=16",

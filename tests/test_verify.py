@@ -21,11 +21,12 @@ from stagewise_pl.verify.pool import GradingPool
 
 TESTS = Path(__file__).resolve().parent
 BOUND = 2.0
+SLACK = 15.0  # seconds over a time bound that a test allows: a net for a loaded machine, well under the hangs' 60 s
 
 
 @pytest.fixture(scope="module")
 def math_pool():
-    with GradingPool("math", workers=2, timeout_s=BOUND) as pool:
+    with GradingPool("math", workers=2, timeout_s=BOUND, retries=0) as pool:  # retries: tested on their own
         yield pool
 
 
@@ -84,7 +85,9 @@ def _timed(pool, completion):
 @pytest.mark.parametrize("name", sorted(ADVERSARIAL))
 def test_adversarial_on_the_main_thread(math_pool, name):
     verdict, seconds = _timed(math_pool, ADVERSARIAL[name])
-    assert seconds <= (1 + math_pool.retries) * BOUND + 1.0, f"{name} took {seconds:.1f} s"
+    # the bound holds: a net of 15 s over the tries' bounds (an unbounded call runs for minutes), so a loaded
+    # machine's slower worker restart does not decide the test
+    assert seconds <= (1 + math_pool.retries) * BOUND + SLACK, f"{name} took {seconds:.1f} s"
     assert verdict.reward == 0.0 and verdict.reason in {"wrong", "no_answer", "timeout", "error"}
     assert math_pool.score("\\boxed{5}", "5").reason == "correct"  # the pool keeps serving
 
@@ -95,7 +98,7 @@ def test_adversarial_from_a_thread_pool_with_bounded_memory(math_pool):
     with ThreadPoolExecutor(max_workers=4) as threads:
         results = list(threads.map(lambda c: _timed(math_pool, c), cases))
     # 4 threads share 2 workers: a call may wait for one stuck call before its own bound starts
-    assert all(seconds <= 2 * ((1 + math_pool.retries) * BOUND + 1.0) for _, seconds in results)
+    assert all(seconds <= 2 * ((1 + math_pool.retries) * BOUND + SLACK) for _, seconds in results)
     assert [v.reason for v, _ in results[-6:]] == ["correct"] * 6
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
     assert grown_mb < 100, f"the calling process grew by {grown_mb:.0f} MB"
@@ -108,7 +111,7 @@ def test_crash_memory_hog_hang_and_bug_are_contained(monkeypatch):
         assert pool.score("hog", "1").reason == "error"  # MemoryError under the 1 GiB limit, well before 3 s
         started = time.monotonic()
         assert pool.score("sleep", "1").reason == "timeout"
-        assert time.monotonic() - started < 2 * 3.0 + 1.5  # a try and one retry, each bounded, not 60 s
+        assert time.monotonic() - started < 2 * 3.0 + SLACK  # a try and one retry, each bounded, not the 60 s
         assert pool.score("raise", "1").reason == "error"
         assert pool.score("fine", "1").reason == "correct"
         # crash and the sleep's two tries restart a worker; hog and raise are caught in the worker
@@ -126,7 +129,7 @@ def test_a_batch_streams_past_crashes_and_hangs(monkeypatch, workers):
         started = time.monotonic()
         reasons = [v.reason for v in pool.score_batch(batch, ["1"] * len(batch))]
         # the hang sleeps 60 s: it costs two bounds of 4 s (a try and a retry, plus starting workers), not 60
-        assert time.monotonic() - started < 24.0
+        assert time.monotonic() - started < 2 * 4.0 + 2 * SLACK
         assert reasons == ["correct", "error", "correct", "timeout", "error", "correct", "error", "correct"]
         assert pool.timeouts == 1 and pool.retried == 1 and pool.restarts == 3
         assert [v.reason for v in pool.score_batch(["fine"] * 5, ["1"] * 5)] == ["correct"] * 5
@@ -238,7 +241,8 @@ def test_cli_grades_a_file(tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
     out = subprocess.run([sys.executable, "-m", "stagewise_pl.verify", str(path), "--out", str(tmp_path / "o.jsonl"),
-                          "--timeout", "2", "--no-progress"], capture_output=True, text=True, timeout=120)
+                          "--timeout", "2", "--retries", "0", "--no-progress"], capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 3, out.stderr  # some rows were bad: graded the rest, named them, exit 3
     assert f"{path}:4: needs 'completion'" in out.stderr and f"{path}:5: invalid JSON" in out.stderr
     graded = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]

@@ -25,6 +25,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "docs" / "RELIABILITY.md"), help="where the table goes")
     args, rest = parser.parse_known_args()
     env = dict(os.environ, STAGEWISE_RELIABILITY_OUT=str(Path(args.out).resolve()))
+    env.setdefault("STAGEWISE_KILL_SEEDS", "0,1")  # tests/test_exact.py: two seeded runs of random kills (CI: one)
     marks = [] if "-m" in rest else ["-m", "not gpu and not vllm and not slurm and not browser"]
     command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *marks, "tests/test_faults.py",
                "tests/test_preempt.py", "tests/test_exact.py", *rest]

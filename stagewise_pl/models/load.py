@@ -31,8 +31,21 @@ def load_policy(name_or_path: str, dtype: str = "float32", attn_implementation: 
     return model, tokenizer
 
 
+SYSTEM_ATTRIBUTE = "stagewise_system_prompt"
+
+
+def set_system_prompt(tokenizer, text: str) -> None:
+    """The run's system prompt (``model.system_prompt``; '' = none: the chat template's own default): kept on
+    the tokenizer, so every prompt the run renders -- profile, SFT examples, rollouts,
+    evaluation, Bridge and CFT inputs -- gets it through :func:`render_prompt`."""
+    setattr(tokenizer, SYSTEM_ATTRIBUTE, text or None)
+
+
 def render_prompt(tokenizer, prompt: str, system_prompt: Optional[str] = None) -> str:
-    """The prompt as the model sees it: the tokenizer's chat template with the generation prompt."""
+    """The prompt as the model sees it: the tokenizer's chat template with the generation prompt, and the
+    system prompt given here or set on the tokenizer by :func:`set_system_prompt`."""
+    if system_prompt is None:
+        system_prompt = getattr(tokenizer, SYSTEM_ATTRIBUTE, None)
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
     messages.append({"role": "user", "content": prompt})
     if getattr(tokenizer, "chat_template", None):
