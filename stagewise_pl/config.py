@@ -116,7 +116,7 @@ class ModelConfig:
                               "default $STAGEWISE_CACHE_DIR, else ~/.cache/stagewise_pl", factory=default_cache_dir)
     system_prompt: str = doc("", "system message of every prompt the run renders (profile, SFT examples, rollouts, "
                                  "evaluation, Bridge and CFT inputs); '' = none (the chat template's own default): "
-                                 "how a chat model is told the task's format (conf/smollm2.yaml)")
+                                 "how a chat model is told the task's format")
     gradient_checkpointing: bool = doc(False, "recompute each layer's activations in the backward pass (less "
                                               "memory, ~30% more compute); for the GPU recipes")
     lora_rank: int = doc(0, "LoRA adapters of this rank in every training phase (peft, injected in place; "
