@@ -288,7 +288,8 @@ class Run:
                      f"{state['threads']}: the weights will differ from an uninterrupted run in the last bits "
                      f"(set run.threads={state['threads']} to match)")
         if dist.is_main():
-            self.rundir.update_state(data=self.data_digest, **({} if state.get("threads") else {"threads": threads}))
+            # the thread count recorded is the first launch's
+            self.rundir.update_state(data=self.data_digest, threads=state.get("threads") or threads)
 
     def _execute_plan(self) -> Path:
         from lightning.pytorch.utilities.exceptions import SIGTERMException

@@ -65,18 +65,16 @@ def test_a_system_prompt_reaches_what_the_run_renders(tmp_path, fast_overrides, 
 
 # ------------------------------------------------------------------ with the smol extra installed (slow tier)
 @pytest.fixture(scope="module")
-def smol(tmp_path_factory):
+def smol():
     """The converted checkpoint, in the session's cache (converted once per cache, about 10 s)."""
     from stagewise_pl.config import default_cache_dir
 
-    said = []
-    path = packaged_model("smollm2-135m", default_cache_dir(), log=said.append)
-    return path, said
+    return packaged_model("smollm2-135m", default_cache_dir(), log=None)
 
 
 @pytest.mark.slow
 def test_smollm2_converts_once_to_a_checkpoint_that_loads_without_gguf(smol, monkeypatch):
-    path, _ = smol
+    path = smol
     made = json.loads((path / "stagewise_packaged.json").read_text())
     assert made["source"] == PACKAGED["smollm2-135m"].filename and made["logit_gap"] <= 1e-4
     config = json.loads((path / "config.json").read_text())
@@ -110,7 +108,7 @@ def test_the_fused_kernels_give_the_real_models_own_losses(smol):
     from stagewise_pl.models import load_policy
     from stagewise_pl.models.forward import hidden_states, sft_loss
 
-    model, tokenizer = load_policy(str(smol[0]))
+    model, tokenizer = load_policy(str(smol))
     texts = ["Question: 3 + 4 = ?\nAnswer: 7", "Question: 12 - 5 = ?\nSo the answer is #### 7 and we stop here"]
     enc = tokenizer(texts, return_tensors="pt", padding=True)
     labels = enc.input_ids.clone()

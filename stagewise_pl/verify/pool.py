@@ -188,12 +188,10 @@ class GradingPool:
                     for _ in todo:
                         if not worker.conn.poll(self.timeout_s):
                             tries += 1
+                            final = tries > self.retries
                             with self._lock:
-                                if tries > self.retries:
-                                    self.timeouts += 1
-                                else:
-                                    self.retried += 1
-                            if tries > self.retries:
+                                self.timeouts, self.retried = self.timeouts + final, self.retried + (not final)
+                            if final:
                                 out.append(Verdict(0.0, "timeout"))
                                 tries = 0
                             worker = self._replace(worker)
