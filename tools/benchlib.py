@@ -50,9 +50,13 @@ def add_model_option(parser: argparse.ArgumentParser) -> None:
 
 def real_model(name: str) -> Path:
     """The converted checkpoint of a packaged model (``--model smollm2-135m``), in the default model cache; exits
-    with the install command when the package is missing."""
+    with the install command when the package is missing. A checkpoint directory is itself (what a parent passes
+    to a child that runs in another environment, without the package)."""
     from stagewise_pl.config import ConfigError, default_cache_dir
     from stagewise_pl.models.packaged import is_packaged, packaged_model
+
+    if (Path(name) / "config.json").is_file():
+        return Path(name)
 
     if not is_packaged(name):
         raise SystemExit(f"--model {name}: not a packaged model (tiny, smollm2-135m, or a path to a .gguf file)")
