@@ -511,12 +511,11 @@ class Config:
         """Checks across groups (each group checks its own fields)."""
         bad = []
         warm = self.model.warmup
-        if self.model.name_or_path != "tiny":
-            pass  # the warm-up builds the tiny base model alone
-        elif len(warm.level_weights) != len(self.task.levels):
+        tiny = self.model.name_or_path == "tiny"  # the warm-up builds the tiny base model alone
+        if tiny and len(warm.level_weights) != len(self.task.levels):
             bad.append(("model.warmup.level_weights",
                         f"has {len(warm.level_weights)} weights for {len(self.task.levels)} task levels"))
-        elif warm.steps and sum(warm.level_weights) <= 0:
+        elif tiny and warm.steps and sum(warm.level_weights) <= 0:
             bad.append(("model.warmup.level_weights", "needs a positive weight"))
         if not self.phases:
             bad.append(("phases", "the plan needs at least one phase"))
