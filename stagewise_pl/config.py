@@ -67,6 +67,10 @@ class RunConfig:
                                            "warning (default: stop with an error naming the file)")
     requeue: bool = doc(True, "under Slurm (SLURM_JOB_ID set), a run stopped by SIGUSR1 or SIGTERM checkpoints and "
                               "asks scontrol to requeue its job; elsewhere it checkpoints and exits")
+    keep: str = doc("all", "what stays on disk: all = checkpoints/ and export/<phase>/ after each training phase; "
+                           "final = no per-phase exports, and checkpoints/ is removed once every phase has finished "
+                           "(final/, the ledger, evaluations and logs stay; the finished run cannot be extended)",
+                    choices=("all", "final"))
 
 
 @dataclass

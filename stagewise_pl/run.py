@@ -12,6 +12,7 @@ a run written by an earlier format of the run directory is refused with the reas
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from collections import OrderedDict
@@ -26,7 +27,7 @@ from stagewise_pl.rundir import FORMAT, RunDir
 
 # Keys that may differ between the original run and a resumed one.
 RESUME_FREE_KEYS = {"run.resume", "run.progress_bar", "run.threads", "run.dir", "run.force", "run.requeue",
-                    "run.checkpoint_fallback", "model.cache_dir"}  # caches are keyed by content
+                    "run.checkpoint_fallback", "run.keep", "model.cache_dir"}  # caches are keyed by content
 RUN_DIR_ENV = "STAGEWISE_RUN_DIR"  # the run directory, for the processes a DDP launch starts
 
 
@@ -329,6 +330,9 @@ class Run:
 
             save_policy(ctx.policy, ctx.tokenizer, self.dir / "final")
             self.rundir.update_state(finished=True)
+            if cfg.run.keep == "final":  # after "finished": a kill in between leaves a run that says it is done
+                shutil.rmtree(self.rundir.checkpoints, ignore_errors=True)
+                self.log(f"run.keep=final: removed {self.rundir.checkpoints}")
             self.finish(OrderedDict(manager.columns), time.time() - started)
         dist.barrier()
         return self.dir

@@ -5,11 +5,12 @@ Layout::
     config.yaml            the resolved configuration
     state.json             format, training-data digest, the phases completed with their summaries, finished
     checkpoints/last.ckpt  the latest Lightning checkpoint; previous.ckpt the one before; digests.json (checkpoints.py)
+                           (run.keep=final removes checkpoints/ once the run has finished)
     curves/NN-<phase>.json per-step series of a training phase (SFT losses; GRPO rewards, losses, ...)
     ledger/                every graded rollout (the difficulty ledger, Parquet parts)
     routing/NN-<phase>.json what the stage rules decided at each phase boundary; routing/ranks/ per-rank digests
     bridge/, cft/          the data bridge_sft and cft phases made
-    export/<phase>/        the policy after each training phase (save_pretrained)
+    export/<phase>/        the policy after each training phase (save_pretrained; not with run.keep=final)
     eval/<label>.json      evaluation results (before, and after each phase)
     logs/                  CSV / TensorBoard / W&B logs
     final/                 the last policy (save_pretrained)

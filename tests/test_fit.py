@@ -105,9 +105,15 @@ def test_a_resume_with_another_thread_count_says_the_weights_will_differ(tmp_pat
     assert json.loads((tmp_path / "r" / "state.json").read_text())["threads"] == threads  # the first launch's
 
 
-def test_resume_of_a_finished_run_is_a_no_op(tmp_path, fast_overrides, capsys):
+@pytest.mark.parametrize("keep", ["all", "final"])
+def test_resume_of_a_finished_run_is_a_no_op(tmp_path, fast_overrides, capsys, keep):
+    """run.keep=final: no per-phase export, and no checkpoint once the run has finished; a resume still says
+    there is nothing to do."""
     run_dir = tmp_path / "done"
-    assert main(fast_overrides + [f"run.dir={run_dir}", "eval.k=0"]) == 0
+    assert main(fast_overrides + [f"run.dir={run_dir}", "eval.k=0", f"run.keep={keep}"]) == 0
+    assert (run_dir / "export" / "1-sft").is_dir() == (keep == "all")
+    assert (run_dir / "checkpoints").is_dir() == (keep == "all")
+    assert (run_dir / "final" / "model.safetensors").is_file() and (run_dir / "summary.md").is_file()
     before = (run_dir / "final" / "model.safetensors").stat().st_mtime_ns
     assert main(fast_overrides + [f"run.dir={run_dir}", "eval.k=0", "resume=last"]) == 0
     assert "nothing to do" in capsys.readouterr().out

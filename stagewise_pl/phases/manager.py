@@ -278,7 +278,7 @@ class PhaseManager(L.Callback):
         trained = traits.trains and runner.position > 0
         if not runner.problems and traits.uses_pool:
             summary["skipped"] = f"bucket {spec.select!r} is empty"
-        if trained and dist.is_main():
+        if trained and dist.is_main() and ctx.cfg.run.keep == "all":
             save_policy(ctx.policy, ctx.tokenizer, ctx.rundir.export_dir(spec.name))
         if not traits.uses_pool or (trained and ctx.cfg.eval.each_phase):
             self.evaluate(spec.name)
