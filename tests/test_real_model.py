@@ -135,6 +135,7 @@ SHORT = ["conf=smollm2", "model.lora_rank=4", "task.train_per_level=2", "task.te
          "bridge.max_new_tokens=16", "grpo.max_new_tokens=16", "grpo.prompts_per_step=2", "grpo.num_generations=2",
          "grpo.max_rollout_factor=1", "grpo.drop_flat_groups=false", "cft.failures_per_problem=1",
          "cft.repair_samples=1", "trainer.batch_size=4", "trainer.checkpoint_every_n_steps=1", "run.progress_bar=false",
+         "run.keep=final",
          "phases=[{name: profile, kind: profile}, {name: bridge, kind: bridge_sft, select: hard, steps: 2, lr: 1e-3},"
          " {name: grpo, kind: grpo, select: all, steps: 2, lr: 1e-3},"
          " {name: cft, kind: cft, select: unsolved_in_rl, fallback: hard, steps: 2, lr: 1e-3}]"]
@@ -163,6 +164,7 @@ def test_the_method_on_the_real_model_with_lora_trains_every_phase_and_exports_a
     state = json.loads((run_dir / "state.json").read_text())
     done = state["completed"]
     assert list(done) == ["profile", "bridge", "grpo", "cft"] and state["finished"]
+    assert not (run_dir / "export").exists() and not (run_dir / "checkpoints").exists()  # run.keep=final
     assert done["profile"]["problems"] == 6 and done["bridge"]["optimizer_steps"] == 2
     assert done["bridge"]["examples"] > 0 and done["bridge"]["teacher_texts"] > 0
     assert done["grpo"]["optimizer_steps"] == 2 and done["grpo"]["rollouts"] > 0

@@ -36,6 +36,34 @@ def test_finish_reasons_and_eos(tiny):
             assert len(ids) == 5 and tokenizer.eos_token_id not in ids
 
 
+@pytest.mark.parametrize("path", ["fast", "generate"])
+def test_every_end_token_of_the_generation_config_stops_a_completion(tiny, monkeypatch, path):
+    """A chat model may end a turn with any of its generation config's end tokens (Llama 3.2 Instruct: three),
+    not only the tokenizer's eos: each stops a completion, with finish reason "stop", as in vLLM."""
+    import copy
+
+    model, tokenizer = tiny
+    model = copy.deepcopy(model)
+    prompts = render_prompts(tokenizer, ["1+2", "30-4+5"])
+    greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=6)
+    plain = HFEngine(model, tokenizer).generate(prompts, greedy)
+    assert len(plain.completion_ids[0]) >= 2
+    other = plain.completion_ids[0][1]  # a token the model emits greedily, second after the prompt "1+2"
+    assert other != tokenizer.eos_token_id
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, other]
+    engine = HFEngine(model, tokenizer)
+    if path == "generate":
+        from transformers.cache_utils import Cache
+
+        monkeypatch.delattr(Cache, "batch_select_indices")  # the model.generate fallback
+    batch = engine.generate(prompts, greedy)
+    for before, ids, reason in zip(plain.completion_ids, batch.completion_ids, batch.finish_reasons):
+        if other in before:
+            assert ids == before[:before.index(other) + 1] and reason == "stop"
+        else:
+            assert ids == before
+
+
 def test_rows_that_finish_leave_the_batch_without_changing_the_others(tiny):
     """Greedy completions are the same whatever finishes around them (compaction keeps rows aligned)."""
     model, tokenizer = tiny

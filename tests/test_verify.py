@@ -262,3 +262,22 @@ def test_cli_exits_0_when_every_row_is_good_and_help_names_the_codes(tmp_path):
     helptext = subprocess.run([sys.executable, "-m", "stagewise_pl.verify", "--help"], capture_output=True, text=True,
                               timeout=120).stdout
     assert "Exit codes" in helptext and "3 some rows were bad" in helptext
+
+
+def test_literal_answers_refuses_a_restated_expression_that_math_verify_would_evaluate():
+    """The loophole GRPO found on the arithmetic task (docs/RESULTS.md): "The answer is 2+7-5" equals 4 for
+    math-verify. With literal_answers a numeric gold needs a number (fractions included); other golds are as before."""
+    plain, literal = get_verifier("math"), get_verifier("math", literal_answers=True)
+    restated = ["The answer is 2+7-5", "The answer is 8 - 4 + 2 - 2", "The answer is: 2*2"]
+    for completion in restated:
+        assert plain.score(completion, "4").reason == "correct"
+        assert literal.score(completion, "4").reason == "unevaluated" and literal.score(completion, "4").reward == 0.0
+    for completion, gold in [("The answer is 4.", "4"), ("7-3=4", "4"), ("#### 1,234", "1234"),
+                             ("The answer is -3", "-3"), ("\\boxed{\\frac{1}{2}}", "1/2"),
+                             ("\\boxed{2\\sqrt{3}}", "2\\sqrt{3}")]:
+        assert literal.score(completion, gold).reason == "correct", completion
+    assert literal.score("The answer is 5", "4").reason == "wrong"
+    cfg = load_config("smollm2", ["verifier.options={literal_answers: true}"]).verifier
+    with make_verifier(cfg) as pool:
+        verdicts = pool.score_many([("The answer is 2+7-5", "4"), ("The answer is 4", "4")])
+    assert [v.reason for v in verdicts] == ["unevaluated", "correct"]  # verifier.options reach the grading workers

@@ -51,6 +51,16 @@ def sample_next(logits: torch.Tensor, sampling: SamplingParams, generator: torch
     return tokens, scaled.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(scaled, -1)
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokens that end a completion: the tokenizer's eos and every end token of the model's generation config
+    (a chat model may list several: Llama 3.2 Instruct ends a turn with <|eot_id|>, <|eom_id|> or <|end_of_text|>),
+    as vLLM stops on them."""
+    config = getattr(model, "generation_config", None)
+    listed = getattr(config, "eos_token_id", None)
+    ids = [tokenizer.eos_token_id, *(listed if isinstance(listed, (list, tuple)) else [listed])]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
 @ENGINES.register("hf")
 class HFEngine:
     def __init__(self, model, tokenizer, batch_size: int = 64, progress: bool = False, fast_decode: bool = True):
@@ -91,7 +101,8 @@ class HFEngine:
     def _decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingParams,
                 generator: torch.Generator) -> tuple[list[list[int]], list[list[float]], list[str]]:
         """Token ids, log-probs and finish reasons of ``n`` completions per prompt row, prompt-major."""
-        model, n, eos = self.model, sampling.n, self.tokenizer.eos_token_id
+        model, n = self.model, sampling.n
+        stops = torch.tensor(stop_token_ids(model, self.tokenizer), dtype=torch.long, device=input_ids.device)
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         first = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
                       logits_to_keep=1)
@@ -118,7 +129,7 @@ class HFEngine:
             out_tokens[rows, step] = nxt
             if out_logp is not None:
                 out_logp[rows, step] = nxt_logp
-            alive = nxt != eos
+            alive = ~torch.isin(nxt, stops)
             stopped[rows[~alive]] = True
             if step == sampling.max_new_tokens - 1 or not alive.any():
                 break
@@ -150,19 +161,19 @@ class HFEngine:
         if sampling.logprobs:
             raise ValueError(f"{type(self.model).__name__}: its cache cannot be expanded or filtered, and the "
                              f"generate fallback returns no log-probs")
-        greedy = sampling.temperature <= 0
+        greedy, stops = sampling.temperature <= 0, stop_token_ids(self.model, self.tokenizer)
         with torch.random.fork_rng(devices=[input_ids.device] if input_ids.is_cuda else []):
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
             seqs = self.model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=sampling.max_new_tokens,
                 do_sample=not greedy, temperature=None if greedy else sampling.temperature,
                 top_p=None if greedy else sampling.top_p, top_k=None if greedy else 0,
-                num_return_sequences=sampling.n, eos_token_id=self.tokenizer.eos_token_id,
-                pad_token_id=self.tokenizer.pad_token_id)
-        eos, tokens, reasons = self.tokenizer.eos_token_id, [], []
+                num_return_sequences=sampling.n, eos_token_id=stops, pad_token_id=self.tokenizer.pad_token_id)
+        tokens, reasons = [], []
         for seq in seqs[:, input_ids.shape[1]:].tolist():
-            if eos in seq:
-                tokens.append(seq[:seq.index(eos) + 1])
+            end = next((i for i, token in enumerate(seq) if token in stops), None)
+            if end is not None:
+                tokens.append(seq[:end + 1])
                 reasons.append("stop")
             else:
                 tokens.append(seq)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from stagewise_pl.registry import Registry
 
-REASONS = ("correct", "wrong", "no_answer", "ungradable_gold", "timeout", "error")
+REASONS = ("correct", "wrong", "no_answer", "unevaluated", "ungradable_gold", "timeout", "error")
 
 
 @dataclass(frozen=True)

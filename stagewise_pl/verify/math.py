@@ -9,6 +9,12 @@ period and ``\\textbf{}``/``\\text{}`` wrappers, and a lone parenthesised number
 parsed and compared by math-verify (LaTeX and plain numbers, fractions, sets, intervals, percent
 and units as it handles them). A gold math-verify cannot parse gives ``ungradable_gold``.
 
+math-verify evaluates what it parses: "The answer is 2+7-5" equals a gold 4. On a task whose problem is the
+expression itself, a policy that restates the problem is then always right (GRPO on SmolLM2 found this in 54
+steps, docs/RESULTS.md). ``literal_answers=True`` (``verifier.options={literal_answers: true}``) grades such an
+answer ``unevaluated``: when the gold is a number, the answer must be a number too (a sign, digits, thousands
+commas, a decimal part; or a fraction ``a/b`` or ``\\frac{a}{b}``).
+
 This class does no time bounding itself: run it through :class:`~stagewise_pl.verify.pool.GradingPool`
 (``make_verifier`` does), which kills and replaces a worker stuck on a pathological input.
 """
@@ -27,6 +33,8 @@ _WRAPPER = re.compile(r"\\(?:textbf|mathbf|text|mathrm)\{(.*)\}", re.DOTALL)
 _LONE_NUMBER = re.compile(r"\(\s*(-?\d+(?:\.\d+)?)\s*\)")
 # A last line that ends by stating a value: "... = 204$." (a careful reader takes 204)
 _FINAL_EQUATION = re.compile(r"=\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)\s*\$?\s*\.?\s*(?:-\S+)?\s*$")
+# A number written out: what literal_answers requires of an answer to a numeric gold
+_LITERAL = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?|[-+]?\d+\s*/\s*\d+|[-+]?\\[dt]?frac\{[-+]?\d+\}\{\d+\}")
 
 
 def _balanced(text: str) -> bool:
@@ -92,10 +100,10 @@ def parse_gold(gold: str):
 
 @VERIFIERS.register("math")
 class MathVerifier:
-    def __init__(self, after_think: bool = False, final_equation: bool = True):
+    def __init__(self, after_think: bool = False, final_equation: bool = True, literal_answers: bool = False):
         import logging
 
-        self.after_think, self.final_equation = after_think, final_equation
+        self.after_think, self.final_equation, self.literal_answers = after_think, final_equation, literal_answers
         # math-verify warns on every call that its own timeout is off (the pool bounds calls instead);
         # emitting that warning cost 5-10% of the grading time here.
         logging.getLogger("math_verify").setLevel(logging.ERROR)
@@ -109,6 +117,8 @@ class MathVerifier:
         answer = extract_final_answer(completion, self.after_think, self.final_equation)
         if answer is None:
             return Verdict(0.0, "no_answer")
+        if self.literal_answers and _LITERAL.fullmatch(gold.strip()) and not _LITERAL.fullmatch(answer.strip()):
+            return Verdict(0.0, "unevaluated")  # "2+7-5" for 4: math-verify would evaluate it and agree
         answer_parsed = _parse(answer)
         if not answer_parsed:
             return Verdict(0.0, "wrong")

@@ -104,7 +104,6 @@ def server(smol, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "vllm-serve.log"
     env = dict(os.environ, VLLM_API_KEY=key, VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING")
-    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in the server's process: starts in seconds, not 20
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smol),
                "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(port),
                "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "8",
