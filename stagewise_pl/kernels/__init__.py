@@ -16,8 +16,8 @@ from typing import Optional
 
 import torch
 
-from stagewise_pl.kernels.linear_logprob import (DEFAULT_BUDGET_BYTES, FusedTokenLoss, LinearLogProb,
-                                                 accumulation_dtype, plan)
+from stagewise_pl.kernels.linear_logprob import (DEFAULT_BUDGET_BYTES, FusedTokenLoss, LinearLogProb, Plan,
+                                                 accumulation_dtype, device_plan, plan)
 from stagewise_pl.losses import (PolicyLossConfig, aggregation_weights, clipped_fraction, entropy_weights,
                                  policy_token_loss)
 
@@ -83,28 +83,43 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
     return backend
 
 
-def _prepare(hidden, weight, targets, chunk_tokens, vocab_block, budget_bytes, single_pass=True):
+def choose_plan(hidden: torch.Tensor, weight: torch.Tensor, chunk_tokens: Optional[int] = None,
+                vocab_block: Optional[int] = None, budget_bytes: int = DEFAULT_BUDGET_BYTES,
+                single_pass: bool = True) -> Plan:
+    """The plan a call gets: explicit sizes or budget -> :func:`plan` (products in float32); otherwise the
+    device's (:func:`device_plan`, from the free memory of a CUDA device)."""
+    n, h, v = hidden.numel() // hidden.shape[-1], hidden.shape[-1], weight.shape[0]
+    if chunk_tokens is not None or vocab_block is not None or budget_bytes != DEFAULT_BUDGET_BYTES:
+        return plan(n, v, h, hidden.dtype, budget_bytes, chunk_tokens, vocab_block, single_pass)
+    free = torch.cuda.mem_get_info(hidden.device)[0] if hidden.is_cuda else None
+    return device_plan(hidden.device.type, hidden.dtype, n, h, v, free, single_pass)
+
+
+def _prepare(hidden, weight, targets, chunk_tokens, vocab_block, budget_bytes, single_pass=True, chunk_plan=None):
     x = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1)
     if x.shape[0] != t.shape[0]:
         raise ValueError(f"hidden has {x.shape[0]} tokens, targets {t.shape[0]}")
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"weight is {tuple(weight.shape)}, hidden size is {x.shape[1]}")
-    chunk_plan = plan(x.shape[0], weight.shape[0], x.shape[1], hidden.dtype, budget_bytes, chunk_tokens, vocab_block,
-                      single_pass)
+    if chunk_plan is None:
+        chunk_plan = choose_plan(hidden, weight, chunk_tokens, vocab_block, budget_bytes, single_pass)
     return x, t, chunk_plan
 
 
 def logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: Optional[torch.Tensor] = None,
              temperature: float = 1.0, ignore_index: int = -100, with_entropy: bool = False, *, backend: str = "auto",
              chunk_tokens: Optional[int] = None, vocab_block: Optional[int] = None,
-             budget_bytes: int = DEFAULT_BUDGET_BYTES) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+             budget_bytes: int = DEFAULT_BUDGET_BYTES,
+             chunk_plan: Optional[Plan] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """log softmax((hidden @ weight.T + bias) / temperature)[targets] and optionally the entropy.
 
     hidden (..., H), weight (V, H), targets (...): returns tensors of targets' shape; 0 where
-    ``targets == ignore_index`` (and no gradient flows from those rows).
+    ``targets == ignore_index`` (and no gradient flows from those rows). ``chunk_plan``: a :class:`Plan` used as
+    it is (tests, benchmarks); by default :func:`choose_plan`'s.
     """
-    x, t, chunk_plan = _prepare(hidden, weight, targets, chunk_tokens, vocab_block, budget_bytes, single_pass=False)
+    x, t, chunk_plan = _prepare(hidden, weight, targets, chunk_tokens, vocab_block, budget_bytes, single_pass=False,
+                                chunk_plan=chunk_plan)
     logp, entropy = LinearLogProb.apply(x, weight, bias, t, float(temperature), ignore_index, with_entropy,
                                         chunk_plan, resolve_backend(backend, hidden))
     return logp.view(targets.shape), (entropy.view(targets.shape) if entropy is not None else None)
@@ -112,9 +127,11 @@ def logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
 
 def fused_nll_loss(hidden, weight, targets, bias=None, ignore_index: int = -100, temperature: float = 1.0, *,
                    backend: str = "auto", chunk_tokens=None, vocab_block=None,
-                   budget_bytes: int = DEFAULT_BUDGET_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+                   budget_bytes: int = DEFAULT_BUDGET_BYTES, chunk_plan: Optional[Plan] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """SFT loss: mean negative log-likelihood of the non-ignored targets, and their count."""
-    x, t, chunk_plan = _prepare(hidden, weight, targets, chunk_tokens, vocab_block, budget_bytes)
+    x, t, chunk_plan = _prepare(hidden, weight, targets, chunk_tokens, vocab_block, budget_bytes,
+                                chunk_plan=chunk_plan)
     count = (t != ignore_index).sum()
     scale = 1.0 / count.clamp(min=1).to(accumulation_dtype(hidden))
 
@@ -137,8 +154,8 @@ class PolicyLossOutput:
 def fused_policy_loss(hidden, weight, targets, old_logp, advantages, mask, cfg: PolicyLossConfig,
                       ref_logp=None, bias=None, temperature: float = 1.0, with_entropy: Optional[bool] = None, *,
                       weights: Optional[torch.Tensor] = None, entropy_weight: Optional[torch.Tensor] = None,
-                      backend: str = "auto", chunk_tokens=None,
-                      vocab_block=None, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> PolicyLossOutput:
+                      backend: str = "auto", chunk_tokens=None, vocab_block=None,
+                      budget_bytes: int = DEFAULT_BUDGET_BYTES, chunk_plan: Optional[Plan] = None) -> PolicyLossOutput:
     """:func:`stagewise_pl.losses.policy_loss` computed from hidden states (B, T, H), gradients in forward.
 
     targets, old_logp, mask (and ref_logp) are (B, T); advantages (B,) or (B, T). Tokens with mask 0
@@ -164,7 +181,8 @@ def fused_policy_loss(hidden, weight, targets, old_logp, advantages, mask, cfg: 
     adv = advantages.expand_as(targets).reshape(-1).to(acc)
     ref = None if ref_logp is None else ref_logp.reshape(-1).to(acc)
     masked_targets = torch.where(mask.bool(), targets, torch.full_like(targets, -100))
-    x, t, chunk_plan = _prepare(hidden, weight, masked_targets, chunk_tokens, vocab_block, budget_bytes)
+    x, t, chunk_plan = _prepare(hidden, weight, masked_targets, chunk_tokens, vocab_block, budget_bytes,
+                                chunk_plan=chunk_plan)
 
     def token_loss(logp, entropy, rows):
         terms = policy_token_loss(logp, logp.detach() if old is None else old[rows], adv[rows], cfg,
@@ -182,5 +200,5 @@ def fused_policy_loss(hidden, weight, targets, old_logp, advantages, mask, cfg: 
                             clip_fraction)
 
 
-__all__ = ["logprobs", "fused_nll_loss", "fused_policy_loss", "PolicyLossOutput", "PolicyLossConfig",
-           "resolve_backend", "triton_available"]
+__all__ = ["logprobs", "fused_nll_loss", "fused_policy_loss", "PolicyLossOutput", "PolicyLossConfig", "Plan",
+           "choose_plan", "device_plan", "resolve_backend", "triton_available"]

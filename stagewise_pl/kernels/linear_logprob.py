@@ -16,8 +16,10 @@ Two entry points:
   torch function (the GRPO surrogate, the SFT NLL); its derivatives come from autograd on the
   small per-token tensors, so the loss is written once, in :mod:`stagewise_pl.losses`.
 
-Everything is computed in float32 (bf16/fp16 inputs are upcast block by block). The per-block
-arithmetic ("row ops") has a torch implementation here and a Triton one in ``triton_rows.py``.
+Statistics and gradients are computed in float32. The matrix products either upcast bf16/fp16 inputs
+block by block (the CPU plan) or run in the input dtype with float32 accumulation and float32 results
+(``Plan.matmul_dtype``, the CUDA plan of :func:`device_plan`: tensor cores). The per-block arithmetic
+("row ops") has a torch implementation here and a Triton one in ``triton_rows.py``.
 """
 from __future__ import annotations
 
@@ -35,6 +37,9 @@ TILE_VOCAB, TILE_ELEMENTS = 4096, 4 * 2**20
 class Plan:
     chunk_tokens: int
     vocab_block: int
+    # None: products in the accumulation dtype (inputs upcast); bfloat16/float16: products in that dtype with
+    # float32 accumulation and results (tensor cores on CUDA)
+    matmul_dtype: Optional[torch.dtype] = None
 
 
 def plan(n_tokens: int, vocab: int, hidden: int, dtype: torch.dtype, budget_bytes: int = DEFAULT_BUDGET_BYTES,
@@ -58,6 +63,56 @@ def plan(n_tokens: int, vocab: int, hidden: int, dtype: torch.dtype, budget_byte
     if chunk_tokens is None:
         chunk_tokens = max(MIN_CHUNK_TOKENS, budget_bytes // (4 * vocab_block) if single_pass else TILE_ELEMENTS // vocab_block)
     return Plan(max(1, min(chunk_tokens, n_tokens)), vocab_block)
+
+
+# The CUDA plan. Measured on one H200 (docs/PERFORMANCE.md, N=16384, V=151936, bf16): the naive path (logits
+# in the input dtype, their float32 copy, log_softmax, backward) held 27.82 GiB beyond its inputs, 12 bytes per
+# logit; the goal is at most one eighth of that.
+NAIVE_BYTES_PER_LOGIT_EXTRA = 10  # beyond the logit itself in the input dtype: 2 + 10 = the measured 12
+MEMORY_GOAL_FRACTION = 1 / 8
+CUDA_CHUNK_ALIGN = 256  # tokens: whole tensor-core tiles
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _size(dtype: Optional[torch.dtype]) -> int:
+    return torch.empty((), dtype=dtype).element_size() if dtype is not None else 0
+
+
+def naive_extra_bytes(n_tokens: int, vocab: int, dtype: torch.dtype) -> int:
+    """Peak memory of the naive path beyond its inputs, modelled on the H200 measurement."""
+    return n_tokens * vocab * (_size(dtype) + NAIVE_BYTES_PER_LOGIT_EXTRA)
+
+
+def plan_extra_bytes(chunk_plan: Plan, n_tokens: int, hidden: int, vocab: int, dtype: torch.dtype) -> int:
+    """Peak memory of the fused loss beyond its inputs under ``chunk_plan`` (a model, not a measurement): the
+    float32 gradients of hidden and weight, the weight gradient's copy in the input dtype when it is returned,
+    and per chunk the float32 logits block, one float32 temporary of its size and its copy in the matrix
+    products' dtype."""
+    fixed = n_tokens * hidden * 4 + vocab * hidden * (4 + (_size(dtype) if _size(dtype) != 4 else 0))
+    return fixed + chunk_plan.chunk_tokens * chunk_plan.vocab_block * (8 + _size(chunk_plan.matmul_dtype))
+
+
+def device_plan(device_type: str, dtype: torch.dtype, n_tokens: int, hidden: int, vocab: int,
+                free_bytes: Optional[int] = None, single_pass: bool = True) -> Plan:
+    """The chunk plan for a device: a pure function of (device kind, dtype, N, H, V, free memory).
+
+    CPU (and anything but CUDA): :func:`plan`, what the CPU benchmarks chose. CUDA: the whole vocabulary per
+    chunk (one block: no online merge, and the fused losses take their gradient from the forward's block),
+    matrix products in the input dtype when it is bfloat16/float16 (float32 accumulation), and chunks as
+    large as the memory goal allows -- one eighth of the naive path's extra memory, at most half the free device
+    memory -- so that the fewest products are launched; chunks are multiples of 256 tokens, at least 256 (or
+    N), even where the fixed gradients alone exceed the goal (small N with a large vocabulary).
+    """
+    if device_type != "cuda":
+        return plan(n_tokens, vocab, hidden, dtype, single_pass=single_pass)
+    matmul_dtype = dtype if dtype in LOW_PRECISION else None
+    room = int(naive_extra_bytes(n_tokens, vocab, dtype) * MEMORY_GOAL_FRACTION)
+    if free_bytes is not None:
+        room = min(room, free_bytes // 2)
+    fixed = plan_extra_bytes(Plan(0, vocab, matmul_dtype), n_tokens, hidden, vocab, dtype)
+    per_token = vocab * (8 + _size(matmul_dtype))
+    chunk = max(CUDA_CHUNK_ALIGN, (room - fixed) // per_token // CUDA_CHUNK_ALIGN * CUDA_CHUNK_ALIGN)
+    return Plan(min(chunk, n_tokens), vocab, matmul_dtype)
 
 
 # ------------------------------------------------------------------------------------------ row ops
@@ -117,10 +172,47 @@ def row_ops(backend: str):
 
 
 # ------------------------------------------------------------------------------------------ one chunk
+_OUT_DTYPE_OK: dict[str, bool] = {}
+
+
+def addmm_acc_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``out += a @ b`` for low-precision ``a``, ``b`` and a float32 ``out``: on CUDA one product in the inputs'
+    dtype accumulating into ``out`` (addmm's ``out_dtype``: tensor cores, no temporary); elsewhere, or on a torch
+    without it, the same arithmetic with the inputs widened (bf16/fp16 products are exact in float32)."""
+    if out.is_cuda and _OUT_DTYPE_OK.get("addmm", True):
+        try:
+            return torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+        except (RuntimeError, TypeError):
+            _OUT_DTYPE_OK["addmm"] = False
+    return out.addmm_(a.to(out.dtype), b.to(out.dtype))
+
+
+def mm_acc(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` in ``dtype`` (float32) from low-precision inputs; see :func:`addmm_acc_`."""
+    if a.is_cuda and _OUT_DTYPE_OK.get("mm", True):
+        try:
+            return torch.mm(a, b, out_dtype=dtype)
+        except (RuntimeError, TypeError):
+            _OUT_DTYPE_OK["mm"] = False
+    return a.to(dtype) @ b.to(dtype)
+
+
+def _acc(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _logits_block(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], v0: int, v1: int,
                   temperature: float) -> torch.Tensor:
-    w = weight[v0:v1].to(x.dtype)
-    z = x @ w.T if bias is None else torch.addmm(bias[v0:v1].to(x.dtype), x, w.T)  # (n, Vb), x's dtype
+    """The (n, Vb) logits block in the accumulation dtype; ``x`` in that dtype (weight upcast), or in a
+    low-precision one (the product in that dtype, float32 accumulation)."""
+    acc = _acc(x)
+    if x.dtype == acc:
+        w = weight[v0:v1].to(acc)
+        z = x @ w.T if bias is None else torch.addmm(bias[v0:v1].to(acc), x, w.T)
+    else:
+        z = mm_acc(x, weight[v0:v1].to(x.dtype).T, acc)
+        if bias is not None:
+            z.add_(bias[v0:v1].to(acc))
     if temperature != 1.0:
         z.div_(temperature)
     return z
@@ -135,9 +227,10 @@ class ChunkStats:
 
 
 def chunk_stats(ops, x, weight, bias, targets, valid, temperature, vocab_block, with_entropy) -> ChunkStats:
-    """Online log-sum-exp over vocabulary blocks for one chunk of tokens (x float32)."""
+    """Online log-sum-exp over vocabulary blocks for one chunk of tokens (x float32/64, or the matrix products'
+    low-precision dtype)."""
     n, vocab = x.shape[0], weight.shape[0]
-    like = dict(device=x.device, dtype=x.dtype)
+    like = dict(device=x.device, dtype=_acc(x))
     big_m = torch.full((n,), float("-inf"), **like)
     big_s = torch.zeros(n, **like)
     big_a = torch.zeros(n, **like) if with_entropy else None  # sum exp(z - M) * z
@@ -170,10 +263,10 @@ def chunk_grad(ops, x, weight, bias, targets, valid, temperature, vocab_block, s
     With ``reuse_block`` (single-block vocabulary, block kept by ``chunk_stats``) no logits are
     recomputed; otherwise each block is recomputed (the recompute-in-backward path).
     """
-    vocab = weight.shape[0]
-    g_logp = torch.where(valid, g_logp.to(x.dtype), 0.0)
-    g_entropy = None if g_entropy is None else torch.where(valid, g_entropy.to(x.dtype), 0.0)
-    grad_x = torch.zeros_like(x)
+    vocab, acc = weight.shape[0], _acc(x)
+    g_logp = torch.where(valid, g_logp.to(acc), 0.0)
+    g_entropy = None if g_entropy is None else torch.where(valid, g_entropy.to(acc), 0.0)
+    grad_x = torch.zeros(x.shape, device=x.device, dtype=acc)
     for v0 in range(0, vocab, vocab_block):
         v1 = min(v0 + vocab_block, vocab)
         in_block = valid & (targets >= v0) & (targets < v1)
@@ -188,8 +281,13 @@ def chunk_grad(ops, x, weight, bias, targets, valid, temperature, vocab_block, s
             dz = ops.grad_(z, stats.lse, stats.entropy, g_logp, g_entropy, targets - v0, in_block)
         if temperature != 1.0:
             dz.div_(temperature)
-        grad_x.addmm_(dz, weight[v0:v1].to(x.dtype))
-        grad_w[v0:v1].addmm_(dz.T, x)
+        if x.dtype == acc:
+            grad_x.addmm_(dz, weight[v0:v1].to(acc))
+            grad_w[v0:v1].addmm_(dz.T, x)
+        else:  # the gradient products in x's dtype too, accumulated in float32
+            dz_low = dz.to(x.dtype)
+            addmm_acc_(grad_x, dz_low, weight[v0:v1].to(x.dtype))
+            addmm_acc_(grad_w[v0:v1], dz_low.T, x)
         if grad_b is not None:
             grad_b[v0:v1] += dz.sum(0)
     return grad_x
@@ -217,7 +315,8 @@ class LinearLogProb(torch.autograd.Function):
             c1 = min(c0 + chunk_plan.chunk_tokens, n)
             t = t_all[c0:c1]
             valid = t != ignore_index
-            st = chunk_stats(ops, x_all[c0:c1].to(acc), weight, bias, t, valid, temperature, chunk_plan.vocab_block,
+            x = x_all[c0:c1].to(chunk_plan.matmul_dtype or acc)
+            st = chunk_stats(ops, x, weight, bias, t, valid, temperature, chunk_plan.vocab_block,
                              with_entropy)
             logp[c0:c1], lse[c0:c1] = st.logp, st.lse
             if with_entropy:
@@ -250,7 +349,8 @@ class LinearLogProb(torch.autograd.Function):
             t = targets[c0:c1]
             valid = t != ignore_index
             st = ChunkStats(lse[c0:c1], None, None if entropy is None else entropy[c0:c1], None)
-            grad_h[c0:c1] = chunk_grad(ops, hidden[c0:c1].to(acc), weight, bias, t, valid, temperature,
+            x = hidden[c0:c1].to(chunk_plan.matmul_dtype or acc)
+            grad_h[c0:c1] = chunk_grad(ops, x, weight, bias, t, valid, temperature,
                                        chunk_plan.vocab_block, st, g_logp[c0:c1],
                                        None if g_entropy is None else g_entropy[c0:c1], grad_w_buf, grad_b,
                                        reuse_block=False)
@@ -281,7 +381,7 @@ class FusedTokenLoss(torch.autograd.Function):
             c1 = min(c0 + chunk_plan.chunk_tokens, n)
             t = targets[c0:c1]
             valid = t != ignore_index
-            x = hidden[c0:c1].to(like["dtype"])
+            x = hidden[c0:c1].to(chunk_plan.matmul_dtype or like["dtype"])
             st = chunk_stats(ops, x, weight, bias, t, valid, temperature, chunk_plan.vocab_block, with_entropy)
             # per-token derivatives of the loss: autograd on (n,)-sized tensors, the loss written once
             with torch.enable_grad():

@@ -35,6 +35,30 @@ def test_triton_kernels_match_float64_on_cuda(n, h, v):
     assert torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_device_plan_in_low_precision_products_matches_float64_on_cuda(backend, dtype):
+    """The default plan on CUDA (whole-vocabulary chunks, products in the input dtype with float32 accumulation)
+    at Qwen2.5's vocabulary: the SFT loss and its gradients against float64 on the same rounded inputs."""
+    from stagewise_pl.kernels import choose_plan, fused_nll_loss
+
+    n, h, v = 4096, 896, 151936
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = (torch.randn(n, h, device="cuda", generator=g) * 0.3).to(dtype).requires_grad_(True)
+    weight = (torch.randn(v, h, device="cuda", generator=g) * 0.05).to(dtype).requires_grad_(True)
+    targets = torch.randint(0, v, (n,), device="cuda", generator=g)
+    chunk_plan = choose_plan(hidden, weight)
+    assert chunk_plan.matmul_dtype == dtype and chunk_plan.vocab_block == v
+    loss, _ = fused_nll_loss(hidden, weight, targets, backend=backend)
+    ref = torch.nn.functional.cross_entropy(hidden.double() @ weight.double().T, targets)
+    assert abs(loss.item() - ref.item()) <= 1e-4 * ref.item()
+    mine = torch.autograd.grad(loss, (hidden, weight))
+    theirs = torch.autograd.grad(ref, (hidden, weight))
+    for a, b in zip(mine, theirs):
+        assert a.dtype == dtype
+        assert (a.double() - b).abs().max() / b.abs().max() <= 2 ** -6
+
+
 def test_bf16_sft_and_grpo_steps_of_a_tiny_model(tmp_path):
     import dataclasses
 

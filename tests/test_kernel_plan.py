@@ -1,0 +1,136 @@
+"""The device-aware chunk plan (a pure function, checked here for CUDA shapes without a GPU) and the
+low-precision matrix-product path it chooses on CUDA, run on CPU against float64: both row-op backends
+(Triton under its interpreter), bf16 and fp16 inputs, whole-vocabulary chunks of the plan's shape."""
+import pytest
+import torch
+
+from stagewise_pl.kernels import Plan, choose_plan, device_plan, fused_nll_loss, fused_policy_loss, logprobs
+from stagewise_pl.kernels.linear_logprob import (CUDA_CHUNK_ALIGN, MEMORY_GOAL_FRACTION, naive_extra_bytes, plan,
+                                                 plan_extra_bytes)
+from stagewise_pl.losses import PolicyLossConfig, policy_loss
+
+from test_kernels import BACKENDS, grads, inputs, naive
+
+QWEN = dict(hidden=1536, vocab=151936)  # Qwen2.5-1.5B's shapes, the GPU recipe's
+GIB = 2**30
+
+
+def test_the_cpu_plan_is_the_one_the_cpu_benchmarks_chose():
+    for dtype in (torch.float32, torch.bfloat16):
+        for single_pass in (True, False):
+            assert device_plan("cpu", dtype, 4096, 576, 49152, None, single_pass) == plan(
+                4096, 49152, 576, dtype, single_pass=single_pass)
+    assert device_plan("cpu", torch.bfloat16, 4096, 576, 49152).matmul_dtype is None  # products upcast
+
+
+@pytest.mark.parametrize("n", [4096, 16384])
+def test_the_cuda_plan_takes_the_whole_vocabulary_in_tensor_core_products_and_the_fewest_chunks(n):
+    p = device_plan("cuda", torch.bfloat16, n, QWEN["hidden"], QWEN["vocab"], free_bytes=140 * GIB)
+    assert p.vocab_block == QWEN["vocab"] and p.matmul_dtype == torch.bfloat16
+    assert p.chunk_tokens % CUDA_CHUNK_ALIGN == 0
+    goal = naive_extra_bytes(n, QWEN["vocab"], torch.bfloat16) * MEMORY_GOAL_FRACTION
+    used = plan_extra_bytes(p, n, QWEN["hidden"], QWEN["vocab"], torch.bfloat16)
+    bigger = Plan(p.chunk_tokens + CUDA_CHUNK_ALIGN, p.vocab_block, p.matmul_dtype)
+    if p.chunk_tokens > CUDA_CHUNK_ALIGN:  # within the goal, and one step larger would not be
+        assert used <= goal < plan_extra_bytes(bigger, n, QWEN["hidden"], QWEN["vocab"], torch.bfloat16)
+    else:  # the float32 weight gradient alone (0.9 GiB at this vocabulary) exceeds one eighth of a small N's
+        fixed = plan_extra_bytes(Plan(0, QWEN["vocab"], torch.bfloat16), n, QWEN["hidden"], QWEN["vocab"],
+                                 torch.bfloat16)
+        assert fixed + CUDA_CHUNK_ALIGN * QWEN["vocab"] * 10 > goal
+    if n == 16384:
+        assert p.chunk_tokens >= 1024 and used <= goal  # a few large products, not hundreds of small ones
+
+
+def test_the_cuda_plan_follows_free_memory_dtype_and_small_batches():
+    tight = device_plan("cuda", torch.bfloat16, 16384, QWEN["hidden"], QWEN["vocab"], free_bytes=6 * GIB)
+    roomy = device_plan("cuda", torch.bfloat16, 16384, QWEN["hidden"], QWEN["vocab"], free_bytes=140 * GIB)
+    assert CUDA_CHUNK_ALIGN <= tight.chunk_tokens < roomy.chunk_tokens
+    assert plan_extra_bytes(tight, 16384, QWEN["hidden"], QWEN["vocab"], torch.bfloat16) <= 3 * GIB
+    assert device_plan("cuda", torch.float16, 8192, 896, 151936).matmul_dtype == torch.float16
+    assert device_plan("cuda", torch.float32, 8192, 896, 151936).matmul_dtype is None  # no low-precision copy
+    assert device_plan("cuda", torch.bfloat16, 100, 896, 151936).chunk_tokens == 100  # N below one aligned chunk
+
+
+def test_a_call_gets_the_devices_plan_unless_it_names_sizes():
+    hidden, weight = torch.zeros(3, 5, 8), torch.zeros(101, 8)
+    assert choose_plan(hidden, weight) == device_plan("cpu", torch.float32, 15, 8, 101)
+    assert choose_plan(hidden, weight, chunk_tokens=4) == plan(15, 101, 8, torch.float32, chunk_tokens=4)
+
+
+# ------------------------------------------------------------------ the low-precision products, on CPU
+LOW = [torch.bfloat16, torch.float16]
+ROUND = {torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}  # relative rounding of one value
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW)
+def test_low_precision_products_match_float64_at_a_whole_vocabulary_chunk(backend, dtype, temperature=0.7):
+    """N=150 in chunks of 128 (one full, one partial), V=1031 in one block (a row walks two of Triton's 1024-wide
+    tiles): the CUDA plan's shape, scaled down for the interpreter.
+    Products of bf16/fp16 values are exact in float32, so log-probs and entropies carry float32 error only; the
+    gradients go through the logits' gradient rounded to the input dtype once (the tensor-core products)."""
+    hidden, weight, bias, targets = inputs(150, 64, 1031, dtype=dtype, scale=0.3)
+    chunk_plan = Plan(128, 1031, dtype)
+    logp, entropy = logprobs(hidden, weight, targets, bias, temperature, with_entropy=True, backend=backend,
+                             chunk_plan=chunk_plan)
+    assert logp.dtype == dtype
+    ref_logp, ref_entropy = naive(hidden, weight, bias, targets, temperature)  # float64 on the same values
+    # before the outputs' own rounding to the input dtype: float32 error only (the logits were never rounded)
+    assert torch.all((logp.double() - ref_logp).abs() <= ROUND[dtype] * ref_logp.abs())
+    assert torch.all((entropy.double() - ref_entropy).abs() <= ROUND[dtype] * ref_entropy.abs())
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(150, generator=g), torch.randn(150, generator=g)
+    ours = grads((a * logp.float()).sum() + (b * entropy.float()).sum(), (hidden, weight, bias))
+    ref = grads((a.double() * ref_logp).sum() + (b.double() * ref_entropy).sum(), (hidden, weight, bias))
+    for mine, theirs in zip(ours, ref):
+        assert mine.dtype == dtype
+        err = (mine.double() - theirs.double()).abs().max() / theirs.double().abs().max()
+        assert err <= 4 * ROUND[dtype], f"{err:.2e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW)
+def test_fused_losses_in_low_precision_products_match_float64(backend, dtype):
+    hidden, weight, bias, targets = inputs(150, 64, 1031, dtype=dtype, scale=0.3)
+    loss, count = fused_nll_loss(hidden, weight, targets, bias, backend=backend, chunk_plan=Plan(128, 1031, dtype))
+    ref = torch.nn.functional.cross_entropy(hidden.double() @ weight.double().T + bias.double(), targets,
+                                            ignore_index=-100)
+    assert count == 149 and abs(loss.item() - ref.item()) <= 1e-5 * ref.abs().item()  # logits never rounded
+    for mine, theirs in zip(grads(loss, (hidden, weight, bias)), grads(ref, (hidden, weight, bias))):
+        err = (mine.double() - theirs.double()).abs().max() / theirs.double().abs().max()
+        assert err <= 4 * ROUND[dtype], f"{err:.2e}"
+    # the GRPO surrogate (clipped ratios, KL to a reference, entropy bonus) through the same products
+    b, t = 2, 75
+    h3 = hidden.detach()[: b * t].view(b, t, -1).requires_grad_(True)
+    tg = targets[: b * t].clamp(min=0).view(b, t)
+    g = torch.Generator().manual_seed(2)
+    mask = (torch.rand(b, t, generator=g) > 0.1).double()
+    with torch.no_grad():
+        current = naive(h3.reshape(b * t, -1), weight, torch.zeros(1031), tg.reshape(-1), 1.0)[0].view(b, t)
+    old, ref_lp = current + 0.3 * torch.randn(b, t, generator=g), current + 0.2 * torch.randn(b, t, generator=g)
+    adv = torch.randn(b, generator=g, dtype=torch.float64)
+    cfg = PolicyLossConfig(beta=0.04, entropy_coef=0.01)
+    out = fused_policy_loss(h3, weight, tg, old.float(), adv.float(), mask.float(), cfg, ref_logp=ref_lp.float(),
+                            backend=backend, chunk_plan=Plan(128, 1031, dtype))
+    lp, ent = naive(h3.reshape(b * t, -1), weight, torch.zeros(1031), tg.reshape(-1), 1.0)
+    want = policy_loss(lp.view(b, t), old, adv, mask, cfg, ref_logp=ref_lp, entropy=ent.view(b, t))
+    assert abs(out.loss.item() - want.item()) <= 1e-3 * max(1.0, abs(want.item()))
+    (mine,), (theirs,) = grads(out.loss, (h3,)), grads(want, (h3,))
+    assert (mine.double() - theirs).abs().max() / theirs.abs().max() <= 4 * ROUND[dtype]
+
+
+def test_the_cuda_benchmark_runs_every_row_in_a_smoke_run_on_cpu(tmp_path, capsys):
+    """tools/gpu_check.sh runs it on a lent GPU, once: a bug there costs the GPU session, so it runs here first."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "tools" / "bench_cuda_logprob.py"
+    spec = importlib.util.spec_from_file_location("bench_cuda_logprob", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--device", "cpu", "--tokens", "40", "--hidden", "16", "--vocab", "101", "--repeats", "1",
+                       "--json", str(tmp_path / "rows.json")])
+    labels = {r["variant"] for r in rows}
+    assert not [r for r in rows if "error" in r] and len(rows) >= 6
+    assert {"SFT naive (logits, cross_entropy)", "GRPO ours, Triton row ops", "GRPO ours, torch row ops"} <= labels
+    assert "plan 40 tokens x 101 vocabulary rows" in capsys.readouterr().out
