@@ -216,8 +216,8 @@ def test_grpo_config_errors(tmp_path, base_overrides):
 # samples instead of 8 (sampling noise down by sqrt 2), and the assertions are paired tests on the runs' own
 # results: the sampled rise must exceed two standard errors (a rise, not a lucky draw; about 4 to 5 standard
 # errors at the effects above), and greedy pass@1 may not fall by more than two standard errors (no collapse of
-# greedy decoding; its small fall is reported, not hidden: the test prints it, `pytest -rP` shows it). The training settings did not
-# change.
+# greedy decoding; its small fall is reported, not hidden: the test prints it, `pytest -rP` shows it). The
+# training settings did not change.
 LEVEL = re.compile(r"-L(\d+)-")
 
 
