@@ -134,3 +134,26 @@ def test_the_cuda_benchmark_runs_every_row_in_a_smoke_run_on_cpu(tmp_path, capsy
     assert not [r for r in rows if "error" in r] and len(rows) >= 6
     assert {"SFT naive (logits, cross_entropy)", "GRPO ours, Triton row ops", "GRPO ours, torch row ops"} <= labels
     assert "plan 40 tokens x 101 vocabulary rows" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float16_products_keep_small_gradients(backend):
+    """A GRPO step's token weights are 1 / (tokens in the batch): at thousands of tokens a logit's gradient lies
+    below float16's smallest normal number (6e-5), where rounding it for the tensor-core products would lose its
+    precision or flush it to zero. The chunk is scaled by a power of two before its rounding (and the products
+    divide it out), so the gradients keep float16's relative precision."""
+    hidden, weight, _, targets = inputs(150, 64, 1031, dtype=torch.float16, scale=0.3)
+    h3, tg = hidden.detach().view(2, 75, 64).requires_grad_(True), targets.clamp(min=0).view(2, 75)
+    mask, adv = torch.ones(2, 75), torch.tensor([1.0, -0.5])
+    tiny = torch.full((2, 75), 1e-6)  # the weights of a batch of a million tokens
+    out = fused_policy_loss(h3, weight, tg, None, adv, mask, PolicyLossConfig(), weights=tiny, backend=backend,
+                            chunk_plan=Plan(128, 1031, torch.float16))
+    h64, w64 = h3.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)
+    logp = torch.log_softmax(h64 @ w64.T, -1).gather(-1, tg[..., None])[..., 0]
+    ref = -(1e-6 * adv.double()[:, None] * logp).sum()  # on-policy: the surrogate's gradient is -w * A * grad logp
+    # float16 training scales the loss (Lightning's GradScaler, 2^16) so that the returned gradients are normal
+    # numbers; the kernel computes its gradients in the forward pass, before that factor reaches it
+    scaled = 2.0 ** 16
+    for mine, theirs in zip(grads(out.loss * scaled, (h3, weight)), grads(ref * scaled, (h64, w64))):
+        err = (mine.double() - theirs).abs().max() / theirs.abs().max()
+        assert err <= 4 * ROUND[torch.float16], f"{err:.2e}"

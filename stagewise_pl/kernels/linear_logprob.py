@@ -23,6 +23,7 @@ block by block (the CPU plan) or run in the input dtype with float32 accumulatio
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -175,16 +176,24 @@ def row_ops(backend: str):
 _OUT_DTYPE_OK: dict[str, bool] = {}
 
 
-def addmm_acc_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``out += a @ b`` for low-precision ``a``, ``b`` and a float32 ``out``: on CUDA one product in the inputs'
-    dtype accumulating into ``out`` (addmm's ``out_dtype``: tensor cores, no temporary); elsewhere, or on a torch
-    without it, the same arithmetic with the inputs widened (bf16/fp16 products are exact in float32)."""
+def _no_out_dtype(op: str, exc: Exception) -> None:
+    import warnings
+
+    _OUT_DTYPE_OK[op] = False
+    warnings.warn(f"torch.{op} with out_dtype failed here ({type(exc).__name__}: {exc}); the fused kernels widen "
+                  f"their low-precision products to float32 instead (same results, slower, more memory)")
+
+
+def addmm_acc_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``out += alpha * a @ b`` for low-precision ``a``, ``b`` and a float32 ``out``: on CUDA one product in the
+    inputs' dtype accumulating into ``out`` (addmm's ``out_dtype``: tensor cores, no temporary); elsewhere, or on
+    a torch without it, the same arithmetic with the inputs widened (bf16/fp16 products are exact in float32)."""
     if out.is_cuda and _OUT_DTYPE_OK.get("addmm", True):
         try:
-            return torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
-        except (RuntimeError, TypeError):
-            _OUT_DTYPE_OK["addmm"] = False
-    return out.addmm_(a.to(out.dtype), b.to(out.dtype))
+            return torch.addmm(out, a, b, out_dtype=out.dtype, alpha=alpha, out=out)
+        except (RuntimeError, TypeError) as exc:
+            _no_out_dtype("addmm", exc)
+    return out.addmm_(a.to(out.dtype), b.to(out.dtype), alpha=alpha)
 
 
 def mm_acc(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -192,9 +201,25 @@ def mm_acc(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     if a.is_cuda and _OUT_DTYPE_OK.get("mm", True):
         try:
             return torch.mm(a, b, out_dtype=dtype)
-        except (RuntimeError, TypeError):
-            _OUT_DTYPE_OK["mm"] = False
+        except (RuntimeError, TypeError) as exc:
+            _no_out_dtype("mm", exc)
     return a.to(dtype) @ b.to(dtype)
+
+
+FP16_TARGET = 2.0 ** 14  # the largest |d logits| of a chunk is scaled to about this before its float16 rounding
+
+
+def to_low(dz: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    """(``dz * scale`` in ``dtype``, ``scale``): float16's range would flush a chunk's small logit gradients to
+    zero (a token's share of a mean loss times a small probability is far below 6e-8), so its chunk is scaled by a
+    power of two first (exact) and the products divide it out (``alpha``); bfloat16 has float32's range: 1."""
+    if dtype != torch.float16:
+        return dz.to(dtype), 1.0
+    peak = float(dz.abs().max())
+    if peak == 0.0 or not math.isfinite(peak):
+        return dz.to(dtype), 1.0
+    scale = 2.0 ** math.floor(math.log2(FP16_TARGET / peak))
+    return (dz * scale).to(dtype), scale
 
 
 def _acc(x: torch.Tensor) -> torch.dtype:
@@ -285,9 +310,9 @@ def chunk_grad(ops, x, weight, bias, targets, valid, temperature, vocab_block, s
             grad_x.addmm_(dz, weight[v0:v1].to(acc))
             grad_w[v0:v1].addmm_(dz.T, x)
         else:  # the gradient products in x's dtype too, accumulated in float32
-            dz_low = dz.to(x.dtype)
-            addmm_acc_(grad_x, dz_low, weight[v0:v1].to(x.dtype))
-            addmm_acc_(grad_w[v0:v1], dz_low.T, x)
+            dz_low, scale = to_low(dz, x.dtype)
+            addmm_acc_(grad_x, dz_low, weight[v0:v1].to(x.dtype), alpha=1.0 / scale)
+            addmm_acc_(grad_w[v0:v1], dz_low.T, x, alpha=1.0 / scale)
         if grad_b is not None:
             grad_b[v0:v1] += dz.sum(0)
     return grad_x
