@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from stagewise_pl.kernels import Plan, choose_plan, device_plan, fused_nll_loss, fused_policy_loss, logprobs
-from stagewise_pl.kernels.linear_logprob import (CUDA_CHUNK_ALIGN, MEMORY_GOAL_FRACTION, naive_extra_bytes, plan,
+from stagewise_pl.kernels.plan import (CUDA_CHUNK_ALIGN, MEMORY_GOAL_FRACTION, naive_extra_bytes, plan,
                                                  plan_extra_bytes)
 from stagewise_pl.losses import PolicyLossConfig, policy_loss
 

@@ -107,7 +107,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
     from stagewise_pl.kernels import choose_plan
-    from stagewise_pl.kernels.linear_logprob import naive_extra_bytes, plan_extra_bytes
+    from stagewise_pl.kernels.plan import naive_extra_bytes, plan_extra_bytes
 
     dtype, device = getattr(torch, args.dtype), args.device
     if device == "cuda" and not torch.cuda.is_available():

@@ -6,7 +6,8 @@
   gradients in forward.
 
 ``backend``: "torch" (everywhere), "triton" (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``),
-or "auto" (triton on CUDA when it imports, else torch). See ``linear_logprob.py`` for the method.
+or "auto" (triton on CUDA when it imports, else torch). See ``linear_logprob.py`` for the method, ``plan.py`` for
+the chunk plans.
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from typing import Optional
 
 import torch
 
-from stagewise_pl.kernels.linear_logprob import (DEFAULT_BUDGET_BYTES, FusedTokenLoss, LinearLogProb, Plan,
-                                                 accumulation_dtype, device_plan, plan)
+from stagewise_pl.kernels.linear_logprob import FusedTokenLoss, LinearLogProb, accumulation_dtype
+from stagewise_pl.kernels.plan import DEFAULT_BUDGET_BYTES, Plan, device_plan, plan
 from stagewise_pl.losses import (PolicyLossConfig, aggregation_weights, clipped_fraction, entropy_weights,
                                  policy_token_loss)
 
