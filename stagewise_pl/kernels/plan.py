@@ -92,6 +92,6 @@ def device_plan(device_type: str, dtype: torch.dtype, n_tokens: int, hidden: int
     if free_bytes is not None:
         room = min(room, free_bytes // 2)
     fixed = plan_extra_bytes(Plan(0, vocab, matmul_dtype), n_tokens, hidden, vocab, dtype)
-    per_token = vocab * (8 + _size(matmul_dtype))
+    per_token = plan_extra_bytes(Plan(1, vocab, matmul_dtype), n_tokens, hidden, vocab, dtype) - fixed
     chunk = max(CUDA_CHUNK_ALIGN, (room - fixed) // per_token // CUDA_CHUNK_ALIGN * CUDA_CHUNK_ALIGN)
     return Plan(min(chunk, n_tokens), vocab, matmul_dtype)
