@@ -104,7 +104,8 @@ def test_conf_dir_is_the_projects():
     assert Path(CONF_DIR).parent.joinpath("stagewise_pl").is_dir()
 
 
-@pytest.mark.parametrize("name", ["experiment", "experiment_skills", "experiment_skills_posthoc", "experiment_smollm2"])
+@pytest.mark.parametrize("name", ["experiment", "experiment_skills", "experiment_skills_posthoc", "experiment_smollm2",
+                                  "experiment_smollm2_literal"])
 def test_an_experiment_file_is_not_a_run_conf(name):
     assert name not in available_confs()
     with pytest.raises(ConfigError, match="describes an experiment"):

@@ -91,6 +91,24 @@ def test_the_skill_experiment_runs_the_first_tasks_arms_on_the_skill_task(tmp_pa
             assert cfg.grpo.token_budget == exp.generated_tokens
 
 
+def test_the_real_model_comparison_runs_smollm2s_plan_against_rl_alone_both_graded_literally(tmp_path):
+    """conf/experiment_smollm2_literal.yaml: the method arm is conf/smollm2.yaml's own plan (same phases, steps,
+    selections, learning rates), RL alone spends the same optimizer steps and token cap, and both arms train and
+    grade with literal answers (the earlier RL arm's reward accepted a restated expression)."""
+    exp = load_experiment(CONF_DIR / "experiment_smollm2_literal.yaml", False)
+    assert {a.name for a in exp.arms} == {"method", "rl"} and exp.base == "smollm2"
+    plan = load_config("smollm2")
+    for arm in exp.arms:
+        cfg = load_config(exp.base, fit_args(exp, arm, exp.seeds[0], tmp_path)[1:])
+        assert cfg.verifier.options["literal_answers"] is True, arm.name
+        assert cfg.grpo.token_budget == exp.generated_tokens == 40235
+        if arm.name == "method":
+            assert [(p.name, p.kind, p.select, p.steps, p.lr, p.replay, p.fallback) for p in cfg.phases] == \
+                [(p.name, p.kind, p.select, p.steps, p.lr, p.replay, p.fallback) for p in plan.phases]
+        else:
+            assert [(p.kind, p.select, p.steps) for p in cfg.phases] == [("grpo", "all", exp.optimizer_steps)]
+
+
 def test_extends_adds_overrides_after_the_parents_and_replaces_arms_by_name(tmp_path):
     (tmp_path / "parent.yaml").write_text(
         "seeds: [0, 1]\nbudget: {optimizer_steps: 10, generated_tokens: 100}\noverrides: [a=1]\n"
