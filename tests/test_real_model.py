@@ -199,3 +199,18 @@ if REAL_KILLS:  # not collected at all without it (an empty parameter list would
         assert outcome(killed) == outcome(straight) and not partial_files(killed)
         reliability("SmolLM2-135M with LoRA, the smollm2 plan cut short: SIGKILL, then resume=last", point,
                     "ends as the uninterrupted run", 0)
+
+
+def test_the_two_round_conf_is_smollm2s_settings_with_its_round_run_twice():
+    """conf/smollm2_two_rounds.yaml (the documented 30-40 minute run) may differ from conf/smollm2.yaml only in its
+    plan, and that plan is conf/smollm2.yaml's round twice, phase for phase."""
+    from dataclasses import asdict
+
+    from stagewise_pl.config import load_config
+
+    one, two = load_config("smollm2"), load_config("smollm2_two_rounds")
+    rest = {k: v for k, v in asdict(one).items() if k not in ("phases", "conf_name")}
+    assert rest == {k: v for k, v in asdict(two).items() if k not in ("phases", "conf_name")}
+    strip = [{k: v for k, v in asdict(p).items() if k != "name"} for p in one.phases]
+    assert [{k: v for k, v in asdict(p).items() if k != "name"} for p in two.phases] == strip + strip
+    assert [p.name for p in two.phases] == [f"r{r}-{p.name}" for r in (1, 2) for p in one.phases]
