@@ -201,16 +201,21 @@ if REAL_KILLS:  # not collected at all without it (an empty parameter list would
                     "ends as the uninterrupted run", 0)
 
 
-def test_the_two_round_conf_is_smollm2s_settings_with_its_round_run_twice():
-    """conf/smollm2_two_rounds.yaml (the documented 30-40 minute run) may differ from conf/smollm2.yaml only in its
-    plan, and that plan is conf/smollm2.yaml's round twice, phase for phase."""
-    from dataclasses import asdict
+@pytest.mark.parametrize("name, scale, limit", [("smollm2_two_rounds", 1, 100), ("smollm2_long", 2, 200)])
+def test_the_longer_real_model_confs_are_smollm2s_settings_with_its_round_run_twice(name, scale, limit):
+    """conf/smollm2_two_rounds.yaml and conf/smollm2_long.yaml (the documented longer runs) differ from
+    conf/smollm2.yaml only in their plan, conf/smollm2.yaml's round twice phase for phase with its steps times
+    ``scale``, and (the long one) the number of problems a profile sees."""
+    from dataclasses import asdict, replace
 
     from stagewise_pl.config import load_config
 
-    one, two = load_config("smollm2"), load_config("smollm2_two_rounds")
+    one, two = load_config("smollm2"), load_config(name)
+    assert two.profile.limit == limit and one.profile.limit == 100
+    two = replace(two, profile=replace(two.profile, limit=one.profile.limit))
     rest = {k: v for k, v in asdict(one).items() if k not in ("phases", "conf_name")}
     assert rest == {k: v for k, v in asdict(two).items() if k not in ("phases", "conf_name")}
-    strip = [{k: v for k, v in asdict(p).items() if k != "name"} for p in one.phases]
+    strip = [{k: v * scale if k == "steps" and p.kind != "profile" else v for k, v in asdict(p).items() if k != "name"}
+             for p in one.phases]  # a profile's steps are unused (profile.limit sets what it sees)
     assert [{k: v for k, v in asdict(p).items() if k != "name"} for p in two.phases] == strip + strip
     assert [p.name for p in two.phases] == [f"r{r}-{p.name}" for r in (1, 2) for p in one.phases]
