@@ -342,7 +342,8 @@ class GRPOConfig:
                                         "informative groups (DAPO), at most max_extra_rounds more rounds")
     max_extra_rounds: int = doc(2, "dynamic sampling: extra generation rounds per step", ge=0)
     max_rollout_factor: int = doc(4, "a phase stops after steps x this many rollout steps even if too few made "
-                                     "an update (a pool that is all solved or all failed)", gt=0)
+                                     "an update (a pool that is all solved or all failed); under token_budget it can "
+                                     "end a phase whose groups are mostly flat before its budget is spent", gt=0)
     token_budget: int = doc(0, "the run's budget of generated tokens (profiles, GRPO rollouts, Bridge rewrites, CFT "
                                "repairs; evaluation not counted): each GRPO rollout step samples as many prompts as "
                                "keeps the run on it, given the tokens spent and the cost of the phases still to come; "
