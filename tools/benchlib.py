@@ -13,9 +13,27 @@ from typing import Callable
 MARK = "RESULT "
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory in MB.
+
+    On Linux ``getrusage(RUSAGE_SELF).ru_maxrss`` is not the process's own: across fork and exec it keeps the
+    parent's resident size at the fork, so a child of a bench that had loaded a model reported the parent's peak.
+    ``VmHWM`` in /proc/self/status is the high-water mark of this process's own memory map (new at exec); the
+    rusage figure is the fallback where /proc is missing.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def report(result: dict) -> None:
     """In the child: print the result (with this process's peak RSS in MB) for :func:`run_child`."""
-    result.setdefault("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    result.setdefault("peak_rss_mb", peak_rss_mb())
     print(MARK + json.dumps(result), flush=True)
 
 
