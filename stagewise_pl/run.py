@@ -90,7 +90,8 @@ class Run:
         if resume in ("last", "restart") and not cfg.run.dir:
             candidates = sorted(Path("runs").glob(f"{cfg.conf_name}-*"), key=lambda p: p.stat().st_mtime)
             if not candidates:
-                raise ConfigError(f"resume={resume}: no run.dir given and no runs/{cfg.conf_name}-* directory to resume")
+                raise ConfigError(f"resume={resume}: no run.dir given and no runs/{cfg.conf_name}-* directory "
+                                  f"to resume")
             self.log(f"resume={resume}: the newest run, {candidates[-1]}")
             return candidates[-1]
         directory = resolve_run_dir(cfg)
@@ -157,7 +158,7 @@ class Run:
             self._keep_previous_csv()
         logger = make_logger(cfg.run.logger, self.dir)
         base = self.base_model_path(task)
-        policy, tokenizer = load_policy(base, cfg.model.dtype, cfg.model.attn_implementation)
+        policy, tokenizer = load_policy(base, cfg.model.dtype, cfg.model.attn_implementation, cfg.model.hub_kernels)
         set_system_prompt(tokenizer, cfg.model.system_prompt)
         pool = self._drop_too_long(pool, report, policy, tokenizer)
         if cfg.model.gradient_checkpointing:
@@ -265,7 +266,8 @@ class Run:
                 return self.dir
         from stagewise_pl.preempt import SignalWatch
 
-        self.resume_from = self.choose_checkpoint()  # checked before the slow set-up: a missing or corrupt one stops now
+        # checked before the slow set-up: a missing or corrupt one stops now
+        self.resume_from = self.choose_checkpoint()
         # from here a SIGUSR1 / SIGTERM / Ctrl-C is recorded, and acted on at the end of the next step
         with SignalWatch() as self.signals:
             self.setup()
@@ -279,7 +281,8 @@ class Run:
         if state.get("data") and state["data"] != self.data_digest:
             if not self.cfg.run.force:
                 raise ConfigError(f"resume: the training data differs from the data {self.dir} was started with "
-                                  f"(digest {self.data_digest} != {state['data']}); pass run.force=true to resume anyway")
+                                  f"(digest {self.data_digest} != {state['data']}); pass run.force=true to resume "
+                                  f"anyway")
             self.log("resume: run.force=true: continuing although the training data changed")
         import torch
 
@@ -312,7 +315,8 @@ class Run:
             self.log(f"resume=restart: starting {self.dir} over (dropping {len(ctx.ledger.parts())} ledger parts)")
             ctx.ledger.load_state_dict({"parts": 0})
             self.rundir.update_state(completed={})
-        self.log("plan:\n  " + "\n  ".join(describe(self.phases, self.traits)) + (f"\nresuming from {ckpt}" if ckpt else ""))
+        self.log("plan:\n  " + "\n  ".join(describe(self.phases, self.traits))
+                 + (f"\nresuming from {ckpt}" if ckpt else ""))
         trainer = make_trainer(cfg.trainer, cfg.run, logger=self.logger,
                                callbacks=[manager, *self.rules, *self.user_callbacks(), *self.callbacks])
         ctx.policy.train()  # from_pretrained returns it in eval mode

@@ -4,10 +4,12 @@ runs with epochs and replay, a deprecated callbacks path still loads, and a run 
 import json
 
 import pytest
+import torch
 
 from stagewise_pl.buckets import PassRateBands
 from stagewise_pl.config import ConfigError, PhaseConfig, load_config
 from stagewise_pl.data.problems import Problem
+from stagewise_pl.nonfinite import grads_finite
 from stagewise_pl.phases import PHASES, SFTRunner, kind_traits
 from stagewise_pl.phases import token_budget
 from stagewise_pl.plan import PhaseSpec, PhaseTraits, RuleInfo, build_plan
@@ -104,7 +106,8 @@ def test_the_token_budget_spreads_what_is_left_over_the_steps_to_come():
     assert token_budget.prompts_for_step(100_000, before, 0, 10, 5, 3, 0, 10.0, 8, 256) == 26
     assert token_budget.prompts_for_step(100_000, before, 0, 10, 5, 0, 0, 10.0, 8, 50) == 50  # the cap
     assert token_budget.prompts_for_step(8_010, before, 0, 10, 5, 0, 0, 10.0, 8, 50) == 1  # 10 tokens left: at least 1
-    assert token_budget.prompts_for_step(8_000, before, 0, 10, 5, 0, 0, 10.0, 8, 50) == 0  # nothing left: the phase ends
+    # nothing left: the phase ends
+    assert token_budget.prompts_for_step(8_000, before, 0, 10, 5, 0, 0, 10.0, 8, 50) == 0
     assert token_budget.prompts_for_step(9_000, before, 1_500, 10, 5, 0, 0, 10.0, 8, 50) == 0  # overspent
 
 
@@ -200,3 +203,19 @@ def test_a_run_of_the_former_format_is_refused_with_the_reason(tmp_path, fast_ov
     (run_dir / "state.json").write_text(json.dumps(state))
     with pytest.raises(ConfigError, match="written by an earlier version of stagewise_pl .run format 1"):
         Run(load_config("default", args + ["run.resume=last"]), log=lambda *_: None).execute()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_grads_finite_finds_one_bad_entry_in_any_gradient(dtype):
+    """The non-finite guard's gradient check: one NaN or inf entry in any gradient is found; large finite
+    low-precision gradients are not mistaken for overflow; parameters without a gradient are skipped."""
+    params = [torch.nn.Parameter(torch.zeros(s, dtype=dtype)) for s in [(64, 32), (7,), (3, 5)]]
+    assert grads_finite(params)  # no gradients at all
+    for p in params[:2]:
+        p.grad = torch.full_like(p, 6e4)  # near float16's largest: its norm in float16 would overflow
+    assert grads_finite(params)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        params[1].grad[3] = bad
+        assert not grads_finite(params)
+        params[1].grad[3] = 1.0
+    assert grads_finite(params)

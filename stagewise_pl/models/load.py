@@ -8,10 +8,12 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_policy(name_or_path: str, dtype: str = "float32", attn_implementation: str = "sdpa"):
+def load_policy(name_or_path: str, dtype: str = "float32", attn_implementation: str = "sdpa",
+                hub_kernels: bool = False):
     """``(model, tokenizer)`` through ``from_pretrained``: the same path for the tiny model and a hub model.
 
-    flash_attention_2 falls back to sdpa with a warning when flash-attn is not installed.
+    flash_attention_2 falls back to sdpa with a warning when flash-attn is not installed. ``hub_kernels``
+    (``model.hub_kernels``) is transformers' ``use_kernels``: off unless asked, as nothing may download at run time.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -27,7 +29,7 @@ def load_policy(name_or_path: str, dtype: str = "float32", attn_implementation: 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype],
-                                                 attn_implementation=attn_implementation)
+                                                 attn_implementation=attn_implementation, use_kernels=hub_kernels)
     return model, tokenizer
 
 
