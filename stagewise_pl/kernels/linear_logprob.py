@@ -205,7 +205,7 @@ def chunk_grad(ops, x, weight, bias, targets, valid, temperature, vocab_block, s
     vocab, acc = weight.shape[0], _acc(x)
     g_logp = torch.where(valid, g_logp.to(acc), 0.0)
     g_entropy = None if g_entropy is None else torch.where(valid, g_entropy.to(acc), 0.0)
-    grad_x = torch.zeros(x.shape, device=x.device, dtype=acc)
+    grad_x = None  # the first block's product writes it (no zero-fill pass)
     for v0 in range(0, vocab, vocab_block):
         v1 = min(v0 + vocab_block, vocab)
         in_block = valid & (targets >= v0) & (targets < v1)
@@ -221,10 +221,13 @@ def chunk_grad(ops, x, weight, bias, targets, valid, temperature, vocab_block, s
         if temperature != 1.0:
             dz.div_(temperature)
         if x.dtype == acc:
-            grad_x.addmm_(dz, weight[v0:v1].to(acc))
+            w_block = weight[v0:v1].to(acc)
+            grad_x = dz @ w_block if grad_x is None else grad_x.addmm_(dz, w_block)
             grad_w[v0:v1].addmm_(dz.T, x)
         else:  # the gradient products in x's dtype too, accumulated in float32
             dz_low, scale = to_low(dz, x.dtype)
+            if grad_x is None:
+                grad_x = torch.zeros(x.shape, device=x.device, dtype=acc)
             addmm_acc_(grad_x, dz_low, weight[v0:v1].to(x.dtype), alpha=1.0 / scale)
             addmm_acc_(grad_w[v0:v1], dz_low.T, x, alpha=1.0 / scale)
         if grad_b is not None:
@@ -281,7 +284,7 @@ class LinearLogProb(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, **like) if ctx.needs_input_grad[1] else None
         grad_w_buf = grad_w if grad_w is not None else torch.zeros(weight.shape, **like)
         grad_b = torch.zeros(bias.shape, **like) if bias is not None else None
-        grad_h = torch.zeros(hidden.shape, **like)
+        grad_h = torch.empty(hidden.shape, **like)  # every chunk writes its rows
         n = hidden.shape[0]
         for c0 in range(0, n, chunk_plan.chunk_tokens):
             c1 = min(c0 + chunk_plan.chunk_tokens, n)
@@ -310,11 +313,11 @@ class FusedTokenLoss(torch.autograd.Function):
         like = dict(device=hidden.device, dtype=accumulation_dtype(hidden))
         n = hidden.shape[0]
         total = torch.zeros((), **like)
-        grad_h = torch.zeros(hidden.shape, **like)
+        grad_h = torch.empty(hidden.shape, **like)  # every chunk writes its rows: no zero-fill pass
         grad_w = torch.zeros(weight.shape, **like)
         grad_b = torch.zeros(bias.shape, **like) if bias is not None else None
-        logp_all = torch.zeros(n, **like)
-        entropy_all = torch.zeros(n, **like) if with_entropy else None
+        logp_all = torch.empty(n, **like)
+        entropy_all = torch.empty(n, **like) if with_entropy else None
         single_block = chunk_plan.vocab_block >= weight.shape[0]
         for c0 in range(0, n, chunk_plan.chunk_tokens):
             c1 = min(c0 + chunk_plan.chunk_tokens, n)
