@@ -35,7 +35,8 @@ def parse_args(argv: list[str]) -> Args:
 USAGE = """usage: python -m stagewise_pl.fit [conf=NAME] [resume=last|PATH] [group.key=value ...] [--dry-run] [--help]
 
 Runs the plan of conf/NAME.yaml (default: the embedded CPU run: tiny model, synthetic task).
-  conf=NAME          a file in conf/ (or a path to a .yaml file)
+  conf=NAME          a file in conf/ (or a path to a .yaml file); a file with 'extends: OTHER' is OTHER's settings
+                     with its own merged over them (mappings key by key, lists such as phases replaced whole)
   resume=last        continue run.dir (or the newest runs/<conf>-*) from its last checkpoint
   resume=PATH        continue from a given Lightning checkpoint
   group.key=value    override any key below, e.g. optim.lr=3e-4 trainer.packing=true

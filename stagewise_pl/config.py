@@ -681,17 +681,52 @@ def _renamed_groups(layer: Any, source: str) -> Any:
     return layer
 
 
-def load_config(conf: str = "default", overrides: Optional[list[str]] = None) -> Config:
-    """Merge conf/<conf>.yaml and ``key=value`` overrides onto :class:`Config`, then check values."""
-    overrides = list(overrides or [])
-    path = find_conf(conf)
+def _read_layer(path: Path) -> Any:
     try:
-        file_layer = OmegaConf.load(path)
+        layer = OmegaConf.load(path)
     except Exception as exc:  # YAML syntax errors
         raise ConfigError(f"{path}: cannot parse: {exc}") from None
-    if file_layer is None or not isinstance(file_layer, type(OmegaConf.create({}))):
+    if layer is None or not isinstance(layer, type(OmegaConf.create({}))):
         raise ConfigError(f"{path}: must hold a mapping of config groups")
-    merged = _merge(OmegaConf.structured(Config), _renamed_groups(file_layer, str(path)), str(path))
+    return layer
+
+
+def _extended(name: Any, path: Path) -> Path:
+    """The run conf that ``extends: NAME`` in ``path`` names: NAME.yaml (or the .yaml path NAME) beside ``path``,
+    else what ``conf=NAME`` finds."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{path}: extends: {name!r} must name another run conf (a conf name or a .yaml path)")
+    beside = path.parent / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+    try:
+        parent = beside if beside.is_file() else find_conf(name)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: extends: {exc}") from None
+    if is_experiment_conf(parent.stem):
+        raise ConfigError(f"{path}: extends {parent}, an experiment file; a run conf extends a run conf")
+    return parent
+
+
+def conf_layers(path: Path, _chain: tuple = ()) -> list[tuple[Path, Any]]:
+    """(file, layer) of a run conf, first what it extends (``extends: NAME``, recursively), then its own: each
+    layer is merged over the one before (mappings key by key; a list such as ``phases`` is replaced whole)."""
+    if path.resolve() in _chain:
+        raise ConfigError(f"{path}: extends itself through {' -> '.join(p.name for p in (*_chain, path.resolve()))}")
+    layer = _read_layer(path)
+    parent = layer.pop("extends", None) if "extends" in layer else None
+    own = [(path, _renamed_groups(layer, str(path)))]
+    if parent is None:
+        return own
+    return conf_layers(_extended(parent, path), (*_chain, path.resolve())) + own
+
+
+def load_config(conf: str = "default", overrides: Optional[list[str]] = None) -> Config:
+    """Merge conf/<conf>.yaml (over the confs it extends) and ``key=value`` overrides onto :class:`Config`, then
+    check values."""
+    overrides = list(overrides or [])
+    path = find_conf(conf)
+    merged = OmegaConf.structured(Config)
+    for source, layer in conf_layers(path):
+        merged = _merge(merged, layer, str(source))
     for item in overrides:
         merged = _apply_override(merged, _renamed_key(item))
     merged.conf_name = path.stem

@@ -111,3 +111,39 @@ def test_an_experiment_file_is_not_a_run_conf(name):
     assert name not in available_confs()
     with pytest.raises(ConfigError, match="describes an experiment"):
         load_config(name)
+
+
+def test_a_run_conf_extends_another(tmp_path):
+    """``extends: NAME``: the named conf (beside the file, else as conf=NAME) is merged first, key by key; a list
+    such as the plan is replaced whole; chains work; the conf's name is the extending file's."""
+    (tmp_path / "base.yaml").write_text("extends: default\noptim:\n  lr: 1.0e-4\n  grad_clip: 0.5\n"
+                                        "phases:\n  - {name: p, kind: profile}\n  - {name: s, kind: sft, steps: 3}\n")
+    (tmp_path / "child.yaml").write_text("extends: base\noptim:\n  lr: 2.0e-4\nphases:\n  - {name: e, kind: eval}\n")
+    default, base, child = load_config("default"), load_config(str(tmp_path / "base.yaml")), load_config(
+        str(tmp_path / "child.yaml"))
+    assert base.model == default.model and base.task == default.task  # conf/default.yaml, found as conf=default
+    assert (base.optim.lr, base.optim.grad_clip) == (1.0e-4, 0.5) and [p.name for p in base.phases] == ["p", "s"]
+    assert (child.optim.lr, child.optim.grad_clip) == (2.0e-4, 0.5)  # one key overridden, the other inherited
+    assert [p.name for p in child.phases] == ["e"] and child.conf_name == "child"
+    assert load_config(str(tmp_path / "child.yaml"), ["optim.lr=3e-4"]).optim.lr == 3e-4  # the command line last
+
+
+@pytest.mark.parametrize("text, message", [
+    ("extends: nowhere\n", "extends: conf=nowhere: no such file"),
+    ("extends: [default]\n", "must name another run conf"),
+    ("extends: loop\n", "extends itself through loop.yaml -> loop.yaml"),
+    ("extends: experiment_smollm2\n", "describes an experiment"),
+])
+def test_a_bad_extends_names_the_file(tmp_path, text, message):
+    (tmp_path / "loop.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'loop.yaml'}: .*{message}".replace("[", r"\[").replace(
+            "]", r"\]").replace("(", r"\(").replace(")", r"\)")):
+        load_config(str(tmp_path / "loop.yaml"))
+
+
+def test_the_documented_longer_runs_extend_smollm2():
+    """conf/smollm2_two_rounds.yaml and conf/smollm2_long.yaml hold only what differs from conf/smollm2.yaml."""
+    for name in ("smollm2_two_rounds", "smollm2_long"):
+        text = (CONF_DIR / f"{name}.yaml").read_text()
+        keys = [line.split(":")[0] for line in text.splitlines() if line and line[0] not in "# "]
+        assert keys == (["extends", "phases"] if name == "smollm2_two_rounds" else ["extends", "profile", "phases"])
