@@ -29,7 +29,8 @@ def test_fit_writes_the_run_directory(tmp_path, fast_overrides, cache_dir, capsy
     assert closing[1].split()[0] == "after" and closing[-1].startswith("run directory:")
     assert all(len(line) <= 100 for line in closing[:-1]), closing
     for path in ["config.yaml", "state.json", "summary.md", "eval/before.json", "eval/1-sft.json",
-                 "checkpoints/last.ckpt", "routing/01-1-sft.json", "export/1-sft/model.safetensors", "export/1-sft/tokenizer.json", "final/model.safetensors",
+                 "checkpoints/last.ckpt", "routing/01-1-sft.json", "export/1-sft/model.safetensors",
+                 "export/1-sft/tokenizer.json", "final/model.safetensors",
                  "final/config.json", "logs/metrics.csv"]:
         assert (run_dir / path).is_file(), path
     state = json.loads((run_dir / "state.json").read_text())
@@ -136,8 +137,13 @@ def test_refusals(tmp_path, fast_overrides):
 
 def test_unknown_phase_kind_fails_before_work(tmp_path, fast_overrides):
     """The phase-kind registry is the source of the allowed kinds: the configuration names the registered ones."""
+    from stagewise_pl.phases import PHASES
+
+    builtin = {"bridge_sft", "cft", "eval", "grpo", "hpt", "profile", "relift", "sft"}
+    registered = sorted(PHASES.names())  # the built-ins, and any kind a plug-in imported earlier registered
+    assert builtin <= set(registered)
     with pytest.raises(ConfigError, match="'phases.0.kind': 'nonexistent' is not registered; registered: "
-                                          "bridge_sft, cft, eval, grpo, hpt, profile, relift, sft"):
+                                          + ", ".join(registered) + r" \(or a dotted path"):
         load_config("default", fast_overrides + [f"run.dir={tmp_path / 'x'}", "phases.0.kind=nonexistent"])
     cfg = load_config("default", fast_overrides + [f"run.dir={tmp_path / 'x'}", "phases.0.kind=no_such.module:Kind"])
     with pytest.raises(ConfigError, match="phases.0.kind: unknown phase kind 'no_such.module:Kind'"):
