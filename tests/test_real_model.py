@@ -197,7 +197,7 @@ if REAL_KILLS:  # not collected at all without it (an empty parameter list would
         again = resume(args, killed)
         assert again.returncode == 0 and "resuming from" in again.stdout, again.stderr[-3000:]
         assert outcome(killed) == outcome(straight) and not partial_files(killed)
-        reliability("SmolLM2-135M with LoRA, the smollm2 plan cut short: SIGKILL, then resume=last", point,
+        reliability("SmolLM2-135M with LoRA, the smollm2 plan cut short: SIGKILL, then resume=last", f"kill:{point}",
                     "ends as the uninterrupted run", 0)
 
 
