@@ -123,7 +123,8 @@ def main(argv=None) -> list[dict]:
         model = plan_extra_bytes(p, n, args.hidden, args.vocab, dtype) / 2**30
         goal = naive_extra_bytes(n, args.vocab, dtype) / 8 / 2**30
         print(f"\nN={n}: plan {p.chunk_tokens} tokens x {p.vocab_block} vocabulary rows per chunk "
-              f"({-(-n // p.chunk_tokens)} chunks), products in {p.matmul_dtype or 'float32'}; modelled extra "
+              f"({-(-n // p.chunk_tokens)} chunks), products in {p.matmul_dtype or 'float32'}, weight gradient "
+              f"accumulated in {p.grad_w_dtype or 'float32'}; modelled extra "
               f"{model:.2f} GiB, goal {goal:.2f} GiB (one eighth of the naive path's, modelled)")
         print("| variant | forward ms | forward + backward ms | peak extra GiB (fwd+bwd) |\n|---|---|---|---|")
         for label, call in variants(liger).items():

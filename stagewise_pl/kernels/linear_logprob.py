@@ -16,7 +16,8 @@ Two entry points:
   torch function (the GRPO surrogate, the SFT NLL); its derivatives come from autograd on the
   small per-token tensors, so the loss is written once, in :mod:`stagewise_pl.losses`.
 
-Statistics and gradients are computed in float32. The matrix products either upcast bf16/fp16 inputs
+Statistics and gradients are computed in float32 (the weight gradient of bf16 inputs may instead be summed over
+chunks in bf16, ``Plan.grad_w_dtype``: one rounding per chunk, half the memory). The matrix products either upcast bf16/fp16 inputs
 block by block (the CPU plan) or run in the input dtype with float32 accumulation and float32 results
 (``Plan.matmul_dtype``, the CUDA plan of :func:`stagewise_pl.kernels.plan.device_plan`: tensor cores).
 The per-block arithmetic ("row ops") has a torch implementation here and a Triton one in ``triton_rows.py``.
@@ -229,7 +230,10 @@ def chunk_grad(ops, x, weight, bias, targets, valid, temperature, vocab_block, s
             if grad_x is None:
                 grad_x = torch.zeros(x.shape, device=x.device, dtype=acc)
             addmm_acc_(grad_x, dz_low, weight[v0:v1].to(x.dtype), alpha=1.0 / scale)
-            addmm_acc_(grad_w[v0:v1], dz_low.T, x, alpha=1.0 / scale)
+            if grad_w.dtype == x.dtype:  # Plan.grad_w_dtype: the chunk's float32 product rounded once as it is added
+                grad_w[v0:v1].addmm_(dz_low.T, x, alpha=1.0 / scale)
+            else:
+                addmm_acc_(grad_w[v0:v1], dz_low.T, x, alpha=1.0 / scale)
         if grad_b is not None:
             grad_b[v0:v1] += dz.sum(0)
     return grad_x
@@ -281,8 +285,9 @@ class LinearLogProb(torch.autograd.Function):
         if g_logp is None:
             g_logp = torch.zeros_like(lse)
         like = dict(device=hidden.device, dtype=acc)
-        grad_w = torch.zeros(weight.shape, **like) if ctx.needs_input_grad[1] else None
-        grad_w_buf = grad_w if grad_w is not None else torch.zeros(weight.shape, **like)
+        w_like = dict(like, dtype=chunk_plan.grad_w_dtype or acc)
+        grad_w = torch.zeros(weight.shape, **w_like) if ctx.needs_input_grad[1] else None
+        grad_w_buf = grad_w if grad_w is not None else torch.zeros(weight.shape, **w_like)
         grad_b = torch.zeros(bias.shape, **like) if bias is not None else None
         grad_h = torch.empty(hidden.shape, **like)  # every chunk writes its rows
         n = hidden.shape[0]
@@ -314,7 +319,7 @@ class FusedTokenLoss(torch.autograd.Function):
         n = hidden.shape[0]
         total = torch.zeros((), **like)
         grad_h = torch.empty(hidden.shape, **like)  # every chunk writes its rows: no zero-fill pass
-        grad_w = torch.zeros(weight.shape, **like)
+        grad_w = torch.zeros(weight.shape, **dict(like, dtype=chunk_plan.grad_w_dtype or like["dtype"]))
         grad_b = torch.zeros(bias.shape, **like) if bias is not None else None
         logp_all = torch.empty(n, **like)
         entropy_all = torch.empty(n, **like) if with_entropy else None

@@ -20,6 +20,15 @@ class Plan:
     # None: products in the accumulation dtype (inputs upcast); bfloat16/float16: products in that dtype with
     # float32 accumulation and results (tensor cores on CUDA)
     matmul_dtype: Optional[torch.dtype] = None
+    # None: the fused losses' weight gradient is accumulated over chunks in float32 (and copied to the weight's
+    # dtype at the end); bfloat16 (with bfloat16 products only): accumulated in bfloat16, each chunk's product
+    # (float32 inside the matrix product) rounded once as it is added -- half the memory and no copy
+    grad_w_dtype: Optional[torch.dtype] = None
+
+    def __post_init__(self):
+        if self.grad_w_dtype is not None and not self.grad_w_dtype == self.matmul_dtype == torch.bfloat16:
+            raise ValueError(f"grad_w_dtype={self.grad_w_dtype} needs bfloat16 products (matmul_dtype=torch.bfloat16; "
+                             f"got {self.matmul_dtype}): float16 sums would lose small gradients")
 
 
 def plan(n_tokens: int, vocab: int, hidden: int, dtype: torch.dtype, budget_bytes: int = DEFAULT_BUDGET_BYTES,
@@ -67,10 +76,11 @@ def naive_extra_bytes(n_tokens: int, vocab: int, dtype: torch.dtype) -> int:
 
 def plan_extra_bytes(chunk_plan: Plan, n_tokens: int, hidden: int, vocab: int, dtype: torch.dtype) -> int:
     """Peak memory of the fused loss beyond its inputs under ``chunk_plan`` (a model, not a measurement): the
-    float32 gradients of hidden and weight, the weight gradient's copy in the input dtype when it is returned,
-    and per chunk the float32 logits block, one float32 temporary of its size and its copy in the matrix
-    products' dtype."""
-    fixed = n_tokens * hidden * 4 + vocab * hidden * (4 + (_size(dtype) if _size(dtype) != 4 else 0))
+    float32 gradient of hidden, the weight gradient (float32, or bfloat16 with ``grad_w_dtype``) and its copy in
+    the input dtype when that differs, and per chunk the float32 logits block, one float32 temporary of its size
+    and its copy in the matrix products' dtype."""
+    grad_w = _size(chunk_plan.grad_w_dtype) or 4
+    fixed = n_tokens * hidden * 4 + vocab * hidden * (grad_w + (_size(dtype) if _size(dtype) != grad_w else 0))
     return fixed + chunk_plan.chunk_tokens * chunk_plan.vocab_block * (8 + _size(chunk_plan.matmul_dtype))
 
 
@@ -83,7 +93,10 @@ def device_plan(device_type: str, dtype: torch.dtype, n_tokens: int, hidden: int
     matrix products in the input dtype when it is bfloat16/float16 (float32 accumulation), and chunks as
     large as the memory goal allows -- one eighth of the naive path's extra memory, at most half the free device
     memory -- so that the fewest products are launched; chunks are multiples of 256 tokens, at least 256 (or
-    N), even where the fixed gradients alone exceed the goal (small N with a large vocabulary).
+    N). With bfloat16 inputs, when the float32 weight gradient (and its bfloat16 copy) would leave no room for one
+    aligned chunk within the goal (small N with a large vocabulary), the weight gradient is accumulated in
+    bfloat16 instead (``Plan.grad_w_dtype``, as Liger's fused linear cross-entropy does). Where even that leaves
+    no room, chunks stay at the minimum.
     """
     if device_type != "cuda":
         return plan(n_tokens, vocab, hidden, dtype, single_pass=single_pass)
@@ -91,7 +104,11 @@ def device_plan(device_type: str, dtype: torch.dtype, n_tokens: int, hidden: int
     room = int(naive_extra_bytes(n_tokens, vocab, dtype) * MEMORY_GOAL_FRACTION)
     if free_bytes is not None:
         room = min(room, free_bytes // 2)
-    fixed = plan_extra_bytes(Plan(0, vocab, matmul_dtype), n_tokens, hidden, vocab, dtype)
-    per_token = plan_extra_bytes(Plan(1, vocab, matmul_dtype), n_tokens, hidden, vocab, dtype) - fixed
+    grad_w_dtype = None
+    smallest = Plan(min(CUDA_CHUNK_ALIGN, n_tokens), vocab, matmul_dtype)
+    if dtype == torch.bfloat16 and plan_extra_bytes(smallest, n_tokens, hidden, vocab, dtype) > room:
+        grad_w_dtype = torch.bfloat16
+    fixed = plan_extra_bytes(Plan(0, vocab, matmul_dtype, grad_w_dtype), n_tokens, hidden, vocab, dtype)
+    per_token = plan_extra_bytes(Plan(1, vocab, matmul_dtype, grad_w_dtype), n_tokens, hidden, vocab, dtype) - fixed
     chunk = max(CUDA_CHUNK_ALIGN, (room - fixed) // per_token // CUDA_CHUNK_ALIGN * CUDA_CHUNK_ALIGN)
-    return Plan(min(chunk, n_tokens), vocab, matmul_dtype)
+    return Plan(min(chunk, n_tokens), vocab, matmul_dtype, grad_w_dtype)

@@ -54,9 +54,12 @@ def test_the_device_plan_in_low_precision_products_matches_float64_on_cuda(backe
     assert abs(loss.item() - ref.item()) <= 1e-4 * ref.item()
     mine = torch.autograd.grad(loss, (hidden, weight))
     theirs = torch.autograd.grad(ref, (hidden, weight))
-    for a, b in zip(mine, theirs):
+    # a bf16 weight gradient (the plan's grad_w_dtype at this N) is rounded once per chunk: (2 + k/2) roundings
+    chunks = -(-n // chunk_plan.chunk_tokens)
+    bounds = [2 ** -6, max(2 ** -6, (2 + chunks / 2) * 2 ** -8) if chunk_plan.grad_w_dtype else 2 ** -6]
+    for a, b, bound in zip(mine, theirs, bounds):
         assert a.dtype == dtype
-        assert (a.double() - b).abs().max() / b.abs().max() <= 2 ** -6
+        assert (a.double() - b).abs().max() / b.abs().max() <= bound
 
 
 def test_bf16_sft_and_grpo_steps_of_a_tiny_model(tmp_path):
