@@ -29,8 +29,11 @@ def grads_finite(params: Iterable[torch.nn.Parameter]) -> bool:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return True
-    return bool(torch.stack([n.to(grads[0].device) for n in torch._foreach_norm(grads, 2, dtype=torch.float32)])
-                .isfinite().all())
+    low = [g for g in grads if g.dtype in (torch.float16, torch.bfloat16)]  # their norms in float32
+    wide = [g for g in grads if g.dtype not in (torch.float16, torch.bfloat16)]  # float32/64 in their own dtype
+    norms = (list(torch._foreach_norm(low, 2, dtype=torch.float32)) if low else []) + \
+        (list(torch._foreach_norm(wide, 2)) if wide else [])
+    return bool(torch.stack([n.to(grads[0].device, torch.float64) for n in norms]).isfinite().all())
 
 
 class NonFiniteGuard:

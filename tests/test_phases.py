@@ -205,7 +205,7 @@ def test_a_run_of_the_former_format_is_refused_with_the_reason(tmp_path, fast_ov
         Run(load_config("default", args + ["run.resume=last"]), log=lambda *_: None).execute()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_grads_finite_finds_one_bad_entry_in_any_gradient(dtype):
     """The non-finite guard's gradient check: one NaN or inf entry in any gradient is found; large finite
     low-precision gradients are not mistaken for overflow; parameters without a gradient are skipped."""
@@ -219,3 +219,9 @@ def test_grads_finite_finds_one_bad_entry_in_any_gradient(dtype):
         assert not grads_finite(params)
         params[1].grad[3] = 1.0
     assert grads_finite(params)
+    mixed = [params[0], torch.nn.Parameter(torch.zeros(4, dtype=torch.float32 if dtype != torch.float32 else
+                                                       torch.bfloat16))]
+    mixed[1].grad = torch.ones_like(mixed[1])
+    assert grads_finite(mixed)  # gradients of several dtypes at once
+    mixed[1].grad[0] = float("nan")
+    assert not grads_finite(mixed)

@@ -17,8 +17,8 @@ Two entry points:
   small per-token tensors, so the loss is written once, in :mod:`stagewise_pl.losses`.
 
 Statistics and gradients are computed in float32 (the weight gradient of bf16 inputs may instead be summed over
-chunks in bf16, ``Plan.grad_w_dtype``: one rounding per chunk, half the memory). The matrix products either upcast bf16/fp16 inputs
-block by block (the CPU plan) or run in the input dtype with float32 accumulation and float32 results
+chunks in bf16, ``Plan.grad_w_dtype``: one rounding per chunk, half the memory). The matrix products either upcast
+bf16/fp16 inputs block by block (the CPU plan) or run in the input dtype with float32 accumulation and float32 results
 (``Plan.matmul_dtype``, the CUDA plan of :func:`stagewise_pl.kernels.plan.device_plan`: tensor cores).
 The per-block arithmetic ("row ops") has a torch implementation here and a Triton one in ``triton_rows.py``.
 """
