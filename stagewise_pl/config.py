@@ -712,7 +712,7 @@ def conf_layers(path: Path, _chain: tuple = ()) -> list[tuple[Path, Any]]:
     if path.resolve() in _chain:
         raise ConfigError(f"{path}: extends itself through {' -> '.join(p.name for p in (*_chain, path.resolve()))}")
     layer = _read_layer(path)
-    parent = layer.pop("extends", None) if "extends" in layer else None
+    parent = layer.pop("extends", None)
     own = [(path, _renamed_groups(layer, str(path)))]
     if parent is None:
         return own

@@ -1,8 +1,10 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from stagewise_pl.cli import help_text
 from stagewise_pl.config import CONF_DIR, Config, ConfigError, available_confs, load_config
@@ -136,14 +138,12 @@ def test_a_run_conf_extends_another(tmp_path):
 ])
 def test_a_bad_extends_names_the_file(tmp_path, text, message):
     (tmp_path / "loop.yaml").write_text(text)
-    with pytest.raises(ConfigError, match=f"{tmp_path / 'loop.yaml'}: .*{message}".replace("[", r"\[").replace(
-            "]", r"\]").replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'loop.yaml'}: ") + ".*" + re.escape(message)):
         load_config(str(tmp_path / "loop.yaml"))
 
 
 def test_the_documented_longer_runs_extend_smollm2():
     """conf/smollm2_two_rounds.yaml and conf/smollm2_long.yaml hold only what differs from conf/smollm2.yaml."""
     for name in ("smollm2_two_rounds", "smollm2_long"):
-        text = (CONF_DIR / f"{name}.yaml").read_text()
-        keys = [line.split(":")[0] for line in text.splitlines() if line and line[0] not in "# "]
+        keys = list(OmegaConf.load(CONF_DIR / f"{name}.yaml").keys())
         assert keys == (["extends", "phases"] if name == "smollm2_two_rounds" else ["extends", "profile", "phases"])
