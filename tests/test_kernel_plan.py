@@ -144,6 +144,26 @@ def test_the_cuda_benchmark_runs_every_row_in_a_smoke_run_on_cpu(tmp_path, capsy
     assert "plan 40 tokens x 101 vocabulary rows" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("prompts,completions", [(4, 8), (3, 2)])
+def test_the_packed_attention_measurement_computes_the_dense_attention(prompts, completions):
+    """docs/PERFORMANCE.md quotes tools/bench_packed_attention.py's split beside the dense block mask: its
+    figures only mean something if both compute the same attention and gradients (float64, padding rows out)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "tools" / "bench_packed_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_packed_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    seg, plen = bench.packed_rows(prompts, completions, seed=prompts)
+    fs, inputs, grad, _ = bench.variants(seg, plen, 4, 2, 8, torch.float64)
+    real = (seg >= 0)[:, None, :, None]
+    want, got = fs["dense"](), fs["split"]()
+    assert (got - want).mul(real).abs().max() < 1e-12 and want.mul(real).abs().max() > 0.1
+    for a, b in zip(torch.autograd.grad(want, inputs, grad), torch.autograd.grad(got, inputs, grad)):
+        assert (a - b).abs().max() < 1e-12
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float16_products_keep_small_gradients(backend):
     """A GRPO step's token weights are 1 / (tokens in the batch): at thousands of tokens a logit's gradient lies
