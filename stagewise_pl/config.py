@@ -241,6 +241,11 @@ class TrainerConfig:
             return [("strategy", f"{self.strategy!r}: sharded strategies are not supported (rollouts, the bridge and "
                                  f"exports read the whole weights on each rank); use ddp, and model.lora_rank or "
                                  f"model.gradient_checkpointing when memory is short")]
+        if str(self.precision) in ("16", "16-mixed"):
+            return [("precision", f"{self.precision!r} (float16 with loss scaling) is not supported: its gradient "
+                                  f"scaler cannot clip the fused AdamW every phase uses, and its overflow steps "
+                                  f"would count as non-finite ones; use bf16-mixed or bf16-true (GPUs with bfloat16),"
+                                  f" 16-true, or 32-true")]
         return []
 
 

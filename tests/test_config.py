@@ -61,6 +61,7 @@ def test_missing_file_lists_available():
     ("model.warmup.level_weights=[1,1]", "model.warmup.level_weights"),
     ("trainer.strategy=fsdp", "trainer.strategy"),
     ("trainer.strategy=deepspeed_stage_2", "trainer.strategy"),
+    ("trainer.precision=16-mixed", "trainer.precision"),
 ])
 def test_bad_values_name_key_and_source(override, key):
     with pytest.raises(ConfigError) as err:

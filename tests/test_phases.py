@@ -9,7 +9,7 @@ import torch
 from stagewise_pl.buckets import PassRateBands
 from stagewise_pl.config import ConfigError, PhaseConfig, load_config
 from stagewise_pl.data.problems import Problem
-from stagewise_pl.nonfinite import grads_finite
+from stagewise_pl.nonfinite import NonFiniteGuard, grads_finite
 from stagewise_pl.phases import PHASES, SFTRunner, kind_traits
 from stagewise_pl.phases import token_budget
 from stagewise_pl.plan import PhaseSpec, PhaseTraits, RuleInfo, build_plan
@@ -225,3 +225,48 @@ def test_grads_finite_finds_one_bad_entry_in_any_gradient(dtype):
     assert grads_finite(mixed)  # gradients of several dtypes at once
     mixed[1].grad[0] = float("nan")
     assert not grads_finite(mixed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_guarded_step_clips_by_the_total_norm_it_checked_and_skips_a_bad_step(dtype):
+    """The gradients' norm is computed once per step: clipping by it scales every gradient by one factor to a
+    total norm of grad_clip (0: no clipping); a NaN gradient leaves parameters and optimizer untouched and drops
+    the gradients."""
+    from stagewise_pl.phases.optim import guarded_step
+
+    class Module:  # what guarded_step reads of a Lightning module
+        def __init__(self):
+            self.policy = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3)).to(dtype)
+            self.opt = torch.optim.SGD(self.policy.parameters(), lr=1.0)
+            self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: 1.0)
+
+        def optimizers(self):
+            return self.opt
+
+        def lr_schedulers(self):
+            return self.sched
+
+    def step_with(grads, clip):
+        module = Module()
+        before = [p.detach().clone() for p in module.policy.parameters()]
+        for p, g in zip(module.policy.parameters(), grads):
+            p.grad = g.clone()
+        moved = guarded_step(module, NonFiniteGuard(3, "t"), 0.5, 1, clip)
+        deltas = [(b - p.detach()).double() for b, p in zip(before, module.policy.parameters())]
+        return moved, deltas, module
+
+    torch.manual_seed(0)
+    grads = [torch.randn_like(p) * 3 for p in Module().policy.parameters()]
+    total = torch.stack([g.double().norm() for g in grads]).norm()
+    assert total > 2  # the clip bites
+    moved, deltas, module = step_with(grads, 1.0)
+    norm = torch.stack([d.norm() for d in deltas]).norm()
+    assert moved and abs(norm - 1.0) < 0.02 and module.sched.last_epoch == 1
+    ratios = [(d.norm() / g.double().norm()).item() for d, g in zip(deltas, grads)]
+    assert max(ratios) - min(ratios) < 0.02  # every gradient scaled by the same factor
+    moved, deltas, _ = step_with(grads, 0.0)
+    assert moved and abs(torch.stack([d.norm() for d in deltas]).norm() - total) < 0.05 * total
+    grads[1][0] = float("nan")
+    moved, deltas, module = step_with(grads, 1.0)
+    assert not moved and all((d == 0).all() for d in deltas) and module.sched.last_epoch == 1
+    assert all(p.grad is None for p in module.policy.parameters())

@@ -6,7 +6,8 @@ the :class:`~stagewise_pl.phases.context.PhaseContext` and the phase's
 :class:`~stagewise_pl.routing.selection.Selection`, and hands it the steps of the phase. Steps are numbered
 0, 1, ...; ``position`` is the number done. Optimisation is manual: a runner's ``step`` receives the one
 LightningModule of the run (:class:`~stagewise_pl.phases.driver.StagewiseModule`) and uses its optimizer,
-scheduler, ``manual_backward``, ``clip_gradients`` and loggers.
+scheduler, ``manual_backward`` and loggers (the built-in runners end a step with
+:func:`~stagewise_pl.phases.optim.guarded_step`: the non-finite guard, gradient clipping, the optimizer step).
 """
 from __future__ import annotations
 

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from stagewise_pl.nonfinite import grad_norm
+
 
 def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
     """Multiplier of the peak learning rate at ``step``: linear ramp, then cosine to ``min_lr_ratio``."""
@@ -47,14 +49,18 @@ def phase_optimizer(policy: torch.nn.Module, optim_cfg, lr: float, steps: int) -
 def guarded_step(module, guard, loss: float, step: int, grad_clip: float) -> bool:
     """One optimizer step of ``module``'s optimiser after the gradients of ``loss`` accumulated, unless the guard
     finds the loss or a gradient non-finite (then the gradients are dropped). The schedule moves on either way.
-    Returns whether the parameters were updated."""
+    The gradients' total norm is computed once: the guard reads it, and clipping to ``grad_clip`` (0 = off)
+    scales by it (Lightning's ``clip_gradients`` would compute it again; with the DDP strategies and the
+    precisions the trainer accepts it does nothing else). Returns whether the parameters were updated."""
     optimizer, scheduler = module.optimizers(), module.lr_schedulers()
-    if not guard.ok(loss, module.policy.parameters(), step):
+    params = [p for p in module.policy.parameters() if p.grad is not None]
+    norm = grad_norm(params)
+    if not guard.ok(loss, norm, step):
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         return False
-    if grad_clip:
-        module.clip_gradients(optimizer, gradient_clip_val=grad_clip, gradient_clip_algorithm="norm")
+    if grad_clip and norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm.float())
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
