@@ -109,7 +109,7 @@ def test_the_real_model_comparison_runs_smollm2s_plan_against_rl_alone_both_grad
             assert [(p.kind, p.select, p.steps) for p in cfg.phases] == [("grpo", "all", exp.optimizer_steps)]
 
 
-def test_extends_adds_overrides_after_the_parents_and_replaces_arms_by_name(tmp_path):
+def test_extends_adds_overrides_after_the_parents_and_replaces_or_drops_arms_by_name(tmp_path):
     (tmp_path / "parent.yaml").write_text(
         "seeds: [0, 1]\nbudget: {optimizer_steps: 10, generated_tokens: 100}\noverrides: [a=1]\n"
         "arms: {x: {phases: [{kind: eval}]}, y: {phases: [{kind: sft, share: 1}]}}\n"
@@ -124,6 +124,12 @@ def test_extends_adds_overrides_after_the_parents_and_replaces_arms_by_name(tmp_
                                                                           ("z", "z", "eval")]
     quick = load_experiment(child, quick=True)
     assert quick.seeds == [0] and quick.overrides == ["a=1", "a=2", "q=1", "q=2"]
+    child.write_text("extends: parent.yaml\narms: {x: null, z: {phases: [{kind: eval}]}}\n")
+    assert [a.name for a in load_experiment(child).arms] == ["y", "z"]  # x left out, y inherited
+    child.write_text("extends: parent.yaml\narms: {w: null}\n")
+    with pytest.raises(ExperimentError, match="arms.w: null leaves out an arm of parent.yaml, which has none of that "
+                                              "name; its arms: x, y"):
+        load_experiment(child)
     for target in ("child.yaml", "nope.yaml"):
         child.write_text(f"extends: {target}\n")
         with pytest.raises(ExperimentError, match="not another experiment file"):

@@ -4,8 +4,8 @@
 overrides and phases, each training phase with a ``share`` of the budget's optimizer steps), the budget
 (``optimizer_steps``, ``generated_tokens``) and the seeds; ``quick`` replaces the budget and the seeds and adds
 overrides for ``--quick``. ``extends: FILE`` starts from another experiment file (``conf/experiment_skills.yaml``
-runs the arms of ``conf/experiment.yaml`` on the skill task). Which phases train (and so take a share) is the phase
-kinds' trait ``trains``.
+runs the arms of ``conf/experiment.yaml`` on the skill task; ``arms: {NAME: null}`` leaves an inherited arm out).
+Which phases train (and so take a share) is the phase kinds' trait ``trains``.
 """
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def load_experiment(path: Path, quick: bool = False) -> Experiment:
 def extend(path: Path, raw: dict) -> dict:
     """``extends: FILE`` (relative to this file): that experiment's settings, with this file's ``base``, ``seeds``,
     ``budget`` and ``quick`` keys replacing its own, this file's ``overrides`` after its (a later one wins), and this
-    file's arms added to its arms (an arm of the same name replaced)."""
+    file's arms added to its arms (an arm of the same name replaced; ``NAME: null`` leaves that arm out)."""
     from omegaconf import OmegaConf
 
     parent_path = (Path(path).parent / str(raw["extends"])).resolve()
@@ -125,7 +125,13 @@ def extend(path: Path, raw: dict) -> dict:
     out = dict(parent)
     out.update({k: raw[k] for k in ("base", "seeds", "budget") if k in raw})
     out["overrides"] = list(parent.get("overrides") or []) + list(raw.get("overrides") or [])
-    out["arms"] = {**(parent.get("arms") or {}), **(raw.get("arms") or {})}
+    out["arms"] = dict(parent.get("arms") or {})
+    for name, spec in (raw.get("arms") or {}).items():
+        if spec is not None:
+            out["arms"][name] = spec
+        elif out["arms"].pop(name, None) is None:
+            raise ExperimentError(f"{path}: arms.{name}: null leaves out an arm of {parent_path.name}, which has "
+                                  f"none of that name; its arms: {', '.join(parent.get('arms') or {}) or 'none'}")
     if "quick" in raw:
         quick = dict(parent.get("quick") or {})
         quick.update({k: v for k, v in (raw["quick"] or {}).items() if k != "overrides"})
