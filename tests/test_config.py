@@ -109,7 +109,7 @@ def test_conf_dir_is_the_projects():
 
 @pytest.mark.parametrize("name", ["experiment", "experiment_skills", "experiment_skills_posthoc", "experiment_smollm2",
                                   "experiment_smollm2_literal", "experiment_smollm2_literal_cap",
-                                  "experiment_smollm2_literal_sft"])
+                                  "experiment_smollm2_literal_sft", "experiment_smollm2_literal_tokens"])
 def test_an_experiment_file_is_not_a_run_conf(name):
     assert name not in available_confs()
     with pytest.raises(ConfigError, match="describes an experiment"):
