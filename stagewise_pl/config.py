@@ -244,8 +244,8 @@ class TrainerConfig:
         if str(self.precision) in ("16", "16-mixed"):
             return [("precision", f"{self.precision!r} (float16 with loss scaling) is not supported: its gradient "
                                   f"scaler cannot clip the fused AdamW every phase uses, and its overflow steps "
-                                  f"would count as non-finite ones; use bf16-mixed or bf16-true (GPUs with bfloat16),"
-                                  f" 16-true, or 32-true")]
+                                  f"would count as non-finite ones; use bf16-mixed or bf16-true (GPUs with "
+                                  f"bfloat16) or 32-true")]
         return []
 
 
