@@ -225,7 +225,7 @@ class TrainerConfig:
     num_nodes: int = doc(1, "nodes")
     strategy: str = doc("auto", "auto | ddp | ddp_spawn | ... (a Lightning DDP strategy; FSDP and DeepSpeed are not "
                                 "supported: rollouts and exports need the whole weights on each rank)")
-    precision: str = doc("32-true", "Lightning precision, e.g. 32-true, bf16-mixed")
+    precision: str = doc("32-true", "Lightning precision: 32-true, bf16-mixed or bf16-true (16-mixed is refused)")
     batch_size: int = doc(64, "sequences per micro-batch", gt=0)
     accumulate_grad_batches: int = doc(1, "micro-batches per optimizer step", gt=0)
     max_length: int = doc(128, "longest training sequence in tokens; longer examples are truncated", gt=0)

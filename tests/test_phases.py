@@ -1,6 +1,7 @@
 """The phase core without a Trainer: traits drive the plan check, selection is a pure function, the token budget
 is arithmetic, one definition of the buckets; and end to end, a supervised kind registered outside the package
-runs with epochs and replay, a deprecated callbacks path still loads, and a run of the former format is refused."""
+runs with epochs and replay, a deprecated callbacks path still loads, and a run of the former format is refused;
+the guarded optimizer step clips by the gradient norm it checked, and an SFT phase trains under bf16-mixed."""
 import json
 
 import pytest
@@ -270,3 +271,26 @@ def test_guarded_step_clips_by_the_total_norm_it_checked_and_skips_a_bad_step(dt
     moved, deltas, module = step_with(grads, 1.0)
     assert not moved and all((d == 0).all() for d in deltas) and module.sched.last_epoch == 1
     assert all(p.grad is None for p in module.policy.parameters())
+
+
+def test_an_sft_phase_trains_under_bf16_mixed_precision(tmp_path, fast_overrides):
+    """trainer.precision=bf16-mixed, which the help offers: autocast forward, float32 weights and gradients through
+    the guarded step (one gradient norm, clipping by it); every step is taken and the weights move, finite."""
+    from safetensors.torch import load_file
+
+    from stagewise_pl.models.base import tiny_base_model
+    from stagewise_pl.run import Run
+    from stagewise_pl.tasks.arithmetic import ArithmeticTask
+
+    run_dir = tmp_path / "run"
+    cfg = load_config("default", fast_overrides + [f"run.dir={run_dir}", "eval.k=0", "eval.before=false",
+                                                   "trainer.precision=bf16-mixed", "optim.grad_clip=0.5",
+                                                   "phases=[{name: s, kind: sft, steps: 4, lr: 5e-4}]"])
+    Run(cfg, log=lambda *_: None).execute()
+    done = json.loads((run_dir / "state.json").read_text())["completed"]["s"]
+    assert done.get("nonfinite_skipped", 0) == 0 and done["optimizer_steps"] == 4, done
+    base = load_file(tiny_base_model(cfg, ArithmeticTask.from_config(cfg.task), log=lambda *_: None) /
+                     "model.safetensors")
+    trained = load_file(run_dir / "export" / "s" / "model.safetensors")
+    assert trained.keys() == base.keys() and all(t.isfinite().all() for t in trained.values())
+    assert any(not torch.equal(base[k], trained[k]) for k in base)
