@@ -176,7 +176,7 @@ def test_grpo_resume_reaches_the_same_weights_and_records(tmp_path, base_overrid
     resumed.execute()
     state = grpo_state(crashed)
     assert state["position"] == 6 and "reference" not in state  # beta = 0: no reference kept
-    a, b = load_file(str(straight / "final" / "model.safetensors")), load_file(str(crashed / "final" / "model.safetensors"))
+    a, b = (load_file(str(d / "final" / "model.safetensors")) for d in (straight, crashed))
     assert all(torch.equal(a[k], b[k]) for k in a)
     records = [DifficultyLedger(d / "ledger", "x").table().drop(["run_id"]) for d in (straight, crashed)]
     assert records[0].num_rows == 6 * 4 * 4 and records[0].equals(records[1])
@@ -318,8 +318,8 @@ def test_an_engine_with_its_own_weights_gets_every_update_and_the_resumed_checkp
         run.execute()
     assert len(pushes) == 2 and pushes[0] != pushes[1]  # before rollout steps 1 and 2 (after updates 1 and 2)
     pushes.clear()
-    Run(load_config("default", grpo_overrides(base_overrides, tmp_path / "r", steps=5, extra=extra + ["run.resume=last"])),
-        log=lambda *_: None).execute()
+    resumed = grpo_overrides(base_overrides, tmp_path / "r", steps=5, extra=extra + ["run.resume=last"])
+    Run(load_config("default", resumed), log=lambda *_: None).execute()
     # resumed at rollout step 2 (checkpoint at 2): pushed before steps 2, 3 and 4
     assert len(pushes) == 3 and len(set(pushes)) == 3
 
@@ -369,3 +369,15 @@ def test_a_grpo_phase_on_its_own_stops_after_its_rollout_steps_when_no_group_is_
     ctx.plan, ctx.traits = [spec], {"grpo": GRPORunner.traits}
     runner = fit_phase(GRPORunner(ctx, spec, Selection("grpo", "grpo", "all", problems)))
     assert runner.position == 3 and runner.update_steps == 0 and runner.optimizer_steps == 0
+
+
+def test_grpo_updates_under_bf16_mixed_precision(tmp_path, base_overrides):
+    """Under trainer.precision=bf16-mixed the fused kernels run inside autocast regions (forward and the backward
+    started in the training step); they keep their own product dtypes, so the updates happen and stay finite."""
+    run_dir = tmp_path / "g"
+    Run(load_config("default", grpo_overrides(base_overrides, run_dir, steps=3, extra=[
+        "trainer.precision=bf16-mixed", "grpo.num_iterations=2"])), log=lambda *_: None).execute()
+    summary = json.loads((run_dir / "state.json").read_text())["completed"]["1-grpo"]
+    rows = read_metrics(run_dir)
+    assert summary["optimizer_steps"] >= 2 and summary.get("nonfinite_skipped", 0) == 0, summary
+    assert any(float(r["1-grpo/train/updated"]) == 1 for r in rows)

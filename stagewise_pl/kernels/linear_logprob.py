@@ -24,6 +24,8 @@ The per-block arithmetic ("row ops") has a torch implementation here and a Trito
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -240,6 +242,19 @@ def chunk_grad(ops, x, weight, bias, targets, valid, temperature, vocab_block, s
 
 
 # ------------------------------------------------------------------------------------------ autograd
+def without_autocast(fn):
+    """Run ``fn`` with autocast off. Under ``trainer.precision=bf16-mixed`` the forward, and the backward that
+    ``manual_backward`` starts inside the training step, run in an autocast region: it would silently turn the
+    kernel's products into bfloat16 ones (the saved logits block then mismatches the float32 gradient buffers).
+    The kernel chooses its own product dtypes (its chunk plan), from the dtypes of the tensors it is given."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), \
+                (torch.autocast("cuda", enabled=False) if torch.cuda.is_available() else contextlib.nullcontext()):
+            return fn(*args, **kwargs)
+    return run
+
+
 def accumulation_dtype(hidden: torch.Tensor) -> torch.dtype:
     """float64 stays float64 (exact tests, gradcheck); everything else accumulates in float32."""
     return torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -249,6 +264,7 @@ class LinearLogProb(torch.autograd.Function):
     """(logp, entropy) of ``targets`` under softmax((hidden @ W.T + b) / T); recompute in backward."""
 
     @staticmethod
+    @without_autocast
     def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, with_entropy, chunk_plan, backend):
         ops = row_ops(backend)
         acc = accumulation_dtype(hidden)
@@ -273,6 +289,7 @@ class LinearLogProb(torch.autograd.Function):
         return (out_logp, entropy.to(hidden.dtype)) if with_entropy else (out_logp, None)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, g_logp, g_entropy):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         temperature, ignore_index, with_entropy, chunk_plan, backend = ctx.config
@@ -312,6 +329,7 @@ class FusedTokenLoss(torch.autograd.Function):
     """A scalar loss of per-token log-probs (and entropies) with its gradients computed in forward."""
 
     @staticmethod
+    @without_autocast
     def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, with_entropy, chunk_plan, backend,
                 token_loss: TokenLoss):
         ops = row_ops(backend)
