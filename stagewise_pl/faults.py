@@ -17,7 +17,8 @@ Points the stage manager and the parts it drives pass:
 - ``ledger_rename`` — a ledger part written to its temporary file, not yet renamed into place.
 
 ``nan_loss:<phase>:<n>`` is not a kill: the loss of step n of that phase is made NaN (see
-:func:`poisoned`), to test the non-finite guard.
+:func:`poisoned`), to test the non-finite guard; in a GRPO phase, of the n-th rollout step that trains (a rollout
+step whose groups all carry no signal makes no update, so it has no loss to poison).
 
 ``STAGEWISE_FAULT_RANK`` limits the kill to one rank (default: every rank that reaches the point).
 ``STAGEWISE_FAULT_SIGNAL`` sends another signal instead (``USR1``, ``TERM``, ``INT``): the process then
