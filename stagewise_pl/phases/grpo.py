@@ -302,8 +302,7 @@ class GRPORunner(PhaseRunner):
                 weights = aggregation_weights(t["mask"][mb], s.loss)  # over the whole mini-batch
                 ent_weights = entropy_weights(t["mask"][mb])
                 tokens = t["mask"][mb].sum().clamp(min=1)
-                # the n-th rollout step that trains (a rollout step whose groups are all flat has no loss to poison)
-                poison = poisoned(f"nan_loss:{self.spec.name}:{self.update_steps + 1}")
+                poison = poisoned(f"nan_loss:{self.spec.name}:{self.update_steps + 1}")  # n-th step that trains
                 mb_loss = 0.0
                 for part in my_micro_slices(len(mb), s.micro_batch_size):
                     if part is None:
