@@ -37,12 +37,6 @@ def grad_norm(params: Iterable[torch.nn.Parameter]) -> Optional[torch.Tensor]:
     return torch.stack([n.to(grads[0].device, torch.float64) for n in norms]).norm()
 
 
-def grads_finite(params: Iterable[torch.nn.Parameter]) -> bool:
-    """Whether every gradient is finite (see :func:`grad_norm`); True when there are none."""
-    norm = grad_norm(params)
-    return norm is None or bool(norm.isfinite())
-
-
 class NonFiniteGuard:
     def __init__(self, limit: int, where: str):
         self.limit, self.where = max(1, int(limit)), where

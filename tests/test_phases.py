@@ -10,7 +10,7 @@ import torch
 from stagewise_pl.buckets import PassRateBands
 from stagewise_pl.config import ConfigError, PhaseConfig, load_config
 from stagewise_pl.data.problems import Problem
-from stagewise_pl.nonfinite import NonFiniteGuard, grads_finite
+from stagewise_pl.nonfinite import NonFiniteGuard, grad_norm
 from stagewise_pl.phases import PHASES, SFTRunner, kind_traits
 from stagewise_pl.phases import token_budget
 from stagewise_pl.plan import PhaseSpec, PhaseTraits, RuleInfo, build_plan
@@ -207,9 +207,13 @@ def test_a_run_of_the_former_format_is_refused_with_the_reason(tmp_path, fast_ov
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-def test_grads_finite_finds_one_bad_entry_in_any_gradient(dtype):
-    """The non-finite guard's gradient check: one NaN or inf entry in any gradient is found; large finite
-    low-precision gradients are not mistaken for overflow; parameters without a gradient are skipped."""
+def test_the_guard_finds_one_bad_entry_in_any_gradient(dtype):
+    """The non-finite guard's gradient check (the gradients' total norm, as guarded_step computes it): one NaN or
+    inf entry in any gradient is found; large finite low-precision gradients are not mistaken for overflow;
+    parameters without a gradient are skipped."""
+    def grads_finite(params):
+        return NonFiniteGuard(100, "t").ok(0.0, grad_norm(params), 1)
+
     params = [torch.nn.Parameter(torch.zeros(s, dtype=dtype)) for s in [(64, 32), (7,), (3, 5)]]
     assert grads_finite(params)  # no gradients at all
     for p in params[:2]:
