@@ -7,7 +7,8 @@ seeded order. Each run is a fresh process (so peak RSS is that variant's own); r
 (ours, TRL, ours, TRL, ...) and the median of the repeats is reported.
 
 Real tokens/s counts non-padding tokens fed to the model, over the wall time of the training loop
-(from the first step to the end of the last; model loading and data preparation excluded).
+(from the first step to the end of the last; model loading and data preparation excluded). TRL's are counted in its
+collator, over the first `steps` batches only: its loader collates one batch ahead of the step that trains on it.
 
     python tools/bench_sft.py [--repeats 3] [--steps 50] [--json PATH] [--model smollm2-135m]
 
@@ -114,7 +115,7 @@ def run_trl(directory: Path, steps: int) -> dict:
     rows = json.loads((directory / "examples.json").read_text())
     data = datasets.Dataset.from_list([
         {"input_ids": r["input_ids"], "completion_mask": [int(x != -100) for x in r["labels"]]} for r in rows])
-    seen = {"tokens": 0}
+    collated = []  # real tokens of each batch collated, in order
 
     class Timer(TrainerCallback):
         start = end = None
@@ -137,13 +138,16 @@ def run_trl(directory: Path, steps: int) -> dict:
 
         def counting_collator(features):
             batch = collate(features)
-            seen["tokens"] += int(batch["attention_mask"].sum()) if "attention_mask" in batch else \
-                int((batch["input_ids"] != tokenizer.pad_token_id).sum())
+            collated.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch else
+                            int((batch["input_ids"] != tokenizer.pad_token_id).sum()))
             return batch
 
         trainer.data_collator = counting_collator
         trainer.train()
-    return {"seconds": Timer.end - Timer.start, "real_tokens": seen["tokens"], "steps": steps}
+    # accelerate's loader collates one batch ahead of the step that uses it, so the last batch collated was never
+    # trained on: count the first `steps` (one batch a step, no accumulation)
+    return {"seconds": Timer.end - Timer.start, "real_tokens": sum(collated[:steps]), "steps": steps,
+            "batches_collated": len(collated)}
 
 
 def child(variant: str, directory: Path, steps: int) -> None:
