@@ -176,17 +176,18 @@ def main() -> None:
     table = {}
     for v, results in runs.items():
         tps = [x["real_tokens"] / x["seconds"] for x in results]
-        table[v] = {"real_tokens_per_s": statistics.median(tps), "seconds": statistics.median(x["seconds"] for x in results),
-                    "real_tokens": results[0]["real_tokens"], "peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in results),
-                    "runs": results}
+        table[v] = {"real_tokens_per_s": statistics.median(tps),
+                    "seconds": statistics.median(x["seconds"] for x in results),
+                    "real_tokens": results[0]["real_tokens"],
+                    "peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in results), "runs": results}
     trl_tps = table["trl"]["real_tokens_per_s"]
     print(f"\nSFT, {args.model} model, batch {BATCH}, length {LENGTH}, {args.steps} steps, {THREADS} threads, "
           f"median of {args.repeats} interleaved runs\n")
     print("| variant | real tokens/s | x TRL | seconds | real tokens | peak RSS MB |")
     print("|---|---|---|---|---|---|")
     for v, row in table.items():
-        print(f"| {v} | {row['real_tokens_per_s']:.0f} | {row['real_tokens_per_s'] / trl_tps:.2f} | {row['seconds']:.2f} | "
-              f"{row['real_tokens']} | {row['peak_rss_mb']:.0f} |")
+        print(f"| {v} | {row['real_tokens_per_s']:.0f} | {row['real_tokens_per_s'] / trl_tps:.2f} | "
+              f"{row['seconds']:.2f} | {row['real_tokens']} | {row['peak_rss_mb']:.0f} |")
     # the goal compares equal settings: TRL's default pads each batch, so does ours-padded
     ours = table["ours-padded"]["real_tokens_per_s"]
     goal_ratio = trl_tps / ours  # our seconds per token over TRL's
