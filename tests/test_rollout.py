@@ -82,6 +82,11 @@ def test_top_p_keeps_the_nucleus():
     assert seen == {0, 1}  # 0.5 + 0.3 reaches 0.7; the tail is never sampled
     tokens, logp = sample_next(logits, SamplingParams(temperature=0.0), gen)
     assert int(tokens) == 0 and abs(float(logp) - float(torch.log(torch.tensor(0.5)))) < 1e-6
+    # the log-prob returned is the drawn token's under the distribution sampled: temperature, then the nucleus
+    nucleus = torch.tensor([0.5 ** 2, 0.3 ** 2]) / (0.5 ** 2 + 0.3 ** 2)  # temperature 0.5 squares; 0.685 < 0.7
+    for _ in range(50):
+        tokens, logp = sample_next(logits, SamplingParams(temperature=0.5, top_p=0.7), gen)
+        assert abs(float(logp) - float(nucleus[int(tokens)].log())) < 1e-5
 
 
 def test_generate_fallback_for_other_caches(tiny, monkeypatch):

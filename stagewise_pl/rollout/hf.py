@@ -43,12 +43,14 @@ def sample_next(logits: torch.Tensor, sampling: SamplingParams, generator: torch
         drop_sorted = sorted_probs.cumsum(-1) - sorted_probs > sampling.top_p  # keep the smallest set reaching top_p
         scaled = scaled.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
     # inverse-CDF draw: one uniform per row (torch.multinomial costs ~10x more per step on CPU)
-    cdf = torch.softmax(scaled, -1).cumsum(-1)
+    probs = torch.softmax(scaled, -1)
+    cdf = probs.cumsum(-1)
     u = torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device) * cdf[:, -1:]
     tokens = torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=cdf.shape[-1] - 1)
     if not with_logprobs:
         return tokens, None
-    return tokens, scaled.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(scaled, -1)
+    # the drawn token's probability is positive (its cdf step is), so its log is finite; cheaper than a logsumexp
+    return tokens, probs.gather(-1, tokens[:, None])[:, 0].log()
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
