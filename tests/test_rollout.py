@@ -146,6 +146,21 @@ def test_fast_decode_matches_the_transformers_path(tiny, temperature):
                                                              seed=1, logprobs=True))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fast_decode_in_half_precision_gives_the_transformers_path_log_probs(tiny, dtype):
+    """In bf16/fp16 the lean step rounds as transformers does (scores in float32 through sdpa, rope products rounded
+    one by one): the same tokens and the same log-probs, not just close ones."""
+    import copy
+
+    model, tokenizer = tiny
+    half = copy.deepcopy(model).to(dtype)
+    prompts = render_prompts(tokenizer, ["1+2", "30-4+5", "7", "12+9-3"])
+    sampling = SamplingParams(n=2, temperature=1.0, max_new_tokens=16, seed=3, logprobs=True)
+    fast = HFEngine(half, tokenizer, fast_decode=True).generate(prompts, sampling)
+    slow = HFEngine(half, tokenizer, fast_decode=False).generate(prompts, sampling)
+    assert fast.completion_ids == slow.completion_ids and fast.logprobs == slow.logprobs
+
+
 def test_fast_decode_on_a_llama_with_grouped_heads_and_biases(tiny):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 SUPPORTED_TYPES = ("qwen2", "llama")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn", "longrope")
+_NATIVE_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")  # torch >= 2.5
 
 
 def supports(model) -> bool:
@@ -134,6 +135,16 @@ class FastDecoder:
         shape = rows.shape
         return self.rotate_half(rows.reshape(*shape[:-1], heads, self.head_dim)).reshape(shape)
 
+    def _sdpa(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Attention of one position (rows, heads, 1, head_dim) by ``scaled_dot_product_attention``: (rows, H)."""
+        nq, nkv, t = self.n_heads, self.n_kv, keys.shape[2]
+        gqa = {"enable_gqa": True} if nq != nkv and _NATIVE_GQA else {}
+        if nq != nkv and not _NATIVE_GQA:
+            keys, values = keys.repeat_interleave(nq // nkv, 1), values.repeat_interleave(nq // nkv, 1)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=self.mask[:, None, None, :t],
+                                             scale=self.scaling, **gqa)
+        return out.view(queries.shape[0], nq * self.head_dim)
+
     def load_prefill(self, cache, attention_mask: torch.Tensor, repeat: int) -> None:
         """Copy the prompt's cache (prompt rows) into the preallocated cache, each row ``repeat`` times."""
         for i, layer in enumerate(cache.layers):
@@ -163,23 +174,28 @@ class FastDecoder:
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (R, 1, head_dim)
         self.mask[:, t] = 0
         # one query position: a kv head's `group` query heads are the rows of one product (grouped heads without
-        # repeating keys); the mask is expanded once for every layer
-        mask = self.mask[:, None, None, :t + 1].expand(rows, nkv, 1, t + 1).reshape(rows * nkv, 1, t + 1)
+        # repeating keys); the mask is expanded once for every layer. In float32 only: in bf16/fp16 the scores would
+        # be rounded to that dtype before the softmax, where sdpa keeps them in float32, and a fused rope rounds
+        # once where transformers rounds each product (bf16/fp16 keep the transformers path's log-probs exactly)
+        fp32 = self.mask.dtype == torch.float32
+        mask = self.mask[:, None, None, :t + 1].expand(rows, nkv, 1, t + 1).reshape(rows * nkv, 1, t + 1) \
+            if fp32 else None
         for i, (w_in, eps_in, w_qkv, b_qkv, w_o, b_o, w_post, eps_post, w_gu, b_gu, w_down, b_down) in \
                 enumerate(self.plan):
             h = _rms(x, w_in, eps_in)
             qkv = torch.mm(h, w_qkv) if b_qkv is None else torch.addmm(b_qkv, h, w_qkv)
-            qk = torch.addcmul(qkv[:, :qk_end].view(rows, nq + nkv, hd) * cos,
-                               qkv[:, v_end:].view(rows, nq + nkv, hd), sin)  # rope
+            q_cos, q_rot = qkv[:, :qk_end].view(rows, nq + nkv, hd) * cos, qkv[:, v_end:].view(rows, nq + nkv, hd)
+            qk = torch.addcmul(q_cos, q_rot, sin) if fp32 else q_cos + q_rot * sin  # rope
             self.keys[i][:, :, t] = qk[:, nq:]
             self.values[i][:, :, t] = qkv[:, qk_end:v_end].view(rows, nkv, hd)
-            keys = self.keys[i][:, :, :t + 1].reshape(rows * nkv, t + 1, hd)  # views
-            values = self.values[i][:, :, :t + 1].reshape(rows * nkv, t + 1, hd)
-            scores = torch.baddbmm(mask, qk[:, :nq].reshape(rows * nkv, group, hd), keys.transpose(1, 2),
-                                   alpha=self.scaling)
-            probs = torch.softmax(scores, -1, dtype=torch.float32).to(values.dtype) if scores.dtype != torch.float32 \
-                else torch.softmax(scores, -1)
-            out = torch.bmm(probs, values).view(rows, nq * hd)
+            if mask is not None:
+                keys = self.keys[i][:, :, :t + 1].reshape(rows * nkv, t + 1, hd)  # views
+                values = self.values[i][:, :, :t + 1].reshape(rows * nkv, t + 1, hd)
+                scores = torch.baddbmm(mask, qk[:, :nq].reshape(rows * nkv, group, hd), keys.transpose(1, 2),
+                                       alpha=self.scaling)
+                out = torch.bmm(torch.softmax(scores, -1), values).view(rows, nq * hd)
+            else:
+                out = self._sdpa(qk[:, :nq, None], self.keys[i][:, :, :t + 1], self.values[i][:, :, :t + 1])
             x = x + (torch.mm(out, w_o) if b_o is None else torch.addmm(b_o, out, w_o))
             h = _rms(x, w_post, eps_post)
             gate, up = (torch.mm(h, w_gu) if b_gu is None else torch.addmm(b_gu, h, w_gu)).chunk(2, -1)
