@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 MARK = "RESULT "
+ROOT = Path(__file__).resolve().parent.parent  # the checkout whose stagewise_pl the children measure
 
 
 def peak_rss_mb() -> float:
@@ -38,9 +39,13 @@ def report(result: dict) -> None:
 
 
 def run_child(script: str, args: list[str], env: dict | None = None, python: str | None = None) -> dict:
-    """Run ``python script args`` in a fresh process (another interpreter if given) and return its report."""
+    """Run ``python script args`` in a fresh process (another interpreter if given) and return its report.
+
+    The child imports stagewise_pl from this checkout, whatever the interpreter has installed (another interpreter,
+    such as vLLM's own environment, may hold an editable install of a clone elsewhere, or none)."""
+    path = os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
     out = subprocess.run([python or sys.executable, script, *args], capture_output=True, text=True,
-                         env=dict(os.environ, **(env or {})))
+                         env=dict(os.environ, **(env or {}), PYTHONPATH=path))
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith(MARK)]
     if out.returncode or not lines:
         raise RuntimeError(f"{script} {' '.join(args)} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
