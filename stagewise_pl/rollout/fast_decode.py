@@ -3,20 +3,20 @@
 Why: with a small model, one decoding step of ``model(...)`` costs mostly Python and per-op
 overhead (mask construction, cache bookkeeping with ``torch.cat``, module dispatch), not
 arithmetic. This step does the same arithmetic with fewer ops, on the model's own parameters:
-- one product for q, k, v and rotate_half of q and k, and one for gate and up (weights concatenated
-  once per ``generate`` call, so they are the current training weights; stored transposed for
-  ``torch.mm``, which at these shapes beats ``F.linear``);
-- rope as ``q*cos + rotate_half(q)*sin`` with rotate_half folded into the weight (the modelling
-  file's ``rotate_half`` applied once to the weight's rows), cos/sin for every position computed
-  once per batch by the model's own rotary module (so static rope variants behave as in transformers);
+- one product for q, k and v and one for gate and up (weights concatenated once per ``generate``
+  call, so they are the current training weights; stored transposed for ``torch.mm``, which at
+  small shapes beats ``F.linear``);
+- rope as ``q*cos + rotate_half(q)*sin`` in one go for queries and keys, rotate_half as a roll with
+  the sign on sin where the modelling file's ``rotate_half`` is the usual half rotation (checked on a
+  probe), cos/sin for every position computed once per batch by the model's own rotary module (so
+  static rope variants behave as in transformers);
 - a preallocated key/value cache written in place (no ``torch.cat`` per step), rows dropped
   with ``index_select`` when they finish;
 - attention of the one new position as two batched products with the softmax between, a kv head's
   query heads as the rows of one product (grouped heads without repeating keys), the padding mask
   added to the scores (the CPU flash kernel costs more per call at one query position);
 - RMSNorm as one ``F.rms_norm``; weights and biases gathered once per batch (no module lookups per token).
-During ``generate`` the concatenated and transposed weights are a copy of the layers' weights (not the
-embedding or the head).
+During ``generate`` the concatenated weights are a copy of the q/k/v and gate/up weights.
 The prompt is still prefilled by ``model(...)``; its cache is copied into the preallocated one.
 Anything this step does not cover (other architectures, sliding windows, q/k norms) makes
 :func:`supports` return False and HFEngine keeps the transformers path. The tests check that
@@ -67,17 +67,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), -1)
 
 
-def _bias(linear) -> torch.Tensor:
-    """The layer's bias, zeros where it has none."""
-    if linear.bias is not None:
-        return linear.bias
-    return torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device)
-
-
 def _cat_bias(*linears):
+    """The layers' biases concatenated (zeros for a layer without one), None if none has one."""
     if all(lin.bias is None for lin in linears):
         return None
-    return torch.cat([_bias(lin) for lin in linears])
+    return torch.cat([lin.bias if lin.bias is not None else
+                      torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device)
+                      for lin in linears])
 
 
 class FastDecoder:
@@ -93,27 +89,19 @@ class FastDecoder:
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
-        # per layer, everything the step reads (attribute lookups on modules cost microseconds each); matrices are
-        # stored transposed and contiguous for torch.mm (at these small shapes 10-35% faster than F.linear on the
-        # weight as it lies). The q/k/v product also yields rotate_half of q and k: rotate_half is linear in its
-        # input, so its rows of the weight (and bias) are rotate_half applied to q's and k's rows per head, and rope
-        # becomes q*cos + q_rot*sin with no per-token rotate.
+        # per layer, everything the step reads (attribute lookups on modules cost microseconds each); the concatenated
+        # q/k/v and gate/up matrices are stored transposed for torch.mm (at small shapes 10-35% faster than F.linear
+        # on the weight as it lies; they are copies either way)
         self.plan = []
         for layer in self.decoder.layers:
             a, m = layer.self_attn, layer.mlp
-            w_q, w_k, w_v = a.q_proj.weight.T, a.k_proj.weight.T, a.v_proj.weight.T  # (H, out)
-            w_qkv = torch.cat([w_q, w_k, w_v, self._rotated(w_q, self.n_heads), self._rotated(w_k, self.n_kv)], 1)
-            b_qkv = None
-            if any(lin.bias is not None for lin in (a.q_proj, a.k_proj, a.v_proj)):
-                b_q, b_k, b_v = (_bias(lin) for lin in (a.q_proj, a.k_proj, a.v_proj))
-                b_qkv = torch.cat([b_q, b_k, b_v, self._rotated(b_q, self.n_heads), self._rotated(b_k, self.n_kv)])
             self.plan.append((
                 layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
-                w_qkv, b_qkv,
-                a.o_proj.weight.T.contiguous(), a.o_proj.bias,
+                torch.cat([a.q_proj.weight.T, a.k_proj.weight.T, a.v_proj.weight.T], 1),
+                _cat_bias(a.q_proj, a.k_proj, a.v_proj), a.o_proj.weight, a.o_proj.bias,
                 layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
                 torch.cat([m.gate_proj.weight.T, m.up_proj.weight.T], 1), _cat_bias(m.gate_proj, m.up_proj),
-                m.down_proj.weight.T.contiguous(), m.down_proj.bias))
+                m.down_proj.weight, m.down_proj.bias))
         head = model.get_output_embeddings()
         self.embed = self.decoder.embed_tokens.weight
         self.final = (self.decoder.norm.weight, self.decoder.norm.variance_epsilon, head.weight,
@@ -129,11 +117,13 @@ class FastDecoder:
         probe = torch.zeros((1, 1, 1), dtype=p.dtype, device=p.device)
         cos, sin = self.decoder.rotary_emb(probe, torch.arange(max_len, device=p.device)[None])
         self.cos, self.sin = cos[0], sin[0]  # (max_len, head_dim)
-
-    def _rotated(self, rows: torch.Tensor, heads: int) -> torch.Tensor:
-        """rotate_half of each head's slice of the last dimension (``heads`` x head_dim features)."""
-        shape = rows.shape
-        return self.rotate_half(rows.reshape(*shape[:-1], heads, self.head_dim)).reshape(shape)
+        # the modelling file's rotate_half is (as in Llama/Qwen2) a half-roll with the first half negated: then
+        # rotate_half(x) * sin is x.roll(half) * sin with that sign on sin, one op instead of neg + cat
+        half, probe = self.head_dim // 2, torch.eye(self.head_dim, dtype=torch.float32, device=p.device)
+        sign = torch.cat([-torch.ones(half), torch.ones(self.head_dim - half)]).to(p.device)
+        self.half_roll = self.head_dim % 2 == 0 and torch.equal(self.rotate_half(probe), probe.roll(half, -1) * sign)
+        if self.half_roll:
+            self.sin = self.sin * sign.to(self.sin.dtype)
 
     def _sdpa(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Attention of one position (rows, heads, 1, head_dim) by ``scaled_dot_product_attention``: (rows, H)."""
@@ -184,8 +174,9 @@ class FastDecoder:
                 enumerate(self.plan):
             h = _rms(x, w_in, eps_in)
             qkv = torch.mm(h, w_qkv) if b_qkv is None else torch.addmm(b_qkv, h, w_qkv)
-            q_cos, q_rot = qkv[:, :qk_end].view(rows, nq + nkv, hd) * cos, qkv[:, v_end:].view(rows, nq + nkv, hd)
-            qk = torch.addcmul(q_cos, q_rot, sin) if fp32 else q_cos + q_rot * sin  # rope
+            qk = qkv[:, :qk_end].view(rows, nq + nkv, hd)
+            rotated = qk.roll(hd // 2, -1) if self.half_roll else self.rotate_half(qk)
+            qk = torch.addcmul(qk * cos, rotated, sin) if fp32 else qk * cos + rotated * sin  # rope
             self.keys[i][:, :, t] = qk[:, nq:]
             self.values[i][:, :, t] = qkv[:, qk_end:v_end].view(rows, nkv, hd)
             if mask is not None:
@@ -196,11 +187,11 @@ class FastDecoder:
                 out = torch.bmm(torch.softmax(scores, -1), values).view(rows, nq * hd)
             else:
                 out = self._sdpa(qk[:, :nq, None], self.keys[i][:, :, :t + 1], self.values[i][:, :, :t + 1])
-            x = x + (torch.mm(out, w_o) if b_o is None else torch.addmm(b_o, out, w_o))
+            x = x + F.linear(out, w_o, b_o)
             h = _rms(x, w_post, eps_post)
             gate, up = (torch.mm(h, w_gu) if b_gu is None else torch.addmm(b_gu, h, w_gu)).chunk(2, -1)
             act = F.silu(gate) * up
-            x = x + (torch.mm(act, w_down) if b_down is None else torch.addmm(b_down, act, w_down))
+            x = x + F.linear(act, w_down, b_down)
         self.length = t + 1
         w_norm, eps, w_head, b_head = self.final
         return F.linear(_rms(x, w_norm, eps), w_head, b_head)
