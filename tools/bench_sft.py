@@ -185,8 +185,8 @@ def main() -> None:
                     "seconds": statistics.median(x["seconds"] for x in results),
                     "real_tokens": results[0]["real_tokens"],
                     "peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in results), "runs": results}
-    # the peer is TRL's faster configuration in this run: without checkpointing on the tiny model, with it (its
-    # default) on SmolLM2-135M, where the activations it keeps cost more than recomputing them
+    # the peer is TRL's faster configuration in this run: on 2026-12-06 without checkpointing on the tiny model,
+    # with it (its default) on SmolLM2-135M
     peer = max(("trl", "trl-default"), key=lambda v: table[v]["real_tokens_per_s"])
     trl_tps = table[peer]["real_tokens_per_s"]
     print(f"\nSFT, {args.model} model, batch {BATCH}, length {LENGTH}, {args.steps} steps, {THREADS} threads, "
