@@ -146,6 +146,28 @@ def test_fast_decode_matches_the_transformers_path(tiny, temperature):
                                                              seed=1, logprobs=True))
 
 
+def test_fast_decode_with_the_modelling_files_own_rotate_half(tiny, monkeypatch):
+    """Where rotate_half is not the usual half rotation the step calls the modelling file's function with the
+    unsigned sin: forced here on the tiny model, still the transformers path's tokens and log-probs."""
+    from stagewise_pl.rollout import fast_decode
+
+    init = fast_decode.FastDecoder.__init__
+
+    def no_roll(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if self.half_roll:  # undo the sign moved onto sin
+            self.half_roll, self.sin = False, self.sin * self.rotate_half(torch.eye(self.head_dim)).sum(0)
+        calls.append(self.half_roll)
+
+    calls = []
+    monkeypatch.setattr(fast_decode.FastDecoder, "__init__", no_roll)
+    model, tokenizer = tiny
+    prompts = render_prompts(tokenizer, ["1+2", "30-4+5", "7"])
+    _compare_paths(model, tokenizer, prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=10, seed=2,
+                                                             logprobs=True))
+    assert calls and not any(calls)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fast_decode_in_half_precision_gives_the_transformers_path_log_probs(tiny, dtype):
     """In bf16/fp16 the lean step rounds as transformers does (scores in float32 through sdpa, rope products rounded
