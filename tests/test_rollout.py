@@ -91,7 +91,7 @@ def test_top_p_keeps_the_nucleus():
 
 def test_generate_fallback_for_other_caches(tiny, monkeypatch):
     model, tokenizer = tiny
-    engine = HFEngine(model, tokenizer)
+    engine = HFEngine(model, tokenizer, fast_decode=False)  # the lean step keeps a cache of its own
     calls = []
     original = engine._decode_with_generate
 
@@ -168,6 +168,41 @@ def test_fast_decode_with_the_modelling_files_own_rotate_half(tiny, monkeypatch)
     assert calls and not any(calls)
 
 
+def test_folded_rms_norm_equals_the_norm_with_its_weight():
+    """The lean step's norm leaves the weight and sqrt(width) to the next product and scales eps by the width: the
+    same function, checked with an eps large enough to matter."""
+    from stagewise_pl.rollout.fast_decode import _scaled
+
+    torch.manual_seed(0)
+    x, weight, eps = torch.randn(5, 16, dtype=torch.float64), torch.rand(16, dtype=torch.float64) + 0.5, 0.3
+    reference = weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    assert torch.allclose(_scaled(x, eps * 16) * (weight * 16 ** 0.5), reference, atol=1e-12)
+
+
+def test_fast_prefill_keeps_padding_finite_where_attention_gives_nan_to_a_query_that_sees_no_key(tiny, monkeypatch):
+    """torch < 2.5 returns NaN for a query whose keys are all masked (a left-padding position in the prefill); its
+    keys/values are cached, and a NaN there would survive the mask (0 * NaN) in every later step. Such an attention
+    (a plain softmax) is swapped into the lean step here: still the transformers path's tokens and log-probs."""
+    import types
+
+    from stagewise_pl.rollout import fast_decode
+
+    def softmax_attention(q, k, v, attn_mask=None, scale=None, enable_gqa=False):
+        if enable_gqa:
+            k, v = k.repeat_interleave(q.shape[1] // k.shape[1], 1), v.repeat_interleave(q.shape[1] // v.shape[1], 1)
+        return torch.softmax(q @ k.transpose(-1, -2) * scale + attn_mask, -1) @ v
+
+    patched = types.SimpleNamespace(**{name: getattr(torch.nn.functional, name)
+                                       for name in dir(torch.nn.functional) if not name.startswith("__")})
+    patched.scaled_dot_product_attention = softmax_attention
+    monkeypatch.setattr(fast_decode, "F", patched)
+    assert torch.softmax(torch.full((2,), float("-inf")), -1).isnan().all()  # what the plain softmax does
+    model, tokenizer = tiny
+    prompts = render_prompts(tokenizer, ["1+2", "30-4+5+6-7", "7"])  # of different lengths: left padding
+    _compare_paths(model, tokenizer, prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=5,
+                                                             logprobs=True))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fast_decode_in_half_precision_gives_the_transformers_path_log_probs(tiny, dtype):
     """In bf16/fp16 the lean step rounds as transformers does (scores in float32 through sdpa, rope products rounded
@@ -195,6 +230,10 @@ def test_fast_decode_on_a_llama_with_grouped_heads_and_biases(tiny):
                          max_position_embeddings=128, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
     model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # the init's zero biases would hide a bias the step dropped
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0.0, 0.1)
     assert fast_decode.supports(model)
     prompts = render_prompts(tokenizer, ["1+2", "30-4+5", "7"])
     _compare_paths(model, tokenizer, prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=12, seed=4,

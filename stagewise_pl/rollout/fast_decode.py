@@ -15,9 +15,13 @@ arithmetic. This step does the same arithmetic with fewer ops, on the model's ow
 - attention of the one new position as two batched products with the softmax between, a kv head's
   query heads as the rows of one product (grouped heads without repeating keys), the padding mask
   added to the scores (the CPU flash kernel costs more per call at one query position);
-- RMSNorm as one ``F.rms_norm``; weights and biases gathered once per batch (no module lookups per token).
+- in float32, each RMSNorm's weight folded into the rows of the product it feeds (a norm is then
+  ``x * rsqrt(sum x^2 + width * eps)``, three ops) and the residual adds done by the o/down products
+  (``addmm``); in bf16/fp16 RMSNorm as one ``F.rms_norm`` and the products and adds rounded one by
+  one as transformers does; weights and biases gathered once per batch (no module lookups per token).
 During ``generate`` the concatenated weights are a copy of the q/k/v and gate/up weights.
-The prompt is still prefilled by ``model(...)``; its cache is copied into the preallocated one.
+In float32 the prompt is prefilled by the same arithmetic (:meth:`FastDecoder.prefill`, keys and
+values written straight into the cache); in bf16/fp16 by ``model(...)``, its cache copied in.
 Anything this step does not cover (other architectures, sliding windows, q/k norms) makes
 :func:`supports` return False and HFEngine keeps the transformers path. The tests check that
 both paths give the same tokens and log-probs.
@@ -62,9 +66,23 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+def _scaled(x: torch.Tensor, eps_width: float) -> torch.Tensor:
+    """RMSNorm without its weight and up to a factor sqrt(width), both folded into the next product:
+    ``x * rsqrt(sum(x^2) + width * eps)`` (float32)."""
+    return x * torch.linalg.vecdot(x, x).add_(eps_width).rsqrt_()[:, None]
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), -1)
+
+
+def _residual(x: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor, bias, fused: bool) -> torch.Tensor:
+    """``x + F.linear(inputs, weight, bias)``; in float32 the add rides on the product (one ``addmm``)."""
+    if not fused:
+        return x + F.linear(inputs, weight, bias)
+    out = torch.addmm(x, inputs, weight.t())
+    return out if bias is None else out.add_(bias)
 
 
 def _cat_bias(*linears):
@@ -92,21 +110,31 @@ class FastDecoder:
         # per layer, everything the step reads (attribute lookups on modules cost microseconds each); the concatenated
         # q/k/v and gate/up matrices are stored transposed for torch.mm (at small shapes 10-35% faster than F.linear
         # on the weight as it lies; they are copies either way)
+        # In float32 each RMSNorm's weight (and sqrt(width)) is folded into the rows of the concatenated product it
+        # feeds, so a norm is three ops (x * rsqrt(sum x^2 + width * eps)) instead of F.rms_norm's nine, and the
+        # residual adds ride on the o/down products (addmm); in bf16/fp16 the step rounds as transformers does
+        p = next(model.parameters())
+        self.fold = p.dtype == torch.float32
+        width = model.config.hidden_size
         self.plan = []
         for layer in self.decoder.layers:
-            a, m = layer.self_attn, layer.mlp
+            a, m, n_in, n_post = layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm
+            w_qkv = torch.cat([a.q_proj.weight.T, a.k_proj.weight.T, a.v_proj.weight.T], 1)
+            w_gu = torch.cat([m.gate_proj.weight.T, m.up_proj.weight.T], 1)
+            if self.fold:
+                w_qkv.mul_(n_in.weight[:, None] * width ** 0.5)
+                w_gu.mul_(n_post.weight[:, None] * width ** 0.5)
             self.plan.append((
-                layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
-                torch.cat([a.q_proj.weight.T, a.k_proj.weight.T, a.v_proj.weight.T], 1),
-                _cat_bias(a.q_proj, a.k_proj, a.v_proj), a.o_proj.weight, a.o_proj.bias,
-                layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
-                torch.cat([m.gate_proj.weight.T, m.up_proj.weight.T], 1), _cat_bias(m.gate_proj, m.up_proj),
-                m.down_proj.weight, m.down_proj.bias))
+                n_in.weight, n_in.variance_epsilon * width if self.fold else n_in.variance_epsilon, w_qkv,
+                _cat_bias(a.q_proj, a.k_proj, a.v_proj), a.o_proj.weight, a.o_proj.bias, n_post.weight,
+                n_post.variance_epsilon * width if self.fold else n_post.variance_epsilon, w_gu,
+                _cat_bias(m.gate_proj, m.up_proj), m.down_proj.weight, m.down_proj.bias))
         head = model.get_output_embeddings()
         self.embed = self.decoder.embed_tokens.weight
-        self.final = (self.decoder.norm.weight, self.decoder.norm.variance_epsilon, head.weight,
+        norm = self.decoder.norm
+        self.final = (norm.weight * width ** 0.5 if self.fold else norm.weight,
+                      norm.variance_epsilon * width if self.fold else norm.variance_epsilon, head.weight,
                       getattr(head, "bias", None))
-        p = next(model.parameters())
         shape = (rows, self.n_kv, max_len, self.head_dim)
         self.keys = [torch.empty(shape, dtype=p.dtype, device=p.device) for _ in self.decoder.layers]
         self.values = [torch.empty(shape, dtype=p.dtype, device=p.device) for _ in self.decoder.layers]
@@ -125,15 +153,53 @@ class FastDecoder:
         if self.half_roll:
             self.sin = self.sin * sign.to(self.sin.dtype)
 
-    def _sdpa(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Attention of one position (rows, heads, 1, head_dim) by ``scaled_dot_product_attention``: (rows, H)."""
+    def _sdpa(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask=None) -> torch.Tensor:
+        """Attention by ``scaled_dot_product_attention`` of queries (rows, heads, L, head_dim) over keys/values
+        (rows, kv heads, T, head_dim) under an additive ``mask`` (rows, 1, L, T) (default: the padding mask of one
+        position): (rows * L, H)."""
         nq, nkv, t = self.n_heads, self.n_kv, keys.shape[2]
         gqa = {"enable_gqa": True} if nq != nkv and _NATIVE_GQA else {}
         if nq != nkv and not _NATIVE_GQA:
             keys, values = keys.repeat_interleave(nq // nkv, 1), values.repeat_interleave(nq // nkv, 1)
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=self.mask[:, None, None, :t],
-                                             scale=self.scaling, **gqa)
-        return out.view(queries.shape[0], nq * self.head_dim)
+        mask = self.mask[:, None, None, :t] if mask is None else mask
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=self.scaling, **gqa)
+        return out.transpose(1, 2).reshape(queries.shape[0] * queries.shape[2], nq * self.head_dim)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
+                repeat: int) -> torch.Tensor:
+        """Float32 only (the folded weights): run the left-padded prompts (rows, L) through the step's own
+        arithmetic, write their keys/values into the cache (each prompt row ``repeat`` times) and return the
+        logits of the token after each prompt (rows, V). Replaces a ``model(...)`` prefill and its cache copy."""
+        b, length = input_ids.shape
+        nq, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        qk_end, v_end = (nq + nkv) * hd, (nq + 2 * nkv) * hd
+        real = attention_mask.bool()
+        # causal over real keys; each position also sees itself, so a padding query's softmax stays finite (its
+        # output is never read, but its keys/values are cached: they must be finite to be masked to exactly 0)
+        allowed = torch.ones(length, length, dtype=torch.bool, device=real.device).tril() & real[:, None, :]
+        allowed |= torch.eye(length, dtype=torch.bool, device=real.device)
+        mask = torch.zeros(allowed.shape, dtype=self.mask.dtype, device=real.device).masked_fill_(
+            ~allowed, float("-inf"))[:, None]
+        x = F.embedding(input_ids.reshape(-1), self.embed)  # (b * L, H)
+        cos, sin = self.cos[positions.reshape(-1)][:, None], self.sin[positions.reshape(-1)][:, None]
+        for i, (_, eps_in, w_qkv, b_qkv, w_o, b_o, _, eps_post, w_gu, b_gu, w_down, b_down) in enumerate(self.plan):
+            h = _scaled(x, eps_in)
+            qkv = torch.mm(h, w_qkv) if b_qkv is None else torch.addmm(b_qkv, h, w_qkv)
+            qk = qkv[:, :qk_end].view(-1, nq + nkv, hd)
+            rotated = qk.roll(hd // 2, -1) if self.half_roll else self.rotate_half(qk)
+            qk = torch.addcmul(qk * cos, rotated, sin).view(b, length, nq + nkv, hd).transpose(1, 2)
+            keys, values = qk[:, nq:], qkv[:, qk_end:v_end].view(b, length, nkv, hd).transpose(1, 2)
+            self.keys[i][:, :, :length].view(b, repeat, nkv, length, hd).copy_(keys[:, None])
+            self.values[i][:, :, :length].view(b, repeat, nkv, length, hd).copy_(values[:, None])
+            x = _residual(x, self._sdpa(qk[:, :nq], keys, values, mask), w_o, b_o, True)
+            h = _scaled(x, eps_post)
+            gate, up = (torch.mm(h, w_gu) if b_gu is None else torch.addmm(b_gu, h, w_gu)).chunk(2, -1)
+            x = _residual(x, F.silu(gate) * up, w_down, b_down, True)
+        self.length = length
+        self.mask[:, :length] = torch.zeros_like(real, dtype=self.mask.dtype).masked_fill_(
+            ~real, float("-inf")).repeat_interleave(repeat, 0)
+        w_norm, eps, w_head, b_head = self.final
+        return F.linear(_scaled(x.view(b, length, -1)[:, -1], eps) * w_norm, w_head, b_head)
 
     def load_prefill(self, cache, attention_mask: torch.Tensor, repeat: int) -> None:
         """Copy the prompt's cache (prompt rows) into the preallocated cache, each row ``repeat`` times."""
@@ -167,12 +233,12 @@ class FastDecoder:
         # repeating keys); the mask is expanded once for every layer. In float32 only: in bf16/fp16 the scores would
         # be rounded to that dtype before the softmax, where sdpa keeps them in float32, and a fused rope rounds
         # once where transformers rounds each product (bf16/fp16 keep the transformers path's log-probs exactly)
-        fp32 = self.mask.dtype == torch.float32
+        fp32 = fold = self.fold
         mask = self.mask[:, None, None, :t + 1].expand(rows, nkv, 1, t + 1).reshape(rows * nkv, 1, t + 1) \
             if fp32 else None
         for i, (w_in, eps_in, w_qkv, b_qkv, w_o, b_o, w_post, eps_post, w_gu, b_gu, w_down, b_down) in \
                 enumerate(self.plan):
-            h = _rms(x, w_in, eps_in)
+            h = _scaled(x, eps_in) if fold else _rms(x, w_in, eps_in)
             qkv = torch.mm(h, w_qkv) if b_qkv is None else torch.addmm(b_qkv, h, w_qkv)
             qk = qkv[:, :qk_end].view(rows, nq + nkv, hd)
             rotated = qk.roll(hd // 2, -1) if self.half_roll else self.rotate_half(qk)
@@ -187,11 +253,12 @@ class FastDecoder:
                 out = torch.bmm(torch.softmax(scores, -1), values).view(rows, nq * hd)
             else:
                 out = self._sdpa(qk[:, :nq, None], self.keys[i][:, :, :t + 1], self.values[i][:, :, :t + 1])
-            x = x + F.linear(out, w_o, b_o)
-            h = _rms(x, w_post, eps_post)
+            x = _residual(x, out, w_o, b_o, fold)
+            h = _scaled(x, eps_post) if fold else _rms(x, w_post, eps_post)
             gate, up = (torch.mm(h, w_gu) if b_gu is None else torch.addmm(b_gu, h, w_gu)).chunk(2, -1)
             act = F.silu(gate) * up
-            x = x + F.linear(act, w_down, b_down)
+            x = _residual(x, act, w_down, b_down, fold)
         self.length = t + 1
         w_norm, eps, w_head, b_head = self.final
-        return F.linear(_rms(x, w_norm, eps), w_head, b_head)
+        h = _scaled(x, eps) * w_norm if self.fold else _rms(x, w_norm, eps)
+        return F.linear(h, w_head, b_head)

@@ -106,19 +106,27 @@ class HFEngine:
         model, n = self.model, sampling.n
         stops = torch.tensor(stop_token_ids(model, self.tokenizer), dtype=torch.long, device=input_ids.device)
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        first = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-                      logits_to_keep=1)
-        cache = getattr(first, "past_key_values", None)
-        if cache is None or not hasattr(cache, "batch_repeat_interleave") or not hasattr(cache, "batch_select_indices"):
-            return self._decode_with_generate(input_ids, attention_mask, sampling, generator)
-        lean = None
-        if self.fast_decode and fast_decode.supports(model) and hasattr(cache, "layers"):
-            lean = fast_decode.FastDecoder(model, input_ids.shape[0] * n, input_ids.shape[1] + sampling.max_new_tokens)
-            lean.load_prefill(cache, attention_mask, n)
-            cache = None
-        elif n > 1:
-            cache.batch_repeat_interleave(n)
-        logits = first.logits[:, -1].repeat_interleave(n, 0)  # (rows, V)
+        lean = fast_decode.FastDecoder(model, input_ids.shape[0] * n, input_ids.shape[1] + sampling.max_new_tokens) \
+            if self.fast_decode and fast_decode.supports(model) else None
+        cache = None
+        if lean is not None and lean.fold:  # float32: the prompt through the lean step's own arithmetic
+            logits = lean.prefill(input_ids, attention_mask, positions, n)
+        else:
+            first = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                          logits_to_keep=1)
+            cache = getattr(first, "past_key_values", None)
+            if cache is None or not hasattr(cache, "batch_repeat_interleave") or \
+                    not hasattr(cache, "batch_select_indices"):
+                return self._decode_with_generate(input_ids, attention_mask, sampling, generator)
+            if lean is not None and hasattr(cache, "layers"):
+                lean.load_prefill(cache, attention_mask, n)
+                cache = None
+            else:
+                lean = None
+                if n > 1:
+                    cache.batch_repeat_interleave(n)
+            logits = first.logits[:, -1]
+        logits = logits.repeat_interleave(n, 0)  # (rows, V)
         mask = attention_mask.repeat_interleave(n, 0)
         position = positions[:, -1].repeat_interleave(n, 0)
         total = logits.shape[0]

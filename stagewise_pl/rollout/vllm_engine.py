@@ -73,7 +73,8 @@ class VLLMEngine:
                 batch.texts.append(sample.text)
                 batch.finish_reasons.append("length" if sample.finish_reason == "length" else "stop")
                 if batch.logprobs is not None:
-                    batch.logprobs.append([step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids)])
+                    batch.logprobs.append([step[token].logprob
+                                           for step, token in zip(sample.logprobs, sample.token_ids)])
         return batch
 
     # ------------------------------------------------------------------ weights
