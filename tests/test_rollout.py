@@ -64,15 +64,45 @@ def test_every_end_token_of_the_generation_config_stops_a_completion(tiny, monke
             assert ids == before
 
 
+def ending_midway(model, tokenizer, prompts, sampling):
+    """A copy of ``model`` whose rows end at different steps: the random tiny model never emits its eos and, greedy,
+    repeats one token, so a test of rows leaving the batch would have none. The copy's matrices are drawn again
+    with a larger spread (its outputs then depend on the context) and one more end token is chosen that some rows
+    emit midway and others never."""
+    import collections
+    import copy
+
+    model = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.dim() == 2:
+                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.2)
+    completions = HFEngine(model, tokenizer).generate(prompts, sampling).completion_ids
+    rows_with = collections.Counter(t for ids in completions for t in set(ids[1:-1]))
+    midway = [t for t in rows_with if all(t not in ids[:1] + ids[-1:] for ids in completions)]  # never first/last
+    assert midway, "no token that could end some rows midway"
+    token = min(midway, key=lambda t: (abs(rows_with[t] - len(completions) / 2), t))
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, token]
+    return model
+
+
+def assert_some_rows_stopped_midway(batch, budget):
+    stopped = [len(ids) for ids, reason in zip(batch.completion_ids, batch.finish_reasons) if reason == "stop"]
+    assert stopped and min(stopped) < budget and "length" in batch.finish_reasons
+
+
 def test_rows_that_finish_leave_the_batch_without_changing_the_others(tiny):
     """Greedy completions are the same whatever finishes around them (compaction keeps rows aligned)."""
     model, tokenizer = tiny
-    engine = HFEngine(model, tokenizer, batch_size=8)
     prompts = render_prompts(tokenizer, ["1+2", "30-4+5", "7", "12+9-3", "5", "44-40"])
     greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=12)
-    together = engine.generate(prompts, greedy).completion_ids
-    alone = [engine.generate([p], greedy).completion_ids[0] for p in prompts]
-    assert together == alone
+    model = ending_midway(model, tokenizer, prompts, greedy)
+    for fast in (True, False):
+        engine = HFEngine(model, tokenizer, batch_size=8, fast_decode=fast)
+        together = engine.generate(prompts, greedy)
+        assert_some_rows_stopped_midway(together, 12)
+        assert together.completion_ids == [engine.generate([p], greedy).completion_ids[0] for p in prompts]
 
 
 def test_top_p_keeps_the_nucleus():
@@ -127,9 +157,12 @@ def test_vllm_engine_without_vllm_names_the_extra():
 
 # ------------------------------------------------------------------ the lean decode step
 def _compare_paths(model, tokenizer, prompts, sampling):
+    """The two paths give the same tokens, finish reasons and (close) log-probs, with rows leaving the batch."""
+    model = ending_midway(model, tokenizer, prompts, sampling)
     fast = HFEngine(model, tokenizer, fast_decode=True).generate(prompts, sampling)
     slow = HFEngine(model, tokenizer, fast_decode=False).generate(prompts, sampling)
     assert fast.completion_ids == slow.completion_ids and fast.finish_reasons == slow.finish_reasons
+    assert_some_rows_stopped_midway(fast, sampling.max_new_tokens)
     for a, b in zip(fast.logprobs, slow.logprobs):
         assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4)
     return fast

@@ -139,12 +139,14 @@ class HFEngine:
             out_tokens[rows, step] = nxt
             if out_logp is not None:
                 out_logp[rows, step] = nxt_logp
-            alive = ~torch.isin(nxt, stops)
-            stopped[rows[~alive]] = True
-            if step == sampling.max_new_tokens - 1 or not alive.any():
+            finished = torch.isin(nxt, stops)
+            done = int(finished.sum())  # one sync a step; the rest only when a row ends
+            if done:
+                stopped[rows[finished]] = True
+            if step == sampling.max_new_tokens - 1 or done == len(nxt):
                 break
-            if not alive.all():  # finished rows leave the batch, cache included
-                keep = alive.nonzero()[:, 0]
+            if done:  # finished rows leave the batch, cache included
+                keep = (~finished).nonzero()[:, 0]
                 if lean is not None:
                     lean.select(keep)
                 else:
