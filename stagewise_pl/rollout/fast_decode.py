@@ -17,8 +17,8 @@ arithmetic. This step does the same arithmetic with fewer ops, on the model's ow
   added to the scores (the CPU flash kernel costs more per call at one query position);
 - in float32, each RMSNorm's weight folded into the rows of the product it feeds (a norm is then
   ``x * rsqrt(sum x^2 + width * eps)``, three ops) and the residual adds done by the o/down products
-  (``addmm``); in bf16/fp16 RMSNorm as one ``F.rms_norm`` and the products and adds rounded one by
-  one as transformers does; weights and biases gathered once per batch (no module lookups per token).
+  (``addmm``); in bf16/fp16 RMSNorm, products and adds rounded one by one as transformers does;
+  weights and biases gathered once per batch (no module lookups per token).
 During ``generate`` the concatenated weights are a copy of the q/k/v and gate/up weights.
 In float32 the prompt is prefilled by the same arithmetic (:meth:`FastDecoder.prefill`, keys and
 values written straight into the cache); in bf16/fp16 by ``model(...)``, its cache copied in.
@@ -59,9 +59,8 @@ def supports(model) -> bool:
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as transformers' Llama/Qwen2 modules compute it (in float32, weight applied after)."""
-    if x.dtype == torch.float32 and hasattr(F, "rms_norm"):
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    """RMSNorm as transformers' Llama/Qwen2 modules compute it (in float32, weight applied after); the step's
+    bf16/fp16 path (float32 weights take the folded :func:`_scaled`)."""
     xf = x.float()
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
@@ -195,11 +194,16 @@ class FastDecoder:
             h = _scaled(x, eps_post)
             gate, up = (torch.mm(h, w_gu) if b_gu is None else torch.addmm(b_gu, h, w_gu)).chunk(2, -1)
             x = _residual(x, F.silu(gate) * up, w_down, b_down, True)
-        self.length = length
-        self.mask[:, :length] = torch.zeros_like(real, dtype=self.mask.dtype).masked_fill_(
-            ~real, float("-inf")).repeat_interleave(repeat, 0)
+        self._set_padding(attention_mask, repeat)
         w_norm, eps, w_head, b_head = self.final
         return F.linear(_scaled(x.view(b, length, -1)[:, -1], eps) * w_norm, w_head, b_head)
+
+    def _set_padding(self, attention_mask: torch.Tensor, repeat: int) -> None:
+        """The prompt's positions in the additive mask (0 where a row may attend, -inf at its left padding), each
+        prompt row ``repeat`` times; the cache then holds the prompt."""
+        real = attention_mask.bool().repeat_interleave(repeat, 0)
+        self.length = real.shape[1]
+        self.mask[:, :self.length] = torch.zeros_like(real, dtype=self.mask.dtype).masked_fill_(~real, float("-inf"))
 
     def load_prefill(self, cache, attention_mask: torch.Tensor, repeat: int) -> None:
         """Copy the prompt's cache (prompt rows) into the preallocated cache, each row ``repeat`` times."""
@@ -209,11 +213,7 @@ class FastDecoder:
                 k, v = k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)
             self.keys[i][:, :, :k.shape[2]] = k
             self.values[i][:, :, :v.shape[2]] = v
-        mask = attention_mask.bool()
-        if repeat > 1:
-            mask = mask.repeat_interleave(repeat, 0)
-        self.length = mask.shape[1]
-        self.mask[:, :self.length] = torch.zeros_like(self.mask[:, :self.length]).masked_fill_(~mask, float("-inf"))
+        self._set_padding(attention_mask, repeat)
 
     def select(self, keep: torch.Tensor) -> None:
         """Keep only rows ``keep`` (finished rows leave the batch)."""
@@ -233,16 +233,16 @@ class FastDecoder:
         # repeating keys); the mask is expanded once for every layer. In float32 only: in bf16/fp16 the scores would
         # be rounded to that dtype before the softmax, where sdpa keeps them in float32, and a fused rope rounds
         # once where transformers rounds each product (bf16/fp16 keep the transformers path's log-probs exactly)
-        fp32 = fold = self.fold
+        fold = self.fold
         mask = self.mask[:, None, None, :t + 1].expand(rows, nkv, 1, t + 1).reshape(rows * nkv, 1, t + 1) \
-            if fp32 else None
+            if fold else None
         for i, (w_in, eps_in, w_qkv, b_qkv, w_o, b_o, w_post, eps_post, w_gu, b_gu, w_down, b_down) in \
                 enumerate(self.plan):
             h = _scaled(x, eps_in) if fold else _rms(x, w_in, eps_in)
             qkv = torch.mm(h, w_qkv) if b_qkv is None else torch.addmm(b_qkv, h, w_qkv)
             qk = qkv[:, :qk_end].view(rows, nq + nkv, hd)
             rotated = qk.roll(hd // 2, -1) if self.half_roll else self.rotate_half(qk)
-            qk = torch.addcmul(qk * cos, rotated, sin) if fp32 else qk * cos + rotated * sin  # rope
+            qk = torch.addcmul(qk * cos, rotated, sin) if fold else qk * cos + rotated * sin  # rope
             self.keys[i][:, :, t] = qk[:, nq:]
             self.values[i][:, :, t] = qkv[:, qk_end:v_end].view(rows, nkv, hd)
             if mask is not None:
