@@ -70,7 +70,8 @@ def test_gradcheck_float64():
     hidden, weight, bias, targets = inputs(7, 5, 11, dtype=torch.float64)
     for block in (None, 4):
         assert torch.autograd.gradcheck(lambda h, w, b: logprobs(h, w, targets, b, 0.8, with_entropy=True,
-                                                                 chunk_tokens=3, vocab_block=block), (hidden, weight, bias))
+                                                                 chunk_tokens=3, vocab_block=block),
+                                        (hidden, weight, bias))
         assert torch.autograd.gradcheck(lambda h, w, b: fused_nll_loss(h, w, targets, b, chunk_tokens=3,
                                                                        vocab_block=block)[0], (hidden, weight, bias))
 
@@ -125,8 +126,8 @@ def test_fused_policy_loss_float64_is_exact():
     hidden, weight, targets, mask, old, ref, advantages = policy_inputs(dtype=torch.float64)
     cfg = PolicyLossConfig(beta=0.04, entropy_coef=0.01, aggregation="seq_mean_token_mean")
     out = fused_policy_loss(hidden, weight, targets, old, advantages, mask, cfg, ref_logp=ref, chunk_tokens=4)
-    logp, entropy = naive(hidden.reshape(-1, hidden.shape[-1]), weight, torch.zeros(weight.shape[0], dtype=torch.float64),
-                          targets.reshape(-1), 1.0)
+    logp, entropy = naive(hidden.reshape(-1, hidden.shape[-1]), weight,
+                          torch.zeros(weight.shape[0], dtype=torch.float64), targets.reshape(-1), 1.0)
     ref_loss = policy_loss(logp.view(targets.shape), old, advantages, mask, cfg, ref, entropy.view(targets.shape))
     assert abs(out.loss.item() - ref_loss.item()) <= 1e-12
     assert torch.allclose(grads(out.loss, (hidden,))[0], grads(ref_loss, (hidden,))[0], atol=1e-12)
@@ -195,3 +196,34 @@ def test_sft_never_builds_full_logits(tiny_model_dir):
     loss, count = sft_loss(model, batch)
     loss.backward()
     assert count == 2 and torch.isfinite(loss) and head.weight.grad is not None
+
+
+def test_rows_with_ignored_targets_never_reach_the_kernels(monkeypatch):
+    """The head's products run on the counted rows only (an SFT batch's prompt and padding cost nothing), and the
+    results are the naive reference's: 0 and no gradient on the ignored rows."""
+    import stagewise_pl.kernels as kernels
+
+    rows_seen = []
+    for name in ("LinearLogProb", "FusedTokenLoss"):
+        function = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, type(name, (), {"apply": staticmethod(
+            lambda x, *args, _apply=function.apply: rows_seen.append(x.shape[0]) or _apply(x, *args))}))
+    hidden, weight, bias, targets = inputs(12, 8, 11, dtype=torch.float64)
+    targets[:4], targets[9] = -100, -100  # 7 of 12 rows count
+    logp, entropy = logprobs(hidden, weight, targets, bias, with_entropy=True)
+    ref_logp, ref_entropy = naive(hidden, weight, bias, targets, 1.0)
+    assert torch.allclose(logp, ref_logp) and torch.allclose(entropy, ref_entropy)
+    assert not entropy[targets == -100].any()
+    loss, count = fused_nll_loss(hidden, weight, targets, bias)
+    loss.backward()
+    grad = hidden.grad.clone()
+    hidden.grad = None
+    (-ref_logp.sum() / 7).backward()
+    assert int(count) == 7 and torch.allclose(grad, hidden.grad) and not grad[targets == -100].any()
+    mask = (targets != -100).double()
+    advantages = torch.linspace(-1, 1, 12, dtype=torch.float64)
+    out = fused_policy_loss(hidden, weight, targets.clamp(min=0), None, advantages, mask, PolicyLossConfig(),
+                            bias=bias)
+    ref = policy_loss(ref_logp, ref_logp.detach(), advantages, mask, PolicyLossConfig())
+    assert torch.allclose(out.loss, ref)
+    assert rows_seen == [7, 7, 7]

@@ -7,7 +7,9 @@
 
 ``backend``: "torch" (everywhere), "triton" (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``),
 or "auto" (triton on CUDA when it imports, else torch). See ``linear_logprob.py`` for the method, ``plan.py`` for
-the chunk plans.
+the chunk plans. Rows whose target is ignored are left out before the kernels run (their log-prob and entropy are 0
+and no gradient flows from them either way): the head's products are then paid for the counted tokens only, not for
+an SFT batch's prompts and padding.
 """
 from __future__ import annotations
 
@@ -108,6 +110,20 @@ def _prepare(hidden, weight, targets, chunk_tokens, vocab_block, budget_bytes, s
     return x, t, chunk_plan
 
 
+def _counted_rows(t: torch.Tensor, ignore_index: int) -> Optional[torch.Tensor]:
+    """Indices of the rows whose target counts, or None when there is nothing to leave out (every row counts, or
+    none does: the kernels then run as given)."""
+    keep = (t != ignore_index).nonzero()[:, 0]
+    return None if keep.numel() in (0, t.numel()) else keep
+
+
+def _spread(values: Optional[torch.Tensor], keep: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
+    """Per-row values of the counted rows back at their places among ``n`` rows (0 elsewhere)."""
+    if values is None or keep is None:
+        return values
+    return values.new_zeros(n).index_copy(0, keep, values)
+
+
 def logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: Optional[torch.Tensor] = None,
              temperature: float = 1.0, ignore_index: int = -100, with_entropy: bool = False, *, backend: str = "auto",
              chunk_tokens: Optional[int] = None, vocab_block: Optional[int] = None,
@@ -121,8 +137,12 @@ def logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
     """
     x, t, chunk_plan = _prepare(hidden, weight, targets, chunk_tokens, vocab_block, budget_bytes, single_pass=False,
                                 chunk_plan=chunk_plan)
+    n, keep = t.shape[0], _counted_rows(t, ignore_index)
+    if keep is not None:
+        x, t = x.index_select(0, keep), t.index_select(0, keep)
     logp, entropy = LinearLogProb.apply(x, weight, bias, t, float(temperature), ignore_index, with_entropy,
                                         chunk_plan, resolve_backend(backend, hidden))
+    logp, entropy = _spread(logp, keep, n), _spread(entropy, keep, n)
     return logp.view(targets.shape), (entropy.view(targets.shape) if entropy is not None else None)
 
 
@@ -135,6 +155,9 @@ def fused_nll_loss(hidden, weight, targets, bias=None, ignore_index: int = -100,
                                 chunk_plan=chunk_plan)
     count = (t != ignore_index).sum()
     scale = 1.0 / count.clamp(min=1).to(accumulation_dtype(hidden))
+    keep = _counted_rows(t, ignore_index)
+    if keep is not None:
+        x, t = x.index_select(0, keep), t.index_select(0, keep)
 
     def token_loss(logp, entropy, rows):
         return -logp.sum() * scale
@@ -184,17 +207,23 @@ def fused_policy_loss(hidden, weight, targets, old_logp, advantages, mask, cfg: 
     masked_targets = torch.where(mask.bool(), targets, torch.full_like(targets, -100))
     x, t, chunk_plan = _prepare(hidden, weight, masked_targets, chunk_tokens, vocab_block, budget_bytes,
                                 chunk_plan=chunk_plan)
+    n, keep = t.shape[0], _counted_rows(t, -100)
+    # the rows the kernel sees, and the per-row terms of its token loss, counted rows only when some are left out
+    xk, tk = (x, t) if keep is None else (x.index_select(0, keep), t.index_select(0, keep))
+    oldk, advk, refk, wk, entk = [v if v is None or keep is None else v.index_select(0, keep)
+                                  for v in (old, adv, ref, weights, ent_w)]
 
     def token_loss(logp, entropy, rows):
-        terms = policy_token_loss(logp, logp.detach() if old is None else old[rows], adv[rows], cfg,
-                                  None if ref is None else ref[rows])
-        loss = (weights[rows] * terms).sum()
+        terms = policy_token_loss(logp, logp.detach() if oldk is None else oldk[rows], advk[rows], cfg,
+                                  None if refk is None else refk[rows])
+        loss = (wk[rows] * terms).sum()
         if cfg.entropy_coef:
-            loss = loss - cfg.entropy_coef * (ent_w[rows] * entropy).sum()
+            loss = loss - cfg.entropy_coef * (entk[rows] * entropy).sum()
         return loss
 
-    loss, logp, entropy = FusedTokenLoss.apply(x, weight, bias, t, float(temperature), -100, with_entropy,
+    loss, logp, entropy = FusedTokenLoss.apply(xk, weight, bias, tk, float(temperature), -100, with_entropy,
                                                chunk_plan, resolve_backend(backend, hidden), token_loss)
+    logp, entropy = _spread(logp, keep, n), _spread(entropy, keep, n)
     ratio = torch.exp(logp - old) if old is not None else torch.ones_like(logp)
     clip_fraction = clipped_fraction(ratio, adv, (t != -100).to(acc), cfg.epsilon_low, cfg.epsilon_high)
     return PolicyLossOutput(loss, logp.view(targets.shape), None if entropy is None else entropy.view(targets.shape),
