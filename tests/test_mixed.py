@@ -260,23 +260,26 @@ def test_fewer_trace_rows_than_ranks_still_give_every_rank_the_same_number_of_ba
 
 
 # ------------------------------------------------------------------ the kinds in a run: summaries, kill and resume
-PLAN = ("phases=[{name: h, kind: hpt, steps: 3, lr: 1e-4}, {name: r, kind: relift, steps: 4, lr: 1e-4}]")
-SETTINGS = [PLAN, "grpo.prompts_per_step=6", "grpo.num_generations=4", "grpo.max_new_tokens=24",
+PLAN = "phases=[{name: h, kind: hpt, steps: 3, lr: 1e-4}, {name: r, kind: relift, steps: %d, lr: 1e-4}]"
+SETTINGS = ["grpo.prompts_per_step=6", "grpo.num_generations=4", "grpo.max_new_tokens=24",
             "trainer.checkpoint_every_n_steps=2", "run.deterministic=true", "eval.each_phase=false",
             "mixed.buffer_size=3", "grpo.levels=[4,5,6]"]
 
 
 @pytest.mark.slow
 def test_a_killed_mixed_run_resumes_to_the_uninterrupted_one(tmp_path, base_overrides):
-    args = base_overrides + SETTINGS
+    # relift's rollout step makes at most two updates (one RL, one SFT), so 6 updates take at least 3 rollout
+    # steps whatever the trajectory: the fault after rollout step 3 always fires (with 4 updates, a trajectory
+    # that filled the buffer twice ended after 2 rollout steps and the kill never came)
+    args = base_overrides + [PLAN % 6] + SETTINGS
     golden = tmp_path / "golden"
     out = fit(args + [f"run.dir={golden}"])
     assert out.returncode == 0, out.stderr[-3000:]
     done = json.loads((golden / "state.json").read_text())["completed"]
     h, r = done["h"], done["r"]
     assert h["kind"] == "hpt" and h["teacher_traces"] > 0 and h["sft_examples"] > 0 and h["optimizer_steps"] == 3
-    assert r["kind"] == "relift" and r["sft_steps"] >= 1 and r["optimizer_steps"] == 4
-    assert r["rl_updates"] + r["sft_steps"] == 4 and r["generated_tokens"] > 0
+    assert r["kind"] == "relift" and r["sft_steps"] >= 1 and r["optimizer_steps"] == 6
+    assert r["rl_updates"] + r["sft_steps"] == 6 and r["generated_tokens"] > 0 and r["rollout_steps"] >= 3
     # killed in relift after its second rollout step's checkpoint, with a part-filled buffer to carry over
     crashed = tmp_path / "crashed"
     assert fit(args + [f"run.dir={crashed}"], {"STAGEWISE_FAULT": "step:r:3"}).returncode == -9
@@ -297,7 +300,7 @@ def test_two_ddp_processes_run_the_peer_kinds_to_the_same_weights(tmp_path, base
     from stagewise_pl.ledger import DifficultyLedger
 
     run_dir = tmp_path / "ddp"
-    fit_ddp(base_overrides + SETTINGS, run_dir)  # the same routing and weights on both ranks
+    fit_ddp(base_overrides + [PLAN % 4] + SETTINGS, run_dir)  # the same routing and weights on both ranks
     done = json.loads((run_dir / "state.json").read_text())["completed"]
     assert done["h"]["teacher_traces"] > 0 and done["h"]["optimizer_steps"] == 3
     assert done["r"]["sft_steps"] >= 1 and done["r"]["optimizer_steps"] == 4
@@ -312,7 +315,7 @@ def test_bridged_traces_count_the_students_rewrite_tokens(tmp_path, base_overrid
     """mixed.bridge=true: traces go through the Bridge before they are learned; the student's rewrite tokens count
     in the phase's generated tokens (and so against grpo.token_budget), beside its rollouts'."""
     run_dir = tmp_path / "bridged"
-    out = fit(base_overrides + SETTINGS + [f"run.dir={run_dir}", "mixed.bridge=true", "bridge.samples=2"])
+    out = fit(base_overrides + [PLAN % 4] + SETTINGS + [f"run.dir={run_dir}", "mixed.bridge=true", "bridge.samples=2"])
     assert out.returncode == 0, out.stderr[-3000:]
     done = json.loads((run_dir / "state.json").read_text())["completed"]
     for name in ("h", "r"):
@@ -323,7 +326,7 @@ def test_bridged_traces_count_the_students_rewrite_tokens(tmp_path, base_overrid
     assert done["r"]["steps"] == 4 and done["r"]["rl_updates"] + done["r"]["sft_steps"] == 4
 
 
-# ------------------------------------------------------------------ learning where the teacher knows what RL cannot find
+# -------------------------------------------------------------- learning where the teacher knows what RL cannot find
 # Measured 2026-12-02 (seed 0, these settings, held-out level 7 sampled pass@1 over 50 problems x 8): hpt 0.002 ->
 # 0.575, relift 0.002 -> 0.512 (at lr 1e-3: 0.538 and 0.488); grpo alone, 100 rollout steps at lr 1e-3, stays at
 # 0.000 (16 of them had a group with any signal). Both peers also forget the +/- levels they do not see here
