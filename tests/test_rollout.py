@@ -119,9 +119,20 @@ def test_top_p_keeps_the_nucleus():
         assert abs(float(logp) - float(nucleus[int(tokens)].log())) < 1e-5
 
 
-def test_generate_fallback_for_other_caches(tiny, monkeypatch):
+@pytest.mark.parametrize("lean", [False, True])
+def test_generate_fallback_for_other_caches(tiny, monkeypatch, lean):
+    """A cache that cannot drop rows sends the transformers path to model.generate. With the lean step on, a bf16
+    model takes the transformers prefill (float32 has a cache of its own), and no lean decoder is built for nothing."""
+    import copy
+
+    from stagewise_pl.rollout import fast_decode
+
     model, tokenizer = tiny
-    engine = HFEngine(model, tokenizer, fast_decode=False)  # the lean step keeps a cache of its own
+    if lean:
+        model = copy.deepcopy(model).to(torch.bfloat16)
+    built = []
+    monkeypatch.setattr(fast_decode, "FastDecoder", lambda *a, **k: built.append(1))
+    engine = HFEngine(model, tokenizer, fast_decode=lean)
     calls = []
     original = engine._decode_with_generate
 
@@ -134,7 +145,7 @@ def test_generate_fallback_for_other_caches(tiny, monkeypatch):
 
     monkeypatch.delattr(Cache, "batch_select_indices")  # a cache that cannot drop finished rows
     batch = engine.generate(render_prompts(tokenizer, ["1+2"]), SamplingParams(n=2, max_new_tokens=4))
-    assert calls and len(batch.texts) == 2
+    assert calls and len(batch.texts) == 2 and not built
 
 
 def test_engine_from_config(tiny):

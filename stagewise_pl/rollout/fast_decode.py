@@ -38,6 +38,12 @@ STATIC_ROPE = ("default", "linear", "llama3", "yarn", "longrope")
 _NATIVE_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")  # torch >= 2.5
 
 
+def folds(model) -> bool:
+    """float32 weights: the norms are folded into the products and the prompt goes through
+    :meth:`FastDecoder.prefill` (bf16/fp16 keep transformers' rounding and its prefill)."""
+    return next(model.parameters()).dtype == torch.float32
+
+
 def supports(model) -> bool:
     cfg = getattr(model, "config", None)
     if cfg is None or getattr(cfg, "model_type", None) not in SUPPORTED_TYPES:
@@ -113,7 +119,7 @@ class FastDecoder:
         # feeds, so a norm is three ops (x * rsqrt(sum x^2 + width * eps)) instead of F.rms_norm's nine, and the
         # residual adds ride on the o/down products (addmm); in bf16/fp16 the step rounds as transformers does
         p = next(model.parameters())
-        self.fold = p.dtype == torch.float32
+        self.fold = folds(model)
         width = model.config.hidden_size
         self.plan = []
         for layer in self.decoder.layers:

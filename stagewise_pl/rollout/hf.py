@@ -106,10 +106,14 @@ class HFEngine:
         model, n = self.model, sampling.n
         stops = torch.tensor(stop_token_ids(model, self.tokenizer), dtype=torch.long, device=input_ids.device)
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        lean = fast_decode.FastDecoder(model, input_ids.shape[0] * n, input_ids.shape[1] + sampling.max_new_tokens) \
-            if self.fast_decode and fast_decode.supports(model) else None
-        cache = None
-        if lean is not None and lean.fold:  # float32: the prompt through the lean step's own arithmetic
+        use_lean = self.fast_decode and fast_decode.supports(model)
+        lean, cache = None, None
+
+        def lean_decoder():  # built once it is known to be used (its weight copies and cache are not free)
+            return fast_decode.FastDecoder(model, input_ids.shape[0] * n, input_ids.shape[1] + sampling.max_new_tokens)
+
+        if use_lean and fast_decode.folds(model):  # float32: the prompt through the lean step's own arithmetic
+            lean = lean_decoder()
             logits = lean.prefill(input_ids, attention_mask, positions, n)
         else:
             first = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
@@ -118,13 +122,12 @@ class HFEngine:
             if cache is None or not hasattr(cache, "batch_repeat_interleave") or \
                     not hasattr(cache, "batch_select_indices"):
                 return self._decode_with_generate(input_ids, attention_mask, sampling, generator)
-            if lean is not None and hasattr(cache, "layers"):
+            if use_lean and hasattr(cache, "layers"):
+                lean = lean_decoder()
                 lean.load_prefill(cache, attention_mask, n)
                 cache = None
-            else:
-                lean = None
-                if n > 1:
-                    cache.batch_repeat_interleave(n)
+            elif n > 1:
+                cache.batch_repeat_interleave(n)
             logits = first.logits[:, -1]
         logits = logits.repeat_interleave(n, 0)  # (rows, V)
         mask = attention_mask.repeat_interleave(n, 0)
