@@ -139,8 +139,9 @@ class BridgeContext:
         out: list[float] = []
         try:
             for start in range(0, len(targets), self.batch_size):
+                part = slice(start, start + self.batch_size)
                 examples = [encode_example(self.tokenizer, self.render(p.prompt), t, self.max_length)
-                            for p, t in zip(problems[start:start + self.batch_size], targets[start:start + self.batch_size])]
+                            for p, t in zip(problems[part], targets[part])]
                 batch = {k: v.to(device) for k, v in pad_collate(examples, self.tokenizer.pad_token_id).items()}
                 labels = shift_labels(batch["labels"])
                 logp, _ = logprobs(hidden_states(policy, batch), head.weight, labels, getattr(head, "bias", None),
@@ -187,7 +188,8 @@ class StudentRewrite(BridgeStrategy):
                     for p, t in zip(problems, traces)]
         batch = ctx.sample(rendered, n, desc="bridge: student rewrites")
         reasons = ctx.judge(batch.texts, [p.answer for p in problems for _ in range(n)], reference_check=True)
-        return [first_accepted([(batch.texts[r], reasons[r]) for r in batch.samples_of(i)]) for i in range(len(problems))]
+        return [first_accepted([(batch.texts[r], reasons[r]) for r in batch.samples_of(i)])
+                for i in range(len(problems))]
 
 
 @BRIDGES.register("teacher_simplify")
@@ -198,7 +200,8 @@ class TeacherSimplify(BridgeStrategy):
         from stagewise_pl.teachers.base import TeacherError, ask_each
 
         if not hasattr(ctx.teacher, "simplify"):
-            raise TeacherError(f"bridge.strategy=teacher_simplify: teacher {type(ctx.teacher).__name__} cannot simplify")
+            raise TeacherError(f"bridge.strategy=teacher_simplify: teacher {type(ctx.teacher).__name__} "
+                               "cannot simplify")
         texts = ask_each(ctx.teacher, "simplify", [(p, t[0]) for p, t in zip(problems, traces)])
         ctx.teacher_texts += written(texts)
         reasons = ctx.judge(texts, [p.answer for p in problems])
@@ -257,7 +260,8 @@ def make_strategy(settings) -> BridgeStrategy:
     return BRIDGES.get(settings.strategy)()
 
 
-def run_bridge(strategy: BridgeStrategy, ctx: BridgeContext, problems: Sequence[Problem]) -> tuple[list[BridgeItem], dict]:
+def run_bridge(strategy: BridgeStrategy, ctx: BridgeContext,
+               problems: Sequence[Problem]) -> tuple[list[BridgeItem], dict]:
     """Bridged targets for ``problems`` (keep-or-fall-back) and a summary: acceptance and NLL bridged vs raw."""
     from stagewise_pl.teachers.base import TeacherError
 

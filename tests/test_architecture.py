@@ -36,3 +36,11 @@ def test_modules_stay_small():
     sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines())
              for p in list((ROOT / "stagewise_pl").rglob("*.py")) + list((ROOT / "callbacks").rglob("*.py"))}
     assert {name: n for name, n in sizes.items() if n > 420 and name != "stagewise_pl/config.py"} == {}
+
+
+def test_lines_stay_within_120_characters():
+    """The project's line length, in the package, callbacks, tests and tools alike."""
+    long = [f"{p.relative_to(ROOT)}:{i}" for folder in ("stagewise_pl", "callbacks", "tests", "tools")
+            for p in sorted((ROOT / folder).rglob("*.py"))
+            for i, line in enumerate(p.read_text().splitlines(), 1) if len(line) > 120]
+    assert long == []

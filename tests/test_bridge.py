@@ -126,7 +126,8 @@ def test_min_nll_select_takes_the_most_likely_verified_trace():
 
 
 def test_raw_strategy_is_the_teacher_trace_and_a_teacher_with_nothing_raises():
-    items, summary = run_bridge(make_strategy(BridgeConfig(strategy="raw")), context(teacher=FixedTeacher(RAW)), PROBLEMS)
+    items, summary = run_bridge(make_strategy(BridgeConfig(strategy="raw")), context(teacher=FixedTeacher(RAW)),
+                                PROBLEMS)
     assert [it.target for it in items] == [RAW[p.id][0] for p in PROBLEMS] and summary["acceptance"] == 0.0
     with pytest.raises(TeacherError, match="no trace for any of 4 problems"):
         run_bridge(make_strategy(BridgeConfig(strategy="raw")), context(teacher=FixedTeacher({})), PROBLEMS)

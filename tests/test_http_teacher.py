@@ -108,7 +108,8 @@ def problems(k: int) -> list[Problem]:
 
 def test_retries_after_server_errors_then_answers(endpoint, monkeypatch):
     monkeypatch.delenv(KEY_ENV, raising=False)
-    endpoint.script = lambda call, body: answer(500, {}) if call == 0 else answer(429, {}) if call == 1 else choices(body)
+    endpoint.script = lambda call, body: (answer(500, {}) if call == 0 else answer(429, {}) if call == 1
+                                          else choices(body))
     t = teacher(endpoint, max_retries=3, prompts={"teacher_trace": "Solve: {problem}"}, temperature=0.3,
                 max_tokens=77, seed=5)
     assert t.traces(problems(1), n=2) == [["#0: Solve: 0+0", "#1: Solve: 0+0"]]
@@ -181,7 +182,8 @@ def test_cache_answers_a_restarted_teacher_without_requests(endpoint, tmp_path):
 
 def test_concurrency_is_limited_and_order_kept(endpoint):
     # earlier problems answer later, so answers arrive out of order
-    endpoint.script = lambda call, body: choices(body, delay=0.05 + 0.03 * (8 - int(body["messages"][0]["content"][-1])))
+    endpoint.script = lambda call, body: choices(body,
+                                                 delay=0.05 + 0.03 * (8 - int(body["messages"][0]["content"][-1])))
     t = teacher(endpoint, concurrency=2, prompts={"teacher_trace": "{problem}"})
     traces = t.traces([Problem(id=f"p{i}", prompt=str(i), answer="0", source="t") for i in range(8)])
     assert traces == [[f"#0: {i}"] for i in range(8)]
@@ -324,7 +326,8 @@ def test_a_run_with_the_http_teacher_keeps_the_key_out_and_pays_nothing_twice(en
     endpoint.script = arithmetic_teacher
     cache = tmp_path / "teacher-cache"
     args = base_overrides + [
-        "profile.limit=48", "profile.k=2", "trainer.batch_size=16", "eval.each_phase=false", "bridge.strategy=teacher_simplify",
+        "profile.limit=48", "profile.k=2", "trainer.batch_size=16", "eval.each_phase=false",
+        "bridge.strategy=teacher_simplify",
         "teacher.name=openai", f"teacher.args={{base_url: '{endpoint.url}', model: big, api_key_env: {KEY_ENV}, "
                                f"cache_dir: '{cache}', backoff_s: 0.01, timeout_s: 5}}",
         "phases=[{name: p, kind: profile}, {name: b, kind: bridge_sft, select: hard, steps: 2}]"]

@@ -113,7 +113,8 @@ def profile_run(run_dir, *extra):
 
 
 def test_profile_phase_records_k_samples_per_problem(tmp_path):
-    profile_run(tmp_path / "p", "profile.sequential=false").execute()  # a full profile (sequential: tests/test_profile.py)
+    # a full profile (sequential: tests/test_profile.py)
+    profile_run(tmp_path / "p", "profile.sequential=false").execute()
     summary = json.loads((tmp_path / "p" / "state.json").read_text())["completed"]["1-profile"]
     ledger = DifficultyLedger(tmp_path / "p" / "ledger", run_id="p")
     rates = ledger.pass_rates("1-profile")

@@ -25,8 +25,10 @@ def test_merged_weights_compute_what_the_adapted_model_computes(tiny):
         optimizer.zero_grad()
     merged = merged_state_dict(policy)
     assert set(merged) == set(before)  # the plain model's keys: no adapter tensors
-    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
-    assert torch.equal(merged["model.layers.0.self_attn.k_proj.weight"], before["model.layers.0.self_attn.k_proj.weight"])
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
+                           before["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(merged["model.layers.0.self_attn.k_proj.weight"],
+                       before["model.layers.0.self_attn.k_proj.weight"])
     plain = AutoModelForCausalLM.from_config(tiny[0].config)
     plain.load_state_dict(merged)
     policy.eval(), plain.eval()

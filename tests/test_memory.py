@@ -33,7 +33,8 @@ def test_known_shapes_give_the_published_sizes(name, billions):
 
 def test_every_ddp_rank_holds_the_whole_model():
     base = ["model.name_or_path=Qwen/Qwen2.5-1.5B-Instruct", "model.dtype=bfloat16"]
-    one, ddp = (estimate(load_config("default", base + [f"trainer.devices={d}", "trainer.strategy=ddp"])) for d in (1, 4))
+    one, ddp = (estimate(load_config("default", base + [f"trainer.devices={d}", "trainer.strategy=ddp"]))
+                for d in (1, 4))
     assert one == ddp
     assert ddp["weights"] == pytest.approx(1.544e9 * 2 / 2**30, abs=0.01)
     assert estimate(load_config("default", ["model.name_or_path=someone/unknown-model"])) is None

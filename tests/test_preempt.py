@@ -63,7 +63,8 @@ def test_a_signal_checkpoints_the_step_requeues_under_slurm_and_the_run_resumes(
     assert "resuming at step 4" in resumed.stdout
     assert same_weights(straight / "final", tmp_path / "run" / "final")
     reliability(f"SIG{name} mid-run" + (" under Slurm (SLURM_JOB_ID set)" if slurm else " outside Slurm"),
-                f"signal:{name}", "checkpoint of the step in progress, " + ("scontrol requeue called, " if slurm else "")
+                f"signal:{name}",
+                "checkpoint of the step in progress, " + ("scontrol requeue called, " if slurm else "")
                 + f"exit {128 + signum}; the resumed run ends with the uninterrupted run's weights", 0)
 
 

@@ -20,8 +20,9 @@ def slurm(*args, cwd=None, env=None):
 
 
 def test_dry_run_renders_one_task_per_seed_and_sweep_value(tmp_path):
-    out = slurm("submit", "conf=default", "eval.k=0", "--array", "seed=0,1", "--sweep", "bridge.strategy=raw,student_rewrite",
-                "--nodes", "2", "--gpus-per-node", "4", "--time", "01:30:00", "--root", tmp_path, "--name", "x", "--dry-run")
+    out = slurm("submit", "conf=default", "eval.k=0", "--array", "seed=0,1",
+                "--sweep", "bridge.strategy=raw,student_rewrite", "--nodes", "2", "--gpus-per-node", "4",
+                "--time", "01:30:00", "--root", tmp_path, "--name", "x", "--dry-run")
     assert out.returncode == 0, out.stderr
     script = out.stdout.split("# task 0:")[0]
     assert "#SBATCH --array=0-3" in script and "#SBATCH --signal=USR1@120" in script and "--open-mode=append" in script
@@ -91,7 +92,8 @@ def test_the_script_runs_a_task_resumes_it_and_requeues_on_usr1(tmp_path, fast_o
     # USR1 to the batch shell while its task runs: passed on to the run, which checkpoints, requeues its array
     # task and exits 128 + 10; run again (as the requeued task), the script resumes it to the end
     task0 = dict(task, SLURM_ARRAY_TASK_ID="0")
-    shell = subprocess.Popen(["bash", str(script)], env=task0, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    shell = subprocess.Popen(["bash", str(script)], env=task0, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
     out, err, training = [], [], threading.Event()
 
     def read(stream, lines) -> None:  # the run says when its first phase starts: the batch shell's trap is in place
@@ -113,7 +115,8 @@ def test_the_script_runs_a_task_resumes_it_and_requeues_on_usr1(tmp_path, fast_o
     assert "USR1: passed on to the run" in stdout and "requeue: job 77_0 requeued" in stdout
     assert (tmp_path / "bin" / "scontrol.calls").read_text().split() == ["requeue", "77_0"]
     run0 = root / "t" / "000-seed0"
-    assert (run0 / "checkpoints" / "last.ckpt").is_file() and not json.loads((run0 / "state.json").read_text()).get("finished")
+    assert (run0 / "checkpoints" / "last.ckpt").is_file()
+    assert not json.loads((run0 / "state.json").read_text()).get("finished")
     requeued = subprocess.run(["bash", str(script)], env=task0, capture_output=True, text=True, timeout=600)
     assert requeued.returncode == 0 and "resuming from" in requeued.stdout, requeued.stderr[-3000:]
     assert json.loads((run0 / "state.json").read_text())["finished"]

@@ -46,7 +46,8 @@ def wait_done(job: str, timeout: float = 900) -> None:
 
 def test_an_array_runs_every_task_in_its_own_run_directory(tmp_path):
     root = tmp_path / "slurm"
-    job = submit(root, "a", TINY + [f"model.cache_dir={tmp_path / 'cache'}", "phases=[{kind: sft, steps: 4}]"], "seed=0,1")
+    job = submit(root, "a", TINY + [f"model.cache_dir={tmp_path / 'cache'}", "phases=[{kind: sft, steps: 4}]"],
+                 "seed=0,1")
     wait_done(job)
     for seed in (0, 1):
         run = root / "a" / f"00{seed}-seed{seed}"

@@ -48,9 +48,11 @@ def test_programmatic_traces_and_diagnoses_name_the_first_wrong_step(task):
 
 def test_trace_file_teacher(tmp_path):
     path = tmp_path / "traces.jsonl"
-    path.write_text(json.dumps({"id": "a", "traces": ["t1", "t2"]}) + "\n\n" + json.dumps({"id": 7, "trace": "t"}) + "\n")
+    path.write_text(json.dumps({"id": "a", "traces": ["t1", "t2"]}) + "\n\n"
+                    + json.dumps({"id": 7, "trace": "t"}) + "\n")
     teacher = TEACHERS.get("trace_file")(path)
-    problems = [Problem(id="a", prompt="p", answer="1", source="s"), Problem(id="7", prompt="q", answer="2", source="s")]
+    problems = [Problem(id="a", prompt="p", answer="1", source="s"),
+                Problem(id="7", prompt="q", answer="2", source="s")]
     assert teacher.traces(problems, n=1) == [["t1"], ["t"]] and teacher.traces(problems[:1], n=5) == [["t1", "t2"]]
     with pytest.raises(TeacherError, match="no trace for 1 problems, e.g. \\['b'\\]"):
         teacher.traces([Problem(id="b", prompt="p", answer="1", source="s")])
@@ -58,7 +60,8 @@ def test_trace_file_teacher(tmp_path):
         teacher.critique(problems[0], "x")
     for body, reason in [("{nope\n", ":1: not JSON"), ('{"traces": ["t"]}\n', ":1: needs an 'id'"),
                          ('{"id": "a", "traces": [""]}\n', ":1: needs 'traces'"),
-                         ('{"id": "a", "trace": "t"}\n{"id": "a", "trace": "u"}\n', ":2: problem id 'a' appears twice")]:
+                         ('{"id": "a", "trace": "t"}\n{"id": "a", "trace": "u"}\n',
+                          ":2: problem id 'a' appears twice")]:
         path.write_text(body)
         with pytest.raises(BadRowError, match=reason):
             TEACHERS.get("trace_file")(path)

@@ -18,9 +18,9 @@ PLAN = ("phases=[{name: p, kind: profile}, {name: b, kind: bridge_sft, select: h
 
 @pytest.fixture
 def teach_overrides(base_overrides):
-    return base_overrides + [PLAN, "profile.limit=96", "profile.k=4", "trainer.batch_size=16", "grpo.prompts_per_step=8",
-                             "grpo.num_generations=4", "bridge.samples=2", "trainer.checkpoint_every_n_steps=2",
-                             "run.deterministic=true", "eval.each_phase=false"]
+    return base_overrides + [PLAN, "profile.limit=96", "profile.k=4", "trainer.batch_size=16",
+                             "grpo.prompts_per_step=8", "grpo.num_generations=4", "bridge.samples=2",
+                             "trainer.checkpoint_every_n_steps=2", "run.deterministic=true", "eval.each_phase=false"]
 
 
 def rows(path: Path) -> list[dict]:
@@ -39,7 +39,8 @@ def test_bridge_and_cft_phases_run_log_and_resume_on_the_same_data(tmp_path_fact
     assert sum(bridge["candidates"].values()) == 2 * bridge["problems"]  # every sample judged and counted
     assert bridge["nll_raw"] is not None and bridge["nll_target"] is not None
     trained = rows(straight / "bridge" / "02-b.jsonl")
-    assert {r["kind"] for r in trained} <= {"bridged", "raw"} and len(trained) == bridge["kept"] + bridge["fell_back_to_raw"]
+    assert {r["kind"] for r in trained} <= {"bridged", "raw"}
+    assert len(trained) == bridge["kept"] + bridge["fell_back_to_raw"]
     assert all(r["target"] == r["raw"] for r in trained if r["kind"] == "raw")
     metrics = (straight / "logs" / "metrics.csv").read_text().splitlines()[0]
     assert "b/bridge/acceptance" in metrics and "b/bridge/nll_target" in metrics

@@ -230,7 +230,8 @@ def run_trl(directory: Path, steps: int, checkpointing: bool = False) -> dict:
     generation, grading = per_step("generation"), per_step("grading")
     return {"seconds_per_step": seconds, "generation_s_per_step": generation, "grading_s_per_step": grading,
             "training_s_per_step": seconds - generation - grading, "completion_tokens_per_step": per_step("tokens"),
-            "completions_per_step": PROMPTS_PER_STEP * GENERATIONS, "mean_reward": statistics.mean(timings["reward_mean"]),
+            "completions_per_step": PROMPTS_PER_STEP * GENERATIONS,
+            "mean_reward": statistics.mean(timings["reward_mean"]),
             "first_step_s": ends[0] - timings["train_begin"], "optimizer_steps": trainer.state.global_step,
             "optimizer": f"{type(optimizer).__name__}(fused={optimizer.defaults.get('fused')})",
             "device": str(trainer.accelerator.device), "threads": torch.get_num_threads(), "steps": steps}
@@ -291,7 +292,8 @@ def main() -> None:
         table[v] = {k: statistics.median(x[k] for x in results) for k in (*OURS_KEYS, "peak_rss_mb")}
         table[v]["runs"] = results
     trl_seconds = table["trl"]["seconds_per_step"] if "trl" in table else None
-    print(f"\nGRPO, {args.model} model, {PROMPTS_PER_STEP} prompts x {GENERATIONS} completions x <= {MAX_NEW} new tokens, "
+    print(f"\nGRPO, {args.model} model, {PROMPTS_PER_STEP} prompts x {GENERATIONS} completions x <= {MAX_NEW} "
+          "new tokens, "
           f"{args.steps} steps (first excluded), {THREADS} threads, median of {args.repeats} interleaved runs\n")
     print("| variant | s/step | x TRL | generation s | grading s | training s | completion tokens/step | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|")

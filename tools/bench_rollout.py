@@ -68,7 +68,8 @@ def child(variant: str, model_name: str = "tiny", n_prompts: int = PROMPTS) -> d
 
     model, tokenizer, prompts = setup(model_name, n_prompts)
     kwargs = dict(max_new_tokens=MAX_NEW, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                  num_return_sequences=SAMPLES, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                  num_return_sequences=SAMPLES, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
     if variant == "vllm":
         return vllm_child(model, tokenizer, prompts)
     with torch.no_grad():
@@ -149,7 +150,8 @@ def main() -> None:
         print(f"| {v} | {row['tokens_per_s']:.0f} | {row['tokens_per_s'] / peer:.2f} | {row['seconds']:.2f} | "
               f"{row['tokens']:.0f} |")
     if "vllm" not in table:
-        print(f"| vllm | not run: no interpreter with vllm at {args.vllm_python} (bash .ci/run_vllm builds one) | | | |")
+        print(f"| vllm | not run: no interpreter with vllm at {args.vllm_python} "
+              "(bash .ci/run_vllm builds one) | | | |")
     goal_ratio = peer / table["ours"]["tokens_per_s"]
     print(f"\ngoal_ratio (our s/token over batched generate's, goal <= 0.667): {goal_ratio:.3f}")
     if args.json:

@@ -24,8 +24,8 @@ STRATEGIES = ["raw", "student_rewrite", "prefix_hint", "teacher_simplify", "min_
 
 
 def one_run(directory: Path, seed: int, strategy: str, args) -> dict:
-    phases = (f"[{{name: profile, kind: profile}}, {{name: bridge, kind: bridge_sft, select: hard, steps: {args.steps}, "
-              f"lr: {args.lr}}}, {{name: final, kind: eval}}]")
+    phases = (f"[{{name: profile, kind: profile}}, {{name: bridge, kind: bridge_sft, select: hard, "
+              f"steps: {args.steps}, lr: {args.lr}}}, {{name: final, kind: eval}}]")
     cmd = [sys.executable, "-m", "stagewise_pl.fit", f"run.dir={directory}", f"run.seed={seed}",
            "run.progress_bar=false", "eval.k=0", "eval.each_phase=false", f"profile.limit={args.profile_limit}",
            f"bridge.strategy={strategy}", f"bridge.fallback={args.fallback}", "teacher.style=chunked",
@@ -37,7 +37,8 @@ def one_run(directory: Path, seed: int, strategy: str, args) -> dict:
     summary = json.loads((directory / "bridge" / "02-bridge.summary.json").read_text())
 
     def pass1(label):
-        return json.loads((directory / "eval" / f"{label}.json").read_text())["synthetic-test"]["by_level"]["all"]["pass@1"]
+        figures = json.loads((directory / "eval" / f"{label}.json").read_text())
+        return figures["synthetic-test"]["by_level"]["all"]["pass@1"]
 
     return {"strategy": strategy, "seed": seed, "problems": summary["problems"], "acceptance": summary["acceptance"],
             "nll_raw": summary["nll_raw"], "nll_target": summary["nll_target"], "before": pass1("before"),

@@ -103,7 +103,8 @@ def _with_solution(prompt_key: str) -> RowMapper:
         solution = row.get("solution") if isinstance(row.get("solution"), str) else None
         level = row.get("level")
         return Problem(id=str(row.get("unique_id") or row.get("id") or f"{stem}-{line}"),
-                       prompt=_text(row, prompt_key, where, "no_prompt"), answer=_text(row, "answer", where, "no_answer"),
+                       prompt=_text(row, prompt_key, where, "no_prompt"),
+                       answer=_text(row, "answer", where, "no_answer"),
                        source=stem, solution=solution, level=None if level is None else str(level))
     return mapper
 

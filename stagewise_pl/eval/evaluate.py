@@ -91,7 +91,8 @@ def format_table(columns: "OrderedDict[str, EvalResult]") -> str:
     """A Markdown table: one row per level; per labelled result greedy pass@1, mean p and the bucket fractions."""
     labels = list(columns)
     levels = list(next(iter(columns.values())).by_level)
-    header = "| level | n | " + " | ".join(f"{lab} pass@1 | {lab} mean p | {lab} easy/medium/hard" for lab in labels) + " |"
+    header = ("| level | n | " + " | ".join(f"{lab} pass@1 | {lab} mean p | {lab} easy/medium/hard" for lab in labels)
+              + " |")
     lines = [header, "|" + "---|" * (2 + 3 * len(labels))]
     for lvl in levels:
         cells = []

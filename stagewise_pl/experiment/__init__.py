@@ -43,7 +43,8 @@ __all__ = ["Arm", "Experiment", "ExperimentError", "allot", "check_configs", "fi
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stagewise_pl.experiment", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=__doc__.split("\n\n", 2)[2],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("settings", nargs="*", help="run.dir=PATH: the experiment's directory "
                                                     "(default runs/experiment[-quick])")
     parser.add_argument("--conf", default=str(CONF_DIR / "experiment.yaml"), help="the experiment file")

@@ -213,7 +213,8 @@ def plots(data: dict, out: Path) -> list[tuple[str, str]]:
     for ax, (name, a) in zip(axes, arms):
         flow_matrix(ax, a["flow"], "at the end", "before training", a["title"], fontsize=8)
         ax.title.set_fontsize(8)
-    figs.save(fig, "flow.png", "Flow of held-out problems between buckets, before training to the end (summed over seeds)")
+    figs.save(fig, "flow.png",
+              "Flow of held-out problems between buckets, before training to the end (summed over seeds)")
 
     fig, axes = figs.figure(8, 3.8)
     ax = axes[0][0]

@@ -53,7 +53,8 @@ def tokenizer_corpus(task) -> list[str]:
     """Chat-formatted task text plus a little generic text, so merges cover what prompts contain."""
     corpus = []
     for p in task.split("train")[::7]:
-        corpus.append(f"<|im_start|>user\n{p.prompt}<|im_end|>\n<|im_start|>assistant\n{p.teacher_traces[0]}<|im_end|>\n")
+        corpus.append(f"<|im_start|>user\n{p.prompt}<|im_end|>\n"
+                      f"<|im_start|>assistant\n{p.teacher_traces[0]}<|im_end|>\n")
         corpus.append(p.solution or "")
     corpus += [_GENERIC_TEXT.format(n=n) for n in range(50)]
     return corpus

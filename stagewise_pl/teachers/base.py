@@ -43,7 +43,8 @@ def verdict_of(critique: str) -> str | None:
 
 def make_teacher(name: str, args: dict, **context):
     """The teacher registered as ``name`` (or at a dotted path), built with ``args``; a keyword of its
-    constructor that ``args`` leaves out is filled from ``context`` (task, prompts, cache_dir, style, ...) when given."""
+    constructor that ``args`` leaves out is filled from ``context`` (task, prompts, cache_dir, style, ...)
+    when given."""
     import inspect
 
     cls = TEACHERS.get(name)

@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stagewise_pl.verify", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n")[-1].strip())
     parser.add_argument("input", type=Path, help="JSONL rows with 'completion' and 'answer'")
-    parser.add_argument("--verifier", default="math", help=f"registered ({', '.join(VERIFIERS.names())}) or dotted path")
+    parser.add_argument("--verifier", default="math",
+                        help=f"registered ({', '.join(VERIFIERS.names())}) or dotted path")
     parser.add_argument("--out", type=Path, help="output JSONL (default: IN.graded.jsonl)")
     parser.add_argument("--workers", type=int, default=2, help="grading processes (default 2)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds per grading try of a completion")

@@ -5,9 +5,9 @@ last ``</think>`` counts (none: no answer). The final answer is the content of t
 ``\\boxed{...}``; else the last ``#### X`` line; else the last "The answer is X"; else, with
 ``final_equation`` (default on), a last line that ends by stating a number (``... = 204$.``).
 Nothing else: a completion that only repeats numbers has no answer. The span loses a trailing
-period and ``\\textbf{}``/``\\text{}`` wrappers, and a lone parenthesised number its parentheses. The extracted span and the gold are then
-parsed and compared by math-verify (LaTeX and plain numbers, fractions, sets, intervals, percent
-and units as it handles them). A gold math-verify cannot parse gives ``ungradable_gold``.
+period and ``\\textbf{}``/``\\text{}`` wrappers, and a lone parenthesised number its parentheses. The
+extracted span and the gold are then parsed and compared by math-verify (LaTeX and plain numbers, fractions, sets,
+intervals, percent and units as it handles them). A gold math-verify cannot parse gives ``ungradable_gold``.
 
 math-verify evaluates what it parses: "The answer is 2+7-5" equals a gold 4. On a task whose problem is the
 expression itself, a policy that restates the problem is then always right (GRPO on SmolLM2 found this in 54

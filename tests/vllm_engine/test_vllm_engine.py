@@ -21,8 +21,8 @@ def setup(tmp_path_factory):
 
     directory = tmp_path_factory.mktemp("vllm") / "model"
     # initializer_range 0.2: a peaked distribution (entropy ~3.5 nats), so log-prob checks have teeth
-    save_random_tiny(directory, TinyModelConfig(initializer_range=0.2), ArithmeticTask([Level(1, 9)], train_per_level=50,
-                                                                                       test_per_level=5))
+    save_random_tiny(directory, TinyModelConfig(initializer_range=0.2),
+                     ArithmeticTask([Level(1, 9)], train_per_level=50, test_per_level=5))
     model, tokenizer = load_policy(str(directory))
     engine = VLLMEngine(str(directory), dtype="float32", max_model_len=256)
     prompts = render_prompts(tokenizer, ["1+2", "30-4+5", "7"])

@@ -27,7 +27,8 @@ def model_dir(tmp_path_factory):
 
 
 def test_vllm_teacher_answers_every_call_and_caches(model_dir, tmp_path):
-    problems = [Problem(id="a", prompt="1+2", answer="3", source="t"), Problem(id="b", prompt="4+5", answer="9", source="t")]
+    problems = [Problem(id="a", prompt="1+2", answer="3", source="t"),
+                Problem(id="b", prompt="4+5", answer="9", source="t")]
     teacher = TEACHERS.get("vllm")(model=str(model_dir), max_tokens=8, cache_dir=tmp_path / "cache", **CPU)
     traces = teacher.traces(problems, n=2)
     assert [len(t) for t in traces] == [2, 2] and all(isinstance(x, str) for t in traces for x in t)
