@@ -360,6 +360,10 @@ class GRPOConfig:
                                 ge=0)
     drop_flat_groups: bool = doc(True, "groups whose rewards are all equal (no signal) are left out of the update; "
                                        "a step with none left makes no update")
+    skip_zero_advantage_rows: bool = doc(True, "completions whose advantage is 0 (a flat group's, when "
+                                               "drop_flat_groups is off) skip the update's forward and backward when "
+                                               "beta and entropy_coef are 0: their gradient is exactly 0, the loss's "
+                                               "normaliser still counts them, so the update is the same")
     dynamic_sampling: bool = doc(False, "refill the batch with fresh prompts until it has prompts_per_step "
                                         "informative groups (DAPO), at most max_extra_rounds more rounds")
     max_extra_rounds: int = doc(2, "dynamic sampling: extra generation rounds per step", ge=0)

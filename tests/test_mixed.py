@@ -140,6 +140,36 @@ def assert_same(delta, expected):
     assert scale > 0 and worst <= 1e-6 * scale, (worst, scale)
 
 
+# ------------------------------------------------------------------ grpo: rows with zero advantage
+@pytest.mark.parametrize("skip", [True, False])
+def test_zero_advantage_rows_skip_the_forward_and_leave_the_update_as_it_was(tiny_model_dir, monkeypatch, skip):
+    """drop_flat_groups off (TRL's normaliser): a flat group's completions have advantage 0 and no gradient. With
+    skip_zero_advantage_rows they never reach the forward, and the update is still the hand loss over every group
+    (its token mean counting the flat groups' tokens); a step whose groups are all flat still takes its optimizer
+    step, as the full computation does."""
+    import stagewise_pl.phases.grpo as grpo_module
+
+    runner, policy, tok, problems = make_runner(tiny_model_dir, "grpo")
+    runner.s.drop_flat_groups, runner.s.skip_zero_advantage_rows = False, skip
+    seen = []
+    real = grpo_module.completion_hidden
+    monkeypatch.setattr(grpo_module, "completion_hidden",
+                        lambda model, t, rows, *a, **k: seen.append(len(rows)) or real(model, t, rows, *a, **k))
+    groups = hand_groups(tok, problems, [[], [1], [0, 1, 2, 3], [0, 2]])  # p1 and p3 flat
+    expected = expected_delta(policy, hand_rl_loss(policy, groups, [0, 1, 2, 3]))
+    trained, stats, delta = step_delta(runner, policy, groups)
+    assert trained == 4 and seen == ([8] if skip else [16]) and runner.optimizer_steps == 1
+    assert_same(delta, expected)
+    seen.clear()
+    grads_at_step = []  # AdamW moves weights on a zero gradient (momentum, decay), not on a missing one
+    module = FakeModule(policy)
+    module.opt.step = lambda: grads_at_step.append([p.grad is not None and not p.grad.any()
+                                                    for p in policy.parameters()])
+    trained, stats = runner.train_on(module, hand_groups(tok, problems[:2], [[], [0, 1, 2, 3]]))
+    assert trained == 2 and seen == ([] if skip else [8]) and runner.optimizer_steps == 2 and stats["loss"] == 0.0
+    assert len(grads_at_step) == 1 and all(grads_at_step[0])
+
+
 # ------------------------------------------------------------------ which group gets which loss
 def test_groups_at_or_under_the_gate_are_taught(tiny):
     from stagewise_pl.phases.mixed import imitation_groups

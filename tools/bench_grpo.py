@@ -34,10 +34,13 @@ The prompts file both children read (``prompts.json`` in a temporary directory) 
 ``{"id", "problem", "prompt", "answer", "level"}``: ``prompt`` is the rendered chat text (what the
 model sees), ``problem`` the raw problem text, ``answer`` the gold.
 
-Variants: ``ours`` trains on every group, as TRL does (equal work: the goal's comparison);
+Variants: ``ours`` trains on every group, as TRL does (the same update: TRL's token-mean normaliser over every
+group's tokens; the goal's comparison), with ``grpo.skip_zero_advantage_rows`` on (its default): the completions
+whose advantage is 0 -- every one of a flat group -- have exactly zero gradient and skip the forward and backward;
+``ours-all-rows`` is the same update computed on every row (equal computation: what ``ours`` was up to 2026-12-06);
 ``ours-drop-flat`` is our default (groups whose rewards are all equal carry no signal and are left
-out of the update); ``trl`` is GRPOTrainer with activation checkpointing off (its fastest here: the
-goal's peer); ``trl-default`` keeps TRL's default activation checkpointing (what a user gets).
+out of the update, and out of the normaliser); ``trl`` is GRPOTrainer with activation checkpointing off (its
+fastest here: the goal's peer); ``trl-default`` keeps TRL's default activation checkpointing (what a user gets).
 
 With --json the figures are written with a top-level "goal_ratio": the median over repeats of our
 seconds per step over TRL's in the same repeat (each repeat runs them back to back, which cancels
@@ -57,10 +60,11 @@ from pathlib import Path
 from benchlib import bench_model, bench_parser, interleave, report, run_child
 
 PROMPTS_PER_STEP, GENERATIONS, MAX_NEW, LR, THREADS, LEVELS = 4, 8, 32, 5e-5, 2, ("4", "5")
-# ours: equal work (every group trained, as TRL); ours-drop-flat: our default (groups with no signal left out);
+# ours: TRL's update (every group in the loss; zero-advantage rows skip the forward); ours-all-rows: the same on
+# every row (equal computation); ours-drop-flat: our default (groups with no signal left out);
 # trl: GRPOTrainer without activation checkpointing (its fastest here: the goal's peer); trl-default: with
 # TRL's default activation checkpointing (what a user gets without changing it).
-VARIANTS = ("ours", "trl", "ours-drop-flat", "trl-default")  # ours and trl back to back
+VARIANTS = ("ours", "trl", "ours-all-rows", "ours-drop-flat", "trl-default")  # ours and trl back to back
 OURS_KEYS = ("seconds_per_step", "generation_s_per_step", "grading_s_per_step", "training_s_per_step",
              "completion_tokens_per_step")
 # GRPOConfig beyond output_dir and max_steps; activation (gradient) checkpointing is off (GRPOConfig defaults it on),
@@ -98,11 +102,12 @@ def model_path(directory: Path) -> str:
     return json.loads((directory / "setup.json").read_text())["model"]
 
 
-def run_ours(directory: Path, steps: int, drop_flat_groups: bool = False) -> dict:
+def run_ours(directory: Path, steps: int, drop_flat_groups: bool = False, skip_zero_rows: bool = True) -> dict:
     """The grpo phase's runner, driven on its own as a plan drives it: the HF rollout engine on the policy itself,
     grading in the verifier's process pool, the fused policy loss. The loss is the token mean over the batch
     (TRL's default "dapo") with per-group std scaling (TRL's default). ``drop_flat_groups=False`` trains on every
-    group as TRL does (equal work); True is our default (groups with no signal are left out of the update)."""
+    group as TRL does (the same update); True is our default (groups with no signal are left out of the update).
+    ``skip_zero_rows=False`` computes the rows whose advantage is 0 too (equal computation)."""
     import lightning as L
     import torch
 
@@ -130,6 +135,7 @@ def run_ours(directory: Path, steps: int, drop_flat_groups: bool = False) -> dic
     cfg = load_config("default", ["run.progress_bar=false", f"grpo.prompts_per_step={PROMPTS_PER_STEP}",
                                   f"grpo.num_generations={GENERATIONS}", f"grpo.max_new_tokens={MAX_NEW}",
                                   f"grpo.drop_flat_groups={str(drop_flat_groups).lower()}", "optim.warmup_steps=0",
+                                  f"grpo.skip_zero_advantage_rows={str(skip_zero_rows).lower()}",
                                   "optim.min_lr_ratio=1.0", "optim.weight_decay=0.0", "optim.grad_clip=1.0",
                                   "grpo.max_rollout_factor=1"])
     spec = PhaseSpec(1, "grpo", "grpo", steps=steps, lr=LR)
@@ -241,7 +247,8 @@ def child(variant: str, directory: Path, steps: int) -> None:
     if variant.startswith("trl"):
         report(run_trl(directory, steps, checkpointing=variant == "trl-default"))
     else:
-        report(run_ours(directory, steps, drop_flat_groups=variant == "ours-drop-flat"))
+        report(run_ours(directory, steps, drop_flat_groups=variant == "ours-drop-flat",
+                        skip_zero_rows=variant != "ours-all-rows"))
 
 
 def measure(variant: str, directory: Path, steps: int) -> dict:
@@ -312,8 +319,13 @@ def main() -> None:
               f"{', '.join(f'{r:.3f}' for r in paired)}")
         print(f"goal_ratio (median over repeats of our s/step over TRL's in the same repeat, goal <= 0.5): "
               f"{goal_ratio:.3f}")
+    all_rows = None
+    if "ours-all-rows" in table and trl_seconds:
+        all_rows = statistics.median(o["seconds_per_step"] / t["seconds_per_step"]
+                                     for o, t in zip(runs["ours-all-rows"], runs["trl"]))
+        print(f"the same update computed on every row (ours-all-rows, equal computation) over TRL's: {all_rows:.3f}")
     if args.json:
-        args.json.write_text(json.dumps({"goal_ratio": goal_ratio, "paired_ratios": paired,
+        args.json.write_text(json.dumps({"goal_ratio": goal_ratio, "paired_ratios": paired, "all_rows_ratio": all_rows,
                                          "ratio_of_medians": table["ours"]["seconds_per_step"] / trl_seconds
                                          if "ours" in table and trl_seconds else None,
                                          "peer": "trl GRPOTrainer (activation checkpointing off)", "model": args.model,

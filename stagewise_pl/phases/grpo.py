@@ -41,7 +41,7 @@ from stagewise_pl.nonfinite import NonFiniteGuard
 from stagewise_pl.phases import token_budget
 from stagewise_pl.phases.base import PHASES, PhaseRunner
 from stagewise_pl.phases.grpo_batch import (Groups, batch_tensors, completion_hidden, completion_logprobs,
-                                            informative, my_micro_slices)
+                                            informative, my_micro_slices, rows_with_gradient)
 from stagewise_pl.phases.optim import adamw_with_schedule, guarded_step, warmup_steps_for
 from stagewise_pl.plan import PhaseTraits
 
@@ -66,6 +66,7 @@ class GRPOSettings:
     dynamic_sampling: bool = False
     max_extra_rounds: int = 2
     shared_prefix: bool = True  # compute each distinct prompt once in the update's forward passes
+    skip_zero_advantage_rows: bool = True
 
     @classmethod
     def from_config(cls, g, max_new_tokens: int) -> "GRPOSettings":
@@ -77,7 +78,7 @@ class GRPOSettings:
                    std_scale=g.std_scale, loss=loss, mask_truncated=g.mask_truncated,
                    num_iterations=g.num_iterations, minibatches=g.minibatches, micro_batch_size=g.micro_batch_size,
                    drop_flat_groups=g.drop_flat_groups, dynamic_sampling=g.dynamic_sampling,
-                   max_extra_rounds=g.max_extra_rounds)
+                   max_extra_rounds=g.max_extra_rounds, skip_zero_advantage_rows=g.skip_zero_advantage_rows)
 
     @property
     def updates_per_step(self) -> int:
@@ -201,8 +202,7 @@ class GRPORunner(PhaseRunner):
         metrics = {
             "reward": float(rewards.mean()),
             "pass_rate": sum(r == "correct" for r in all_groups.reasons) / max(1, len(all_groups.reasons)),
-            **group_stats(rewards),
-            "informative_groups": float(len(informative(rewards))),
+            **group_stats(rewards), "informative_groups": float(len(informative(rewards))),
             "nonfinite_skipped": float(self.guard.skipped),
             "nonfinite_rewards": float(self.nonfinite_rewards + getattr(self.ctx.verifier, "nonfinite", 0)),
             "groups_trained": float(trained), "rounds": float(rounds), "completion_len": float(lengths.mean()),
@@ -292,8 +292,7 @@ class GRPORunner(PhaseRunner):
         old = completion_logprobs(policy, t, **frozen) if s.num_iterations > 1 or s.minibatches > 1 else None
         ref = completion_logprobs(self.reference.to(device), t, **frozen) if s.loss.beta > 0 else None
         gen = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, self.position, 99]).integers(2**31)))
-        sums = {"loss": 0.0, "clip_fraction": 0.0, "entropy": 0.0, "kl": 0.0}
-        count = 0
+        sums, count = {"loss": 0.0, "clip_fraction": 0.0, "entropy": 0.0, "kl": 0.0}, 0
         for _ in range(s.num_iterations):
             order = torch.randperm(n, generator=gen) if s.minibatches > 1 else torch.arange(n)
             for mb in torch.tensor_split(order.to(device), s.minibatches):
@@ -301,7 +300,8 @@ class GRPORunner(PhaseRunner):
                     continue
                 weights = aggregation_weights(t["mask"][mb], s.loss)  # over the whole mini-batch
                 ent_weights = entropy_weights(t["mask"][mb])
-                tokens = t["mask"][mb].sum().clamp(min=1)
+                mb, weights, ent_weights = rows_with_gradient(mb, t["advantages"], weights, ent_weights, s)
+                tokens = t["mask"][mb].sum().clamp(min=1)  # the metrics are over the rows trained on
                 poison = poisoned(f"nan_loss:{self.spec.name}:{self.update_steps + 1}")  # n-th step that trains
                 mb_loss = 0.0
                 for part in my_micro_slices(len(mb), s.micro_batch_size):

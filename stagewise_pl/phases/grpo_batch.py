@@ -183,7 +183,10 @@ def micro_slices(n: int, micro_batch_size: int) -> list[slice]:
 
 def my_micro_slices(n: int, micro_batch_size: int) -> list[Optional[slice]]:
     """This rank's micro-batches of a mini-batch of ``n`` rows. Every rank gets the same number (None = a rank
-    with nothing left makes an empty backward, so the gradient all-reduce stays in step)."""
+    with nothing left makes an empty backward, so the gradient all-reduce stays in step). ``n = 0`` (every row
+    skipped by :func:`rows_with_gradient`): one empty backward, so the optimizer step that follows still comes."""
+    if n == 0:
+        return [None]
     world = dist.world_size()
     if world == 1:
         return micro_slices(n, micro_batch_size)
@@ -194,6 +197,21 @@ def my_micro_slices(n: int, micro_batch_size: int) -> list[Optional[slice]]:
         parts = [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
     mine: list[Optional[slice]] = list(parts[dist.rank()::world])
     return mine + [None] * (-(-len(parts) // world) - len(mine))
+
+
+def rows_with_gradient(mb: torch.Tensor, advantages: torch.Tensor, weights: torch.Tensor, ent_weights: torch.Tensor,
+                       s) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The mini-batch ``mb`` (row indices) without the rows whose gradient is exactly zero, with their aggregation and
+    entropy weights (computed over the whole mini-batch, so the normaliser is unchanged): rows whose advantage is 0
+    everywhere (every row of a flat group when ``drop_flat_groups`` is off), when the loss has no KL and no entropy
+    term. The clipped surrogate is 0 at A = 0 for any ratio, so the update is the same with or without them; their
+    forward and backward are not paid for. ``s.skip_zero_advantage_rows`` off, or nothing to skip: unchanged."""
+    if not s.skip_zero_advantage_rows or s.loss.beta or s.loss.entropy_coef:
+        return mb, weights, ent_weights
+    keep = advantages[mb].reshape(len(mb), -1).ne(0).any(1).nonzero()[:, 0]
+    if len(keep) == len(mb):
+        return mb, weights, ent_weights
+    return mb[keep], weights[keep], ent_weights[keep]
 
 
 @torch.no_grad()
