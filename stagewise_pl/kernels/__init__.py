@@ -110,11 +110,16 @@ def _prepare(hidden, weight, targets, chunk_tokens, vocab_block, budget_bytes, s
     return x, t, chunk_plan
 
 
-def _counted_rows(t: torch.Tensor, ignore_index: int) -> Optional[torch.Tensor]:
-    """Indices of the rows whose target counts, or None when there is nothing to leave out (every row counts, or
-    none does: the kernels then run as given)."""
-    keep = (t != ignore_index).nonzero()[:, 0]
-    return None if keep.numel() in (0, t.numel()) else keep
+def _counted_rows(counted: torch.Tensor) -> Optional[torch.Tensor]:
+    """Indices of the rows whose target counts (``counted``: a bool per row), or None when there is nothing to leave
+    out (every row counts, or none does: the kernels then run as given)."""
+    keep = counted.nonzero()[:, 0]
+    return None if keep.numel() in (0, counted.numel()) else keep
+
+
+def _take(keep: Optional[torch.Tensor], *rows: Optional[torch.Tensor]) -> list[Optional[torch.Tensor]]:
+    """Each of ``rows`` (per-row tensors, or None) at the ``keep`` rows only; as given where ``keep`` is None."""
+    return [r if r is None or keep is None else r.index_select(0, keep) for r in rows]
 
 
 def _spread(values: Optional[torch.Tensor], keep: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
@@ -137,9 +142,8 @@ def logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
     """
     x, t, chunk_plan = _prepare(hidden, weight, targets, chunk_tokens, vocab_block, budget_bytes, single_pass=False,
                                 chunk_plan=chunk_plan)
-    n, keep = t.shape[0], _counted_rows(t, ignore_index)
-    if keep is not None:
-        x, t = x.index_select(0, keep), t.index_select(0, keep)
+    n, keep = t.shape[0], _counted_rows(t != ignore_index)
+    x, t = _take(keep, x, t)
     logp, entropy = LinearLogProb.apply(x, weight, bias, t, float(temperature), ignore_index, with_entropy,
                                         chunk_plan, resolve_backend(backend, hidden))
     logp, entropy = _spread(logp, keep, n), _spread(entropy, keep, n)
@@ -153,11 +157,10 @@ def fused_nll_loss(hidden, weight, targets, bias=None, ignore_index: int = -100,
     """SFT loss: mean negative log-likelihood of the non-ignored targets, and their count."""
     x, t, chunk_plan = _prepare(hidden, weight, targets, chunk_tokens, vocab_block, budget_bytes,
                                 chunk_plan=chunk_plan)
-    count = (t != ignore_index).sum()
+    counted = t != ignore_index
+    count = counted.sum()
     scale = 1.0 / count.clamp(min=1).to(accumulation_dtype(hidden))
-    keep = _counted_rows(t, ignore_index)
-    if keep is not None:
-        x, t = x.index_select(0, keep), t.index_select(0, keep)
+    x, t = _take(_counted_rows(counted), x, t)
 
     def token_loss(logp, entropy, rows):
         return -logp.sum() * scale
@@ -207,11 +210,10 @@ def fused_policy_loss(hidden, weight, targets, old_logp, advantages, mask, cfg: 
     masked_targets = torch.where(mask.bool(), targets, torch.full_like(targets, -100))
     x, t, chunk_plan = _prepare(hidden, weight, masked_targets, chunk_tokens, vocab_block, budget_bytes,
                                 chunk_plan=chunk_plan)
-    n, keep = t.shape[0], _counted_rows(t, -100)
+    counted = t != -100
+    n, keep = t.shape[0], _counted_rows(counted)
     # the rows the kernel sees, and the per-row terms of its token loss, counted rows only when some are left out
-    xk, tk = (x, t) if keep is None else (x.index_select(0, keep), t.index_select(0, keep))
-    oldk, advk, refk, wk, entk = [v if v is None or keep is None else v.index_select(0, keep)
-                                  for v in (old, adv, ref, weights, ent_w)]
+    xk, tk, oldk, advk, refk, wk, entk = _take(keep, x, t, old, adv, ref, weights, ent_w)
 
     def token_loss(logp, entropy, rows):
         terms = policy_token_loss(logp, logp.detach() if oldk is None else oldk[rows], advk[rows], cfg,
@@ -225,7 +227,7 @@ def fused_policy_loss(hidden, weight, targets, old_logp, advantages, mask, cfg: 
                                                chunk_plan, resolve_backend(backend, hidden), token_loss)
     logp, entropy = _spread(logp, keep, n), _spread(entropy, keep, n)
     ratio = torch.exp(logp - old) if old is not None else torch.ones_like(logp)
-    clip_fraction = clipped_fraction(ratio, adv, (t != -100).to(acc), cfg.epsilon_low, cfg.epsilon_high)
+    clip_fraction = clipped_fraction(ratio, adv, counted.to(acc), cfg.epsilon_low, cfg.epsilon_high)
     return PolicyLossOutput(loss, logp.view(targets.shape), None if entropy is None else entropy.view(targets.shape),
                             clip_fraction)
 
