@@ -108,7 +108,7 @@ def test_crash_memory_hog_hang_and_bug_are_contained(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     with GradingPool("verifier_plugins:MisbehavingVerifier", workers=1, timeout_s=3.0, memory_mb=1024) as pool:
         assert pool.score("crash", "1").reason == "error"
-        assert pool.score("hog", "1").reason == "error"  # MemoryError under the 1 GiB limit, well before 3 s
+        assert pool.score("hog", "1").reason == "error"  # MemoryError at the 1 GiB limit (none: "correct")
         started = time.monotonic()
         assert pool.score("sleep", "1").reason == "timeout"
         assert time.monotonic() - started < 2 * 3.0 + SLACK  # a try and one retry, each bounded, not the 60 s
@@ -124,7 +124,6 @@ def test_a_batch_streams_past_crashes_and_hangs(monkeypatch, workers):
     and a worker that dies or hangs mid-share is replaced and the rest of its share graded."""
     monkeypatch.setenv("PYTHONPATH", f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     batch = ["fine", "crash", "fine", "sleep", "raise", "fine", "hog", "fine"]
-    # the bound leaves the memory hog time to fail (touching 768 MB before MemoryError takes seconds under load)
     with GradingPool("verifier_plugins:MisbehavingVerifier", workers=workers, timeout_s=4.0, memory_mb=1024) as pool:
         started = time.monotonic()
         reasons = [v.reason for v in pool.score_batch(batch, ["1"] * len(batch))]
