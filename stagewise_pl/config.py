@@ -363,7 +363,9 @@ class GRPOConfig:
     skip_zero_advantage_rows: bool = doc(True, "completions whose advantage is 0 (a flat group's, when "
                                                "drop_flat_groups is off) skip the update's forward and backward when "
                                                "beta and entropy_coef are 0: their gradient is exactly 0, the loss's "
-                                               "normaliser still counts them, so the update is the same")
+                                               "normaliser still counts them, so the update is the same (with "
+                                               "num_iterations or minibatches > 1 their old log-probs are not "
+                                               "computed either)")
     dynamic_sampling: bool = doc(False, "refill the batch with fresh prompts until it has prompts_per_step "
                                         "informative groups (DAPO), at most max_extra_rounds more rounds")
     max_extra_rounds: int = doc(2, "dynamic sampling: extra generation rounds per step", ge=0)

@@ -170,6 +170,29 @@ def test_zero_advantage_rows_skip_the_forward_and_leave_the_update_as_it_was(tin
     assert len(grads_at_step) == 1 and all(grads_at_step[0])
 
 
+
+def test_with_two_passes_the_old_log_probs_of_zero_advantage_rows_are_not_computed(tiny_model_dir, monkeypatch):
+    """num_iterations 2: the old policy's log-probs are taken before the first step, for the rows that get a
+    gradient only (in micro-batches of 3); the second pass's ratios (against those old log-probs) give the same
+    update as computing every row."""
+    import stagewise_pl.phases.grpo as grpo_module
+    import stagewise_pl.phases.grpo_batch as batch_module
+
+    deltas, seen, real = [], {"old": [], "update": []}, batch_module.completion_hidden
+    for name, module in (("old", batch_module), ("update", grpo_module)):
+        monkeypatch.setattr(module, "completion_hidden", lambda m, t, rows, *a, name=name, **k:
+                            seen[name].append(len(rows)) or real(m, t, rows, *a, **k))
+    for skip in (True, False):
+        runner, policy, tok, problems = make_runner(tiny_model_dir, "grpo")
+        runner.s.drop_flat_groups, runner.s.skip_zero_advantage_rows, runner.s.num_iterations = False, skip, 2
+        runner.s.micro_batch_size = 3
+        _, _, delta = step_delta(runner, policy, hand_groups(tok, problems, [[], [1], [0, 1, 2, 3], [0, 2]]))
+        deltas.append(delta)
+        assert runner.optimizer_steps == 2
+    assert seen == {"old": [3, 3, 2] + [3] * 5 + [1], "update": [3, 3, 2] * 2 + ([3] * 5 + [1]) * 2}
+    assert_same(deltas[0], deltas[1])
+
+
 # ------------------------------------------------------------------ which group gets which loss
 def test_groups_at_or_under_the_gate_are_taught(tiny):
     from stagewise_pl.phases.mixed import imitation_groups

@@ -41,7 +41,7 @@ from stagewise_pl.nonfinite import NonFiniteGuard
 from stagewise_pl.phases import token_budget
 from stagewise_pl.phases.base import PHASES, PhaseRunner
 from stagewise_pl.phases.grpo_batch import (Groups, batch_tensors, completion_hidden, completion_logprobs,
-                                            informative, my_micro_slices, rows_with_gradient)
+                                            informative, my_micro_slices, old_logprobs, rows_with_gradient)
 from stagewise_pl.phases.optim import adamw_with_schedule, guarded_step, warmup_steps_for
 from stagewise_pl.plan import PhaseTraits
 
@@ -289,7 +289,7 @@ class GRPORunner(PhaseRunner):
         head = policy.get_output_embeddings()
         frozen = dict(pad_id=pad, micro_batch_size=s.micro_batch_size, shared_prefix=s.shared_prefix,
                       temperature=s.temperature, backend=self.cfg.trainer.kernel)
-        old = completion_logprobs(policy, t, **frozen) if s.num_iterations > 1 or s.minibatches > 1 else None
+        old = old_logprobs(policy, t, frozen, s)
         ref = completion_logprobs(self.reference.to(device), t, **frozen) if s.loss.beta > 0 else None
         gen = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, self.position, 99]).integers(2**31)))
         sums, count = {"loss": 0.0, "clip_fraction": 0.0, "entropy": 0.0, "kl": 0.0}, 0

@@ -206,28 +206,49 @@ def rows_with_gradient(mb: torch.Tensor, advantages: torch.Tensor, weights: torc
     everywhere (every row of a flat group when ``drop_flat_groups`` is off), when the loss has no KL and no entropy
     term. The clipped surrogate is 0 at A = 0 for any ratio, so the update is the same with or without them; their
     forward and backward are not paid for. ``s.skip_zero_advantage_rows`` off, or nothing to skip: unchanged."""
+    keep = _gradient_positions(mb, advantages, s)
+    return (mb, weights, ent_weights) if keep is None else (mb[keep], weights[keep], ent_weights[keep])
+
+
+def _gradient_positions(mb: torch.Tensor, advantages: torch.Tensor, s) -> Optional[torch.Tensor]:
+    """Positions in ``mb`` of the rows :func:`rows_with_gradient` keeps; None when it keeps them all."""
     if not s.skip_zero_advantage_rows or s.loss.beta or s.loss.entropy_coef:
-        return mb, weights, ent_weights
+        return None
     keep = advantages[mb].reshape(len(mb), -1).ne(0).any(1).nonzero()[:, 0]
-    if len(keep) == len(mb):
-        return mb, weights, ent_weights
-    return mb[keep], weights[keep], ent_weights[keep]
+    return None if len(keep) == len(mb) else keep
+
+
+def old_logprobs(model, t: dict, frozen: dict, s) -> Optional[torch.Tensor]:
+    """The old policy's log-probs of the batch ``t``, taken before the update's first optimizer step; None when the
+    update makes one step per batch (``num_iterations`` and ``minibatches`` 1: the ratio's denominator is the
+    current log-prob, detached). Only the rows that get a gradient in some mini-batch are computed (the others are
+    0 and never read): with ``skip_zero_advantage_rows`` a flat group costs no forward here either."""
+    if s.num_iterations == 1 and s.minibatches == 1:
+        return None
+    everyone = torch.arange(t["targets"].shape[0], device=t["targets"].device)
+    keep = _gradient_positions(everyone, t["advantages"], s)
+    return completion_logprobs(model, t, **frozen, rows=None if keep is None else everyone[keep])
 
 
 @torch.no_grad()
 def completion_logprobs(model, t: dict, pad_id: int, micro_batch_size: int, shared_prefix: bool, temperature: float,
-                        backend: str) -> torch.Tensor:
+                        backend: str, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Log-probs of every completion token of the batch ``t`` under ``model`` (no gradient): the old policy's or
-    the KL reference's, in micro-batches."""
+    the KL reference's, in micro-batches. With ``rows``, only those rows are computed; the others are 0."""
     from stagewise_pl.kernels import logprobs
 
     head = model.get_output_embeddings()
     out = []
-    all_rows = torch.arange(t["targets"].shape[0], device=t["targets"].device)
-    for part in micro_slices(len(all_rows), micro_batch_size):
-        rows = all_rows[part]
-        targets = torch.where(t["mask"][rows].bool(), t["targets"][rows], torch.full_like(t["targets"][rows], -100))
-        logp, _ = logprobs(completion_hidden(model, t, rows, pad_id, shared_prefix), head.weight, targets,
+    chosen = torch.arange(t["targets"].shape[0], device=t["targets"].device) if rows is None else rows
+    for part in micro_slices(len(chosen), micro_batch_size):
+        r = chosen[part]
+        targets = torch.where(t["mask"][r].bool(), t["targets"][r], torch.full_like(t["targets"][r], -100))
+        logp, _ = logprobs(completion_hidden(model, t, r, pad_id, shared_prefix), head.weight, targets,
                            getattr(head, "bias", None), temperature=temperature, backend=backend)
         out.append(logp)
-    return torch.cat(out)
+    if rows is None:
+        return torch.cat(out)
+    full = t["targets"].new_zeros(t["targets"].shape, dtype=out[0].dtype if out else torch.float32)
+    if out:
+        full[rows] = torch.cat(out)
+    return full
