@@ -162,6 +162,7 @@ def run_ours(directory: Path, steps: int, drop_flat_groups: bool = False, skip_z
             "completions_per_step": PROMPTS_PER_STEP * GENERATIONS,
             "mean_reward": statistics.mean(r["reward"] for r in module.history),
             "groups_trained_per_step": per_step("groups_trained"), "optimizer_steps": runner.optimizer_steps,
+            "informative_groups_per_step": per_step("informative_groups"),  # groups whose rewards differ
             "threads": torch.get_num_threads(), "steps": steps}
 
 
@@ -319,6 +320,9 @@ def main() -> None:
               f"{', '.join(f'{r:.3f}' for r in paired)}")
         print(f"goal_ratio (median over repeats of our s/step over TRL's in the same repeat, goal <= 0.5): "
               f"{goal_ratio:.3f}")
+        if all(r["informative_groups_per_step"] == 0 for r in runs["ours"]):
+            print("note: every group of ours' timed steps was flat (equal rewards): ours skipped every row and trained "
+                  "on nothing, so its ratio is no training speed; read ours-all-rows (equal computation)")
     all_rows = None
     if "ours-all-rows" in table and trl_seconds:
         all_rows = statistics.median(o["seconds_per_step"] / t["seconds_per_step"]
