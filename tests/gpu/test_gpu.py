@@ -39,7 +39,9 @@ def test_triton_kernels_match_float64_on_cuda(n, h, v):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_the_device_plan_in_low_precision_products_matches_float64_on_cuda(backend, dtype):
     """The default plan on CUDA (whole-vocabulary chunks, products in the input dtype with float32 accumulation)
-    at Qwen2.5's vocabulary: the SFT loss and its gradients against float64 on the same rounded inputs."""
+    at Qwen2.5's vocabulary: the SFT loss and its gradients against float64 on the same rounded inputs, with a third
+    of the targets ignored (prompt tokens: the kernels compute the counted rows only, and give the others no
+    gradient)."""
     from stagewise_pl.kernels import choose_plan, fused_nll_loss
 
     n, h, v = 4096, 896, 151936
@@ -47,9 +49,11 @@ def test_the_device_plan_in_low_precision_products_matches_float64_on_cuda(backe
     hidden = (torch.randn(n, h, device="cuda", generator=g) * 0.3).to(dtype).requires_grad_(True)
     weight = (torch.randn(v, h, device="cuda", generator=g) * 0.05).to(dtype).requires_grad_(True)
     targets = torch.randint(0, v, (n,), device="cuda", generator=g)
+    targets[::3] = -100
     chunk_plan = choose_plan(hidden, weight)
     assert chunk_plan.matmul_dtype == dtype and chunk_plan.vocab_block == v
-    loss, _ = fused_nll_loss(hidden, weight, targets, backend=backend)
+    loss, count = fused_nll_loss(hidden, weight, targets, backend=backend)
+    assert int(count) == n - len(range(0, n, 3))
     ref = torch.nn.functional.cross_entropy(hidden.double() @ weight.double().T, targets)
     assert abs(loss.item() - ref.item()) <= 1e-4 * ref.item()
     mine = torch.autograd.grad(loss, (hidden, weight))
@@ -60,6 +64,7 @@ def test_the_device_plan_in_low_precision_products_matches_float64_on_cuda(backe
     for a, b, bound in zip(mine, theirs, bounds):
         assert a.dtype == dtype
         assert (a.double() - b).abs().max() / b.abs().max() <= bound
+    assert not mine[0][::3].any()  # an ignored row's hidden state gets no gradient
 
 
 def test_bf16_sft_and_grpo_steps_of_a_tiny_model(tmp_path):
