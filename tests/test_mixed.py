@@ -170,11 +170,12 @@ def test_zero_advantage_rows_skip_the_forward_and_leave_the_update_as_it_was(tin
     assert len(grads_at_step) == 1 and all(grads_at_step[0])
 
 
-
-def test_with_two_passes_the_old_log_probs_of_zero_advantage_rows_are_not_computed(tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("micro_batch_size", [3, 0])
+def test_with_two_passes_the_old_log_probs_of_zero_advantage_rows_are_not_computed(tiny_model_dir, monkeypatch,
+                                                                                    micro_batch_size):
     """num_iterations 2: the old policy's log-probs are taken before the first step, for the rows that get a
-    gradient only (in micro-batches of 3); the second pass's ratios (against those old log-probs) give the same
-    update as computing every row."""
+    gradient only (in micro-batches of 3, or one); the second pass's ratios (against those old log-probs) give the
+    same update as computing every row. A batch of flat groups computes none and still takes its two steps."""
     import stagewise_pl.phases.grpo as grpo_module
     import stagewise_pl.phases.grpo_batch as batch_module
 
@@ -185,11 +186,18 @@ def test_with_two_passes_the_old_log_probs_of_zero_advantage_rows_are_not_comput
     for skip in (True, False):
         runner, policy, tok, problems = make_runner(tiny_model_dir, "grpo")
         runner.s.drop_flat_groups, runner.s.skip_zero_advantage_rows, runner.s.num_iterations = False, skip, 2
-        runner.s.micro_batch_size = 3
+        runner.s.micro_batch_size = micro_batch_size
         _, _, delta = step_delta(runner, policy, hand_groups(tok, problems, [[], [1], [0, 1, 2, 3], [0, 2]]))
         deltas.append(delta)
         assert runner.optimizer_steps == 2
-    assert seen == {"old": [3, 3, 2] + [3] * 5 + [1], "update": [3, 3, 2] * 2 + ([3] * 5 + [1]) * 2}
+        if skip:
+            part = [3, 3, 2] if micro_batch_size else [8]
+            assert seen == {"old": part, "update": part * 2}
+            seen["old"].clear(), seen["update"].clear()
+            trained, _ = runner.train_on(FakeModule(policy), hand_groups(tok, problems[:2], [[], [0, 1, 2, 3]]))
+            assert trained == 2 and runner.optimizer_steps == 4 and seen == {"old": [], "update": []}
+    full = [3] * 5 + [1] if micro_batch_size else [16]
+    assert seen == {"old": full, "update": full * 2}
     assert_same(deltas[0], deltas[1])
 
 

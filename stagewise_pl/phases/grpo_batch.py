@@ -176,8 +176,8 @@ def _packed_hidden(model, decoder, t: dict, rows: torch.Tensor, inverse: torch.T
 
 
 def micro_slices(n: int, micro_batch_size: int) -> list[slice]:
-    """Consecutive micro-batches of ``n`` rows (``micro_batch_size``; 0 = one)."""
-    size = micro_batch_size or n
+    """Consecutive micro-batches of ``n`` rows (``micro_batch_size``; 0 = one); none when ``n`` is 0."""
+    size = micro_batch_size or max(n, 1)
     return [slice(i, i + size) for i in range(0, n, size)]
 
 
