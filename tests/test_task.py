@@ -116,7 +116,7 @@ def test_the_base_model_key_ignores_the_skill_levels_and_a_plain_level_cannot_mu
     from stagewise_pl.config import ConfigError
     from stagewise_pl.models.base import base_key
 
-    assert base_key(load_config("skills")) == base_key(load_config("default")) == "7eae9d1b9cc855c4"
+    assert base_key(load_config("skills")) == base_key(load_config("default")) == "f89a1f374c90afb1"
     with pytest.raises(ConfigError, match="levels.0.times"):
         load_config("default", ["task.levels.0.times=1"])
     with pytest.raises(ConfigError, match="skill_levels.0.times"):
