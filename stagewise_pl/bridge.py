@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -64,8 +64,11 @@ class BridgeContext:
 
     def __init__(self, policy, tokenizer, engine, verifier, teacher, prompts: dict, settings, max_new_tokens: int,
                  seed: int = 0, max_length: int = 1024, batch_size: int = 32, kernel: str = "auto",
-                 progress: bool = False):
+                 progress: bool = False, render: Optional[Callable[[str], str]] = None):
+        from stagewise_pl.models.load import PromptRenderer
+
         self.policy, self.tokenizer, self.engine, self.verifier = policy, tokenizer, engine, verifier
+        self._render = render or PromptRenderer(tokenizer)  # the run's renderer (chat template, system prompt)
         self.teacher, self.prompts, self.s = teacher, prompts, settings
         self.max_new_tokens, self.seed, self.max_length = max_new_tokens, seed, max_length
         self.batch_size, self.kernel, self.progress = batch_size, kernel, progress
@@ -75,9 +78,7 @@ class BridgeContext:
         self._nll: dict[tuple[str, str], float] = {}  # (problem id, target) -> NLL: nothing is scored twice
 
     def render(self, text: str) -> str:
-        from stagewise_pl.models.load import render_prompt
-
-        return render_prompt(self.tokenizer, text)
+        return self._render(text)
 
     def template(self, key: str, **fields) -> str:
         if key not in self.prompts:

@@ -137,7 +137,7 @@ class Run:
         from stagewise_pl.eval.heldout import HeldOutEvaluation
         from stagewise_pl.ledger import DifficultyLedger
         from stagewise_pl.logging import make_logger
-        from stagewise_pl.models.load import load_policy, set_system_prompt
+        from stagewise_pl.models.load import PromptRenderer, load_policy
         from stagewise_pl.phases import PhaseContext, RolloutEngines, Teachers
         from stagewise_pl.tasks.arithmetic import ArithmeticTask
         from stagewise_pl.verify import make_verifier
@@ -159,8 +159,8 @@ class Run:
         logger = make_logger(cfg.run.logger, self.dir)
         base = self.base_model_path(task)
         policy, tokenizer = load_policy(base, cfg.model.dtype, cfg.model.attn_implementation, cfg.model.hub_kernels)
-        set_system_prompt(tokenizer, cfg.model.system_prompt)
-        pool = self._drop_too_long(pool, report, policy, tokenizer)
+        renderer = PromptRenderer(tokenizer, cfg.model.system_prompt)
+        pool = self._drop_too_long(pool, report, policy, tokenizer, renderer)
         if cfg.model.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.model.lora_rank:
@@ -173,13 +173,14 @@ class Run:
         self.data_digest = pool_digest(pool)
         engines = RolloutEngines(cfg, policy, tokenizer, lambda: base, [p.prompt for p in pool[:4]], self.log)
         bands = bands_of(self.rules)
-        heldout = HeldOutEvaluation(cfg, task, verifier, tokenizer, engines.with_current_weights, self.rundir,
+        heldout = HeldOutEvaluation(cfg, task, verifier, renderer, engines.with_current_weights, self.rundir,
                                     lambda problems, label: self._check_golds(verifier, problems, label), logger, bands)
         self.logger = logger
         self.ctx = PhaseContext(cfg, policy, tokenizer, plan=self.phases, traits=self.traits, pool=pool,
                                 verifier=verifier, engines=engines, teachers=Teachers(cfg, task, self.prompts),
                                 ledger=ledger, rundir=self.rundir, task=task, prompts=self.prompts, bands=bands,
-                                heldout=heldout, log=self.log, signals=self.signals, rate_key=self.rate_key())
+                                heldout=heldout, log=self.log, signals=self.signals, rate_key=self.rate_key(),
+                                renderer=renderer)
         if self.prompts:  # phases that use the teacher: one that cannot be built stops the run now, not hours in
             from stagewise_pl.teachers import TeacherError
 
@@ -188,16 +189,14 @@ class Run:
             except TeacherError as exc:
                 raise ConfigError(f"teacher: {exc}") from None
 
-    def _drop_too_long(self, pool, report, policy, tokenizer) -> list:
+    def _drop_too_long(self, pool, report, policy, tokenizer, render) -> list:
         """Pool problems whose rendered prompt does not fit the model's context are bad rows (prompt_too_long)."""
         from stagewise_pl.data.loaders import drop_too_long
-        from stagewise_pl.models.load import render_prompt
-
         context = getattr(policy.config, "max_position_embeddings", None)
         if not context:
             return pool
         before = len(pool)
-        pool = drop_too_long(pool, report, lambda p: len(tokenizer(render_prompt(tokenizer, p.prompt),
+        pool = drop_too_long(pool, report, lambda p: len(tokenizer(render(p.prompt),
                                                                    add_special_tokens=False).input_ids),
                              context, self.cfg.data.on_bad_row, self.cfg.data.max_bad_fraction)
         if len(pool) < before:
@@ -224,7 +223,7 @@ class Run:
 
     def base_model_path(self, task) -> str:
         if self.cfg.model.name_or_path == "tiny":
-            from stagewise_pl.models.base import tiny_base_model
+            from stagewise_pl.phases.warmup import tiny_base_model
 
             return str(tiny_base_model(self.cfg, task, log=self.log))
         from stagewise_pl.models.packaged import is_packaged, packaged_model
@@ -332,7 +331,7 @@ class Run:
         if dist.is_main():
             from stagewise_pl.models.export import save_policy
 
-            save_policy(ctx.policy, ctx.tokenizer, self.dir / "final")
+            save_policy(ctx.policy, ctx.tokenizer, self.dir / "final", ctx.renderer.system_prompt)
             self.rundir.update_state(finished=True)
             if cfg.run.keep == "final":  # after "finished": a kill in between leaves a run that says it is done
                 shutil.rmtree(self.rundir.checkpoints, ignore_errors=True)

@@ -2,6 +2,7 @@ import pytest
 
 from stagewise_pl.data.problems import Problem
 from stagewise_pl.eval.evaluate import evaluate_problems, format_table
+from stagewise_pl.models.load import PromptRenderer
 from stagewise_pl.rollout.base import RolloutBatch
 from stagewise_pl.verify import get_verifier
 
@@ -30,8 +31,8 @@ def test_pass_at_1_mean_p_and_pass_at_k_by_level():
                ["#### 5", "#### 5", "#### 5", "#### 5"],       # p = 0
                ["#### 2", "#### 2", "#### 2", "#### 2"],       # p = 1
                ["#### 3", "nothing", "#### 7", "#### 7"]]      # p = 0.25
-    result = evaluate_problems(ScriptedEngine(greedy, sampled), PlainTokenizer(), get_verifier("exact"),
-                               problems, "toy", k=4)
+    result = evaluate_problems(ScriptedEngine(greedy, sampled), PromptRenderer(PlainTokenizer()),
+                               get_verifier("exact"), problems, "toy", k=4)
     lv1, lv2, overall = result.by_level["1"], result.by_level["2"], result.by_level["all"]
     assert (lv1["pass@1"], lv1["mean_p"], lv1["pass@4"]) == (0.5, 0.25, 0.5)
     assert (lv2["pass@1"], lv2["mean_p"], lv2["pass@4"]) == (1.0, 0.625, 1.0)
@@ -44,7 +45,7 @@ def test_pass_at_1_mean_p_and_pass_at_k_by_level():
 
 def test_problems_without_level_go_to_all():
     problems = [Problem("a", "q", "1", "bench"), Problem("b", "q", "2", "bench")]
-    result = evaluate_problems(ScriptedEngine(["\\boxed{1}", "The answer is 3"], []), PlainTokenizer(),
+    result = evaluate_problems(ScriptedEngine(["\\boxed{1}", "The answer is 3"], []), PromptRenderer(PlainTokenizer()),
                                get_verifier("exact"), problems, "bench", k=0)
     assert list(result.by_level) == ["all"] and result.by_level["all"]["pass@1"] == 0.5
     assert "| all | 2 | 0.50 | - | - |" in format_table({"x": result})

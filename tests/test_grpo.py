@@ -262,10 +262,12 @@ def test_grpo_raises_pass_at_1_on_the_partly_solved_levels(tmp_path):
 def test_shared_prefix_forward_gives_the_same_hidden_states_and_gradients(tiny, monkeypatch, pack_limit):
     """Each distinct prompt computed once == G full forwards, on every completion token."""
     from stagewise_pl.data.problems import Problem
+    from stagewise_pl.models import packed
     from stagewise_pl.models.load import render_prompts
     from stagewise_pl.phases import grpo_batch
+    from stagewise_pl.phases.sampling import Groups
 
-    monkeypatch.setattr(grpo_batch, "PACK_LIMIT", pack_limit)
+    monkeypatch.setattr(packed, "PACK_LIMIT", pack_limit)
     model, tokenizer = tiny
     texts = ["1+2", "30-4+5", "7"]
     problems = [Problem(f"p{i}", text, "0", "t") for i, text in enumerate(texts)]
@@ -273,17 +275,17 @@ def test_shared_prefix_forward_gives_the_same_hidden_states_and_gradients(tiny, 
     g = torch.Generator().manual_seed(0)
     lengths = [5, 1, 7, 3, 2, 7, 4, 6, 1, 7, 2, 5]  # ragged completions, 4 per prompt
     completions = [torch.randint(5, 300, (n,), generator=g).tolist() for n in lengths]
-    groups = grpo_batch.Groups(problems, prompt_ids, completions, [""] * 12, [False] * 12, torch.zeros(3, 4),
-                               ["wrong"] * 12, [0, 0, 0])
+    groups = Groups(problems, prompt_ids, completions, [""] * 12, [False] * 12, torch.zeros(3, 4), ["wrong"] * 12,
+                    [0, 0, 0])
     pad = tokenizer.pad_token_id
     t = grpo_batch.batch_tensors(groups, torch.randn(3, 4), pad, False, torch.device("cpu"))
     rows = torch.tensor([0, 1, 2, 3, 4, 5, 8, 9, 10])  # uneven: 4, 2 and 3 rows of the three prompts
-    mask = t["mask"][rows]
+    mask = t.mask[rows]
     probe = torch.randn(model.config.hidden_size)
     results = []
     for shared in (False, True):
         model.zero_grad()
-        hidden = grpo_batch.completion_hidden(model, t, rows, pad, shared_prefix=shared)
+        hidden = packed.completion_hidden(model, t, rows, pad, shared_prefix=shared)
         ((hidden * probe).sum(-1) * mask).sum().backward()
         results.append((hidden.detach() * mask[..., None], [p.grad.clone() for p in model.parameters()]))
     (h1, g1), (h2, g2) = results

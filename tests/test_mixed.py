@@ -176,11 +176,11 @@ def test_with_two_passes_the_old_log_probs_of_zero_advantage_rows_are_not_comput
     """num_iterations 2: the old policy's log-probs are taken before the first step, for the rows that get a
     gradient only (in micro-batches of 3, or one); the second pass's ratios (against those old log-probs) give the
     same update as computing every row. A batch of flat groups computes none and still takes its two steps."""
+    import stagewise_pl.models.packed as packed_module
     import stagewise_pl.phases.grpo as grpo_module
-    import stagewise_pl.phases.grpo_batch as batch_module
 
-    deltas, seen, real = [], {"old": [], "update": []}, batch_module.completion_hidden
-    for name, module in (("old", batch_module), ("update", grpo_module)):
+    deltas, seen, real = [], {"old": [], "update": []}, packed_module.completion_hidden
+    for name, module in (("old", packed_module), ("update", grpo_module)):
         monkeypatch.setattr(module, "completion_hidden", lambda m, t, rows, *a, name=name, **k:
                             seen[name].append(len(rows)) or real(m, t, rows, *a, **k))
     for skip in (True, False):

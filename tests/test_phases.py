@@ -282,7 +282,7 @@ def test_an_sft_phase_trains_under_bf16_mixed_precision(tmp_path, fast_overrides
     the guarded step (one gradient norm, clipping by it); every step is taken and the weights move, finite."""
     from safetensors.torch import load_file
 
-    from stagewise_pl.models.base import tiny_base_model
+    from stagewise_pl.phases.warmup import tiny_base_model
     from stagewise_pl.run import Run
     from stagewise_pl.tasks.arithmetic import ArithmeticTask
 

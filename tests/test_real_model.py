@@ -41,27 +41,30 @@ def test_the_entry_point_and_its_dry_run_say_how_to_get_a_missing_gguf(tmp_path,
     assert "error: model.name_or_path=" in capsys.readouterr().err and not (tmp_path / "r").exists()
 
 
-def test_a_system_prompt_reaches_what_the_run_renders(tmp_path, fast_overrides, tiny_model_dir):
-    """model.system_prompt is how a chat model is told the task's format: set on the run's tokenizer, every
-    prompt rendered through it carries it; '' leaves the chat template's own default."""
+def test_a_system_prompt_reaches_what_the_run_renders_and_its_export(tmp_path, fast_overrides, tiny_model_dir):
+    """model.system_prompt is how a chat model is told the task's format: the run's PromptRenderer puts it before
+    every prompt it renders ('' leaves the chat template's own default), and the run's exports carry it in their
+    chat template, so final/ is prompted as the run trained it; a conversation's own system message still wins."""
     from transformers import AutoTokenizer
 
     from stagewise_pl.config import load_config
-    from stagewise_pl.models.load import render_prompt, set_system_prompt
+    from stagewise_pl.models.load import PromptRenderer, render_prompt
     from stagewise_pl.run import Run
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-    plain = render_prompt(tokenizer, "1+2")
-    set_system_prompt(tokenizer, "Write one step per line.")
-    assert "Write one step per line." in render_prompt(tokenizer, "1+2") and render_prompt(tokenizer, "1+2") != plain
-    assert "Other." in render_prompt(tokenizer, "1+2", "Other.")
-    set_system_prompt(tokenizer, "")
-    assert render_prompt(tokenizer, "1+2") == plain
+    plain, told = render_prompt(tokenizer, "1+2"), PromptRenderer(tokenizer, "Write one step per line.")
+    assert "Write one step per line." in told("1+2") and told("1+2") != plain
+    assert PromptRenderer(tokenizer, "")("1+2") == plain and "Other." in render_prompt(tokenizer, "1+2", "Other.")
     run = Run(load_config("default", fast_overrides + [f"run.dir={tmp_path / 'r'}", "eval.before=false",
                                                         "model.system_prompt=Write one step per line."]),
               log=lambda *_: None)
     run.execute()
-    assert "Write one step per line." in render_prompt(run.ctx.tokenizer, "1+2")
+    assert run.ctx.renderer("1+2") == told("1+2")
+    assert render_prompt(run.ctx.tokenizer, "1+2") == plain  # nothing hangs on the run's tokenizer
+    for saved in (tmp_path / "r" / "final", tmp_path / "r" / "export" / "1-sft"):
+        exported = AutoTokenizer.from_pretrained(str(saved))
+        assert render_prompt(exported, "1+2") == told("1+2")
+        assert render_prompt(exported, "1+2", "Other.") == render_prompt(tokenizer, "1+2", "Other.")
 
 
 # ------------------------------------------------------------------ with the smol extra installed (slow tier)

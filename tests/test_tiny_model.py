@@ -50,18 +50,19 @@ def test_save_load_round_trip(tiny, tmp_path):
 def test_tiny_base_model_is_cached(cache_dir, fast_overrides, monkeypatch):
     from stagewise_pl.config import load_config
     from stagewise_pl.models import base
+    from stagewise_pl.phases import warmup
     from stagewise_pl.tasks.arithmetic import ArithmeticTask
 
     cfg = load_config("default", fast_overrides)
     task = ArithmeticTask.from_config(cfg.task)
-    first = base.tiny_base_model(cfg, task, log=lambda *_: None)
+    first = warmup.tiny_base_model(cfg, task, log=lambda *_: None)
     assert (first / "config.json").is_file() and (first / "tokenizer.json").is_file()
 
     def must_not_build(*args, **kwargs):
         raise AssertionError("the cached base model was rebuilt")
 
-    monkeypatch.setattr(base, "_build", must_not_build)
-    assert base.tiny_base_model(cfg, task) == first
+    monkeypatch.setattr(warmup, "build", must_not_build)
+    assert warmup.tiny_base_model(cfg, task) == first
     other = load_config("default", fast_overrides + ["model.warmup.steps=21"])
     assert base.base_key(other) != base.base_key(cfg)
 
@@ -70,8 +71,7 @@ def test_the_base_models_warm_up_prints_progress_lines_into_a_file(tmp_path, fas
     """Output that is not a terminal (a log file, pytest's capture): the warm-up reports a line every 10 s with the
     steps done, of how many, and the time left (a clock that moves 11 s per reading stands in for a slow build)."""
     from stagewise_pl.config import load_config
-    from stagewise_pl.models import base
-    from stagewise_pl.phases import driver
+    from stagewise_pl.phases import driver, warmup
     from stagewise_pl.tasks.arithmetic import ArithmeticTask
 
     class Clock:
@@ -84,7 +84,7 @@ def test_the_base_models_warm_up_prints_progress_lines_into_a_file(tmp_path, fas
     monkeypatch.setattr(driver, "time", Clock())
     cfg = load_config("default", fast_overrides + ["run.progress_bar=true", "model.warmup.steps=4"])
     lines = []
-    base._build(cfg, ArithmeticTask.from_config(cfg.task), tmp_path / "base", log=lines.append)
+    warmup.build(cfg, ArithmeticTask.from_config(cfg.task), tmp_path / "base", log=lines.append)
     steps = [line for line in lines if line.startswith("tiny base warm-up: step")]
     assert steps[0] == "tiny base warm-up: step 1/4, 11 s, about 33 s left"
     assert steps[-1].startswith("tiny base warm-up: step 4/4")

@@ -92,7 +92,7 @@ def real_model(name: str) -> Path:
 def bench_model(name: str, cfg, task) -> Path:
     """``--model``'s checkpoint: the default run's tiny base model (built and cached if missing) for ``tiny``,
     else :func:`real_model`."""
-    from stagewise_pl.models.base import tiny_base_model
+    from stagewise_pl.phases.warmup import tiny_base_model
 
     return tiny_base_model(cfg, task, log=lambda *a: print(*a, file=sys.stderr)) if name == "tiny" else real_model(name)
 

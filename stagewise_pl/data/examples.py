@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 from stagewise_pl.data.problems import Problem
 from stagewise_pl.data.sft import Example, example_from_ids
-from stagewise_pl.models.load import render_prompt
+from stagewise_pl.models.load import PromptRenderer
 
 
 def sft_target(problem: Problem, target: str) -> str:
@@ -20,17 +20,21 @@ def sft_target(problem: Problem, target: str) -> str:
     return problem.solution
 
 
-def build_examples(tokenizer, problems: Sequence[Problem], target: str, max_length: int) -> list[Example]:
-    return encode_pairs(tokenizer, [(p.prompt, sft_target(p, target)) for p in problems], max_length)
+def build_examples(tokenizer, problems: Sequence[Problem], target: str, max_length: int,
+                   render: Optional[Callable[[str], str]] = None) -> list[Example]:
+    return encode_pairs(tokenizer, [(p.prompt, sft_target(p, target)) for p in problems], max_length, render)
 
 
-def encode_pairs(tokenizer, pairs: Sequence[tuple], max_length: int) -> list[Example]:
-    """(user message, completion[, loss weight]) -> chat-rendered examples; warns about truncated ones."""
+def encode_pairs(tokenizer, pairs: Sequence[tuple], max_length: int,
+                 render: Optional[Callable[[str], str]] = None) -> list[Example]:
+    """(user message, completion[, loss weight]) -> chat-rendered examples (``render``: the run's
+    :class:`PromptRenderer`; default the chat template without a system prompt); warns about truncated ones."""
     if not pairs:
         return []
+    render = render or PromptRenderer(tokenizer)
     # one tokenizer call per side for the whole list (a fast tokenizer encodes a batch in one pass: the same ids as
     # one call per text, without the per-call overhead that dominated the start of a run on a 10 000-problem pool)
-    prompts = tokenizer([render_prompt(tokenizer, prompt) for prompt, *_ in pairs], add_special_tokens=False)
+    prompts = tokenizer([render(prompt) for prompt, *_ in pairs], add_special_tokens=False)
     completions = tokenizer([completion for _, completion, *_ in pairs], add_special_tokens=False)
     examples = [example_from_ids(p, c, tokenizer.eos_token_id, max_length, *weight)
                 for p, c, (_, _, *weight) in zip(prompts["input_ids"], completions["input_ids"], pairs)]

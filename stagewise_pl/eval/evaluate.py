@@ -11,14 +11,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torchmetrics.aggregation import MeanMetric
 
 from stagewise_pl.buckets import BUCKET_ORDER, DEFAULT_BANDS, PassRateBands
 from stagewise_pl.data.problems import Problem
-from stagewise_pl.models.load import render_prompts
 from stagewise_pl.rollout.base import SamplingParams
 
 ALL = "all"
@@ -43,10 +42,10 @@ def _level_key(problem: Problem) -> str:
     return problem.level if problem.level is not None else ALL
 
 
-def evaluate_problems(engine, tokenizer, verifier, problems: Sequence[Problem], name: str, k: int = 8,
-                      temperature: float = 1.0, max_new_tokens: int = 64, seed: int = 0,
+def evaluate_problems(engine, render: Callable[[str], str], verifier, problems: Sequence[Problem], name: str,
+                      k: int = 8, temperature: float = 1.0, max_new_tokens: int = 64, seed: int = 0,
                       bands: PassRateBands = DEFAULT_BANDS) -> EvalResult:
-    prompts = render_prompts(tokenizer, [p.prompt for p in problems])
+    prompts = [render(p.prompt) for p in problems]  # the run's PromptRenderer
     golds = [p.answer for p in problems]
     greedy = engine.generate(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens),
                              desc=f"eval {name} greedy")

@@ -13,9 +13,9 @@ from stagewise_pl.io import atomic_write
 
 
 class HeldOutEvaluation:
-    def __init__(self, cfg, task, verifier, tokenizer, engine: Callable, rundir, check_golds: Callable,
-                 logger=None, bands: PassRateBands = DEFAULT_BANDS):
-        self.cfg, self.task, self.verifier, self.tokenizer = cfg, task, verifier, tokenizer
+    def __init__(self, cfg, task, verifier, render: Callable[[str], str], engine: Callable, rundir,
+                 check_golds: Callable, logger=None, bands: PassRateBands = DEFAULT_BANDS):
+        self.cfg, self.task, self.verifier, self.render = cfg, task, verifier, render  # render: the PromptRenderer
         self.engine, self.rundir, self.check_golds, self.logger, self.bands = engine, rundir, check_golds, logger, bands
         self._sets: Optional[list] = None
 
@@ -54,7 +54,7 @@ class HeldOutEvaluation:
         engine = self.engine()
         results = OrderedDict()
         for name, problems, max_new_tokens in self.sets():
-            results[name] = evaluate_problems(engine, self.tokenizer, self.verifier, problems, name, k=ev.k,
+            results[name] = evaluate_problems(engine, self.render, self.verifier, problems, name, k=ev.k,
                                               temperature=ev.temperature, max_new_tokens=ev.max_new_tokens or
                                               max_new_tokens, seed=self.cfg.run.seed, bands=self.bands)
             if self.logger is not None:

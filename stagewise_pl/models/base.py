@@ -1,9 +1,10 @@
-"""The tiny base model: random tiny Qwen2 + warm-up SFT on the synthetic task, cached on disk.
+"""The tiny base model's cache: its key, and the warm-up's data (level weights, rewrite examples).
 
 The cache key is a hash of everything that determines the weights (tiny shape, warm-up settings,
 task definition, format version), so a second run -- or another array task -- reuses the same
 base model, and a changed setting builds a new one. The directory is built under a temporary name
-and renamed into place, under a file lock, so concurrent runs never see half a model.
+and renamed into place, under a file lock, so concurrent runs never see half a model. The warm-up itself is a
+training phase: :mod:`stagewise_pl.phases.warmup` builds the base (this module trains nothing).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import fcntl
 import hashlib
 import json
 from pathlib import Path
+from typing import Callable
 
 from stagewise_pl.data.problems import Problem
 from stagewise_pl.io import atomic_dir
@@ -66,8 +68,11 @@ def warmup_weights(problems: list[Problem], level_weights: list[float]) -> list[
     return [level_weights[p.meta["level"] - 1] / per_level[p.meta["level"]] for p in problems]
 
 
-def tiny_base_model(cfg, task, log=print) -> Path:
-    """Path of the cached tiny base model, building it (random init + warm-up SFT) when missing."""
+def cached_base(cfg, build: Callable[[Path], None]) -> Path:
+    """Path of the cached tiny base model of ``cfg`` (``model.cache_dir``/tiny-base-<key>), made by ``build(directory)``
+    when missing: built under a temporary name and renamed into place, under a file lock, so concurrent runs never
+    see half a model and build it once. The builder (random init + the warm-up, a training phase) is
+    :func:`stagewise_pl.phases.warmup.tiny_base_model`'s: this module trains nothing."""
     cache = Path(cfg.model.cache_dir).expanduser()
     target = cache / f"tiny-base-{base_key(cfg)}"
     if (target / "config.json").is_file():
@@ -78,54 +83,11 @@ def tiny_base_model(cfg, task, log=print) -> Path:
         if (target / "config.json").is_file():  # built by another process meanwhile
             return target
         with atomic_dir(target) as tmp:
-            _build(cfg, task.plain(), tmp, log)  # warmed up on the plain levels: it never sees the skill
+            build(tmp)
     return target
 
 
-def warmup_runner(cfg, task, policy, tokenizer):
-    """The warm-up as an SFT phase run on its own: the task's train split (teacher traces, and a share of
-    rewrite examples), sampled by level weight, ``model.warmup`` steps, batch size and learning rate, 50
-    learning-rate warm-up steps, batch order seeded by 0."""
-    from stagewise_pl.data.examples import build_examples
-    from stagewise_pl.data.sft import encode_example
-    from stagewise_pl.models.load import render_prompt
-    from stagewise_pl.phases import PhaseContext, SFTRunner
-    from stagewise_pl.plan import PhaseSpec
-
-    warm = cfg.model.warmup
-    problems = task.split("train")
-    examples = build_examples(tokenizer, problems, "teacher_trace", cfg.trainer.max_length)
-    weights = warmup_weights(problems, warm.level_weights)
-    share, template = warm.rewrite_share, rewrite_template(cfg)
-    if share > 0 and template:
-        examples += [encode_example(tokenizer, render_prompt(tokenizer, prompt), target, cfg.trainer.max_length)
-                     for prompt, target in rewrite_examples(task, problems, template)]
-        weights = [w * (1 - share) for w in weights] + [w * share for w in weights]
-    trainer = dataclasses.replace(cfg.trainer, accumulate_grad_batches=1, devices=1, num_nodes=1, strategy="auto",
-                                  log_every_n_steps=50)
-    warm_cfg = dataclasses.replace(cfg, trainer=trainer, optim=dataclasses.replace(cfg.optim, warmup_steps=50),
-                                   data=dataclasses.replace(cfg.data, target="teacher_trace"))
-    spec = PhaseSpec(0, "warmup", "sft", steps=warm.steps, lr=warm.lr, batch_size=warm.batch_size)
-    ctx = PhaseContext(warm_cfg, policy, tokenizer, task=task, log=lambda *_: None)
-    return SFTRunner.on_examples(ctx, spec, examples, weights, seed=0)
-
-
-def _build(cfg, task, directory: Path, log) -> None:
-    import torch
-
-    from stagewise_pl.models.load import load_policy
-    from stagewise_pl.models.tiny import save_random_tiny
-    from stagewise_pl.phases.driver import fit_phase
-
-    log(f"building the tiny base model in {directory.parent} (random init + {cfg.model.warmup.steps} warm-up steps)")
-    save_random_tiny(directory, cfg.model.tiny, task, seed=0)
-    if cfg.model.warmup.steps > 0:
-        policy, tokenizer = load_policy(str(directory))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            # a line every 10 s when the output is a file, a bar on a terminal (the build takes minutes)
-            fit_phase(warmup_runner(cfg, task, policy, tokenizer), label="tiny base warm-up", every_s=10, log=log)
-        policy.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
+def write_base_record(cfg, directory: Path) -> None:
+    """``stagewise_base.json``: the key and warm-up settings a built base was made with."""
     (directory / "stagewise_base.json").write_text(json.dumps({"key": base_key(cfg),
                                                               "warmup": dataclasses.asdict(cfg.model.warmup)}))

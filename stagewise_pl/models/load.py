@@ -33,21 +33,9 @@ def load_policy(name_or_path: str, dtype: str = "float32", attn_implementation: 
     return model, tokenizer
 
 
-SYSTEM_ATTRIBUTE = "stagewise_system_prompt"
-
-
-def set_system_prompt(tokenizer, text: str) -> None:
-    """The run's system prompt (``model.system_prompt``; '' = none: the chat template's own default): kept on
-    the tokenizer, so every prompt the run renders -- profile, SFT examples, rollouts,
-    evaluation, Bridge and CFT inputs -- gets it through :func:`render_prompt`."""
-    setattr(tokenizer, SYSTEM_ATTRIBUTE, text or None)
-
-
-def render_prompt(tokenizer, prompt: str, system_prompt: Optional[str] = None) -> str:
-    """The prompt as the model sees it: the tokenizer's chat template with the generation prompt, and the
-    system prompt given here or set on the tokenizer by :func:`set_system_prompt`."""
-    if system_prompt is None:
-        system_prompt = getattr(tokenizer, SYSTEM_ATTRIBUTE, None)
+def render_prompt(tokenizer, prompt: str, system_prompt: str = "") -> str:
+    """The prompt as the model sees it: the tokenizer's chat template with the generation prompt, after a system
+    message when ``system_prompt`` is given ('' = none: the chat template's own default)."""
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
     messages.append({"role": "user", "content": prompt})
     if getattr(tokenizer, "chat_template", None):
@@ -55,8 +43,40 @@ def render_prompt(tokenizer, prompt: str, system_prompt: Optional[str] = None) -
     return prompt + "\n"
 
 
-def render_prompts(tokenizer, prompts: Iterable[str], system_prompt: Optional[str] = None) -> list[str]:
+def render_prompts(tokenizer, prompts: Iterable[str], system_prompt: str = "") -> list[str]:
     return [render_prompt(tokenizer, p, system_prompt) for p in prompts]
+
+
+class PromptRenderer:
+    """How the run shows a problem to the model: the tokenizer's chat template and the run's system prompt
+    (``model.system_prompt``). Every prompt a run renders -- profiles, rollouts, SFT examples, evaluation, Bridge and
+    CFT inputs, the engine's canary -- goes through the one renderer of its :class:`PhaseContext`; an export writes
+    the system prompt into the chat template (:func:`chat_template_with_system`), so the saved model is prompted as
+    the run trained it. Rendered texts are kept by prompt (a GRPO phase renders its problems again each step)."""
+
+    def __init__(self, tokenizer, system_prompt: str = ""):
+        self.tokenizer, self.system_prompt = tokenizer, system_prompt or ""
+        self._rendered: dict[str, str] = {}
+
+    def __call__(self, prompt: str) -> str:
+        text = self._rendered.get(prompt)
+        if text is None:
+            text = self._rendered[prompt] = render_prompt(self.tokenizer, prompt, self.system_prompt)
+        return text
+
+    def all(self, prompts: Iterable[str]) -> list[str]:
+        return [self(p) for p in prompts]
+
+
+def chat_template_with_system(template: str, system_prompt: str) -> str:
+    """``template`` (Jinja, as transformers renders it) with ``system_prompt`` as the system message of every
+    conversation that brings none of its own: what an export of a run with ``model.system_prompt`` carries."""
+    if not system_prompt:
+        return template
+    quoted = system_prompt.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
+    return ("{%- if not messages or messages[0]['role'] != 'system' %}"
+            f"{{%- set messages = [{{'role': 'system', 'content': '{quoted}'}}] + messages %}}"
+            "{%- endif %}" + template)
 
 
 def count_parameters(model) -> int:

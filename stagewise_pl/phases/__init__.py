@@ -21,7 +21,8 @@ from stagewise_pl.plan import PhaseTraits
 from stagewise_pl.phases.profile import EvalRunner, ProfileRunner
 from stagewise_pl.phases.supervised import SFTRunner, TaughtRunner
 from stagewise_pl.phases.teaching import BridgeSFTRunner, CFTRunner
-from stagewise_pl.phases.grpo import GRPORunner, GRPOSettings
+from stagewise_pl.phases.grpo import GRPORunner
+from stagewise_pl.phases.grpo_batch import GRPOSettings
 from stagewise_pl.phases.mixed import HPTRunner, ReLIFTRunner
 
 __all__ = ["PHASES", "PhaseRunner", "PhaseTraits", "PhaseContext", "RolloutEngines", "Teachers", "kind_traits",

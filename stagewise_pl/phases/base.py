@@ -11,7 +11,7 @@ scheduler, ``manual_backward`` and loggers (the built-in runners end a step with
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
 from stagewise_pl.config import ConfigError
 from stagewise_pl.plan import PhaseSpec, PhaseTraits
@@ -45,11 +45,20 @@ def kind_traits(kinds: Iterable[str] = ()) -> dict[str, PhaseTraits]:
     return out
 
 
+def number(value) -> str:
+    """An integer with thin spaces between thousands (``13 642``), another number to 3 significant digits."""
+    return f"{value:,}".replace(",", " ") if isinstance(value, int) else f"{value:.3g}"
+
+
 class PhaseRunner:
     """One phase's work. Subclasses set ``kind`` and ``traits`` and override what they do differently."""
 
     kind = ""
     traits = PhaseTraits(step_unit="")
+    # the config group whose temperature and generation length the kind samples with ("profile", "grpo"), None
+    # when it does not sample the student for its data: a profile counts such rollouts as samples of its own when
+    # they match (profile.reuse)
+    sampling_group: Optional[str] = None
 
     def __init__(self, ctx: "PhaseContext", spec: PhaseSpec, selection: Selection):
         self.ctx, self.spec, self.selection = ctx, spec, selection
@@ -87,7 +96,8 @@ class PhaseRunner:
                              ctx.teachers.teacher(), ctx.prompts, cfg.bridge,
                              cfg.bridge.max_new_tokens or ctx.max_new_tokens(),
                              seed=cfg.run.seed + 1000 * self.spec.number + 17 + salt, max_length=cfg.trainer.max_length,
-                             batch_size=cfg.eval.batch_size, kernel=cfg.trainer.kernel, progress=cfg.run.progress_bar)
+                             batch_size=cfg.eval.batch_size, kernel=cfg.trainer.kernel, progress=cfg.run.progress_bar,
+                             render=ctx.renderer)
 
     def configure_optimizers(self, module):
         """An optimiser the trainer can hold; phases that do not train never step it (AdamW allocates no state)."""
@@ -103,6 +113,33 @@ class PhaseRunner:
 
     def summary(self) -> dict:
         return {"kind": self.kind, "problems": len(self.problems)}
+
+    def brief(self, summary: dict) -> str:
+        """The phase's summary (:meth:`summary`, with the manager's ``seconds``, ``select``, ``skipped``) as one short
+        console line: the figures every kind has around the kind's own (:meth:`brief_parts`); every figure is in
+        ``state.json``."""
+        get = summary.get
+        parts = []
+        if get("optimizer_steps") is not None:
+            parts.append(f"{get('optimizer_steps')} optimizer steps")
+        if get("problems") is not None:
+            select = get("select")
+            parts.append(f"{number(get('problems'))} problems"
+                         + (f" ({select})" if select not in (None, "all") else ""))
+        parts += self.brief_parts(summary)
+        if get("teacher_texts"):
+            parts.append(f"{number(get('teacher_texts'))} teacher texts")
+        if get("generated_tokens"):
+            parts.append(f"{number(get('generated_tokens'))} tokens generated")
+        if get("seconds") is not None:
+            parts.append(f"{get('seconds'):.0f} s")
+        if get("skipped"):
+            parts.append(f"skipped: {get('skipped')}")
+        return ", ".join(parts) if parts else get("kind", self.kind)
+
+    def brief_parts(self, summary: dict) -> list[str]:
+        """The kind's own figures in its console line (a profile: its buckets; grpo: its reward)."""
+        return []
 
     def record(self) -> dict:
         """What the phase adds to its routing decision when it ends (kept in checkpoints, written to

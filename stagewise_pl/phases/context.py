@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 from stagewise_pl.buckets import DEFAULT_BANDS, PassRateBands
 from stagewise_pl.config import Config
+from stagewise_pl.models.load import PromptRenderer
 from stagewise_pl.plan import PhaseSpec, PhaseTraits
 from stagewise_pl.records import NullSink
 from stagewise_pl.rundir import RunDir
@@ -36,10 +37,11 @@ class RolloutEngines:
             self._engine = make_engine(cfg.rollout, self.policy, self.tokenizer, self.model_path(), cfg.model.dtype,
                                        cfg.eval.batch_size, cfg.run.progress_bar)
         if hasattr(self._engine, "canary"):  # an engine with its own copy of the weights
-            from stagewise_pl.models.load import render_prompts
+            from stagewise_pl.models.load import PromptRenderer
 
             self._engine.sync_weights(self.policy)
-            gap = self._engine.canary(self.policy, render_prompts(self.tokenizer, self.canary_prompts))
+            render = PromptRenderer(self.tokenizer, cfg.model.system_prompt)
+            gap = self._engine.canary(self.policy, render.all(self.canary_prompts))
             self.log(f"rollout engine: weights pushed (sync {self._engine.syncs}), canary log-prob gap {gap:.2e}")
         return self._engine
 
@@ -95,6 +97,13 @@ class PhaseContext:
     # profile takes all k samples)
     rate_key: Optional[Callable] = None
     decisions: dict = field(default_factory=dict)  # phase name -> its routing decision so far (the manager's)
+    # how every prompt of the run is shown to the model (chat template, model.system_prompt); built from the
+    # tokenizer and the configuration when not given
+    renderer: Optional[PromptRenderer] = None
+
+    def __post_init__(self):
+        if self.renderer is None:
+            self.renderer = PromptRenderer(self.tokenizer, self.cfg.model.system_prompt)
 
     def gradable_pool(self) -> list:
         """The pool problems whose gold answer the verifier can grade."""

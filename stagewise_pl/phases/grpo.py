@@ -24,9 +24,7 @@ The phase ends after ``steps`` updates, ``steps x grpo.max_rollout_factor`` roll
 from __future__ import annotations
 
 import copy
-import math
 import time
-from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -36,53 +34,16 @@ from stagewise_pl import dist
 from stagewise_pl.advantages import compute_advantages, group_stats
 from stagewise_pl.faults import poisoned
 from stagewise_pl.kernels import fused_policy_loss
-from stagewise_pl.losses import PolicyLossConfig, aggregation_weights, entropy_weights, k3_kl
+from stagewise_pl.losses import aggregation_weights, entropy_weights, k3_kl
+from stagewise_pl.models.packed import ForwardSettings, completion_hidden, completion_logprobs
 from stagewise_pl.nonfinite import NonFiniteGuard
 from stagewise_pl.phases import token_budget
 from stagewise_pl.phases.base import PHASES, PhaseRunner
-from stagewise_pl.phases.grpo_batch import (Groups, batch_tensors, completion_hidden, completion_logprobs,
-                                            informative, my_micro_slices, old_logprobs, rows_with_gradient)
+from stagewise_pl.phases.grpo_batch import (GRPOSettings, batch_tensors, my_micro_slices, old_logprobs,
+                                            rows_with_gradient)
+from stagewise_pl.phases.sampling import Groups, informative, sample_and_grade
 from stagewise_pl.phases.optim import adamw_with_schedule, guarded_step, warmup_steps_for
 from stagewise_pl.plan import PhaseTraits
-
-
-@dataclass
-class GRPOSettings:
-    """Everything a GRPO phase needs besides the model: see ``GRPOConfig`` in the config for the meaning."""
-
-    prompts_per_step: int = 16
-    num_generations: int = 8
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    advantage: str = "grpo"
-    std_scale: str = "default"
-    loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
-    mask_truncated: bool = False
-    num_iterations: int = 1
-    minibatches: int = 1
-    micro_batch_size: int = 0
-    drop_flat_groups: bool = True
-    dynamic_sampling: bool = False
-    max_extra_rounds: int = 2
-    shared_prefix: bool = True  # compute each distinct prompt once in the update's forward passes
-    skip_zero_advantage_rows: bool = True
-
-    @classmethod
-    def from_config(cls, g, max_new_tokens: int) -> "GRPOSettings":
-        loss = PolicyLossConfig(epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high,
-                                aggregation=g.loss_aggregation, max_tokens=max_new_tokens, beta=g.beta,
-                                entropy_coef=g.entropy_coef)
-        return cls(prompts_per_step=g.prompts_per_step, num_generations=g.num_generations,
-                   max_new_tokens=max_new_tokens, temperature=g.temperature, top_p=g.top_p, advantage=g.advantage,
-                   std_scale=g.std_scale, loss=loss, mask_truncated=g.mask_truncated,
-                   num_iterations=g.num_iterations, minibatches=g.minibatches, micro_batch_size=g.micro_batch_size,
-                   drop_flat_groups=g.drop_flat_groups, dynamic_sampling=g.dynamic_sampling,
-                   max_extra_rounds=g.max_extra_rounds, skip_zero_advantage_rows=g.skip_zero_advantage_rows)
-
-    @property
-    def updates_per_step(self) -> int:
-        return self.num_iterations * self.minibatches
 
 
 @PHASES.register("grpo")
@@ -92,6 +53,7 @@ class GRPORunner(PhaseRunner):
     kind = "grpo"
     traits = PhaseTraits(trains=True, generates=True, records_rollouts=True, token_budgeted=True,
                          step_unit="update")
+    sampling_group = "grpo"
 
     def __init__(self, ctx, spec, selection):
         super().__init__(ctx, spec, selection)
@@ -117,7 +79,6 @@ class GRPORunner(PhaseRunner):
         # pushes the policy when it hands out the engine)
         self._weights_version = self._engine_version = 0
         self._frozen: dict = {}  # the KL reference: a plain dict, so it is no submodule (not trained, not saved twice)
-        self._prompt_cache: dict[str, str] = {}
         # the global batch of prompts of each rollout step; split across ranks when sampled
         self.sampler = StepBatchSampler(max(1, len(self.problems)), s.prompts_per_step, self.max_rollout_steps,
                                         self.seed)
@@ -178,16 +139,16 @@ class GRPORunner(PhaseRunner):
     def rollout_step(self, module, problems: list) -> None:
         s = self.s
         started = time.perf_counter()
-        groups, gen_s, grade_s = self.sample_and_grade(module.policy, problems, 0)
+        groups = self.sample_and_grade(module.policy, problems, 0)
         parts, rounds = [groups], 1
         if s.dynamic_sampling:
             kept = len(informative(groups.rewards))
             while kept < s.prompts_per_step and rounds <= s.max_extra_rounds:
-                extra, g_s, r_s = self.sample_and_grade(module.policy, self.extra_problems(rounds, s.prompts_per_step),
-                                                        rounds)
+                extra = self.sample_and_grade(module.policy, self.extra_problems(rounds, s.prompts_per_step), rounds)
                 parts.append(extra)
                 kept += len(informative(extra.rewards))
-                gen_s, grade_s, rounds = gen_s + g_s, grade_s + r_s, rounds + 1
+                rounds += 1
+        gen_s, grade_s = sum(p.seconds_generation for p in parts), sum(p.seconds_grading for p in parts)
         all_groups = Groups.concat(parts)
         if dist.is_main():  # every rank holds all groups; one writes them
             self.ctx.ledger.record(all_groups.records(self.spec, self.kind, self.position, module.global_step))
@@ -230,49 +191,30 @@ class GRPORunner(PhaseRunner):
         return len(keep), self.update(module, selected, compute_advantages(selected.rewards, s.advantage,
                                                                            s.std_scale))
 
-    def prompt(self, problem) -> str:
-        from stagewise_pl.models.load import render_prompt
-
-        if problem.id not in self._prompt_cache:
-            self._prompt_cache[problem.id] = render_prompt(self.ctx.tokenizer, problem.prompt)
-        return self._prompt_cache[problem.id]
-
-    def sample_and_grade(self, policy, problems: list, round_: int) -> tuple[Groups, float, float]:
-        """Sample and grade ``problems``: this rank's share of them, then every rank holds all groups."""
-        if dist.world_size() == 1:
-            return self._sample_and_grade(policy, problems, round_)
-        mine = dist.shard(problems)
-        groups, gen_s, grade_s = self._sample_and_grade(policy, mine, round_) if mine else (None, 0.0, 0.0)
-        return Groups.concat([g for g in dist.gather(groups) if g is not None]), gen_s, grade_s
-
-    def _sample_and_grade(self, policy, problems: list, round_: int) -> tuple[Groups, float, float]:
+    def sample_and_grade(self, policy, problems: list, round_: int) -> Groups:
+        """Sample and grade ``problems`` (:func:`~stagewise_pl.phases.sampling.sample_and_grade`): this rank's share
+        of them, then every rank holds all groups (their wall times: this rank's)."""
         from stagewise_pl.rollout.base import SamplingParams
 
         s = self.s
-        seed = int(np.random.default_rng([self.seed, self.position, round_]).integers(2**31 - 1))
-        sampling = SamplingParams(n=s.num_generations, temperature=s.temperature, top_p=s.top_p,
-                                  max_new_tokens=s.max_new_tokens, seed=seed)
-        if hasattr(self.engine, "sync_weights") and self._engine_version != self._weights_version:
-            self.engine.sync_weights(policy)  # an engine with its own copy samples from the updated policy
-            self._engine_version = self._weights_version
-        t0 = time.perf_counter()
-        batch = self.engine.generate([self.prompt(p) for p in problems], sampling, desc="grpo rollouts")
-        t1 = time.perf_counter()
-        verdicts = self.ctx.verifier.score_batch(batch.texts, [p.answer for p in problems
-                                                               for _ in range(s.num_generations)])
-        t2 = time.perf_counter()
-        rewards = []
-        for v in verdicts:
-            r = float(v.reward)
-            if not math.isfinite(r):  # a verifier's NaN/inf: 0, and counted
-                self.nonfinite_rewards += 1
-                r = 0.0
-            rewards.append(r)
-        groups = Groups(list(problems), batch.prompt_ids, batch.completion_ids, batch.texts,
-                        [f == "length" for f in batch.finish_reasons],
-                        torch.tensor(rewards, dtype=torch.float32).view(len(problems), s.num_generations),
-                        [v.reason for v in verdicts], [round_] * len(problems))
-        return groups, t1 - t0, t2 - t1
+        mine = dist.shard(problems) if dist.world_size() > 1 else problems
+        groups = None
+        if mine:
+            seed = int(np.random.default_rng([self.seed, self.position, round_]).integers(2**31 - 1))
+            sampling = SamplingParams(n=s.num_generations, temperature=s.temperature, top_p=s.top_p,
+                                      max_new_tokens=s.max_new_tokens, seed=seed)
+            if hasattr(self.engine, "sync_weights") and self._engine_version != self._weights_version:
+                self.engine.sync_weights(policy)  # an engine with its own copy samples from the updated policy
+                self._engine_version = self._weights_version
+            groups = sample_and_grade(self.engine, self.ctx.verifier, self.ctx.renderer, mine, sampling, round_,
+                                      desc=f"{self.spec.name} rollouts")
+            self.nonfinite_rewards += groups.nonfinite
+        if dist.world_size() == 1:
+            return groups
+        every = Groups.concat([g for g in dist.gather(groups) if g is not None])
+        every.seconds_generation = groups.seconds_generation if groups is not None else 0.0
+        every.seconds_grading = groups.seconds_grading if groups is not None else 0.0
+        return every
 
     def extra_problems(self, round_: int, count: int) -> list:
         """Fresh prompts for dynamic sampling: a seeded draw, a pure function of (seed, step, round)."""
@@ -285,12 +227,11 @@ class GRPORunner(PhaseRunner):
         s, policy, device = self.s, module.policy, module.device
         pad = self.ctx.tokenizer.pad_token_id
         t = batch_tensors(groups, advantages, pad, s.mask_truncated, device)
-        n = t["targets"].shape[0]
+        n = t.targets.shape[0]
         head = policy.get_output_embeddings()
-        frozen = dict(pad_id=pad, micro_batch_size=s.micro_batch_size, shared_prefix=s.shared_prefix,
-                      temperature=s.temperature, backend=self.cfg.trainer.kernel)
-        old = old_logprobs(policy, t, frozen, s)
-        ref = completion_logprobs(self.reference.to(device), t, **frozen) if s.loss.beta > 0 else None
+        fwd = ForwardSettings(pad, s.micro_batch_size, s.shared_prefix, s.temperature, self.cfg.trainer.kernel)
+        old = old_logprobs(policy, t, fwd, s)
+        ref = completion_logprobs(self.reference.to(device), t, fwd) if s.loss.beta > 0 else None
         gen = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, self.position, 99]).integers(2**31)))
         sums, count = {"loss": 0.0, "clip_fraction": 0.0, "entropy": 0.0, "kl": 0.0}, 0
         for _ in range(s.num_iterations):
@@ -298,10 +239,10 @@ class GRPORunner(PhaseRunner):
             for mb in torch.tensor_split(order.to(device), s.minibatches):
                 if len(mb) == 0:
                     continue
-                weights = aggregation_weights(t["mask"][mb], s.loss)  # over the whole mini-batch
-                ent_weights = entropy_weights(t["mask"][mb])
-                mb, weights, ent_weights = rows_with_gradient(mb, t["advantages"], weights, ent_weights, s)
-                tokens = t["mask"][mb].sum().clamp(min=1)  # the metrics are over the rows trained on
+                weights = aggregation_weights(t.mask[mb], s.loss)  # over the whole mini-batch
+                ent_weights = entropy_weights(t.mask[mb])
+                mb, weights, ent_weights = rows_with_gradient(mb, t.advantages, weights, ent_weights, s)
+                tokens = t.mask[mb].sum().clamp(min=1)  # the metrics are over the rows trained on
                 poison = poisoned(f"nan_loss:{self.spec.name}:{self.update_steps + 1}")  # n-th step that trains
                 mb_loss = 0.0
                 for part in my_micro_slices(len(mb), s.micro_batch_size):
@@ -310,8 +251,8 @@ class GRPORunner(PhaseRunner):
                         continue
                     rows = mb[part]
                     out = fused_policy_loss(
-                        completion_hidden(policy, t, rows, pad, s.shared_prefix), head.weight, t["targets"][rows],
-                        None if old is None else old[rows], t["advantages"][rows], t["mask"][rows], s.loss,
+                        completion_hidden(policy, t, rows, pad, s.shared_prefix), head.weight, t.targets[rows],
+                        None if old is None else old[rows], t.advantages[rows], t.mask[rows], s.loss,
                         ref_logp=None if ref is None else ref[rows], bias=getattr(head, "bias", None),
                         temperature=s.temperature, with_entropy=True, weights=weights[part],
                         entropy_weight=ent_weights[part], backend=self.cfg.trainer.kernel)
@@ -320,7 +261,7 @@ class GRPORunner(PhaseRunner):
                     module.manual_backward(loss * dist.world_size())
                     value = float(loss.detach())  # one device sync for the guard and the metric
                     mb_loss += value
-                    m = t["mask"][rows]
+                    m = t.mask[rows]
                     sums["loss"] += value
                     sums["clip_fraction"] += float(out.clip_fraction * m.sum() / tokens)
                     sums["entropy"] += float((out.entropy * m).sum() / tokens)
@@ -393,6 +334,10 @@ class GRPORunner(PhaseRunner):
         h = self.history
         keys = list(dict.fromkeys(k for row in h for k in row if not k.startswith("s_")))
         return {k: [row.get(k) for row in h] for k in keys}
+
+    def brief_parts(self, summary: dict) -> list[str]:
+        first, last = summary.get("reward_first_tenth"), summary.get("reward_last_tenth")
+        return [f"reward {first:.2f} -> {last:.2f}"] if first is not None and last is not None else []
 
     def summary(self) -> dict:
         h = self.history

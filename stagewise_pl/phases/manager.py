@@ -279,7 +279,7 @@ class PhaseManager(L.Callback):
         if not runner.problems and traits.uses_pool:
             summary["skipped"] = f"bucket {spec.select!r} is empty"
         if trained and dist.is_main() and ctx.cfg.run.keep == "all":
-            save_policy(ctx.policy, ctx.tokenizer, ctx.rundir.export_dir(spec.name))
+            save_policy(ctx.policy, ctx.tokenizer, ctx.rundir.export_dir(spec.name), ctx.renderer.system_prompt)
         if not traits.uses_pool or (trained and ctx.cfg.eval.each_phase):
             self.evaluate(spec.name)
         if dist.is_main():
@@ -288,7 +288,7 @@ class PhaseManager(L.Callback):
                 atomic_write(ctx.rundir.phase_file("curves", spec.number, spec.name), json.dumps(curves))
             ctx.rundir.mark_completed(spec.name, summary)
         dist.barrier()
-        ctx.log(f"phase {spec.name} done: {brief(summary)}")  # every figure: state.json's "completed"
+        ctx.log(f"phase {spec.name} done: {runner.brief(summary)}")  # every figure: state.json's "completed"
         if spec.name in self.columns:
             ctx.log(ctx.heldout.accuracy_line(spec.name, self.columns[spec.name]))
         fault_point(f"phase_end:{spec.name}")
@@ -344,39 +344,3 @@ def set_rng_states(state: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate((3, tuple(state["python"]), state["python_gauss"]))
 
-
-def brief(summary: dict) -> str:
-    """A phase summary as one short line for the console (every figure is in state.json)."""
-    def num(v):
-        return f"{v:,}".replace(",", " ") if isinstance(v, int) else f"{v:.3g}"
-
-    get = summary.get
-    parts = []
-    if get("optimizer_steps") is not None:
-        parts.append(f"{get('optimizer_steps')} optimizer steps")
-    if get("sft_steps") is not None and get("rl_updates") is not None:
-        parts.append(f"{get('sft_steps')} SFT + {get('rl_updates')} RL")
-    if get("problems") is not None:
-        parts.append(f"{num(get('problems'))} problems" + (f" ({get('select')})" if get("select") not in (None, "all")
-                                                             else ""))
-    if all(get(b) is not None for b in ("easy", "medium", "hard")):
-        parts.append(f"easy/medium/hard {get('easy')}/{get('medium')}/{get('hard')}")
-    if get("mean_pass_rate") is not None:
-        parts.append(f"mean p {get('mean_pass_rate'):.3f}")
-    if get("examples") is not None:
-        parts.append(f"{num(get('examples'))} examples")
-    if get("final_loss") is not None:
-        parts.append(f"loss {get('final_loss'):.3f}")
-    if get("reward_first_tenth") is not None and get("reward_last_tenth") is not None:
-        parts.append(f"reward {get('reward_first_tenth'):.2f} -> {get('reward_last_tenth'):.2f}")
-    if get("acceptance") is not None and get("strategy") not in (None, "raw"):
-        parts.append(f"bridged {get('kept')} (acceptance {get('acceptance'):.2f})")
-    if get("teacher_texts"):
-        parts.append(f"{num(get('teacher_texts'))} teacher texts")
-    if get("generated_tokens"):
-        parts.append(f"{num(get('generated_tokens'))} tokens generated")
-    if get("seconds") is not None:
-        parts.append(f"{get('seconds'):.0f} s")
-    if get("skipped"):
-        parts.append(f"skipped: {get('skipped')}")
-    return ", ".join(parts) if parts else get("kind", "")

@@ -28,7 +28,8 @@ from stagewise_pl.config import ConfigError
 from stagewise_pl.losses import IGNORE_INDEX
 from stagewise_pl.phases.base import PHASES
 from stagewise_pl.phases.grpo import GRPORunner
-from stagewise_pl.phases.grpo_batch import Groups, informative, my_micro_slices
+from stagewise_pl.phases.grpo_batch import my_micro_slices
+from stagewise_pl.phases.sampling import Groups, informative
 from stagewise_pl.plan import PhaseTraits
 
 
@@ -99,7 +100,7 @@ class MixedRunner(GRPORunner):
         from stagewise_pl.data.sft import Collator
         from stagewise_pl.models.forward import sft_loss
 
-        examples = encode_pairs(self.ctx.tokenizer, pairs, self.cfg.trainer.max_length)
+        examples = encode_pairs(self.ctx.tokenizer, pairs, self.cfg.trainer.max_length, self.ctx.renderer)
         total = sum(sum(1 for x in e.labels[1:] if x != IGNORE_INDEX) for e in examples)  # every rank's trace tokens
         collate = Collator(self.ctx.tokenizer.pad_token_id, self.cfg.trainer.max_length, False)
         nll = 0.0
@@ -228,6 +229,10 @@ class ReLIFTRunner(MixedRunner):
         super().load_state_dict(state)
         self.buffer = [tuple(x) for x in state["buffer"]]
         self.sft_steps, self.rl_updates = int(state["sft_steps"]), int(state["rl_updates"])
+
+    def brief_parts(self, summary: dict) -> list[str]:
+        split = [f"{summary['sft_steps']} SFT + {summary['rl_updates']} RL"] if "sft_steps" in summary else []
+        return split + super().brief_parts(summary)
 
     def summary(self) -> dict:
         out = super().summary()

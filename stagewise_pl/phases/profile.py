@@ -20,6 +20,7 @@ import numpy as np
 
 from stagewise_pl import dist
 from stagewise_pl.phases.base import PHASES, PhaseRunner
+from stagewise_pl.phases.sampling import sample_and_grade
 from stagewise_pl.plan import PhaseSpec, PhaseTraits
 from stagewise_pl.routing.evidence import HOW, Tally, add, carried_outcome, finish, wanted
 
@@ -41,6 +42,7 @@ class ProfileRunner(PhaseRunner):
 
     kind = "profile"
     traits = PhaseTraits(generates=True, records_rollouts=True, step_unit="")
+    sampling_group = "profile"
 
     def __init__(self, ctx, spec, selection):
         super().__init__(ctx, spec, selection)
@@ -77,7 +79,6 @@ class ProfileRunner(PhaseRunner):
 
     def sample(self, module, mine: list, step: int) -> list:
         """Rounds of generation until every problem of ``mine`` is decided: (id, evidence, ledger rows) each."""
-        from stagewise_pl.models.load import render_prompts
         from stagewise_pl.records import RolloutRecord
         from stagewise_pl.rollout.base import SamplingParams
 
@@ -101,17 +102,14 @@ class ProfileRunner(PhaseRunner):
                            .integers(2**31 - 1))
                 sampling = SamplingParams(n=count, temperature=self.temperature(spec),
                                           max_new_tokens=self.max_new_tokens(spec), seed=seed)
-                batch = engine.generate(
-                    render_prompts(ctx.tokenizer, [p.prompt for p in group]), sampling,
-                    desc=f"{spec.name} {upto}/{len(self.problems)}" + (f" round {rnd + 1}" if rnd else ""))
-                verdicts = ctx.verifier.score_batch(batch.texts, [p.answer for p in group for _ in range(count)])
+                desc = f"{spec.name} {upto}/{len(self.problems)}" + (f" round {rnd + 1}" if rnd else "")
+                graded = sample_and_grade(engine, ctx.verifier, ctx.renderer, group, sampling, rnd, desc=desc)
                 for i, problem in enumerate(group):
                     rows = range(i * count, (i + 1) * count)
-                    for r in rows:
-                        drawn[problem.id].append((rnd, float(verdicts[r].reward), verdicts[r].reason,
-                                                  len(batch.completion_ids[r]), batch.finish_reasons[r] == "length",
-                                                  batch.texts[r]))
-                    add(tallies[problem.id], [verdicts[r].reason == "correct" for r in rows])
+                    for j, r in enumerate(rows):
+                        drawn[problem.id].append((rnd, float(graded.rewards[i, j]), graded.reasons[r],
+                                                  len(graded.completion_ids[r]), graded.truncated[r], graded.texts[r]))
+                    add(tallies[problem.id], [graded.reasons[r] == "correct" for r in rows])
         keep_correct = cfg.data.replay_target == "own"  # correct texts are kept only when replay trains on them
         out = []
         for problem in mine:
@@ -202,6 +200,12 @@ class ProfileRunner(PhaseRunner):
     def record(self) -> dict:
         return {"evidence": self.all_evidence()}
 
+    def brief_parts(self, summary: dict) -> list[str]:
+        if summary.get("hard") is None:
+            return []
+        return [f"easy/medium/hard {summary['easy']}/{summary['medium']}/{summary['hard']}",
+                f"mean p {summary['mean_pass_rate']:.3f}"]
+
     def summary(self) -> dict:
         evidence = self.all_evidence()
         rates = [e["c"] / e["n"] for e in evidence.values() if e["n"]]
@@ -217,13 +221,11 @@ class ProfileRunner(PhaseRunner):
 
 
 def sampling_group(kind: str) -> Optional[str]:
-    """The config group a kind samples with (``profile``, ``grpo`` for the GRPO family), None for other kinds."""
+    """The config group a kind samples with (its runner's ``sampling_group``: ``profile``, ``grpo`` for the GRPO
+    family), None for other kinds."""
     from stagewise_pl.phases.base import runner_class
-    from stagewise_pl.phases.grpo import GRPORunner
 
-    if kind == "profile":
-        return "profile"
     try:
-        return "grpo" if issubclass(runner_class(kind), GRPORunner) else None
+        return runner_class(kind).sampling_group
     except (KeyError, ImportError):
         return None

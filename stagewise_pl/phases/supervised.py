@@ -84,7 +84,7 @@ class SFTRunner(PhaseRunner):
     def encode_targets(self, problems) -> list:
         from stagewise_pl.data.examples import encode_pairs
 
-        return encode_pairs(self.ctx.tokenizer, self.targets(problems), self.cfg.trainer.max_length)
+        return encode_pairs(self.ctx.tokenizer, self.targets(problems), self.cfg.trainer.max_length, self.ctx.renderer)
 
     def replay_targets(self) -> dict[str, str]:
         """Replayed problem id -> its target when the routing chose the student's own solutions (data.replay_target
@@ -100,7 +100,7 @@ class SFTRunner(PhaseRunner):
         if own:
             by_id = {p.id: p for p in self.problems}
             return encode_pairs(self.ctx.tokenizer, [(by_id[pid].prompt, text) for pid, text in own.items()],
-                                self.cfg.trainer.max_length)
+                                self.cfg.trainer.max_length, self.ctx.renderer)
         return []
 
     def max_length(self) -> int:
@@ -163,6 +163,14 @@ class SFTRunner(PhaseRunner):
         self.position, self.losses = int(state["position"]), list(state.get("losses", []))
         self.guard.load_state_dict(state.get("nonfinite", {}))
 
+    def brief_parts(self, summary: dict) -> list[str]:
+        get, parts = summary.get, []
+        if get("examples") is not None:
+            parts.append(f"{get('examples'):,} examples".replace(",", " "))
+        if get("final_loss") is not None:
+            parts.append(f"loss {get('final_loss'):.3f}")
+        return parts
+
     def summary(self) -> dict:
         if not self.problems and not self.examples:
             return {"kind": self.kind, "steps": 0, "problems": 0}
@@ -222,12 +230,12 @@ class TaughtRunner(SFTRunner):
         from stagewise_pl.data.examples import encode_pairs
 
         examples = encode_pairs(self.ctx.tokenizer, [(r["prompt"], r["target"], self.weight(r["kind"]))
-                                                     for r in rows], self.max_length())
+                                                     for r in rows], self.max_length(), self.ctx.renderer)
         if self.replay_targets():
             examples += self.replay_examples()
         elif self.replayed:
             examples += encode_pairs(self.ctx.tokenizer, SFTRunner.targets(self, self.replayed),
-                                     self.cfg.trainer.max_length)
+                                     self.cfg.trainer.max_length, self.ctx.renderer)
             self.dataset_traces = len(self.replayed) if self.cfg.data.target == "teacher_trace" else 0
         return examples
 

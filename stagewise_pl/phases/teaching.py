@@ -32,6 +32,12 @@ class BridgeSFTRunner(TaughtRunner):
                  "nll_raw": it.nll_raw, "nll_target": it.nll_target} for it in items if it.target is not None]
         return rows, report
 
+    def brief_parts(self, summary: dict) -> list[str]:
+        parts = super().brief_parts(summary)
+        if summary.get("acceptance") is not None and summary.get("strategy") not in (None, "raw"):
+            parts.append(f"bridged {summary.get('kept')} (acceptance {summary['acceptance']:.2f})")
+        return parts
+
     def describe(self, r: dict) -> str:
         return (f"bridge {r['strategy']}: {r['kept']} of {r['problems']} bridged (acceptance {r['acceptance']}), "
                 f"{r['fell_back_to_raw']} raw, {r['dropped']} dropped; student NLL raw {r['nll_raw']} -> "

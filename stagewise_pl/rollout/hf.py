@@ -22,9 +22,9 @@ import inspect
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from stagewise_pl.faults import fault_point
+from stagewise_pl.progress import progress
 from stagewise_pl.rollout import fast_decode
 from stagewise_pl.rollout.base import ENGINES, RolloutBatch, SamplingParams
 
@@ -80,8 +80,8 @@ class HFEngine:
         out = RolloutBatch(n=sampling.n, prompt_ids=[], completion_ids=[], texts=[], finish_reasons=[],
                            logprobs=[] if sampling.logprobs else None)
         try:
-            for start in tqdm(range(0, len(prompts), self.batch_size), desc=desc, disable=not self.progress,
-                              leave=False):
+            bar = progress(len(prompts), desc, enabled=self.progress)
+            for start in range(0, len(prompts), self.batch_size):
                 chunk = list(prompts[start:start + self.batch_size])
                 enc = self.tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left",
                                      add_special_tokens=False)
@@ -96,6 +96,8 @@ class HFEngine:
                     out.finish_reasons.append("stop" if stopped or reasons[i] == "stop" else "length")
                     if out.logprobs is not None:
                         out.logprobs.append(logps[i][:kept])
+                bar.update(len(chunk))
+            bar.close()
         finally:
             self.model.train(was_training)
         return out

@@ -222,12 +222,12 @@ class GradingPool:
             raise ValueError(f"{len(completions)} completions for {len(golds)} golds")
         if not completions:
             return []
-        from tqdm.auto import tqdm
+        from stagewise_pl.progress import progress as progress_of
 
         pairs = list(zip(completions, golds))
         chunk = -(-len(pairs) // (4 * self.workers))  # a few shares per worker: slow items do not idle the others
         shares = [pairs[i:i + chunk] for i in range(0, len(pairs), chunk)]
-        with tqdm(total=len(pairs), desc=desc, disable=not progress, leave=False) as bar:
+        with progress_of(len(pairs), desc, enabled=progress) as bar:
             if self.workers == 1:
                 return self.score_many(pairs, bar)
             with ThreadPoolExecutor(max_workers=self.workers) as threads:
