@@ -1,22 +1,38 @@
-"""The shape of the package: no import cycle, every package installed, no module grown past ~400 lines."""
+"""The shape of the package: no import cycle, the leaves never import the phase kinds, every package installed, no
+module grown past ~400 lines."""
+import importlib.util
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
-IMPORT_GRAPH = ROOT.parent / "shared" / "tools" / "import_graph.py"
+IMPORT_GRAPH = ROOT / "tools" / "import_graph.py"
 
 
-def test_no_import_cycle():
-    """The project's import-graph tool (in the shared checkout beside the repository) exits 0."""
-    if not IMPORT_GRAPH.is_file():
-        pytest.skip(f"{IMPORT_GRAPH} not found (the project's shared/ checkout); .ci/run runs it where it exists")
-    out = subprocess.run([sys.executable, str(IMPORT_GRAPH), "stagewise_pl", "callbacks"], cwd=ROOT,
-                         capture_output=True, text=True)
+def import_graph():
+    spec = importlib.util.spec_from_file_location("import_graph", IMPORT_GRAPH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_no_import_cycle_and_no_leaf_imports_a_phase_kind():
+    """tools/import_graph.py (every import, lazy ones too) exits 0: no cycle, and models/, data/, rollout/, verify/,
+    kernels/ and tasks/ import nothing of phases/."""
+    out = subprocess.run([sys.executable, str(IMPORT_GRAPH)], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout
+    edges = import_graph().graph()
+    assert "stagewise_pl.phases.warmup" in edges["stagewise_pl.run"]  # lazy imports are read too
+    assert "stagewise_pl.rules" not in edges and "stagewise_pl.callbacks.rules" in edges  # callbacks/, installed
+
+
+def test_the_import_graph_finds_a_cycle_and_a_forbidden_import():
+    tool = import_graph()
+    edges = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert tool.cycles(edges) == [["a", "b", "c"]] and tool.cycles({"a": {"b"}, "b": set()}) == []
+    assert tool.forbidden({"stagewise_pl.models.base": {"stagewise_pl.phases.driver", "stagewise_pl.io"}}) == [
+        "stagewise_pl.models.base -> stagewise_pl.phases.driver"]
 
 
 def test_every_package_is_installed_and_callbacks_under_the_package():
