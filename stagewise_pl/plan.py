@@ -28,11 +28,11 @@ class PhaseTraits:
 
     trains: bool = False  # updates the policy: exported after it, takes a share of an experiment's optimizer steps
     supervised: bool = False  # trains on targets: may take an epoch count and replay other problems
-    generates: bool = False  # samples from the student: its tokens count against grpo.token_budget
+    generates: bool = False  # samples from the student: its tokens count against budget.generated_tokens
     records_rollouts: bool = False  # writes graded rollouts to the ledger (rules and critique phases read them)
     reads_rollouts: bool = False  # needs an earlier phase that records rollouts (its failures are its input)
     uses_teacher: bool = False  # asks the teacher and the critic, with the prompt templates (checked before any work)
-    token_budgeted: bool = False  # sizes its rollout steps to keep the run on grpo.token_budget
+    token_budgeted: bool = False  # sizes its rollout steps to keep the run on budget.generated_tokens
     gradable_only: bool = True  # works only on problems whose gold answer the verifier can grade
     uses_pool: bool = True  # works on training-pool problems (False: held-out sets only, like eval)
     step_unit: str = "optimizer step"  # what its `steps` count ("" = it runs over its problems, steps unused)
@@ -77,6 +77,11 @@ def rule_info(rule) -> RuleInfo:
 def short_kind(kind: str) -> str:
     """A kind as it appears in default phase names: a dotted path's last part (``pkg.mod:Distill`` -> distill)."""
     return kind.replace(":", ".").rpartition(".")[2].lower() if (":" in kind or "." in kind) else kind
+
+
+def earlier(plan: Sequence[PhaseSpec], spec: PhaseSpec, since: Optional[PhaseSpec] = None) -> list[PhaseSpec]:
+    """The phases of ``plan`` that run before ``spec`` (after ``since`` when given), in order."""
+    return list(plan[since.number if since is not None else 0:spec.number - 1])
 
 
 def build_plan(phases: Sequence, traits: Mapping[str, PhaseTraits], rules: Sequence[RuleInfo] = ()) -> list[PhaseSpec]:

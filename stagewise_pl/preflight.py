@@ -15,7 +15,26 @@ def plan_phases(cfg: Config, rules=None) -> list:
     from stagewise_pl.routing import make_rules
 
     rules = make_rules(cfg.routing.rules) if rules is None else rules
-    return build_plan(cfg.phases, kind_traits(p.kind for p in cfg.phases), [rule_info(r) for r in rules])
+    traits = kind_traits(p.kind for p in cfg.phases)
+    phases = build_plan(cfg.phases, traits, [rule_info(r) for r in rules])
+    check_step_budget(cfg.budget.optimizer_steps, phases, traits)
+    return phases
+
+
+def check_step_budget(total: int, phases, traits) -> None:
+    """``budget.optimizer_steps``: the training phases' ``steps`` sum to at most ``total`` (0: no check); a training
+    phase given in epochs has no step count before it runs, so it is refused while a budget is set."""
+    if not total:
+        return
+    training = [s for s in phases if traits[s.kind].trains]
+    by_epochs = [s.name for s in training if s.epochs > 0]
+    if by_epochs:
+        raise ConfigError(f"budget.optimizer_steps={total}: phase(s) {', '.join(by_epochs)} train for epochs, whose "
+                          f"steps are not known before the run; give them steps")
+    used = sum(s.steps for s in training)
+    if used > total:
+        raise ConfigError(f"budget.optimizer_steps={total}: the plan's training phases take {used} steps ("
+                          + ", ".join(f"{s.name} {s.steps}" for s in training) + ")")
 
 
 def plan_traits(phases) -> dict:

@@ -48,10 +48,11 @@ def test_every_package_is_installed_and_callbacks_under_the_package():
 
 
 def test_modules_stay_small():
-    """No module over 420 lines but the configuration schema (one dataclass per group, a help text per field)."""
+    """No module over 420 lines but the configuration schema (schema.py: one dataclass per group, a help text per
+    field)."""
     sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines())
              for p in list((ROOT / "stagewise_pl").rglob("*.py")) + list((ROOT / "callbacks").rglob("*.py"))}
-    assert {name: n for name, n in sizes.items() if n > 420 and name != "stagewise_pl/config.py"} == {}
+    assert {name: n for name, n in sizes.items() if n > 420 and name != "stagewise_pl/schema.py"} == {}
 
 
 def test_lines_stay_within_120_characters():

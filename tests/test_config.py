@@ -148,3 +148,42 @@ def test_the_documented_longer_runs_extend_smollm2():
     for name in ("smollm2_two_rounds", "smollm2_long"):
         keys = list(OmegaConf.load(CONF_DIR / f"{name}.yaml").keys())
         assert keys == (["extends", "phases"] if name == "smollm2_two_rounds" else ["extends", "profile", "phases"])
+
+
+def test_the_budget_group_and_its_former_keys(tmp_path):
+    """budget.* is the run's budget; grpo.token_budget and grpo.max_prompts_per_step still load, on the command line
+    and in a conf file, at their new place, with a deprecation message."""
+    with pytest.warns(FutureWarning, match="grpo.token_budget is now budget.generated_tokens"):
+        cfg = load_config("default", ["grpo.token_budget=5000"])
+    assert cfg.budget.generated_tokens == 5000 and not hasattr(cfg.grpo, "token_budget")
+    (tmp_path / "old.yaml").write_text("extends: default\ngrpo:\n  token_budget: 700\n  max_prompts_per_step: 9\n"
+                                       "  prompts_per_step: 4\n")
+    with pytest.warns(FutureWarning, match="grpo.token_budget -> budget.generated_tokens"):
+        cfg = load_config(str(tmp_path / "old.yaml"))
+    assert (cfg.budget.generated_tokens, cfg.budget.max_prompts_per_step, cfg.grpo.prompts_per_step) == (700, 9, 4)
+    with pytest.raises(ConfigError, match="budget.max_prompts_per_step"):
+        load_config("default", ["budget.max_prompts_per_step=0"])
+
+
+def test_a_step_budget_is_checked_against_the_plan():
+    from stagewise_pl.preflight import plan_phases
+
+    plan = "phases=[{kind: profile}, {kind: sft, steps: 30}, {kind: grpo, select: medium, steps: 20}]"
+    assert len(plan_phases(load_config("default", [plan, "budget.optimizer_steps=50"]))) == 3
+    with pytest.raises(ConfigError, match=r"budget.optimizer_steps=49: the plan's training phases take 50 steps"):
+        plan_phases(load_config("default", [plan, "budget.optimizer_steps=49"]))
+    epochs = "phases=[{kind: sft, epochs: 2}]"
+    with pytest.raises(ConfigError, match="train for epochs"):
+        plan_phases(load_config("default", [epochs, "budget.optimizer_steps=100"]))
+    assert len(plan_phases(load_config("default", [epochs]))) == 1  # no budget: no check
+
+
+def test_experiment_files_live_in_conf_experiments_and_the_former_paths_still_work():
+    from stagewise_pl.config import EXPERIMENTS_DIR, experiment_file
+
+    assert experiment_file("experiment_skills") == EXPERIMENTS_DIR / "experiment_skills.yaml"
+    assert experiment_file(str(EXPERIMENTS_DIR / "experiment.yaml")) == EXPERIMENTS_DIR / "experiment.yaml"
+    with pytest.warns(FutureWarning, match="moved to"):
+        assert experiment_file("conf/experiment_smollm2.yaml") == EXPERIMENTS_DIR / "experiment_smollm2.yaml"
+    assert experiment_file("conf/nothing_here.yaml") is None and experiment_file("nothing") is None
+    assert not list(CONF_DIR.glob("experiment*.yaml"))

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from stagewise_pl.config import CONF_DIR, ConfigError, available_confs, load_config
+from stagewise_pl.config import EXPERIMENTS_DIR, ConfigError, available_confs, load_config
 from stagewise_pl.experiment import ExperimentError, allot, fit_args, load_experiment, main
 
-EXPERIMENT = CONF_DIR / "experiment.yaml"
-SKILLS = CONF_DIR / "experiment_skills.yaml"
+EXPERIMENT = EXPERIMENTS_DIR / "experiment.yaml"
+SKILLS = EXPERIMENTS_DIR / "experiment_skills.yaml"
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -54,7 +54,7 @@ def test_a_bad_experiment_file_is_an_error_naming_the_key(tmp_path, text, messag
 
 
 def test_every_arm_is_a_valid_run_at_the_same_budget(tmp_path):
-    """Both budgets of conf/experiment.yaml: every arm's command line loads; its training phases sum to the
+    """Both budgets of conf/experiments/experiment.yaml: every arm's command line loads; its training phases sum to the
     budget's optimizer steps and every GRPO phase runs under the same token budget; arms (a)-(f) are there."""
     from stagewise_pl.phases import kind_traits
 
@@ -69,15 +69,15 @@ def test_every_arm_is_a_valid_run_at_the_same_budget(tmp_path):
             cfg = load_config(exp.base, args[1:])
             trained = [p.steps for p in cfg.phases if kind_traits([p.kind])[p.kind].trains]
             assert sum(trained) == exp.optimizer_steps, arm.name
-            assert cfg.grpo.token_budget == exp.generated_tokens
+            assert cfg.budget.generated_tokens == exp.generated_tokens
             assert cfg.run.dir == str(tmp_path / arm.name / f"seed-{exp.seeds[0]}")
             assert cfg.data.target == "reference"  # no arm trains on the task's one-step traces
 
 
 def test_the_skill_experiment_runs_the_first_tasks_arms_on_the_skill_task(tmp_path):
-    """conf/experiment_skills.yaml extends conf/experiment.yaml: the same arms, phases and shares (so the two tables
-    compare arm for arm), on conf/skills.yaml's levels, at its own budget, with sequential profiles; both budgets
-    load."""
+    """conf/experiments/experiment_skills.yaml extends experiment.yaml beside it: the same arms, phases and shares
+    (so the two tables compare arm for arm), on conf/skills.yaml's levels, at its own budget, with sequential
+    profiles; both budgets load."""
     first = load_experiment(EXPERIMENT)
     for quick in (False, True):
         exp = load_experiment(SKILLS, quick)
@@ -88,20 +88,20 @@ def test_the_skill_experiment_runs_the_first_tasks_arms_on_the_skill_task(tmp_pa
         for arm in exp.arms:
             cfg = load_config(exp.base, fit_args(exp, arm, exp.seeds[0], tmp_path)[1:])
             assert cfg.task.skill_levels and cfg.profile.sequential and cfg.data.target == "reference"
-            assert cfg.grpo.token_budget == exp.generated_tokens
+            assert cfg.budget.generated_tokens == exp.generated_tokens
 
 
 def test_the_real_model_comparison_runs_smollm2s_plan_against_rl_alone_both_graded_literally(tmp_path):
-    """conf/experiment_smollm2_literal.yaml: the method arm is conf/smollm2.yaml's own plan (same phases, steps,
-    selections, learning rates), RL alone spends the same optimizer steps and token cap, and both arms train and
+    """conf/experiments/experiment_smollm2_literal.yaml: the method arm is conf/smollm2.yaml's own plan (same phases,
+    steps, selections, learning rates), RL alone spends the same optimizer steps and token cap, and both arms train and
     grade with literal answers (the earlier RL arm's reward accepted a restated expression)."""
-    exp = load_experiment(CONF_DIR / "experiment_smollm2_literal.yaml", False)
+    exp = load_experiment(EXPERIMENTS_DIR / "experiment_smollm2_literal.yaml", False)
     assert {a.name for a in exp.arms} == {"method", "rl"} and exp.base == "smollm2"
     plan = load_config("smollm2")
     for arm in exp.arms:
         cfg = load_config(exp.base, fit_args(exp, arm, exp.seeds[0], tmp_path)[1:])
         assert cfg.verifier.options["literal_answers"] is True, arm.name
-        assert cfg.grpo.token_budget == exp.generated_tokens == 40235
+        assert cfg.budget.generated_tokens == exp.generated_tokens == 40235
         if arm.name == "method":
             assert [(p.name, p.kind, p.select, p.steps, p.lr, p.replay, p.fallback) for p in cfg.phases] == \
                 [(p.name, p.kind, p.select, p.steps, p.lr, p.replay, p.fallback) for p in plan.phases]
@@ -260,7 +260,7 @@ def test_slurm_submits_one_array_task_per_arm_and_seed_then_the_report(tmp_path)
 
 
 def test_grpo_spends_the_runs_token_budget(tmp_path, base_overrides):
-    """A profile then GRPO under grpo.token_budget (the real tiny base model: its groups carry signal): the run's
+    """A profile then GRPO under budget.generated_tokens (the real tiny base model: its groups carry signal): the run's
     generated tokens (profile + rollouts) end within 10% of the budget, GRPO taking what the profile left."""
     from stagewise_pl.fit import main as fit
 
@@ -269,7 +269,7 @@ def test_grpo_spends_the_runs_token_budget(tmp_path, base_overrides):
     assert fit(["conf=default", *base_overrides, "eval.each_phase=false", "profile.k=4", "trainer.batch_size=8",
                 "profile.limit=24", "grpo.num_generations=4",
                 "phases=[{name: p, kind: profile}, {name: g, kind: grpo, select: all, steps: 6}]",
-                f"grpo.token_budget={budget}", f"run.dir={run}"]) == 0
+                f"budget.generated_tokens={budget}", f"run.dir={run}"]) == 0
     done = json.loads((run / "state.json").read_text())["completed"]
     profile, grpo = done["p"]["generated_tokens"], done["g"]["generated_tokens"]
     assert 0 < profile < budget and grpo > 0
@@ -345,9 +345,9 @@ SKILL_ARMS = ["stagewise", "distill", "rl", "relift"]  # the method, a teacher-o
 
 @pytest.mark.slow  # four arms once on seed 0: about a minute (every arm's cells: the first task's quick test)
 def test_quick_skill_experiment_fills_the_skill_and_other_level_columns(tmp_path):
-    """python -m stagewise_pl.experiment --conf conf/experiment_skills.yaml --quick on seed 0, four kinds of arm: the
-    table has levels L1-L9 and the skill/other split, every cell filled, every plot made; the numbers are not
-    asserted."""
+    """python -m stagewise_pl.experiment --conf conf/experiments/experiment_skills.yaml --quick on seed 0, four kinds
+    of arm: the table has levels L1-L9 and the skill/other split, every cell filled, every plot made; the numbers are
+    not asserted."""
     root = tmp_path / "skills"
     out = subprocess.run([sys.executable, "-m", "stagewise_pl.experiment", "--conf", str(SKILLS), "--quick", "--jobs",
                           "2", "--seeds", "0", "--arms", ",".join(SKILL_ARMS), f"run.dir={root}"],

@@ -190,8 +190,9 @@ def grpo_state(run_dir):
 def test_grpo_config_errors(tmp_path, base_overrides):
     with pytest.raises(ConfigError, match="grpo.std_scale"):
         load_config("default", ["grpo.std_scale=token"])
-    with pytest.raises(ConfigError, match="grpo.num_generations"):
-        load_config("default", ["grpo.advantage=rloo", "grpo.num_generations=1"])
+    for advantage in ("grpo", "rloo"):  # a group of one completion: its advantage is always 0
+        with pytest.raises(ConfigError, match="'grpo.num_generations': must be > 1, got 1"):
+            load_config("default", [f"grpo.advantage={advantage}", "grpo.num_generations=1"])
     with pytest.raises(ConfigError, match="grpo.temperature"):
         load_config("default", ["grpo.temperature=0"])
     with pytest.raises(ConfigError, match="'grpo.advantage': 'ppo' is not registered; registered: dr_grpo, grpo"):

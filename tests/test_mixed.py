@@ -374,7 +374,7 @@ def test_two_ddp_processes_run_the_peer_kinds_to_the_same_weights(tmp_path, base
 @pytest.mark.slow
 def test_bridged_traces_count_the_students_rewrite_tokens(tmp_path, base_overrides):
     """mixed.bridge=true: traces go through the Bridge before they are learned; the student's rewrite tokens count
-    in the phase's generated tokens (and so against grpo.token_budget), beside its rollouts'."""
+    in the phase's generated tokens (and so against budget.generated_tokens), beside its rollouts'."""
     run_dir = tmp_path / "bridged"
     out = fit(base_overrides + [PLAN % 4] + SETTINGS + [f"run.dir={run_dir}", "mixed.bridge=true", "bridge.samples=2"])
     assert out.returncode == 0, out.stderr[-3000:]

@@ -58,7 +58,8 @@ def test_trace_file_teacher(tmp_path):
         teacher.traces([Problem(id="b", prompt="p", answer="1", source="s")])
     with pytest.raises(TeacherError, match="not critiques"):
         teacher.critique(problems[0], "x")
-    for body, reason in [("{nope\n", ":1: not JSON"), ('{"traces": ["t"]}\n', ":1: needs an 'id'"),
+    for body, reason in [("{nope\n", ":1: invalid_json"), ("[1]\n", ":1: not_an_object"),
+                         ('{"traces": ["t"]}\n', ":1: needs an 'id'"),
                          ('{"id": "a", "traces": [""]}\n', ":1: needs 'traces'"),
                          ('{"id": "a", "trace": "t"}\n{"id": "a", "trace": "u"}\n',
                           ":2: problem id 'a' appears twice")]:

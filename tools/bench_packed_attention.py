@@ -1,7 +1,7 @@
 """Attention over packed GRPO rows: the dense block mask the policy's forward uses beside a split that computes
 only the pairs a completion attends to. Measures what skipping the masked pairs could save on the CPU.
 
-The GRPO forward packs each prompt once with its G completions after it (stagewise_pl.phases.grpo_batch):
+The GRPO forward packs each prompt once with its G completions after it (stagewise_pl.models.packed):
 one row per prompt, a boolean block mask (a completion sees the prompt and itself, causally). The CPU flash
 kernel computes every pair of such a row, masked or not, about 7x the pairs that count at the GRPO bench's
 shapes. The split computes two attentions and merges them by their log-sum-exp (the ring-attention identity):

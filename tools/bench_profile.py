@@ -17,12 +17,12 @@ same policies and the same problems, in one run of this script.
                                   [--dir D] [--json PATH] [--model-cache DIR] [settings ...]
 
 ``--plan default`` is conf/default.yaml (two rounds, 1200 problems a profile); ``--plan stagewise`` is the Claim's
-arm (e) of conf/experiment.yaml (500 problems a profile, its budget, seed ``--seed``). Settings after the options are
-fit overrides for the plan's run (for example ``profile.limit=200`` for a shorter check). With ``--json PATH`` the
-figures are written with ``token_ratio`` (the cheapest variant's tokens over full's, all profiles) and
-``agreement`` (its bucket agreement with full, all profiles' problems), beside ``noise_floor_agreement`` (full again's)
-and ``relative_agreement`` (the first over the second). Run it on an otherwise idle machine for
-the seconds; tokens and agreement do not depend on the machine's load.
+arm (e) of conf/experiments/experiment.yaml (500 problems a profile, its budget, seed ``--seed``). Settings after the
+options are fit overrides for the plan's run (for example ``profile.limit=200`` for a shorter check). With
+``--json PATH`` the figures are written with ``token_ratio`` (the cheapest variant's tokens over full's, all profiles)
+and ``agreement`` (its bucket agreement with full, all profiles' problems), beside ``noise_floor_agreement`` (full
+again's) and ``relative_agreement`` (the first over the second). Run it on an otherwise idle machine for the seconds;
+tokens and agreement do not depend on the machine's load.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def plan_args(plan: str, seed: int, root: Path) -> list[str]:
         return ["conf=default", f"run.seed={seed}"]
     from stagewise_pl.experiment.spec import fit_args, load_experiment
 
-    exp = load_experiment(ROOT / "conf" / "experiment.yaml")
+    exp = load_experiment(ROOT / "conf" / "experiments" / "experiment.yaml")
     arm = next(a for a in exp.arms if a.name == "stagewise")
     return [a for a in fit_args(exp, arm, seed, root) if not a.startswith("run.dir=")]
 
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
         fit(base + cheap + [f"run.dir={run}"], root / "run.log")
     rows, pooled = [], {v: [0, 0, {a: {b: 0 for b in BUCKET_ORDER} for a in BUCKET_ORDER}] for v in VARIANTS[1:]}
     totals = {v: {"tokens": 0, "seconds": 0.0, "rollouts": 0} for v in VARIANTS}
-    alone = ["eval.before=false", "eval.k=0", "grpo.token_budget=0"]
+    alone = ["eval.before=false", "eval.k=0", "budget.generated_tokens=0"]
     for i, prof in enumerate(profiles_of(run)):
         policy = [f"model.name_or_path={prof['policy']}"] if prof["policy"] else []
         full_dir, seq_dir = root / f"{i + 1}-{prof['name']}-full", root / f"{i + 1}-{prof['name']}-sequential"

@@ -182,9 +182,10 @@ def benchmark_format(path: Path, fmt: str = "") -> str:
 MAX_ROW_BYTES = 1_000_000
 
 
-def _jsonl_rows(path: Path, max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[tuple[int, Any]]:
+def jsonl_rows(path: Path, max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[tuple[int, Any]]:
     """(line number, parsed row or BadRowError) for every non-blank line; BOM and CRLF tolerated; a line
-    longer than ``max_row_bytes`` is a bad row (``row_too_large``), not parsed."""
+    longer than ``max_row_bytes`` is a bad row (``row_too_large``), not parsed. The one JSONL reader: training pools,
+    benchmark files and teacher trace files alike."""
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             where = f"{path}:{number}"
@@ -279,7 +280,7 @@ def load_jsonl(path: str | Path, mapper: Optional[RowMapper] = None, fields: Opt
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     mapper = mapper or field_mapper(fields or {"prompt": "prompt", "answer": "answer"}, str(path))
-    return collect(_jsonl_rows(path, max_row_bytes), mapper, path.stem, str(path), on_bad_row, max_bad_fraction, limit)
+    return collect(jsonl_rows(path, max_row_bytes), mapper, path.stem, str(path), on_bad_row, max_bad_fraction, limit)
 
 
 def load_benchmark(path: str | Path, fmt: str = "", on_bad_row: str = "error", max_bad_fraction: float = 0.0,

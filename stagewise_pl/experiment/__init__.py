@@ -5,7 +5,7 @@
     python -m stagewise_pl.experiment --report run.dir=PATH
     python -m stagewise_pl.experiment --dry-run [--quick]
 
-Reads ``conf/experiment.yaml`` (``--conf PATH`` for another): a base conf, the overrides of every arm, the
+Reads ``conf/experiments/experiment.yaml`` (``--conf PATH`` for another): a base conf, the overrides of every arm, the
 arms (their overrides and phases, each training phase with a ``share`` of the budget's optimizer steps), the
 budget (``optimizer_steps``, ``generated_tokens``) and the seeds; ``quick`` replaces the budget, the seeds and
 adds overrides for ``--quick``. Every arm x seed is an independent ``python -m stagewise_pl.fit`` run in
@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from stagewise_pl.config import CONF_DIR
+from stagewise_pl.config import EXPERIMENTS_DIR, available_experiments, experiment_file
 from stagewise_pl.experiment.launch import run_local, submit_slurm
 from stagewise_pl.experiment.results import write_results
 from stagewise_pl.experiment.spec import (Arm, Experiment, ExperimentError, allot, check_configs, finished, fit_args,
@@ -47,7 +47,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("settings", nargs="*", help="run.dir=PATH: the experiment's directory "
                                                     "(default runs/experiment[-quick])")
-    parser.add_argument("--conf", default=str(CONF_DIR / "experiment.yaml"), help="the experiment file")
+    parser.add_argument("--conf", default=str(EXPERIMENTS_DIR / "experiment.yaml"),
+                        help="the experiment file: a path, or a name in conf/experiments/ (experiment_skills)")
     parser.add_argument("--quick", action="store_true", help="the file's quick section: a small budget (CI)")
     parser.add_argument("--arms", help="comma-separated arm names (default: every arm)")
     parser.add_argument("--seeds", help="comma-separated seeds (default: the file's)")
@@ -71,7 +72,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                                       f"the experiment file)")
             root = Path(value)
         root = (root or Path("runs") / ("experiment-quick" if args.quick else "experiment")).resolve()
-        exp = load_experiment(Path(args.conf), args.quick)
+        path = experiment_file(args.conf)
+        if path is None:
+            raise ExperimentError(f"--conf {args.conf}: no such experiment file; in {EXPERIMENTS_DIR}: "
+                                  + ", ".join(available_experiments()))
+        exp = load_experiment(path, args.quick)
         if args.arms:
             wanted = args.arms.split(",")
             unknown = set(wanted) - {a.name for a in exp.arms}

@@ -1,10 +1,11 @@
 """The experiment file: arms, seeds and budgets, and each arm x seed as a fit's command line.
 
-``conf/experiment.yaml`` (``--conf PATH`` for another) holds a base conf, overrides for every arm, the arms (their
-overrides and phases, each training phase with a ``share`` of the budget's optimizer steps), the budget
-(``optimizer_steps``, ``generated_tokens``) and the seeds; ``quick`` replaces the budget and the seeds and adds
-overrides for ``--quick``. ``extends: FILE`` starts from another experiment file (``conf/experiment_skills.yaml``
-runs the arms of ``conf/experiment.yaml`` on the skill task; ``arms: {NAME: null}`` leaves an inherited arm out).
+``conf/experiments/experiment.yaml`` (``--conf PATH`` or a name in conf/experiments/ for another) holds a base conf,
+overrides for every arm, the arms (their overrides and phases, each training phase with a ``share`` of the budget's
+optimizer steps), the budget (``optimizer_steps``, ``generated_tokens``) and the seeds; ``quick`` replaces the budget
+and the seeds and adds overrides for ``--quick``. ``extends: FILE`` starts from another experiment file
+(``experiment_skills.yaml`` runs the arms of ``experiment.yaml`` on the skill task; ``arms: {NAME: null}`` leaves an
+inherited arm out).
 Which phases train (and so take a share) is the phase kinds' trait ``trains``.
 """
 from __future__ import annotations
@@ -169,7 +170,8 @@ def fit_args(exp: Experiment, arm: Arm, seed: int, root: Path) -> list[str]:
     """The command line of one arm x seed for ``python -m stagewise_pl.fit``."""
     return [f"conf={exp.base}", *exp.overrides, *arm.overrides,
             "phases=" + json.dumps(allot(arm.phases, exp.optimizer_steps)),
-            f"grpo.token_budget={exp.generated_tokens}", f"run.seed={seed}", f"run.dir={run_dir(root, arm, seed)}"]
+            f"budget.generated_tokens={exp.generated_tokens}", f"budget.optimizer_steps={exp.optimizer_steps}",
+            f"run.seed={seed}", f"run.dir={run_dir(root, arm, seed)}"]
 
 
 def check_configs(exp: Experiment, root: Path) -> None:

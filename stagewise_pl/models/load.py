@@ -1,7 +1,7 @@
 """Load any causal LM and its tokenizer by hub name or local path; render prompts with the chat template."""
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
 

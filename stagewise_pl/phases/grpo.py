@@ -18,7 +18,7 @@ One rollout step of the phase:
    the policy taken at the start of the phase gives reference log-probs for the k3 KL term.
 
 The phase ends after ``steps`` updates, ``steps x grpo.max_rollout_factor`` rollout steps, or once the run's
-``grpo.token_budget`` is spent (each rollout step draws as many prompts as keeps the run on it:
+``budget.generated_tokens`` is spent (each rollout step draws as many prompts as keeps the run on it:
 :mod:`stagewise_pl.phases.token_budget`). Loss and gradient equal TRL's for grpo, dr_grpo, dapo, bnpo (TRL crosscheck).
 """
 from __future__ import annotations
@@ -74,7 +74,7 @@ class GRPORunner(PhaseRunner):
         self.guard = NonFiniteGuard(cfg.optim.max_nonfinite_steps, spec.name)
         self.nonfinite_rewards = 0  # rewards a verifier gave as NaN/inf, counted as 0
         self.before: Optional[token_budget.SpentBefore] = None  # grpo.token_budget: what earlier phases spent
-        self.budget_spent = False  # grpo.token_budget: nothing left, the phase ended before its steps
+        self.budget_spent = False  # budget.generated_tokens: nothing left, the phase ended before its steps
         # updates made / the update the rollout engine's weights are from (the phase starts in sync: the context
         # pushes the policy when it hands out the engine)
         self._weights_version = self._engine_version = 0
@@ -121,7 +121,7 @@ class GRPORunner(PhaseRunner):
             self._engine_version = -1
 
     def step(self, module, step: int) -> None:
-        if self.cfg.grpo.token_budget:
+        if self.cfg.budget.generated_tokens:
             count = dist.broadcast(self.prompts_within_token_budget() if dist.is_main() else None)
             if count == 0:  # the run's budget is spent: no more rollouts
                 self.budget_spent = True
@@ -290,8 +290,8 @@ class GRPORunner(PhaseRunner):
 
     # ------------------------------------------------------------------ the run's budget of generated tokens
     def prompts_within_token_budget(self) -> int:
-        """Prompts for this rollout step under ``grpo.token_budget`` (rank 0; see :mod:`token_budget`)."""
-        g, ctx = self.cfg.grpo, self.ctx
+        """Prompts for this rollout step under ``budget.generated_tokens`` (rank 0; see :mod:`token_budget`)."""
+        g, b, ctx = self.cfg.grpo, self.cfg.budget, self.ctx
         if self.before is None:  # what earlier phases spent: fixed once the phase runs
             self.before = token_budget.spent_before(ctx.completed(), ctx.plan, self.spec, ctx.traits,
                                                     ctx.max_new_tokens(g.max_new_tokens) / 2)
@@ -299,9 +299,9 @@ class GRPORunner(PhaseRunner):
         per_sample = (sum(h["generated_tokens"] for h in done) / sum(h["rollouts"] for h in done)) if done else \
             self.before.per_sample
         return token_budget.prompts_for_step(
-            g.token_budget, self.before, self.spent_now(),
+            b.generated_tokens, self.before, self.spent_now(),
             self.spec.steps - self.updates_done(), token_budget.budgeted_steps_after(ctx.plan, self.spec, ctx.traits),
-            self.position, self.updates_done(), per_sample, g.num_generations, g.max_prompts_per_step)
+            self.position, self.updates_done(), per_sample, g.num_generations, b.max_prompts_per_step)
 
     def spent_now(self) -> int:
         """Tokens the student generated in this phase so far."""
@@ -349,7 +349,7 @@ class GRPORunner(PhaseRunner):
             return round(sum(r[key] for r in rows) / len(rows), 4) if rows else None
 
         if self.budget_spent:
-            self.ctx.log(f"phase {self.spec.name}: the run's token budget (grpo.token_budget) was spent after "
+            self.ctx.log(f"phase {self.spec.name}: the run's token budget (budget.generated_tokens) was spent after "
                          f"{self.updates_done()} of {self.spec.steps} update steps")
         elif self.updates_done() < self.spec.steps:
             self.ctx.log(f"phase {self.spec.name}: only {self.update_steps} of {self.spec.steps} rollout steps had a "

@@ -34,7 +34,7 @@ from stagewise_pl.io import atomic_write
 from stagewise_pl.phases.base import PhaseRunner, runner_class
 from stagewise_pl.phases.context import PhaseContext
 from stagewise_pl.phases.driver import relabel_progress
-from stagewise_pl.plan import PhaseSpec
+from stagewise_pl.plan import PhaseSpec, earlier
 from stagewise_pl.preempt import Preempted
 from stagewise_pl.routing import RoutingView
 from stagewise_pl.routing.selection import Selection, route_phase, rule_names, select_problems
@@ -119,7 +119,7 @@ class PhaseManager(L.Callback):
     def step(self, module, token) -> None:
         pos, step = token
         if pos != self.pos:
-            self.finish(module)
+            self.close_phase(module)
             self.enter(pos, None)
             trainer = module.trainer
             trainer.strategy.setup_optimizers(trainer)
@@ -185,7 +185,7 @@ class PhaseManager(L.Callback):
         source = gradable if traits.gradable_only else ctx.pool
         chosen, buckets = None, {}
         if traits.uses_pool and spec.select != "all":
-            view = RoutingView(ctx.ledger, {p.id: p for p in gradable}, self.specs[:spec.number - 1], spec,
+            view = RoutingView(ctx.ledger, {p.id: p for p in gradable}, earlier(self.specs, spec), spec,
                                {n: d["evidence"] for n, d in self.decisions.items() if "evidence" in d})
             buckets, chosen = route_phase(spec, self.rules, view, ctx.log)
         solved = None
@@ -203,7 +203,7 @@ class PhaseManager(L.Callback):
     def own_solutions(self, spec: PhaseSpec) -> dict[str, list[str]]:
         """Problem id -> the student's correct completions in the latest profile before ``spec`` ({} if none):
         profiles keep them with data.replay_target=own (the option is defined on profiles)."""
-        profiles = [s for s in self.specs[:spec.number - 1] if s.kind == "profile"]
+        profiles = [s for s in earlier(self.specs, spec) if s.kind == "profile"]
         if not profiles:
             return {}
         ledger, latest = self.ctx.ledger, profiles[-1].name
@@ -251,7 +251,7 @@ class PhaseManager(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         """The stream has ended: every phase has run. Close the last one and write the final checkpoint."""
-        self.finish(pl_module)
+        self.close_phase(pl_module)
         self.save(trainer)
         # what this rank trained on, phase by phase: every rank must have seen the same routing
         digests = {name: hashlib.sha256(json.dumps(d["selected"]).encode()).hexdigest()[:16]
@@ -259,8 +259,8 @@ class PhaseManager(L.Callback):
         digests["final weights"] = weights_digest(pl_module.policy)
         atomic_write(self.ctx.rundir / "routing" / "ranks" / f"rank-{dist.rank()}.json", json.dumps(digests, indent=1))
 
-    def finish(self, module) -> None:
-        """Close the current phase: summary, export, evaluation, state.json."""
+    def close_phase(self, module) -> None:
+        """Close the current phase: summary, export, evaluation, state.json (the run's own end is ``Run.finish``)."""
         from stagewise_pl.models.export import save_policy
 
         runner, ctx = self.runner, self.ctx

@@ -21,7 +21,7 @@ import numpy as np
 from stagewise_pl import dist
 from stagewise_pl.phases.base import PHASES, PhaseRunner
 from stagewise_pl.phases.sampling import sample_and_grade
-from stagewise_pl.plan import PhaseSpec, PhaseTraits
+from stagewise_pl.plan import PhaseSpec, PhaseTraits, earlier
 from stagewise_pl.routing.evidence import HOW, Tally, add, carried_outcome, finish, wanted
 
 
@@ -115,8 +115,11 @@ class ProfileRunner(PhaseRunner):
         for problem in mine:
             samples = drawn[problem.id]
             zero = all(s[1] <= 0 for s in samples)
-            rows = [RolloutRecord(spec.name, "profile", step, problem.id, j, reward, reason, tokens, truncated, zero,
-                                  text if reward <= 0 or keep_correct else None, rnd, spec.number, module.global_step)
+            rows = [RolloutRecord(phase=spec.name, phase_kind="profile", step=step, problem_id=problem.id,
+                                  sample_index=j, reward=reward, reason=reason, completion_tokens=tokens,
+                                  truncated=truncated, zero_group=zero,
+                                  completion=text if reward <= 0 or keep_correct else None, round=rnd,
+                                  phase_index=spec.number, global_step=module.global_step)
                     for j, (rnd, reward, reason, tokens, truncated, text) in enumerate(samples)]
             out.append((problem.id, finish(tallies[problem.id], pc.k).to_json(), rows))
         return out
@@ -137,8 +140,8 @@ class ProfileRunner(PhaseRunner):
         pc, spec, ledger = self.cfg.profile, self.spec, self.ctx.ledger
         ids = [p.id for p in self.problems]
         priors = {pid: Tally() for pid in ids}
-        earlier = self.ctx.plan[:spec.number - 1]
-        profiles = [s for s in earlier if s.kind == "profile"][-pc.carry:] if pc.carry else []
+        before = earlier(self.ctx.plan, spec)
+        profiles = [s for s in before if s.kind == "profile"][-pc.carry:] if pc.carry else []
         if pc.carry and len(profiles) == pc.carry:
             last = profiles[-1]
             history = [self.tallies_of(s) for s in profiles]
@@ -151,7 +154,7 @@ class ProfileRunner(PhaseRunner):
                     c, n = history[-1][pid]
                     priors[pid] = Tally(c + seen[0], n + seen[1], source=last.name, carried=outcome)
         if pc.reuse:
-            same = {s.name for s in earlier if self.same_sampling(s)}
+            same = {s.name for s in before if self.same_sampling(s)}
             for pid, (c, n, phases) in ledger.tally(ids, same, global_step=module.global_step).items():
                 priors[pid] = Tally(c, n, source=",".join(phases))
         self._priors = priors
@@ -167,7 +170,7 @@ class ProfileRunner(PhaseRunner):
     def chosen_since(self, profile: PhaseSpec) -> set[str]:
         """Problems a training phase after ``profile`` (and before this one) chose (replayed ones not counted)."""
         out: set[str] = set()
-        for s in self.ctx.plan[profile.number:self.spec.number - 1]:
+        for s in earlier(self.ctx.plan, self.spec, since=profile):
             decision = self.ctx.decisions.get(s.name)
             if decision and self.ctx.traits[s.kind].trains:
                 out |= set(decision["selected"]) - set(decision.get("replay", []))
@@ -186,10 +189,10 @@ class ProfileRunner(PhaseRunner):
     def all_evidence(self) -> dict[str, dict]:
         """Every problem's evidence: this profile's, and with a ``select`` the latest profile's on the others."""
         out: dict[str, dict] = {}
-        earlier = [s for s in self.ctx.plan[:self.spec.number - 1] if s.kind == "profile"]
-        if self.spec.select != "all" and earlier:
-            out = {pid: {"c": c, "n": n, "fresh": 0, "how": "kept", "from": earlier[-1].name}
-                   for pid, (c, n) in self.tallies_of(earlier[-1]).items() if pid not in self.evidence}
+        profiles = [s for s in earlier(self.ctx.plan, self.spec) if s.kind == "profile"]
+        if self.spec.select != "all" and profiles:
+            out = {pid: {"c": c, "n": n, "fresh": 0, "how": "kept", "from": profiles[-1].name}
+                   for pid, (c, n) in self.tallies_of(profiles[-1]).items() if pid not in self.evidence}
         # problems this profile graded before it kept evidence (a checkpoint of an earlier version): their rows
         recorded = self.ctx.ledger.tally(None, {self.spec.name})
         out.update({pid: {"c": c, "n": n, "fresh": n, "how": "sampled"} for pid, (c, n, _) in recorded.items()

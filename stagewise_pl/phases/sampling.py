@@ -66,10 +66,11 @@ class Groups:
             zero = bool((self.rewards[i] <= 0).all())
             for j in range(g):
                 r, reward = i * g + j, float(self.rewards[i, j])
-                out.append(RolloutRecord(spec.name, kind, step, problem.id, j, reward, self.reasons[r],
-                                         len(self.completion_ids[r]), self.truncated[r], zero,
-                                         self.texts[r] if reward <= 0 else None, self.rounds[i], spec.number,
-                                         global_step))
+                out.append(RolloutRecord(
+                    phase=spec.name, phase_kind=kind, step=step, problem_id=problem.id, sample_index=j, reward=reward,
+                    reason=self.reasons[r], completion_tokens=len(self.completion_ids[r]),
+                    truncated=self.truncated[r], zero_group=zero, completion=self.texts[r] if reward <= 0 else None,
+                    round=self.rounds[i], phase_index=spec.number, global_step=global_step))
         return out
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from stagewise_pl.phases.base import PHASES
 from stagewise_pl.phases.supervised import TaughtRunner
-from stagewise_pl.plan import PhaseTraits
+from stagewise_pl.plan import PhaseTraits, earlier
 
 
 @PHASES.register("bridge_sft")
@@ -69,7 +69,7 @@ class CFTRunner(TaughtRunner):
     def failures(self) -> dict[str, list[str]]:
         """Each problem's failed rollouts in the latest earlier phase that recorded rollouts and graded it."""
         ctx, out = self.ctx, {}
-        for spec in reversed(ctx.plan[:self.spec.number - 1]):
+        for spec in reversed(earlier(ctx.plan, self.spec)):
             if ctx.traits[spec.kind].records_rollouts:
                 for pid, texts in ctx.ledger.failures_by_problem(spec.name).items():
                     out.setdefault(pid, texts)

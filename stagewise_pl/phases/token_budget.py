@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from stagewise_pl.plan import PhaseSpec, PhaseTraits
+from stagewise_pl.plan import PhaseSpec, PhaseTraits, earlier
 
 
 @dataclass(frozen=True)
@@ -27,12 +27,12 @@ def spent_before(completed: Mapping[str, dict], plan: Sequence[PhaseSpec], curre
                  traits: Mapping[str, PhaseTraits], default_per_sample: float) -> SpentBefore:
     """What the phases before ``current`` spent (their summaries in ``completed``), and the reserve for the
     phases after it."""
-    earlier = [s for s in plan[:current.number - 1] if s.name in completed]
-    tokens = sum(int(completed[s.name].get("generated_tokens", 0)) for s in earlier)
-    latest = {s.kind: completed[s.name] for s in earlier}
+    done = [s for s in earlier(plan, current) if s.name in completed]
+    tokens = sum(int(completed[s.name].get("generated_tokens", 0)) for s in done)
+    latest = {s.kind: completed[s.name] for s in done}
     reserve = sum(int(latest.get(s.kind, {}).get("generated_tokens", 0)) for s in plan[current.number:]
                   if traits[s.kind].generates and not traits[s.kind].token_budgeted)
-    sampled = [completed[s.name] for s in earlier
+    sampled = [completed[s.name] for s in done
                if traits[s.kind].records_rollouts and completed[s.name].get("rollouts")]
     per_sample = sampled[-1]["generated_tokens"] / sampled[-1]["rollouts"] if sampled else default_per_sample
     return SpentBefore(tokens, reserve, per_sample)

@@ -1,12 +1,12 @@
 """Teacher traces from a JSONL file made offline (by a large model, or by hand).
 
-One row per problem: ``{"id": ..., "traces": ["...", ...]}`` (or ``"trace": "..."``). Rows are checked
-when the file is read: a bad row stops with ``file:line``; a problem with no row stops with its id.
+One row per problem: ``{"id": ..., "traces": ["...", ...]}`` (or ``"trace": "..."``). Rows are read by the pools'
+JSONL reader (:func:`stagewise_pl.data.loaders.jsonl_rows`: the same bad-row rules) and checked when the file is
+read: a bad row stops with ``file:line`` and its reason; a problem with no row stops with its id.
 The file holds traces only: ``critique`` needs another teacher.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -21,24 +21,21 @@ class TraceFileTeacher:
         if not self.path.is_file():
             raise TeacherError(f"trace file {self.path} does not exist")
         self.by_id: dict[str, list[str]] = {}
-        with open(self.path) as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                where = f"{self.path}:{number}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise BadRowError(where, "not JSON", str(exc)) from None
-                if not isinstance(row, dict) or not isinstance(row.get("id"), (str, int)):
-                    raise BadRowError(where, "needs an 'id'")
-                traces = row.get("traces", [row["trace"]] if "trace" in row else None)
-                if not isinstance(traces, list) or not traces or not all(isinstance(t, str) and t.strip()
-                                                                           for t in traces):
-                    raise BadRowError(where, "needs 'traces' (a list of non-empty strings) or 'trace'")
-                if str(row["id"]) in self.by_id:
-                    raise BadRowError(where, f"problem id {row['id']!r} appears twice")
-                self.by_id[str(row["id"])] = traces
+        from stagewise_pl.data.loaders import jsonl_rows
+
+        for number, row in jsonl_rows(self.path):
+            if isinstance(row, BadRowError):
+                raise row
+            where = f"{self.path}:{number}"
+            if not isinstance(row.get("id"), (str, int)):
+                raise BadRowError(where, "needs an 'id'")
+            traces = row.get("traces", [row["trace"]] if "trace" in row else None)
+            if not isinstance(traces, list) or not traces or not all(isinstance(t, str) and t.strip()
+                                                                       for t in traces):
+                raise BadRowError(where, "needs 'traces' (a list of non-empty strings) or 'trace'")
+            if str(row["id"]) in self.by_id:
+                raise BadRowError(where, f"problem id {row['id']!r} appears twice")
+            self.by_id[str(row["id"])] = traces
 
     def traces(self, problems: Sequence[Problem], n: int = 1) -> list[list[str]]:
         missing = [p.id for p in problems if p.id not in self.by_id]
