@@ -102,10 +102,33 @@ def aggregation_weights(mask: torch.Tensor, cfg: PolicyLossConfig) -> torch.Tens
     return AGGREGATIONS.get(cfg.aggregation)(mask, cfg.max_tokens)
 
 
-def policy_loss(logp, old_logp, advantages, mask, cfg: PolicyLossConfig, ref_logp=None, entropy=None) -> torch.Tensor:
-    """The policy loss from per-token log-probs (B, T); the reference for the fused kernel."""
+def tis_weights(train_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling (TIS): per token min(pi_train / pi_rollout, cap), detached -- the correction for
+    tokens sampled by an engine whose probabilities differ from the training model's (another precision, another
+    kernel), weighting each token's policy-gradient term; ``train_logp`` is the training model's log-prob of the
+    token under the policy that sampled (the old policy)."""
+    return torch.exp(train_logp.detach() - rollout_logp).clamp(max=cap)
+
+
+def rollout_mismatch(train_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """How far the rollout engine's log-probs of the sampled tokens are from the training model's, over the tokens
+    of ``mask`` (B, T): ``kl``, the k3 estimate of KL(engine || training model) (exp(d) - d - 1, d = train - rollout:
+    unbiased, as the tokens were drawn from the engine), ``max_gap`` the largest |d|, ``tokens`` how many."""
+    m = mask.bool()
+    d = (train_logp.detach().double() - rollout_logp.double())[m]
+    if d.numel() == 0:
+        return {"kl": 0.0, "max_gap": 0.0, "tokens": 0.0}
+    return {"kl": float((torch.exp(d) - d - 1).mean()), "max_gap": float(d.abs().max()), "tokens": float(d.numel())}
+
+
+def policy_loss(logp, old_logp, advantages, mask, cfg: PolicyLossConfig, ref_logp=None, entropy=None,
+                rollout_logp=None, tis_cap: float = 0.0) -> torch.Tensor:
+    """The policy loss from per-token log-probs (B, T); the reference for the fused kernel (``tis_cap``: see
+    :func:`tis_weights`)."""
     if advantages.dim() == logp.dim() - 1:
         advantages = advantages.unsqueeze(-1)
+    if tis_cap:
+        advantages = advantages * tis_weights(old_logp, rollout_logp, tis_cap)
     weights = aggregation_weights(mask, cfg)
     loss = (weights * policy_token_loss(logp, old_logp, advantages, cfg, ref_logp)).sum()
     if cfg.entropy_coef:

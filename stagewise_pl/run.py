@@ -171,9 +171,10 @@ class Run:
             self.log(f"LoRA rank {m.lora_rank} on {', '.join(m.lora_targets)}: {trainable} trainable parameters")
         ledger = DifficultyLedger(self.rundir.ledger, run_id=self.dir.name, writer=dist.is_main())
         self.data_digest = pool_digest(pool)
-        engines = RolloutEngines(cfg, policy, tokenizer, lambda: base, [p.prompt for p in pool[:4]], self.log)
+        engines = RolloutEngines(cfg, policy, tokenizer, lambda: base, [p.prompt for p in pool[:4]], self.log,
+                                 record_dir=self.rundir.path)
         bands = bands_of(self.rules)
-        heldout = HeldOutEvaluation(cfg, task, verifier, renderer, engines.with_current_weights, self.rundir,
+        heldout = HeldOutEvaluation(cfg, task, verifier, renderer, engines.for_evaluation, self.rundir,
                                     lambda problems, label: self._check_golds(verifier, problems, label), logger, bands)
         self.logger = logger
         self.ctx = PhaseContext(cfg, policy, tokenizer, plan=self.phases, traits=self.traits, pool=pool,

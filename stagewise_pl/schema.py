@@ -263,6 +263,14 @@ class RolloutConfig:
 
     engine: str = doc("hf", "hf (transformers, CPU and GPU) | vllm (needs vllm; weights pushed in memory)",
                       choices=('hf', 'vllm'))
+    dtype: str = doc("model", "precision the engine samples in: model (the policy's own, model.dtype) | float32 | "
+                              "bfloat16 (hf: from bfloat16 copies of the policy's weights made at every generation "
+                              "call, so after every optimizer step; training log-probs still come from the training "
+                              "model) | auto (bfloat16 on a GPU with it, and on a CPU whose bfloat16 products measure "
+                              "at least 1.5x float32's at the model's decode shape; decided once per run directory, "
+                              "in rollout_dtype.json, so a resume samples as the run began). Results are "
+                              "reproducible within a setting, not across settings. vllm loads its weights in it",
+                     choices=('auto', 'bfloat16', 'float32', 'model'))
     gpu_memory_utilization: float = doc(0.3, "vllm: share of GPU memory for weights and KV cache")
     tensor_parallel_size: int = doc(1, "vllm: GPUs per engine", gt=0)
     max_model_len: int = doc(1024, "vllm: longest prompt + completion", gt=0)
@@ -370,6 +378,10 @@ class GRPOConfig:
     dynamic_sampling: bool = doc(False, "refill the batch with fresh prompts until it has prompts_per_step "
                                         "informative groups (DAPO), at most max_extra_rounds more rounds")
     max_extra_rounds: int = doc(2, "dynamic sampling: extra generation rounds per step", ge=0)
+    tis_cap: float = doc(0.0, "truncated importance sampling: each token's policy-gradient term is weighted by "
+                              "min(pi_train / pi_rollout, tis_cap), the ratio of the training model's probability "
+                              "of the sampled token to the rollout engine's (which differ when the engine samples "
+                              "in another precision, rollout.dtype); 0 = off. 2 is the usual cap", ge=0)
     max_rollout_factor: int = doc(4, "a phase stops after steps x this many rollout steps even if too few made "
                                      "an update (a pool that is all solved or all failed); under "
                                      "budget.generated_tokens it can end a phase whose groups are mostly flat before "

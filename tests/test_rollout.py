@@ -121,15 +121,16 @@ def test_top_p_keeps_the_nucleus():
 
 @pytest.mark.parametrize("lean", [False, True])
 def test_generate_fallback_for_other_caches(tiny, monkeypatch, lean):
-    """A cache that cannot drop rows sends the transformers path to model.generate. With the lean step on, a bf16
-    model takes the transformers prefill (float32 has a cache of its own), and no lean decoder is built for nothing."""
+    """A cache that cannot drop rows sends the transformers path to model.generate. With the lean step on, a float16
+    model takes the transformers prefill (float32 and bfloat16 have a cache of their own), and no lean decoder is
+    built for nothing."""
     import copy
 
     from stagewise_pl.rollout import fast_decode
 
     model, tokenizer = tiny
     if lean:
-        model = copy.deepcopy(model).to(torch.bfloat16)
+        model = copy.deepcopy(model).to(torch.float16)
     built = []
     monkeypatch.setattr(fast_decode, "FastDecoder", lambda *a, **k: built.append(1))
     engine = HFEngine(model, tokenizer, fast_decode=lean)

@@ -22,7 +22,7 @@ import torch
 from stagewise_pl.kernels.linear_logprob import FusedTokenLoss, LinearLogProb, accumulation_dtype
 from stagewise_pl.kernels.plan import DEFAULT_BUDGET_BYTES, Plan, device_plan, plan
 from stagewise_pl.losses import (PolicyLossConfig, aggregation_weights, clipped_fraction, entropy_weights,
-                                 policy_token_loss)
+                                 policy_token_loss, tis_weights)
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -182,7 +182,8 @@ def fused_policy_loss(hidden, weight, targets, old_logp, advantages, mask, cfg: 
                       ref_logp=None, bias=None, temperature: float = 1.0, with_entropy: Optional[bool] = None, *,
                       weights: Optional[torch.Tensor] = None, entropy_weight: Optional[torch.Tensor] = None,
                       backend: str = "auto", chunk_tokens=None, vocab_block=None,
-                      budget_bytes: int = DEFAULT_BUDGET_BYTES, chunk_plan: Optional[Plan] = None) -> PolicyLossOutput:
+                      budget_bytes: int = DEFAULT_BUDGET_BYTES, chunk_plan: Optional[Plan] = None,
+                      rollout_logp: Optional[torch.Tensor] = None, tis_cap: float = 0.0) -> PolicyLossOutput:
     """:func:`stagewise_pl.losses.policy_loss` computed from hidden states (B, T, H), gradients in forward.
 
     targets, old_logp, mask (and ref_logp) are (B, T); advantages (B,) or (B, T). Tokens with mask 0
@@ -192,10 +193,15 @@ def fused_policy_loss(hidden, weight, targets, old_logp, advantages, mask, cfg: 
     micro-batch its slice of the mini-batch's weights, so the accumulated gradient equals the
     mini-batch's; ``entropy_weight`` (B, T) does the same for the entropy bonus's token mean.
     ``clip_fraction`` counts the tokens where the clip is active (see
-    :func:`stagewise_pl.losses.clipped_fraction`).
+    :func:`stagewise_pl.losses.clipped_fraction`). ``tis_cap`` > 0 with ``rollout_logp`` (B, T), the log-probs the
+    rollout engine sampled the targets with: truncated importance sampling, each token's advantage (so its
+    policy-gradient term, not the KL) weighted by min(exp(old - rollout_logp), tis_cap), old being ``old_logp`` or,
+    on-policy, the current log-prob detached (:func:`stagewise_pl.losses.tis_weights`).
     """
     if cfg.beta and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp")
+    if tis_cap and rollout_logp is None:
+        raise ValueError("tis_cap > 0 needs rollout_logp")
     with_entropy = bool(cfg.entropy_coef) if with_entropy is None else with_entropy
     if advantages.dim() == targets.dim() - 1:
         advantages = advantages.unsqueeze(-1)
@@ -207,17 +213,19 @@ def fused_policy_loss(hidden, weight, targets, old_logp, advantages, mask, cfg: 
     old = None if old_logp is None else old_logp.reshape(-1).to(acc)
     adv = advantages.expand_as(targets).reshape(-1).to(acc)
     ref = None if ref_logp is None else ref_logp.reshape(-1).to(acc)
+    behaviour = rollout_logp.reshape(-1).to(acc) if tis_cap else None
     masked_targets = torch.where(mask.bool(), targets, torch.full_like(targets, -100))
     x, t, chunk_plan = _prepare(hidden, weight, masked_targets, chunk_tokens, vocab_block, budget_bytes,
                                 chunk_plan=chunk_plan)
     counted = t != -100
     n, keep = t.shape[0], _counted_rows(counted)
     # the rows the kernel sees, and the per-row terms of its token loss, counted rows only when some are left out
-    xk, tk, oldk, advk, refk, wk, entk = _take(keep, x, t, old, adv, ref, weights, ent_w)
+    xk, tk, oldk, advk, refk, wk, entk, behk = _take(keep, x, t, old, adv, ref, weights, ent_w, behaviour)
 
     def token_loss(logp, entropy, rows):
-        terms = policy_token_loss(logp, logp.detach() if oldk is None else oldk[rows], advk[rows], cfg,
-                                  None if refk is None else refk[rows])
+        old_rows = logp.detach() if oldk is None else oldk[rows]
+        adv_rows = advk[rows] if behk is None else advk[rows] * tis_weights(old_rows, behk[rows], tis_cap)
+        terms = policy_token_loss(logp, old_rows, adv_rows, cfg, None if refk is None else refk[rows])
         loss = (wk[rows] * terms).sum()
         if cfg.entropy_coef:
             loss = loss - cfg.entropy_coef * (entk[rows] * entropy).sum()

@@ -35,6 +35,7 @@ class CompletionBatch:
     prompt_lens: torch.Tensor  # (N,): each row's prompt length without padding
     completion_lens: torch.Tensor  # (N,)
     advantages: torch.Tensor  # (N,) or (N, Lc): a value per row (or per token) the loss weighs the row by
+    rollout_logp: Optional[torch.Tensor] = None  # (N, Lc): the engine's log-prob of each completion token (0 past it)
 
 
 @dataclass

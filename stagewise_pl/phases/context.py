@@ -25,17 +25,35 @@ class RolloutEngines:
     policy's current weights into it (an engine with its own copy, vLLM) and checking them with a canary."""
 
     def __init__(self, cfg: Config, policy, tokenizer, model_path: Callable[[], str], canary_prompts: list[str],
-                 log: Callable[..., None] = print, engine=None):
+                 log: Callable[..., None] = print, engine=None, record_dir=None):
         self.cfg, self.policy, self.tokenizer, self.model_path = cfg, policy, tokenizer, model_path
         self.canary_prompts, self.log, self._engine = canary_prompts, log, engine
+        self.record_dir = record_dir  # where rollout.dtype=auto records its decision (the run directory)
+        self._eval_engine = None
+
+    def for_evaluation(self):
+        """The engine the held-out evaluation samples with: the rollout engine, but in the policy's own precision
+        when an hf engine samples rollouts in another (rollout.dtype), so held-out accuracy measures the policy as
+        trained and stays comparable across rollout precisions."""
+        engine = self.with_current_weights()
+        if getattr(engine, "dtype", None) is None or not hasattr(engine, "sampler"):
+            return engine
+        if self._eval_engine is None:
+            from stagewise_pl.rollout.hf import HFEngine
+
+            self._eval_engine = HFEngine(self.policy, self.tokenizer, batch_size=engine.batch_size,
+                                         progress=engine.progress)
+        return self._eval_engine
 
     def with_current_weights(self):
         from stagewise_pl.rollout import make_engine
+        from stagewise_pl.rollout.precision import rollout_dtype
 
         cfg = self.cfg
         if self._engine is None:
+            dtype = rollout_dtype(cfg.rollout.dtype, self.policy, self.record_dir, self.log)
             self._engine = make_engine(cfg.rollout, self.policy, self.tokenizer, self.model_path(), cfg.model.dtype,
-                                       cfg.eval.batch_size, cfg.run.progress_bar)
+                                       cfg.eval.batch_size, cfg.run.progress_bar, rollout_dtype=dtype)
         if hasattr(self._engine, "canary"):  # an engine with its own copy of the weights
             from stagewise_pl.models.load import PromptRenderer
 

@@ -34,7 +34,7 @@ from stagewise_pl import dist
 from stagewise_pl.advantages import compute_advantages, group_stats
 from stagewise_pl.faults import poisoned
 from stagewise_pl.kernels import fused_policy_loss
-from stagewise_pl.losses import aggregation_weights, entropy_weights, k3_kl
+from stagewise_pl.losses import aggregation_weights, entropy_weights, k3_kl, rollout_mismatch
 from stagewise_pl.models.packed import ForwardSettings, completion_hidden, completion_logprobs
 from stagewise_pl.nonfinite import NonFiniteGuard
 from stagewise_pl.phases import token_budget
@@ -201,8 +201,9 @@ class GRPORunner(PhaseRunner):
         groups = None
         if mine:
             seed = int(np.random.default_rng([self.seed, self.position, round_]).integers(2**31 - 1))
+            # the engine's log-probs of the sampled tokens: the train/rollout mismatch, and TIS
             sampling = SamplingParams(n=s.num_generations, temperature=s.temperature, top_p=s.top_p,
-                                      max_new_tokens=s.max_new_tokens, seed=seed)
+                                      max_new_tokens=s.max_new_tokens, seed=seed, logprobs=True)
             if hasattr(self.engine, "sync_weights") and self._engine_version != self._weights_version:
                 self.engine.sync_weights(policy)  # an engine with its own copy samples from the updated policy
                 self._engine_version = self._weights_version
@@ -234,7 +235,9 @@ class GRPORunner(PhaseRunner):
         ref = completion_logprobs(self.reference.to(device), t, fwd) if s.loss.beta > 0 else None
         gen = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, self.position, 99]).integers(2**31)))
         sums, count = {"loss": 0.0, "clip_fraction": 0.0, "entropy": 0.0, "kl": 0.0}, 0
-        for _ in range(s.num_iterations):
+        mismatch = {"kl": 0.0, "max_gap": 0.0, "tokens": 0.0}  # the engine's log-probs against the training model's
+        rollout_logp = t.rollout_logp
+        for iteration in range(s.num_iterations):
             order = torch.randperm(n, generator=gen) if s.minibatches > 1 else torch.arange(n)
             for mb in torch.tensor_split(order.to(device), s.minibatches):
                 if len(mb) == 0:
@@ -255,7 +258,14 @@ class GRPORunner(PhaseRunner):
                         None if old is None else old[rows], t.advantages[rows], t.mask[rows], s.loss,
                         ref_logp=None if ref is None else ref[rows], bias=getattr(head, "bias", None),
                         temperature=s.temperature, with_entropy=True, weights=weights[part],
-                        entropy_weight=ent_weights[part], backend=self.cfg.trainer.kernel)
+                        entropy_weight=ent_weights[part], backend=self.cfg.trainer.kernel,
+                        rollout_logp=None if rollout_logp is None else rollout_logp[rows], tis_cap=s.tis_cap)
+                    if rollout_logp is not None and iteration == 0:  # the sampling policy's log-probs: old, or now
+                        gap = rollout_mismatch(out.logp if old is None else old[rows], rollout_logp[rows],
+                                               t.mask[rows])
+                        mismatch["kl"] += gap["kl"] * gap["tokens"]
+                        mismatch["max_gap"] = max(mismatch["max_gap"], gap["max_gap"])
+                        mismatch["tokens"] += gap["tokens"]
                     loss = out.loss * float("nan") if poison else out.loss
                     # several ranks: each holds a part of the mini-batch's loss, and DDP averages the gradients
                     module.manual_backward(loss * dist.world_size())
@@ -271,9 +281,15 @@ class GRPORunner(PhaseRunner):
                 count += self.optimizer_step(module, mb_loss)
         if dist.world_size() > 1:
             sums = {k: sum(d[k] for d in dist.gather(sums)) for k in sums}
+            every = dist.gather(mismatch)
+            mismatch = {"kl": sum(d["kl"] for d in every), "max_gap": max(d["max_gap"] for d in every),
+                        "tokens": sum(d["tokens"] for d in every)}
         stats = {k: v / max(1, count) for k, v in sums.items()}
         if ref is None:
             stats.pop("kl")
+        if rollout_logp is not None:  # over the tokens of the rows trained on
+            stats["rollout_kl"] = mismatch["kl"] / max(1.0, mismatch["tokens"])
+            stats["rollout_max_gap"] = mismatch["max_gap"]
         stats["lr"] = float(module.lr_schedulers().get_last_lr()[0])
         stats["advantage_abs"] = float(advantages.abs().mean())
         return stats
@@ -328,6 +344,16 @@ class GRPORunner(PhaseRunner):
             reference.load_state_dict(state["reference"])
             self._frozen["reference"] = reference
 
+    def mismatch_summary(self) -> dict:
+        """The train/rollout mismatch over the phase: mean of the steps' KL(engine || training model) on the tokens
+        trained on, and the largest log-prob gap (empty when no step measured it)."""
+        kls = [r["rollout_kl"] for r in self.history if r.get("rollout_kl") is not None]
+        if not kls:
+            return {}
+        return {"rollout_kl": float(f"{sum(kls) / len(kls):.3g}"),
+                "rollout_max_gap": round(max(r["rollout_max_gap"] for r in self.history if "rollout_max_gap" in r),
+                                         4)}
+
     def curves(self) -> dict[str, list]:
         """Every metric of every rollout step but wall times (s_*): deterministic for a seed. A step without
         an update has no loss: None there."""
@@ -360,6 +386,7 @@ class GRPORunner(PhaseRunner):
                 "mean_prompts": mean("prompts", h), "problems": len(self.problems), "budget_spent": self.budget_spent,
                 "reward_first_tenth": mean("reward", h[:tenth]), "reward_last_tenth": mean("reward", h[-tenth:]),
                 "zero_groups": mean("zero_groups", h), "one_groups": mean("one_groups", h),
+                **self.mismatch_summary(),
                 "seconds_generation": round(sum(r["s_generation"] for r in h), 1),
                 "seconds_grading": round(sum(r["s_grading"] for r in h), 1),
                 "seconds_training": round(sum(r["s_training"] for r in h), 1)}

@@ -41,6 +41,7 @@ class GRPOSettings:
     max_extra_rounds: int = 2
     shared_prefix: bool = True  # compute each distinct prompt once in the update's forward passes
     skip_zero_advantage_rows: bool = True
+    tis_cap: float = 0.0  # truncated importance sampling on pi_train / pi_rollout; 0 = off
 
     @classmethod
     def from_config(cls, g, max_new_tokens: int) -> "GRPOSettings":
@@ -52,7 +53,8 @@ class GRPOSettings:
                    std_scale=g.std_scale, loss=loss, mask_truncated=g.mask_truncated,
                    num_iterations=g.num_iterations, minibatches=g.minibatches, micro_batch_size=g.micro_batch_size,
                    drop_flat_groups=g.drop_flat_groups, dynamic_sampling=g.dynamic_sampling,
-                   max_extra_rounds=g.max_extra_rounds, skip_zero_advantage_rows=g.skip_zero_advantage_rows)
+                   max_extra_rounds=g.max_extra_rounds, skip_zero_advantage_rows=g.skip_zero_advantage_rows,
+                   tis_cap=g.tis_cap)
 
     @property
     def updates_per_step(self) -> int:
@@ -80,13 +82,20 @@ def batch_tensors(groups: Groups, advantages: torch.Tensor, pad_id: int, mask_tr
     if mask_truncated:
         mask[torch.tensor(groups.truncated, dtype=torch.bool)] = 0.0
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    rollout_logp = None
+    if groups.logprobs is not None:
+        rollout_logp = torch.zeros((n, lc), dtype=torch.float32)
+        for r, values in enumerate(groups.logprobs):
+            if values:
+                rollout_logp[r, :len(values)] = torch.tensor(values, dtype=torch.float32)
+        rollout_logp = rollout_logp.to(device)
     return CompletionBatch(
         input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=positions.to(device),
         targets=ids[:, lp:].to(device), mask=mask.to(device), prompt_len=lp,
         prompt_index=torch.arange(n, device=device) // g,
         prompt_lens=torch.tensor([len(groups.prompt_ids[r // g]) for r in range(n)], device=device),
         completion_lens=torch.tensor([len(c) for c in groups.completion_ids], device=device),
-        advantages=advantages.reshape(-1).to(device))
+        advantages=advantages.reshape(-1).to(device), rollout_logp=rollout_logp)
 
 
 def my_micro_slices(n: int, micro_batch_size: int) -> list[Optional[slice]]:

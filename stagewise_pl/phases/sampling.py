@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -35,15 +35,18 @@ class Groups:
     seconds_generation: float = 0.0  # wall time of the engine's call(s)
     seconds_grading: float = 0.0  # wall time of the verifier's call(s)
     nonfinite: int = 0  # rewards the verifier gave as NaN/inf, counted as 0
+    # the engine's log-prob of each sampled token (one list per completion), when the sampling asked for them
+    logprobs: Optional[list[list[float]]] = None
 
     @staticmethod
     def concat(parts: Sequence["Groups"]) -> "Groups":
+        logprobs = [x for g in parts for x in g.logprobs] if all(g.logprobs is not None for g in parts) else None
         return Groups([p for g in parts for p in g.problems], [x for g in parts for x in g.prompt_ids],
                       [x for g in parts for x in g.completion_ids], [x for g in parts for x in g.texts],
                       [x for g in parts for x in g.truncated], torch.cat([g.rewards for g in parts]),
                       [x for g in parts for x in g.reasons], [x for g in parts for x in g.rounds],
                       sum(g.seconds_generation for g in parts), sum(g.seconds_grading for g in parts),
-                      sum(g.nonfinite for g in parts))
+                      sum(g.nonfinite for g in parts), logprobs)
 
     @property
     def group_size(self) -> int:
@@ -55,7 +58,8 @@ class Groups:
         return Groups([self.problems[i] for i in keep], [self.prompt_ids[i] for i in keep],
                       [self.completion_ids[r] for r in rows], [self.texts[r] for r in rows],
                       [self.truncated[r] for r in rows], self.rewards[keep], [self.reasons[r] for r in rows],
-                      [self.rounds[i] for i in keep], self.seconds_generation, self.seconds_grading, self.nonfinite)
+                      [self.rounds[i] for i in keep], self.seconds_generation, self.seconds_grading, self.nonfinite,
+                      None if self.logprobs is None else [self.logprobs[r] for r in rows])
 
     def records(self, spec, kind: str, step: int, global_step: int) -> list:
         """The ledger rows of these groups, graded at rollout ``step`` of phase ``spec`` (of ``kind``)."""
@@ -101,4 +105,4 @@ def sample_and_grade(engine, verifier, render: Callable[[str], str], problems: S
     return Groups(problems, batch.prompt_ids, batch.completion_ids, batch.texts,
                   [f == "length" for f in batch.finish_reasons],
                   torch.tensor(rewards, dtype=torch.float32).view(len(problems), n), [v.reason for v in verdicts],
-                  [round_] * len(problems), t1 - t0, t2 - t1, nonfinite)
+                  [round_] * len(problems), t1 - t0, t2 - t1, nonfinite, batch.logprobs)

@@ -18,8 +18,9 @@ Models whose cache cannot be expanded or filtered fall back to ``model.generate`
 """
 from __future__ import annotations
 
+import copy
 import inspect
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -65,16 +66,40 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 @ENGINES.register("hf")
 class HFEngine:
-    def __init__(self, model, tokenizer, batch_size: int = 64, progress: bool = False, fast_decode: bool = True):
+    """Samples from ``model`` as it is at each :meth:`generate` call. ``dtype`` (None: the model's own) is the
+    precision it samples in: the lean step (:mod:`fast_decode`) makes its bfloat16 weight copies from the model at
+    every call; a model the lean step does not cover samples from a copy in ``dtype`` (``self.shadow``), whose
+    weights are copied from the model at every call. Either way the copy is of the weights as they are then (after
+    the last optimizer step), as the float32 engine samples from them."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 64, progress: bool = False, fast_decode: bool = True,
+                 dtype: Optional[torch.dtype] = None):
         self.model, self.tokenizer, self.batch_size, self.progress = model, tokenizer, batch_size, progress
         self.fast_decode = fast_decode
+        own = next(model.parameters()).dtype
+        self.dtype = None if dtype in (None, own) else dtype
+        if self.dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(f"HFEngine samples in float32 or bfloat16 (or the model's own dtype), not {dtype}")
+        self.shadow = None  # the model in self.dtype, when the lean step does not cover it
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def sampler(self):
+        """The module that samples: the model, or its copy in ``dtype`` (weights copied from the model now)."""
+        if self.dtype is None or (self.fast_decode and fast_decode.supports(self.model) and
+                                  fast_decode.folds(self.model, self.dtype)):
+            return self.model  # the lean step copies the weights into its own dtype
+        if self.shadow is None:
+            self.shadow = copy.deepcopy(self.model).to(self.dtype).eval()
+        for mine, theirs in zip(self.shadow.parameters(), self.model.parameters()):
+            mine.copy_(theirs)
+        return self.shadow
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], sampling: SamplingParams, desc: str = "generate") -> RolloutBatch:
         """``prompts`` are rendered texts (chat template already applied)."""
         was_training = self.model.training
         self.model.eval()
+        sampler = self.sampler()
         device = next(self.model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
         out = RolloutBatch(n=sampling.n, prompt_ids=[], completion_ids=[], texts=[], finish_reasons=[],
@@ -88,7 +113,8 @@ class HFEngine:
                 enc = {k: v.to(device) for k, v in enc.items()}
                 for row in range(len(chunk)):
                     out.prompt_ids.append(enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist())
-                ids, logps, reasons = self._decode(enc["input_ids"], enc["attention_mask"], sampling, generator)
+                ids, logps, reasons = self._decode(sampler, enc["input_ids"], enc["attention_mask"], sampling,
+                                                   generator)
                 for i, tokens in enumerate(ids):
                     text, kept, stopped = self._cut_at_stop(tokens, sampling)
                     out.completion_ids.append(tokens[:kept])
@@ -102,19 +128,22 @@ class HFEngine:
             self.model.train(was_training)
         return out
 
-    def _decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingParams,
+    def _decode(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingParams,
                 generator: torch.Generator) -> tuple[list[list[int]], list[list[float]], list[str]]:
-        """Token ids, log-probs and finish reasons of ``n`` completions per prompt row, prompt-major."""
-        model, n = self.model, sampling.n
+        """Token ids, log-probs and finish reasons of ``n`` completions per prompt row, prompt-major, sampled from
+        ``model`` (the engine's model or its copy in ``dtype``)."""
+        n = sampling.n
         stops = torch.tensor(stop_token_ids(model, self.tokenizer), dtype=torch.long, device=input_ids.device)
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         use_lean = self.fast_decode and fast_decode.supports(model)
         lean, cache = None, None
 
         def lean_decoder():  # built once it is known to be used (its weight copies and cache are not free)
-            return fast_decode.FastDecoder(model, input_ids.shape[0] * n, input_ids.shape[1] + sampling.max_new_tokens)
+            return fast_decode.FastDecoder(model, input_ids.shape[0] * n, input_ids.shape[1] + sampling.max_new_tokens,
+                                           dtype=self.dtype)
 
-        if use_lean and fast_decode.folds(model):  # float32: the prompt through the lean step's own arithmetic
+        # float32 and bfloat16: the prompt through the lean step's own arithmetic
+        if use_lean and fast_decode.folds(model, self.dtype):
             lean = lean_decoder()
             logits = lean.prefill(input_ids, attention_mask, positions, n)
         else:
@@ -123,7 +152,7 @@ class HFEngine:
             cache = getattr(first, "past_key_values", None)
             if cache is None or not hasattr(cache, "batch_repeat_interleave") or \
                     not hasattr(cache, "batch_select_indices"):
-                return self._decode_with_generate(input_ids, attention_mask, sampling, generator)
+                return self._decode_with_generate(model, input_ids, attention_mask, sampling, generator)
             if use_lean and hasattr(cache, "layers"):
                 lean = lean_decoder()
                 lean.load_prefill(cache, attention_mask, n)
@@ -137,7 +166,8 @@ class HFEngine:
         total = logits.shape[0]
         rows = torch.arange(total, device=logits.device)  # original row of each live row
         out_tokens = torch.full((total, sampling.max_new_tokens), -1, dtype=torch.long, device=logits.device)
-        out_logp = torch.zeros((total, sampling.max_new_tokens), device=logits.device) if sampling.logprobs else None
+        out_logp = torch.zeros((total, sampling.max_new_tokens), dtype=torch.float32,
+                               device=logits.device) if sampling.logprobs else None
         stopped = torch.zeros(total, dtype=torch.bool, device=logits.device)
         for step in range(sampling.max_new_tokens):
             nxt, nxt_logp = sample_next(logits, sampling, generator, with_logprobs=sampling.logprobs)
@@ -173,15 +203,15 @@ class HFEngine:
         reasons = ["stop" if s else "length" for s in stopped.tolist()]
         return tokens, logps, reasons
 
-    def _decode_with_generate(self, input_ids, attention_mask, sampling, generator):
+    def _decode_with_generate(self, model, input_ids, attention_mask, sampling, generator):
         """Fallback for caches that cannot be expanded or filtered: plain ``model.generate``."""
         if sampling.logprobs:
-            raise ValueError(f"{type(self.model).__name__}: its cache cannot be expanded or filtered, and the "
+            raise ValueError(f"{type(model).__name__}: its cache cannot be expanded or filtered, and the "
                              f"generate fallback returns no log-probs")
-        greedy, stops = sampling.temperature <= 0, stop_token_ids(self.model, self.tokenizer)
+        greedy, stops = sampling.temperature <= 0, stop_token_ids(model, self.tokenizer)
         with torch.random.fork_rng(devices=[input_ids.device] if input_ids.is_cuda else []):
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-            seqs = self.model.generate(
+            seqs = model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=sampling.max_new_tokens,
                 do_sample=not greedy, temperature=None if greedy else sampling.temperature,
                 top_p=None if greedy else sampling.top_p, top_k=None if greedy else 0,
