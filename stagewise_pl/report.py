@@ -145,7 +145,8 @@ def plots(data: dict, out: Path) -> list[tuple[str, str]]:
         figs.save(fig, f"flow-{_slug(flow['from'])}-{_slug(flow['to'])}.png",
                   f"How problems moved between buckets from {flow['from']} to {flow['to']}")
     for name, curves in data["curves"].items():
-        keys = [k for k in ("loss", "reward", "pass_rate") if k in curves and any(v is not None for v in curves[k])]
+        keys = [k for k in ("loss", "reward", "pass_rate", "rollout_kl")
+                if k in curves and any(v is not None for v in curves[k])]
         if not keys:
             continue
         fig, axes = figs.figure(3.6 * len(keys), 3, 1, len(keys))

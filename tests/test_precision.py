@@ -195,3 +195,37 @@ def test_tis_weights_each_tokens_policy_gradient_by_the_capped_ratio():
     dd = (logp_now - rollout)[mask.bool()]
     assert gap["kl"] == pytest.approx(float((torch.exp(dd) - dd - 1).mean()))
     assert rollout_mismatch(logp_now, logp_now, mask)["kl"] == 0.0
+
+
+@pytest.mark.slow
+def test_every_kind_trains_in_bf16_mixed_with_bfloat16_rollouts_and_a_resume_is_exact(tmp_path, base_overrides):
+    """trainer.precision=bf16-mixed and rollout.dtype=bfloat16 through every training kind (sft, bridge_sft, grpo
+    with TIS, cft, hpt, relift) on the real tiny base: each phase trains with finite losses, the GRPO phase logs the
+    train/rollout mismatch, and a run killed mid-plan and resumed ends bit for bit where the uninterrupted one does
+    (the same-seed promise within a precision setting)."""
+    from helpers import fit, outcome, resume
+
+    plan = ("phases=[{name: s, kind: sft, steps: 3, lr: 5e-4}, {name: p, kind: profile, limit: 40}, "
+            "{name: b, kind: bridge_sft, select: hard, steps: 2, lr: 5e-4}, "
+            "{name: g, kind: grpo, select: medium, steps: 3, lr: 1e-4}, "
+            "{name: c, kind: cft, select: unsolved_in_rl, steps: 2, lr: 1e-4}, "
+            "{name: h, kind: hpt, steps: 2, lr: 1e-4}, {name: r, kind: relift, steps: 2, lr: 1e-4}]")
+    args = [*base_overrides, plan, "profile.k=4", "grpo.prompts_per_step=4", "grpo.num_generations=4",
+            "grpo.max_new_tokens=24", "trainer.batch_size=16", "bridge.samples=2", "mixed.buffer_size=3",
+            "trainer.checkpoint_every_n_steps=2", "eval.each_phase=false", "run.deterministic=true",
+            "trainer.precision=bf16-mixed", "rollout.dtype=bfloat16", "grpo.tis_cap=2.0"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    out = fit([*args, f"run.dir={whole}"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    done = json.loads((whole / "state.json").read_text())["completed"]
+    kinds = {s["kind"]: s for s in done.values()}
+    assert set(kinds) >= {"sft", "profile", "bridge_sft", "grpo", "cft", "hpt", "relift"}
+    for name, s in done.items():
+        assert not s.get("nonfinite_skipped"), (name, s)
+    assert kinds["grpo"]["optimizer_steps"] > 0
+    assert 0.0 <= kinds["grpo"]["rollout_kl"] < 0.05 and kinds["grpo"]["rollout_max_gap"] > 0.0, kinds["grpo"]
+    out = fit([*args, f"run.dir={killed}"], {"STAGEWISE_FAULT": "decode#60"})  # SIGKILL mid rollout
+    assert out.returncode == -9, out.stderr[-3000:]
+    out = resume([*args], killed)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert outcome(killed) == outcome(whole)

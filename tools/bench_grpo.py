@@ -64,7 +64,8 @@ PROMPTS_PER_STEP, GENERATIONS, MAX_NEW, LR, THREADS, LEVELS = 4, 8, 32, 5e-5, 2,
 # every row (equal computation); ours-drop-flat: our default (groups with no signal left out);
 # trl: GRPOTrainer without activation checkpointing (its fastest here: the goal's peer); trl-default: with
 # TRL's default activation checkpointing (what a user gets without changing it).
-VARIANTS = ("ours", "trl", "ours-all-rows", "ours-drop-flat", "trl-default")  # ours and trl back to back
+# ours and trl back to back; ours-bf16: ours-all-rows with bfloat16 rollouts and bf16-mixed training
+VARIANTS = ("ours", "trl", "ours-all-rows", "ours-drop-flat", "trl-default", "ours-bf16")
 OURS_KEYS = ("seconds_per_step", "generation_s_per_step", "grading_s_per_step", "training_s_per_step",
              "completion_tokens_per_step")
 # GRPOConfig beyond output_dir and max_steps; activation (gradient) checkpointing is off (GRPOConfig defaults it on),
@@ -102,7 +103,8 @@ def model_path(directory: Path) -> str:
     return json.loads((directory / "setup.json").read_text())["model"]
 
 
-def run_ours(directory: Path, steps: int, drop_flat_groups: bool = False, skip_zero_rows: bool = True) -> dict:
+def run_ours(directory: Path, steps: int, drop_flat_groups: bool = False, skip_zero_rows: bool = True,
+             extra: list = ()) -> dict:
     """The grpo phase's runner, driven on its own as a plan drives it: the HF rollout engine on the policy itself,
     grading in the verifier's process pool, the fused policy loss. The loss is the token mean over the batch
     (TRL's default "dapo") with per-group std scaling (TRL's default). ``drop_flat_groups=False`` trains on every
@@ -137,7 +139,7 @@ def run_ours(directory: Path, steps: int, drop_flat_groups: bool = False, skip_z
                                   f"grpo.drop_flat_groups={str(drop_flat_groups).lower()}", "optim.warmup_steps=0",
                                   f"grpo.skip_zero_advantage_rows={str(skip_zero_rows).lower()}",
                                   "optim.min_lr_ratio=1.0", "optim.weight_decay=0.0", "optim.grad_clip=1.0",
-                                  "grpo.max_rollout_factor=1"])
+                                  "grpo.max_rollout_factor=1", *extra])
     spec = PhaseSpec(1, "grpo", "grpo", steps=steps, lr=LR)
     with GradingPool("exact", {}, workers=1) as verifier:
         ctx = PhaseContext(cfg, policy, tokenizer, plan=[spec], traits={"grpo": GRPORunner.traits},
@@ -249,7 +251,9 @@ def child(variant: str, directory: Path, steps: int) -> None:
         report(run_trl(directory, steps, checkpointing=variant == "trl-default"))
     else:
         report(run_ours(directory, steps, drop_flat_groups=variant == "ours-drop-flat",
-                        skip_zero_rows=variant != "ours-all-rows"))
+                        skip_zero_rows=variant not in ("ours-all-rows", "ours-bf16"),
+                        extra=["rollout.dtype=bfloat16", "trainer.precision=bf16-mixed"] if variant == "ours-bf16"
+                        else []))
 
 
 def measure(variant: str, directory: Path, steps: int) -> dict:

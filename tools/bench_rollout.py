@@ -8,6 +8,8 @@ fresh process, interleaved, median of ``--repeats``:
 - batched generate: one ``model.generate`` call over all prompts with ``num_return_sequences=8``
   (what TRL's GRPOTrainer does without vLLM);
 - ours: ``HFEngine.generate`` (prefill once per prompt, finished rows leave the batch);
+- ours-bf16: the same with ``dtype=torch.bfloat16`` (rollout.dtype=bfloat16: bfloat16 copies of the float32 model's
+  weights made inside the timed call, the lean bfloat16 step);
 - vllm: VLLMEngine (in-process vLLM, float32), run with the interpreter of ``--vllm-python``
   (default: ~/.cache/stagewise_pl/venv-vllm/bin/python, which .ci/run_vllm builds), when it exists.
 Every variant first warms up on one prompt (2 tokens), untimed.
@@ -33,7 +35,7 @@ from pathlib import Path
 from benchlib import add_model_option, bench_model, interleave, real_model, report, run_child
 
 PROMPTS, SAMPLES, MAX_NEW, THREADS = 64, 8, 64, 2
-VARIANTS = ["naive", "batched-generate", "ours"]
+VARIANTS = ["naive", "batched-generate", "ours", "ours-bf16"]
 
 
 def setup(model_name: str = "tiny", n_prompts: int = PROMPTS):
@@ -89,7 +91,8 @@ def child(variant: str, model_name: str = "tiny", n_prompts: int = PROMPTS) -> d
             from stagewise_pl.rollout import SamplingParams
             from stagewise_pl.rollout.hf import HFEngine
 
-            batch = HFEngine(model, tokenizer, batch_size=len(prompts)).generate(
+            dtype = torch.bfloat16 if variant == "ours-bf16" else None
+            batch = HFEngine(model, tokenizer, batch_size=len(prompts), dtype=dtype).generate(
                 prompts, SamplingParams(n=SAMPLES, temperature=1.0, max_new_tokens=MAX_NEW, seed=0))
             tokens = sum(len(ids) for ids in batch.completion_ids)
     return {"seconds": time.perf_counter() - started, "tokens": tokens}

