@@ -350,9 +350,8 @@ class GRPORunner(PhaseRunner):
         kls = [r["rollout_kl"] for r in self.history if r.get("rollout_kl") is not None]
         if not kls:
             return {}
-        return {"rollout_kl": float(f"{sum(kls) / len(kls):.3g}"),
-                "rollout_max_gap": round(max(r["rollout_max_gap"] for r in self.history if "rollout_max_gap" in r),
-                                         4)}
+        gap = max(r["rollout_max_gap"] for r in self.history if "rollout_max_gap" in r)
+        return {"rollout_kl": float(f"{sum(kls) / len(kls):.3g}"), "rollout_max_gap": float(f"{gap:.3g}")}
 
     def curves(self) -> dict[str, list]:
         """Every metric of every rollout step but wall times (s_*): deterministic for a seed. A step without
