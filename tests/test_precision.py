@@ -229,3 +229,16 @@ def test_every_kind_trains_in_bf16_mixed_with_bfloat16_rollouts_and_a_resume_is_
     out = resume([*args], killed)
     assert out.returncode == 0, out.stderr[-3000:]
     assert outcome(killed) == outcome(whole)
+
+
+def test_the_engine_samples_in_its_own_precision_inside_an_autocast_region(tiny):
+    """Under trainer.precision=bf16-mixed a phase's step runs in a bfloat16 autocast region; the engine's rollouts
+    there are bit for bit those it samples outside it (float32 and bfloat16 engines alike)."""
+    model, tokenizer = tiny
+    prompts = render_prompts(tokenizer, PROMPTS)
+    sampling = SamplingParams(n=2, temperature=1.0, max_new_tokens=10, seed=3, logprobs=True)
+    for dtype in (None, torch.bfloat16):
+        plain = HFEngine(model, tokenizer, dtype=dtype).generate(prompts, sampling)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inside = HFEngine(model, tokenizer, dtype=dtype).generate(prompts, sampling)
+        assert inside.completion_ids == plain.completion_ids and inside.logprobs == plain.logprobs

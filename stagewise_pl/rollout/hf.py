@@ -96,7 +96,14 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], sampling: SamplingParams, desc: str = "generate") -> RolloutBatch:
-        """``prompts`` are rendered texts (chat template already applied)."""
+        """``prompts`` are rendered texts (chat template already applied). Sampling runs outside any autocast region
+        (trainer.precision=bf16-mixed opens one around a phase's step): the engine computes in its own precision,
+        ``dtype``, whatever the training's is."""
+        device_type = next(self.model.parameters()).device.type
+        with torch.autocast(device_type, enabled=False):
+            return self._generate(prompts, sampling, desc)
+
+    def _generate(self, prompts: Sequence[str], sampling: SamplingParams, desc: str) -> RolloutBatch:
         was_training = self.model.training
         self.model.eval()
         sampler = self.sampler()
