@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -149,7 +150,7 @@ def test_tis_weights_each_tokens_policy_gradient_by_the_capped_ratio():
     """fused_policy_loss with tis_cap against a hand-written float64 loss on hand-made tokens: the advantage of each
     token times min(pi_train / pi_rollout, cap), the KL term unweighted; gradients too."""
     from stagewise_pl.kernels import fused_policy_loss
-    from stagewise_pl.losses import PolicyLossConfig, rollout_mismatch, tis_weights
+    from stagewise_pl.losses import PolicyLossConfig, policy_loss, rollout_mismatch, tis_weights
 
     torch.manual_seed(0)
     b, t, h, v = 3, 5, 8, 11
@@ -182,8 +183,13 @@ def test_tis_weights_each_tokens_policy_gradient_by_the_capped_ratio():
     expected.backward()
     assert torch.allclose(out.loss, expected, rtol=1e-10, atol=1e-12)
     assert torch.allclose(grad, hidden2.grad, rtol=1e-9, atol=1e-12)
-    assert float(w[0, 3]) == 1.0 * min(cap, float(torch.exp(torch.tensor(-2.0)))) or float(w[0, 4]) == cap
+    # per offset of the engine's log-prob: exp(-offset), and the cap where that is above it
+    expect = torch.tensor([1.0, math.exp(-0.3), math.exp(0.3), math.exp(-2.0), cap], dtype=torch.float64)
+    assert torch.allclose(w, expect.expand(b, t), rtol=1e-12)
     assert torch.equal(tis_weights(logp_now, rollout, cap), w)
+    # the reference loss from per-token log-probs (what the fused kernel is checked against elsewhere) agrees
+    assert torch.allclose(policy_loss(logp.detach(), logp.detach(), adv, mask, cfg, ref_logp=ref, rollout_logp=rollout,
+                                      tis_cap=cap), out.loss.detach(), rtol=1e-10, atol=1e-12)
     # the weights matter: without TIS the same call gives another loss
     plain = fused_policy_loss(hidden.detach(), weight, targets, None, adv, mask, cfg, ref_logp=ref, backend="torch")
     assert not torch.allclose(plain.loss, out.loss)

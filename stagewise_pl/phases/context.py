@@ -35,12 +35,12 @@ class RolloutEngines:
         """The engine the held-out evaluation samples with: the rollout engine, but in the policy's own precision
         when an hf engine samples rollouts in another (rollout.dtype), so held-out accuracy measures the policy as
         trained and stays comparable across rollout precisions."""
+        from stagewise_pl.rollout.hf import HFEngine
+
         engine = self.with_current_weights()
-        if getattr(engine, "dtype", None) is None or not hasattr(engine, "sampler"):
+        if not isinstance(engine, HFEngine) or engine.dtype is None:
             return engine
         if self._eval_engine is None:
-            from stagewise_pl.rollout.hf import HFEngine
-
             self._eval_engine = HFEngine(self.policy, self.tokenizer, batch_size=engine.batch_size,
                                          progress=engine.progress)
         return self._eval_engine

@@ -287,7 +287,7 @@ class GRPORunner(PhaseRunner):
         stats = {k: v / max(1, count) for k, v in sums.items()}
         if ref is None:
             stats.pop("kl")
-        if rollout_logp is not None:  # over the tokens of the rows trained on
+        if mismatch["tokens"]:  # over the tokens of the rows trained on (none: not measured, no 0 in the mean)
             stats["rollout_kl"] = mismatch["kl"] / max(1.0, mismatch["tokens"])
             stats["rollout_max_gap"] = mismatch["max_gap"]
         stats["lr"] = float(module.lr_schedulers().get_last_lr()[0])
