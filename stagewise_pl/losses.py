@@ -121,6 +121,33 @@ def rollout_mismatch(train_logp: torch.Tensor, rollout_logp: torch.Tensor, mask:
     return {"kl": float((torch.exp(d) - d - 1).mean()), "max_gap": float(d.abs().max()), "tokens": float(d.numel())}
 
 
+def shaped_token_loss(logp: torch.Tensor, advantages: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-token loss of an off-policy token under policy shaping (LUFFY, arXiv 2504.14945): -A f(pi) with
+    f(pi) = pi / (pi + gamma), pi = exp(logp) the current policy's probability of the token. No ratio (the off-policy
+    trace's own probabilities are taken as 1) and no clip; the gradient, A gamma pi / (pi + gamma)^2 times that of
+    log pi, is largest for tokens the policy finds unlikely but not negligible."""
+    p = torch.exp(logp)
+    return -advantages * p / (p + gamma)
+
+
+def shaped_policy_loss(logp, old_logp, advantages, mask, off_policy, cfg: PolicyLossConfig, gamma: float,
+                       ref_logp=None, entropy=None) -> torch.Tensor:
+    """The policy loss of a batch whose rows ``off_policy`` (B,) bool are a teacher's traces: those rows' tokens
+    take :func:`shaped_token_loss`, the others the clipped surrogate; the aggregation (``cfg``) over every row's
+    tokens, and the KL and entropy terms on every row. The reference for the fused kernel's shaped path."""
+    if advantages.dim() == logp.dim() - 1:
+        advantages = advantages.unsqueeze(-1)
+    off = off_policy.bool().reshape(-1, 1).expand_as(logp)
+    terms = torch.where(off, shaped_token_loss(logp, advantages, gamma),
+                        clipped_surrogate(logp, old_logp, advantages, cfg.epsilon_low, cfg.epsilon_high))
+    if cfg.beta:
+        terms = terms + cfg.beta * k3_kl(logp, ref_logp)
+    loss = (aggregation_weights(mask, cfg) * terms).sum()
+    if cfg.entropy_coef:
+        loss = loss - cfg.entropy_coef * (entropy_weights(mask) * entropy).sum()
+    return loss
+
+
 def policy_loss(logp, old_logp, advantages, mask, cfg: PolicyLossConfig, ref_logp=None, entropy=None,
                 rollout_logp=None, tis_cap: float = 0.0) -> torch.Tensor:
     """The policy loss from per-token log-probs (B, T); the reference for the fused kernel (``tis_cap``: see

@@ -323,9 +323,10 @@ class ProfileConfig:
 
 @dataclass
 class MixedConfig:
-    """The peers that mix imitation into RL per problem (kinds hpt and relift; reconstructions from their papers and
-    code, see docs/PEERS.md). Both sample and update as grpo does (the grpo group); a problem whose group has at
-    most ``switch_gate`` correct rollouts gets the configured teacher's trace instead of an RL signal."""
+    """The peers that mix imitation into RL per problem (kinds hpt, relift and luffy; reconstructions from their
+    papers and code, see docs/PEERS.md). They sample and update as grpo does (the grpo group); in hpt and relift a
+    problem whose group has at most ``switch_gate`` correct rollouts gets the configured teacher's trace instead of an
+    RL signal; in luffy every group holds the trace as an off-policy member."""
 
     switch_gate: int = doc(0, "a group with at most this many correct rollouts goes to imitation (HPT's switch_gate; "
                               "0 = only groups where every rollout failed, as in HPT and ReLIFT)", ge=0)
@@ -335,6 +336,27 @@ class MixedConfig:
                                "trace are buffered (ReLIFT: 128 at 1.5B-7B scale)", gt=0)
     bridge: bool = doc(False, "teacher traces go through the Bridge (bridge.strategy) before they are learned; "
                               "False = raw traces, as the peers use them")
+    shaping_gamma: float = doc(0.1, "luffy: gamma of the policy shaping f(pi) = pi / (pi + gamma) on the trace's "
+                                    "tokens (LUFFY: 0.1)", gt=0)
+
+
+@dataclass
+class HintConfig:
+    """The ``hinted`` kind (GRPO on problems with a prefix of the teacher's trace in the prompt; reconstructed from
+    PrefixRL, QuestA and Scaf-GRPO, see docs/PEERS.md). A problem's hint is the first share of its trace's working
+    lines (never its answer line), the share adapted to its own groups' success."""
+
+    initial_share: float = doc(0.5, "share of the trace's working lines given the first time a problem is sampled",
+                               ge=0, le=1)
+    step: float = doc(0.25, "how far one group moves its problem's share: up when every rollout failed, down when "
+                            "at least lower_at of them were correct", gt=0, le=1)
+    lower_at: float = doc(0.5, "a group with at least this share of correct rollouts shortens its problem's hint",
+                          gt=0, le=1)
+    placement: str = doc("assistant", "assistant: the hint begins the student's answer and the student goes on from "
+                                      "it (PrefixRL); user: the hint is added to the problem (user_template, QuestA)",
+                         choices=("assistant", "user"))
+    user_template: str = doc("{prompt}\n\nThe start of a solution:\n{hint}",
+                             "placement=user: the problem as posed with its hint ({prompt}, {hint})")
 
 
 @dataclass
@@ -402,9 +424,10 @@ class BudgetConfig:
 
     generated_tokens: int = doc(0, "the run's budget of generated tokens (profiles, GRPO-family rollouts, Bridge "
                                    "rewrites, CFT repairs; evaluation not counted): each rollout step of a "
-                                   "token-budgeted kind (grpo, hpt, relift) samples as many prompts as keeps the run "
-                                   "on it, given the tokens spent and the cost of the phases still to come; such a "
-                                   "phase ends once it is spent, before its steps if need be; 0 = "
+                                   "token-budgeted kind (grpo, hpt, relift, luffy, hinted) samples as many "
+                                   "prompts as keeps the run on it, given the tokens spent and the cost of the "
+                                   "phases still to come; such a phase ends once it is spent, before its steps if "
+                                   "need be; 0 = "
                                    "grpo.prompts_per_step every step", ge=0)
     max_prompts_per_step: int = doc(256, "generated_tokens: the most prompts one rollout step draws", gt=0)
     optimizer_steps: int = doc(0, "the run's budget of optimizer steps: the steps of the plan's training phases "
@@ -503,8 +526,9 @@ class CFTConfig:
 class PhaseConfig:
     """One phase of the plan: its kind, the data it works on, its budget and its overrides."""
 
-    kind: str = doc("sft", "profile | sft | bridge_sft | cft | grpo | hpt | relift | eval, a kind registered in "
-                           "stagewise_pl.phases.PHASES, or a runner class by dotted path package.module:Class",
+    kind: str = doc("sft", "profile | sft | bridge_sft | cft | grpo | hpt | relift | luffy | hinted | eval, a "
+                           "kind registered in stagewise_pl.phases.PHASES, or a runner class by dotted path "
+                           "package.module:Class",
                     registry="stagewise_pl.phases:PHASES")
     name: str = doc("", "label in logs and directories; empty = <index>-<kind>")
     select: str = doc("all", "the problems it works on: 'all' (the training pool), a bucket that the routing "
@@ -561,9 +585,13 @@ class Config:
     grpo: GRPOConfig = doc(help="RL phases (kind grpo)", factory=GRPOConfig)
     budget: BudgetConfig = doc(help="what the whole run may spend: generated tokens, optimizer steps",
                                factory=BudgetConfig)
-    mixed: MixedConfig = doc(help="imitation mixed into RL per problem (kinds hpt and relift)", factory=MixedConfig)
+    mixed: MixedConfig = doc(help="imitation mixed into RL per problem (kinds hpt, relift and luffy)",
+                             factory=MixedConfig)
+    hint: HintConfig = doc(help="hinted RL: GRPO with a prefix of the teacher's trace in the prompt (kind hinted)",
+                           factory=HintConfig)
     routing: RoutingConfig = doc(help="routing rules that choose each phase's problems", factory=RoutingConfig)
-    teacher: TeacherConfig = doc(help="teacher of bridge_sft, cft, hpt and relift phases", factory=TeacherConfig)
+    teacher: TeacherConfig = doc(help="teacher of bridge_sft, cft, hpt, relift, luffy and hinted phases",
+                                 factory=TeacherConfig)
     bridge: BridgeConfig = doc(help="Bridge SFT (bridge_sft phases, and cft's new traces)", factory=BridgeConfig)
     cft: CFTConfig = doc(help="critique fine-tuning (cft phases)", factory=CFTConfig)
     prompts: str = doc("default", "prompt templates: conf/prompts/NAME.yaml, or a path to a YAML file")
@@ -586,7 +614,7 @@ class Config:
 
 
 GROUPS = ["run", "model", "task", "data", "optim", "trainer", "rollout", "verifier", "eval", "profile", "grpo",
-          "budget", "mixed", "routing", "teacher", "bridge", "cft", "prompts", "phases"]
+          "budget", "mixed", "hint", "routing", "teacher", "bridge", "cft", "prompts", "phases"]
 FieldProblem = tuple[str, str]  # (key, what is wrong with its value)
 _BOUNDS = {"gt": (lambda v, b: v > b, "> {}"), "ge": (lambda v, b: v >= b, ">= {}"),
            "lt": (lambda v, b: v < b, "< {}"), "le": (lambda v, b: v <= b, "<= {}")}

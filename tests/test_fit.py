@@ -141,7 +141,7 @@ def test_unknown_phase_kind_fails_before_work(tmp_path, fast_overrides):
     """The phase-kind registry is the source of the allowed kinds: the configuration names the registered ones."""
     from stagewise_pl.phases import PHASES
 
-    builtin = {"bridge_sft", "cft", "eval", "grpo", "hpt", "profile", "relift", "sft"}
+    builtin = {"bridge_sft", "cft", "eval", "grpo", "hinted", "hpt", "luffy", "profile", "relift", "sft"}
     registered = sorted(PHASES.names())  # the built-ins, and any kind a plug-in imported earlier registered
     assert builtin <= set(registered)
     with pytest.raises(ConfigError, match="'phases.0.kind': 'nonexistent' is not registered; registered: "

@@ -44,9 +44,10 @@ def test_the_plan_check_reads_traits_not_kind_names():
 def test_every_registered_kind_declares_its_traits():
     traits = kind_traits()
     assert {k for k, t in traits.items() if t.supervised} == {"sft", "bridge_sft", "cft"}
-    assert {k for k, t in traits.items() if t.records_rollouts} == {"profile", "grpo", "hpt", "relift"}
-    assert {k for k, t in traits.items() if t.token_budgeted} == {"grpo", "hpt", "relift"}
-    assert {k for k, t in traits.items() if t.uses_teacher} == {"bridge_sft", "cft", "hpt", "relift"}
+    rl = {"grpo", "hpt", "relift", "luffy", "hinted"}
+    assert {k for k, t in traits.items() if t.records_rollouts} == {"profile"} | rl
+    assert {k for k, t in traits.items() if t.token_budgeted} == rl
+    assert {k for k, t in traits.items() if t.uses_teacher} == {"bridge_sft", "cft"} | rl - {"grpo"}
     assert [k for k, t in traits.items() if not t.uses_pool] == ["eval"]
 
 

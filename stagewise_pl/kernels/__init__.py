@@ -3,7 +3,9 @@
 - :func:`logprobs` -- ``(logp, entropy)`` of the chosen tokens, differentiable (recompute in backward);
 - :func:`fused_nll_loss` -- the SFT loss (mean NLL over non-ignored tokens), gradients in forward;
 - :func:`fused_policy_loss` -- the GRPO surrogate of :func:`stagewise_pl.losses.policy_loss`,
-  gradients in forward.
+  gradients in forward;
+- :func:`fused_shaped_policy_loss` -- the same with some rows a teacher's off-policy traces under policy shaping
+  (:func:`stagewise_pl.losses.shaped_policy_loss`; the ``luffy`` kind).
 
 ``backend``: "torch" (everywhere), "triton" (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``),
 or "auto" (triton on CUDA when it imports, else torch). See ``linear_logprob.py`` for the method, ``plan.py`` for
@@ -21,8 +23,8 @@ import torch
 
 from stagewise_pl.kernels.linear_logprob import FusedTokenLoss, LinearLogProb, accumulation_dtype
 from stagewise_pl.kernels.plan import DEFAULT_BUDGET_BYTES, Plan, device_plan, plan
-from stagewise_pl.losses import (PolicyLossConfig, aggregation_weights, clipped_fraction, entropy_weights,
-                                 policy_token_loss, tis_weights)
+from stagewise_pl.losses import (PolicyLossConfig, aggregation_weights, clipped_fraction, entropy_weights, k3_kl,
+                                 policy_token_loss, shaped_token_loss, tis_weights)
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -198,6 +200,37 @@ def fused_policy_loss(hidden, weight, targets, old_logp, advantages, mask, cfg: 
     policy-gradient term, not the KL) weighted by min(exp(old - rollout_logp), tis_cap), old being ``old_logp`` or,
     on-policy, the current log-prob detached (:func:`stagewise_pl.losses.tis_weights`).
     """
+    return _policy_loss(hidden, weight, targets, old_logp, advantages, mask, cfg, ref_logp, bias, temperature,
+                        with_entropy, weights, entropy_weight, backend, chunk_tokens, vocab_block, budget_bytes,
+                        chunk_plan, rollout_logp, tis_cap, None, 0.0)
+
+
+def fused_shaped_policy_loss(hidden, weight, targets, old_logp, advantages, mask, off_policy: torch.Tensor,
+                             cfg: PolicyLossConfig, gamma: float, ref_logp=None, bias=None, temperature: float = 1.0,
+                             with_entropy: Optional[bool] = None, *, weights: Optional[torch.Tensor] = None,
+                             entropy_weight: Optional[torch.Tensor] = None, backend: str = "auto",
+                             chunk_tokens=None, vocab_block=None, budget_bytes: int = DEFAULT_BUDGET_BYTES,
+                             chunk_plan: Optional[Plan] = None, rollout_logp: Optional[torch.Tensor] = None,
+                             tis_cap: float = 0.0) -> PolicyLossOutput:
+    """The second loss path: :func:`stagewise_pl.losses.shaped_policy_loss` from hidden states, through the same
+    fused kernel as :func:`fused_policy_loss` (same arguments, same meaning). Rows with ``off_policy`` (B,) True are
+    a teacher's traces in the group (LUFFY): their tokens take -A pi / (pi + ``gamma``), no ratio and no clip, and no
+    TIS weight (the engine did not sample them); the other rows the clipped surrogate. ``clip_fraction`` is over the
+    on-policy tokens."""
+    if off_policy.shape != targets.shape[:1]:
+        raise ValueError(f"off_policy must be one flag per row, {tuple(targets.shape[:1])}; got "
+                         f"{tuple(off_policy.shape)}")
+    if gamma <= 0:
+        raise ValueError(f"policy shaping needs gamma > 0, got {gamma}")
+    return _policy_loss(hidden, weight, targets, old_logp, advantages, mask, cfg, ref_logp, bias, temperature,
+                        with_entropy, weights, entropy_weight, backend, chunk_tokens, vocab_block, budget_bytes,
+                        chunk_plan, rollout_logp, tis_cap, off_policy, float(gamma))
+
+
+def _policy_loss(hidden, weight, targets, old_logp, advantages, mask, cfg, ref_logp, bias, temperature, with_entropy,
+                 weights, entropy_weight, backend, chunk_tokens, vocab_block, budget_bytes, chunk_plan, rollout_logp,
+                 tis_cap, off_policy, gamma) -> PolicyLossOutput:
+    """Both paths' body; ``off_policy`` None: the clipped surrogate on every token (the ops as they always were)."""
     if cfg.beta and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp")
     if tis_cap and rollout_logp is None:
@@ -214,18 +247,26 @@ def fused_policy_loss(hidden, weight, targets, old_logp, advantages, mask, cfg: 
     adv = advantages.expand_as(targets).reshape(-1).to(acc)
     ref = None if ref_logp is None else ref_logp.reshape(-1).to(acc)
     behaviour = rollout_logp.reshape(-1).to(acc) if tis_cap else None
+    off = None if off_policy is None else off_policy.bool().reshape(-1, 1).expand_as(targets).reshape(-1)
     masked_targets = torch.where(mask.bool(), targets, torch.full_like(targets, -100))
     x, t, chunk_plan = _prepare(hidden, weight, masked_targets, chunk_tokens, vocab_block, budget_bytes,
                                 chunk_plan=chunk_plan)
     counted = t != -100
     n, keep = t.shape[0], _counted_rows(counted)
     # the rows the kernel sees, and the per-row terms of its token loss, counted rows only when some are left out
-    xk, tk, oldk, advk, refk, wk, entk, behk = _take(keep, x, t, old, adv, ref, weights, ent_w, behaviour)
+    xk, tk, oldk, advk, refk, wk, entk, behk, offk = _take(keep, x, t, old, adv, ref, weights, ent_w, behaviour, off)
 
     def token_loss(logp, entropy, rows):
         old_rows = logp.detach() if oldk is None else oldk[rows]
         adv_rows = advk[rows] if behk is None else advk[rows] * tis_weights(old_rows, behk[rows], tis_cap)
-        terms = policy_token_loss(logp, old_rows, adv_rows, cfg, None if refk is None else refk[rows])
+        if offk is None:
+            terms = policy_token_loss(logp, old_rows, adv_rows, cfg, None if refk is None else refk[rows])
+        else:  # the trace rows: shaped, with their plain advantage (no TIS: the engine did not sample them)
+            on = policy_token_loss(logp, old_rows, adv_rows, cfg, None if refk is None else refk[rows])
+            shaped = shaped_token_loss(logp, advk[rows], gamma)
+            if cfg.beta:
+                shaped = shaped + cfg.beta * k3_kl(logp, refk[rows])
+            terms = torch.where(offk[rows], shaped, on)
         loss = (wk[rows] * terms).sum()
         if cfg.entropy_coef:
             loss = loss - cfg.entropy_coef * (entk[rows] * entropy).sum()
@@ -235,10 +276,12 @@ def fused_policy_loss(hidden, weight, targets, old_logp, advantages, mask, cfg: 
                                                chunk_plan, resolve_backend(backend, hidden), token_loss)
     logp, entropy = _spread(logp, keep, n), _spread(entropy, keep, n)
     ratio = torch.exp(logp - old) if old is not None else torch.ones_like(logp)
-    clip_fraction = clipped_fraction(ratio, adv, counted.to(acc), cfg.epsilon_low, cfg.epsilon_high)
+    on_policy = counted if off is None else counted & ~off
+    clip_fraction = clipped_fraction(ratio, adv, on_policy.to(acc), cfg.epsilon_low, cfg.epsilon_high)
     return PolicyLossOutput(loss, logp.view(targets.shape), None if entropy is None else entropy.view(targets.shape),
                             clip_fraction)
 
 
-__all__ = ["logprobs", "fused_nll_loss", "fused_policy_loss", "PolicyLossOutput", "PolicyLossConfig", "Plan",
+__all__ = ["logprobs", "fused_nll_loss", "fused_policy_loss", "fused_shaped_policy_loss", "PolicyLossOutput",
+           "PolicyLossConfig", "Plan",
            "choose_plan", "device_plan", "resolve_backend", "triton_available"]

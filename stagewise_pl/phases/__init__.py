@@ -7,6 +7,9 @@ Each kind is a :class:`PhaseRunner` subclass registered in :data:`PHASES` with i
 - ``bridge_sft``, ``cft`` -- :mod:`stagewise_pl.phases.teaching`
 - ``grpo`` -- :mod:`stagewise_pl.phases.grpo`
 - ``hpt``, ``relift`` -- :mod:`stagewise_pl.phases.mixed` (peers of the method, reconstructed)
+- ``luffy`` -- :mod:`stagewise_pl.phases.luffy` (a peer: the teacher's trace inside the GRPO group, reconstructed)
+- ``hinted`` -- :mod:`stagewise_pl.phases.hinted` (GRPO with a prefix of the teacher's trace in the prompt,
+  reconstructed; a rival of ``bridge_sft`` for the hard bucket)
 
 A kind written outside the package registers itself the same way (``@PHASES.register("mine")``) or is named in
 the plan by dotted path (``kind: package.module:MyRunner``). The phase manager
@@ -24,7 +27,10 @@ from stagewise_pl.phases.teaching import BridgeSFTRunner, CFTRunner
 from stagewise_pl.phases.grpo import GRPORunner
 from stagewise_pl.phases.grpo_batch import GRPOSettings
 from stagewise_pl.phases.mixed import HPTRunner, ReLIFTRunner
+from stagewise_pl.phases.luffy import LUFFYRunner
+from stagewise_pl.phases.hinted import HintedRunner
 
 __all__ = ["PHASES", "PhaseRunner", "PhaseTraits", "PhaseContext", "RolloutEngines", "Teachers", "kind_traits",
            "runner_class", "EvalRunner", "ProfileRunner", "SFTRunner", "TaughtRunner", "BridgeSFTRunner",
-           "CFTRunner", "GRPORunner", "GRPOSettings", "HPTRunner", "ReLIFTRunner"]
+           "CFTRunner", "GRPORunner", "GRPOSettings", "HPTRunner", "ReLIFTRunner",
+           "LUFFYRunner", "HintedRunner"]

@@ -69,6 +69,7 @@ class GRPORunner(PhaseRunner):
         self.seed = cfg.run.seed + 1000 * spec.number
         self.max_rollout_steps = spec.steps * g.max_rollout_factor if self.problems else 0  # empty: nothing to do
         self.engine = ctx.engine_with_current_weights()
+        self.render = ctx.renderer  # how a problem's prompt is shown to the engine (a kind may add to it)
         self.update_steps = self.optimizer_steps = 0  # rollout steps that made an update; optimizer steps
         self.history: list[dict] = []  # per rollout step metrics (the curves)
         self.guard = NonFiniteGuard(cfg.optim.max_nonfinite_steps, spec.name)
@@ -207,7 +208,7 @@ class GRPORunner(PhaseRunner):
             if hasattr(self.engine, "sync_weights") and self._engine_version != self._weights_version:
                 self.engine.sync_weights(policy)  # an engine with its own copy samples from the updated policy
                 self._engine_version = self._weights_version
-            groups = sample_and_grade(self.engine, self.ctx.verifier, self.ctx.renderer, mine, sampling, round_,
+            groups = sample_and_grade(self.engine, self.ctx.verifier, self.render, mine, sampling, round_,
                                       desc=f"{self.spec.name} rollouts")
             self.nonfinite_rewards += groups.nonfinite
         if dist.world_size() == 1:
@@ -253,16 +254,14 @@ class GRPORunner(PhaseRunner):
                         module.manual_backward(sum(p.sum() for p in policy.parameters()) * 0.0)
                         continue
                     rows = mb[part]
-                    out = fused_policy_loss(
-                        completion_hidden(policy, t, rows, pad, s.shared_prefix), head.weight, t.targets[rows],
-                        None if old is None else old[rows], t.advantages[rows], t.mask[rows], s.loss,
-                        ref_logp=None if ref is None else ref[rows], bias=getattr(head, "bias", None),
-                        temperature=s.temperature, with_entropy=True, weights=weights[part],
-                        entropy_weight=ent_weights[part], backend=self.cfg.trainer.kernel,
-                        rollout_logp=None if rollout_logp is None else rollout_logp[rows], tis_cap=s.tis_cap)
+                    out = self.row_loss(
+                        rows, completion_hidden(policy, t, rows, pad, s.shared_prefix), head, t.targets[rows],
+                        None if old is None else old[rows], t.advantages[rows], t.mask[rows],
+                        None if ref is None else ref[rows], weights[part], ent_weights[part],
+                        None if rollout_logp is None else rollout_logp[rows])
                     if rollout_logp is not None and iteration == 0:  # the sampling policy's log-probs: old, or now
                         gap = rollout_mismatch(out.logp if old is None else old[rows], rollout_logp[rows],
-                                               t.mask[rows])
+                                               self.sampled_mask(rows, t.mask[rows]))
                         mismatch["kl"] += gap["kl"] * gap["tokens"]
                         mismatch["max_gap"] = max(mismatch["max_gap"], gap["max_gap"])
                         mismatch["tokens"] += gap["tokens"]
@@ -294,6 +293,19 @@ class GRPORunner(PhaseRunner):
         stats["advantage_abs"] = float(advantages.abs().mean())
         return stats
 
+    def row_loss(self, rows, hidden, head, targets, old, advantages, mask, ref, weights, ent_weights, rollout_logp):
+        """The policy loss of the batch's ``rows`` (a micro-batch) from their hidden states: the clipped surrogate
+        (:func:`~stagewise_pl.kernels.fused_policy_loss`); a kind with another loss path overrides it."""
+        s = self.s
+        return fused_policy_loss(hidden, head.weight, targets, old, advantages, mask, s.loss, ref_logp=ref,
+                                 bias=getattr(head, "bias", None), temperature=s.temperature, with_entropy=True,
+                                 weights=weights, entropy_weight=ent_weights, backend=self.cfg.trainer.kernel,
+                                 rollout_logp=rollout_logp, tis_cap=s.tis_cap)
+
+    def sampled_mask(self, rows, mask: torch.Tensor) -> torch.Tensor:
+        """The tokens of ``rows`` the rollout engine sampled (where the train/rollout mismatch is measured): all."""
+        return mask
+
     def optimizer_step(self, module, loss: float) -> bool:
         """The guarded optimizer step after the gradients of ``loss`` accumulated; True if the weights moved."""
         moved = guarded_step(module, self.guard, loss, self.position + 1, self.cfg.optim.grad_clip)
@@ -317,7 +329,7 @@ class GRPORunner(PhaseRunner):
         return token_budget.prompts_for_step(
             b.generated_tokens, self.before, self.spent_now(),
             self.spec.steps - self.updates_done(), token_budget.budgeted_steps_after(ctx.plan, self.spec, ctx.traits),
-            self.position, self.updates_done(), per_sample, g.num_generations, b.max_prompts_per_step)
+            self.position, self.updates_done(), per_sample, self.s.num_generations, b.max_prompts_per_step)
 
     def spent_now(self) -> int:
         """Tokens the student generated in this phase so far."""

@@ -1,5 +1,5 @@
 """The one sampling seam: every kind that samples the student and grades what it wrote goes through
-:func:`sample_and_grade` (profile, grpo, hpt, relift, and kinds of yours), and gets :class:`Groups` back.
+:func:`sample_and_grade` (profile, grpo, hpt, relift, luffy, hinted, and kinds of yours), and gets :class:`Groups` back.
 
 A call renders each problem's prompt (the run's :class:`~stagewise_pl.models.load.PromptRenderer`: chat template and
 system prompt), asks the rollout engine for ``sampling.n`` completions of each, grades every completion against its
