@@ -26,7 +26,7 @@ def _main(args) -> int:
         cfg = load_config(args.conf, args.overrides)
         from stagewise_pl.logging import quiet_third_party
         from stagewise_pl.preflight import (check_teaching, how_to_get, plan_phases, plan_traits,
-                                           referenced_files)
+                                           referenced_datasets, referenced_files)
         from stagewise_pl.run import Run
 
         quiet_third_party()
@@ -44,6 +44,8 @@ def _main(args) -> int:
                 print(f"file {what}: {path} " + ("(found)" if exists else "(MISSING: the run stops at set-up)"))
                 if not exists:
                     missing.append(f"  {path} ({what}): {how_to_get(what, path, cfg)}")
+            for what, where in referenced_datasets(cfg):
+                print(f"dataset {what}: {where}")
             if cfg.data.source != "synthetic" and Path(cfg.data.path).expanduser().exists():
                 from stagewise_pl.data.loaders import load_pool
 
@@ -59,9 +61,10 @@ def _main(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
+        from stagewise_pl.data.hub import HubError
         from stagewise_pl.data.problems import BadRowError
 
-        if isinstance(exc, (BadRowError, FileNotFoundError)):  # bad training data: file:line and the reason
+        if isinstance(exc, (BadRowError, FileNotFoundError, HubError)):  # bad or missing data: where, and why
             print(f"error: data: {exc}", file=sys.stderr)
             return 2
         from stagewise_pl.nonfinite import NonFiniteError

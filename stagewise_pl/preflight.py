@@ -105,6 +105,20 @@ def how_to_get(what: str, path: Path, cfg: Config) -> str:
     return benchmark_source(path)
 
 
+def referenced_datasets(cfg: Config) -> list[tuple[str, str]]:
+    """(what, where from and how read) for every dataset the run loads by hub name (``--dry-run``): the pool with
+    ``data.source=hf`` (unless a local file or save_to_disk directory) and the ``hf:`` entries of eval.benchmarks."""
+    from stagewise_pl.data.hub import HubRef, describe, parse_benchmark
+    from stagewise_pl.data.loaders import saved_locally
+
+    out = []
+    if cfg.data.source == "hf" and cfg.data.path and not saved_locally(cfg.data.path):
+        name = cfg.data.path[3:] if cfg.data.path.startswith("hf:") else cfg.data.path
+        out.append(("data.path", describe(HubRef(name, cfg.data.subset, cfg.data.split), cfg.data.format)))
+    out += [("eval.benchmarks", describe(parse_benchmark(b))) for b in cfg.eval.benchmarks if b.startswith("hf:")]
+    return out
+
+
 def referenced_files(cfg: Config, phases) -> list[tuple[str, Path, bool]]:
     """(what, path, exists) for every file the run will read: a GGUF model, the pool, evaluation sets, a trace
     file."""
@@ -116,7 +130,8 @@ def referenced_files(cfg: Config, phases) -> list[tuple[str, Path, bool]]:
         files.append(("model.name_or_path", found or Path(cfg.model.name_or_path), found is not None))
     if cfg.data.source in ("jsonl", "benchmark"):
         files.append(("data.path", Path(cfg.data.path).expanduser(), Path(cfg.data.path).expanduser().exists()))
-    files += [("eval.benchmarks", Path(b).expanduser(), Path(b).expanduser().is_file()) for b in cfg.eval.benchmarks]
+    files += [("eval.benchmarks", Path(b).expanduser(), Path(b).expanduser().is_file()) for b in cfg.eval.benchmarks
+              if not b.startswith("hf:")]
     if uses_teacher(phases):
         for key, name, args in (("teacher.args.path", cfg.teacher.name, cfg.teacher.args),
                                 ("teacher.critic_args.path", cfg.teacher.critic, cfg.teacher.critic_args)):

@@ -181,9 +181,14 @@ class DataConfig:
 
     source: str = doc("synthetic", "synthetic | jsonl | hf | benchmark",
                       choices=('benchmark', 'hf', 'jsonl', 'synthetic'))
-    path: str = doc("", "file or directory for jsonl / hf / benchmark sources")
+    path: str = doc("", "file or directory for jsonl / hf / benchmark sources; with source hf also a Hugging Face "
+                        "hub name (openai/gsm8k), loaded by datasets.load_dataset from the network or its cache")
+    subset: str = doc("", "source hf: the dataset's subset (config name), e.g. main for openai/gsm8k")
     format: str = doc("", "benchmark format (math500, gsm8k, aime24, amc23, minerva_math, olympiadbench); "
-                          "empty = from the file name")
+                          "empty = from the file name (source benchmark) or the hub name (source hf; else fields)")
+    filter: str = doc("", "keep only the problems meeting every condition, MEASURE OP NUMBER joined by commas "
+                          "(measures: calculator_steps (GSM8K), level, prompt_chars, answer_chars), e.g. "
+                          "calculator_steps<=2; applied after limit, what it drops is counted in the load report")
     fields: dict[str, str] = doc(help="field map for jsonl/hf rows: id, prompt, answer, solution, level",
                                  factory=lambda: {"prompt": "prompt", "answer": "answer"})
     split: str = doc("train", "split of an hf dataset or of the synthetic task")
@@ -200,8 +205,9 @@ class DataConfig:
     max_row_bytes: int = doc(1_000_000, "a JSONL line longer than this is a bad row (row_too_large)", gt=0)
 
     def check(self) -> list[tuple[str, str]]:
-        return [("path", f"data.source={self.source} needs a path")] if self.source != "synthetic" and not self.path \
+        bad = [("path", f"data.source={self.source} needs a path")] if self.source != "synthetic" and not self.path \
             else []
+        return bad + _filter_problems("filter", self.filter)
 
 
 @dataclass
@@ -440,7 +446,11 @@ class EvalConfig:
     """Held-out evaluation: greedy pass@1 and sampled pass@k."""
 
     split: str = doc("test", "synthetic split to evaluate on; '' = none")
-    benchmarks: list[str] = doc(help="benchmark JSONL files to evaluate on as well", factory=list)
+    benchmarks: list[str] = doc(help="benchmarks to evaluate on as well: JSONL files, or datasets by hub name "
+                                     "hf:NAME[:SUBSET][:SPLIT] (split default test), e.g. hf:openai/gsm8k:main:test",
+                                factory=list)
+    filter: str = doc("", "keep only the benchmark problems meeting every condition (as data.filter), e.g. "
+                          "calculator_steps<=2")
     limit: int = doc(0, "at most N problems per benchmark file; 0 = all", ge=0)
     per_level: int = doc(0, "synthetic split: the first N problems of each level; 0 = all", ge=0)
     k: int = doc(8, "samples per problem for pass@k; 0 = greedy only", ge=0)
@@ -451,17 +461,31 @@ class EvalConfig:
     each_phase: bool = doc(True, "evaluate after every training phase (sft, grpo); eval phases always evaluate")
 
     def check(self) -> list[tuple[str, str]]:
-        return [("temperature", "must be > 0 when eval.k > 0")] if self.temperature <= 0 and self.k > 0 else []
+        from stagewise_pl.data.hub import HUB_FORMATS, format_of, parse_benchmark
+
+        bad = [("temperature", "must be > 0 when eval.k > 0")] if self.temperature <= 0 and self.k > 0 else []
+        for i, entry in enumerate(self.benchmarks):
+            try:
+                ref = parse_benchmark(entry)
+            except ValueError as exc:
+                bad.append((f"benchmarks.{i}", str(exc)))
+                continue
+            if ref is not None and not format_of(ref):
+                bad.append((f"benchmarks.{i}", f"{entry}: no benchmark format is known for {ref.name!r} (known hub "
+                                               f"names: {', '.join(HUB_FORMATS)}); save its rows as a JSONL file "
+                                               f"named like its format (gsm8k_test.jsonl) and list that file"))
+        return bad + _filter_problems("filter", self.filter)
 
 
 @dataclass
 class TeacherConfig:
     """Where teacher traces and critiques come from (bridge_sft and cft phases)."""
 
-    name: str = doc("programmatic", "programmatic (the synthetic task's) | trace_file | openai | vllm | "
-                                    "a dotted path package.module:Class")
+    name: str = doc("programmatic", "programmatic (the synthetic task's) | dataset (the pool's own worked "
+                                    "solutions) | trace_file | openai | vllm | a dotted path package.module:Class")
     args: dict[str, Any] = doc(help="keyword arguments of the teacher, e.g. trace_file: {path: traces.jsonl}; "
-                                    "openai: {base_url, model, api_key_env, concurrency, cache_dir}", factory=dict)
+                                    "openai: {base_url, model, api_key_env, concurrency, cache_dir}; dataset: "
+                                    "{answer_line: 'The answer is {answer}.'}", factory=dict)
     style: str = doc("steps", "programmatic teacher: steps (one operation per line, the student's granularity) | "
                               "chunked (ops_per_line per line: a stand-in for a large model's coarser traces)",
                               choices=('chunked', 'steps'))
@@ -611,6 +635,16 @@ class Config:
         if not self.phases:
             bad.append(("phases", "the plan needs at least one phase"))
         return bad
+
+
+def _filter_problems(key: str, text: str) -> list[tuple[str, str]]:
+    from stagewise_pl.data.hub import parse_filter
+
+    try:
+        parse_filter(text)
+    except ValueError as exc:
+        return [(key, str(exc))]
+    return []
 
 
 GROUPS = ["run", "model", "task", "data", "optim", "trainer", "rollout", "verifier", "eval", "profile", "grpo",

@@ -28,6 +28,8 @@ class LoadReport:
     examples: dict[str, list[str]] = field(default_factory=dict)
     total: int = 0  # rows read
     where: dict[str, str] = field(default_factory=dict)  # problem id -> file:line
+    filter: str = ""  # data.filter / eval.filter applied after the rows were read
+    filtered: dict[str, int] = field(default_factory=dict)  # what it dropped: dropped, no_<measure>
 
     def skip(self, err: BadRowError) -> None:
         self.skipped[err.reason] += 1
@@ -36,11 +38,13 @@ class LoadReport:
             self.examples[err.reason].append(err.where)
 
     def summary(self) -> str:
+        dropped = ", ".join(f"{k} {n}" for k, n in self.filtered.items() if n)
+        filtered = f" (filter {self.filter}: kept {self.kept}, {dropped})" if self.filter else ""
         if not self.skipped:
-            return f"{self.source}: {self.kept} problems"
+            return f"{self.source}: {self.kept} problems{filtered}"
         parts = ", ".join(f"{reason} {n} (e.g. {', '.join(self.examples[reason][:2])})"
                           for reason, n in sorted(self.skipped.items()))
-        return f"{self.source}: {self.kept} problems, skipped {sum(self.skipped.values())}: {parts}"
+        return f"{self.source}: {self.kept} problems{filtered}, skipped {sum(self.skipped.values())}: {parts}"
 
 
 RowMapper = Callable[[dict, str, int], Problem]
@@ -93,8 +97,10 @@ def _gsm8k(row: dict, stem: str, line: int) -> Problem:
     gold = gold.strip().replace(",", "")
     if not gold:
         raise BadRowError(where, "no_answer", "empty answer after '####'")
+    steps = len(re.findall(r"<<[^>]*>>", solution))  # the calculator's operations: how many steps it takes
     return Problem(id=f"{stem}-{line}", prompt=question, answer=gold, source=stem,
-                   solution=strip_calculator(solution).strip() + f"\n#### {gold}")
+                   solution=strip_calculator(solution).strip() + f"\n#### {gold}", level=str(steps),
+                   meta={"calculator_steps": steps})
 
 
 def _with_solution(prompt_key: str) -> RowMapper:
@@ -311,15 +317,67 @@ def load_hf(path: str | Path, split: str, fields: dict, on_bad_row: str = "error
                    max_bad_fraction, limit)
 
 
+def load_hub(ref, fmt: str, fields: dict, on_bad_row: str = "error", max_bad_fraction: float = 0.0,
+             limit: int = 0):
+    """A dataset by hub name (or a local directory in the hub's layout): its rows through the benchmark format it is
+    known by (or ``fmt``), else through the field map (:mod:`stagewise_pl.data.hub`)."""
+    from stagewise_pl.data.hub import format_of, load_rows
+
+    fmt = format_of(ref, fmt)
+    mapper = BENCHMARK_FORMATS[benchmark_format(Path(ref.name), fmt)] if fmt else field_mapper(fields, str(ref))
+    rows = ((i + 1, dict(row)) for i, row in enumerate(load_rows(ref)))
+    return collect(rows, mapper, ref.label, str(ref), on_bad_row, max_bad_fraction, limit)
+
+
+def filtered(loaded: tuple[list[Problem], LoadReport], text: str) -> tuple[list[Problem], LoadReport]:
+    """``loaded`` with the filter ``text`` applied (:func:`stagewise_pl.data.hub.apply_filter`), what it dropped
+    counted in the report."""
+    from stagewise_pl.data.hub import apply_filter
+
+    problems, report = loaded
+    kept, dropped = apply_filter(problems, text)
+    if dropped:
+        report.filter, report.filtered = text, dropped
+        report.kept = len(kept)
+    return kept, report
+
+
+def load_eval_benchmark(entry: str, limit: int = 0, filter_text: str = "") -> tuple[str, list[Problem], LoadReport]:
+    """An ``eval.benchmarks`` entry: a JSONL file, or ``hf:NAME[:SUBSET][:SPLIT]``; (its results name, problems,
+    report), ``eval.filter`` applied after ``limit``."""
+    from stagewise_pl.data.hub import parse_benchmark
+
+    ref = parse_benchmark(entry)
+    if ref is None:
+        problems, report = filtered(load_benchmark(entry, limit=limit), filter_text)
+        return Path(entry).stem, problems, report
+    problems, report = filtered(load_hub(ref, "", {"prompt": "prompt", "answer": "answer"}, limit=limit), filter_text)
+    return ref.label, problems, report
+
+
+def saved_locally(path: str) -> bool:
+    """A local data file, or a ``save_to_disk`` directory (not a dataset repository's files)."""
+    local = Path(path).expanduser()
+    return local.is_file() or local.is_dir() and any((local / f).is_file() for f in ("dataset_dict.json",
+                                                                                     "state.json"))
+
+
 def load_pool(data_cfg, task=None) -> tuple[list[Problem], LoadReport]:
-    """The training pool that ``data`` describes."""
+    """The training pool that ``data`` describes (``data.filter`` applied after ``data.limit``)."""
+    from stagewise_pl.data.hub import HubRef
+
     kw = dict(on_bad_row=data_cfg.on_bad_row, max_bad_fraction=data_cfg.max_bad_fraction, limit=data_cfg.limit)
     if data_cfg.source == "synthetic":
         problems = task.split(data_cfg.split)
         problems = problems[:data_cfg.limit] if data_cfg.limit else problems
-        return problems, LoadReport(source=f"synthetic[{data_cfg.split}]", kept=len(problems))
-    if data_cfg.source == "jsonl":
-        return load_jsonl(data_cfg.path, fields=dict(data_cfg.fields), max_row_bytes=data_cfg.max_row_bytes, **kw)
-    if data_cfg.source == "hf":
-        return load_hf(data_cfg.path, data_cfg.split, dict(data_cfg.fields), **kw)
-    return load_benchmark(data_cfg.path, data_cfg.format, max_row_bytes=data_cfg.max_row_bytes, **kw)
+        loaded = problems, LoadReport(source=f"synthetic[{data_cfg.split}]", kept=len(problems))
+    elif data_cfg.source == "jsonl":
+        loaded = load_jsonl(data_cfg.path, fields=dict(data_cfg.fields), max_row_bytes=data_cfg.max_row_bytes, **kw)
+    elif data_cfg.source == "hf" and saved_locally(data_cfg.path):  # a local file or save_to_disk directory
+        loaded = load_hf(data_cfg.path, data_cfg.split, dict(data_cfg.fields), **kw)
+    elif data_cfg.source == "hf":  # a hub name, or a local directory in the hub's layout
+        name = data_cfg.path[3:] if data_cfg.path.startswith("hf:") else data_cfg.path
+        loaded = load_hub(HubRef(name, data_cfg.subset, data_cfg.split), data_cfg.format, dict(data_cfg.fields), **kw)
+    else:
+        loaded = load_benchmark(data_cfg.path, data_cfg.format, max_row_bytes=data_cfg.max_row_bytes, **kw)
+    return filtered(loaded, data_cfg.filter)

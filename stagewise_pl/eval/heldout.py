@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from pathlib import Path
 from typing import Callable, Optional
 
 from stagewise_pl.buckets import DEFAULT_BANDS, PassRateBands
@@ -22,7 +21,7 @@ class HeldOutEvaluation:
     def sets(self) -> list:
         """(name, gradable problems, new tokens per completion) per evaluation set."""
         if self._sets is None:
-            from stagewise_pl.data.loaders import load_benchmark
+            from stagewise_pl.data.loaders import load_eval_benchmark
 
             ev, sets = self.cfg.eval, []
             if ev.split:
@@ -38,8 +37,8 @@ class HeldOutEvaluation:
                 problems = self.check_golds(problems, f"synthetic-{ev.split}")
                 sets.append((f"synthetic-{ev.split}", problems, self.task.max_new_tokens()))
             for bench in ev.benchmarks:
-                problems, _ = load_benchmark(bench, limit=ev.limit)
-                sets.append((Path(bench).stem, self.check_golds(problems, Path(bench).stem), ev.max_new_tokens or 256))
+                name, problems, _ = load_eval_benchmark(bench, ev.limit, ev.filter)
+                sets.append((name, self.check_golds(problems, name), ev.max_new_tokens or 256))
             self._sets = sets
         return self._sets
 
