@@ -42,23 +42,46 @@ def test_every_ddp_rank_holds_the_whole_model():
 
 @pytest.mark.parametrize("conf,size", [("qwen1.5b", "1.54B"),
                                        pytest.param("llama3.2-1b", "1.24B", marks=pytest.mark.slow)])
-def test_gpu_recipes_dry_run_on_this_machine(conf, size):
-    """The plan, the memory estimate and the files; the teacher's trace file is a user's to make (it is missing
-    here): exit 4, naming the tool that makes it; a benchmark file moved away is named with its public source."""
+def test_gpu_recipes_dry_run_on_a_machine_without_the_shared_data(conf, size, tmp_path):
+    """Run from a directory with no ../shared: the plan, the memory estimate, and the datasets named by hub name
+    (the pool, the benchmarks) with where each comes from; every name resolves to a loader: exit 0. A benchmark
+    file moved away is named with its public source (exit 4)."""
     out = subprocess.run([sys.executable, "-m", "stagewise_pl.fit", f"conf={conf}", "--dry-run"], capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 4, out.stderr[-2000:]
+                         text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
     assert "r1-bridge: bridge_sft on hard, 2 epochs" in out.stdout and "r1-cft: cft on unsolved_in_rl" in out.stdout
     assert f"memory estimate per GPU (arithmetic, not measured): {size} parameters in bfloat16" in out.stdout
-    assert "file teacher.args.path: traces/gsm8k_train.jsonl (MISSING" in out.stdout
-    assert "traces/gsm8k_train.jsonl (teacher.args.path): make it" in out.stderr
-    assert f"python tools/make_traces.py --base-url URL --model NAME --out traces/gsm8k_train.jsonl conf={conf}" \
-        in out.stderr
+    hub = "datasets.load_dataset from the Hugging Face hub (https://huggingface.co/datasets/openai/gsm8k) or the"
+    assert f"dataset data.path: hf:openai/gsm8k:main:train: {hub} datasets cache, rows read as format gsm8k" \
+        in out.stdout
+    for name, fmt in (("HuggingFaceH4/MATH-500::test", "math500"), ("HuggingFaceH4/aime_2024::train", "aime24"),
+                      ("math-ai/amc23::test", "amc23"), ("openai/gsm8k:main:test", "gsm8k")):
+        assert f"dataset eval.benchmarks: hf:{name}: datasets.load_dataset" in out.stdout
+        assert f"format {fmt}" in out.stdout
+    assert "MISSING" not in out.stdout and "file data.path" not in out.stdout
     out = subprocess.run([sys.executable, "-m", "stagewise_pl.fit", f"conf={conf}", "--dry-run",
-                          "eval.benchmarks=[nowhere/math500.jsonl]", "teacher.args.path=conf/default.yaml"],
-                         capture_output=True, text=True, timeout=120)
+                          "eval.benchmarks=[nowhere/math500.jsonl]"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 4, out.stderr[-2000:]
     assert "nowhere/math500.jsonl (eval.benchmarks): download the MATH-500 split" in out.stderr
+
+
+@pytest.mark.parametrize("conf", ["qwen1.5b", "llama3.2-1b"])
+def test_the_recipes_grade_numeric_golds_literally_and_expressions_by_equivalence(conf):
+    """literal_answers, decided from the golds: GSM8K's numbers must be answered with a number (a restated sum is
+    not evaluated), MATH's expressions are still graded by equivalence; the dataset teacher's answer line is what
+    the verifier reads."""
+    from stagewise_pl.config import load_config
+    from stagewise_pl.teachers.dataset import render_solution
+    from stagewise_pl.verify.math import MathVerifier
+
+    cfg = load_config(conf, [])
+    verifier = MathVerifier(**cfg.verifier.options)
+    assert verifier.score("So she sold 72 clips. The answer is \\boxed{72}.", "72").reason == "correct"
+    assert verifier.score("The answer is \\boxed{70+2}.", "72").reason == "unevaluated"
+    assert verifier.score("Thus \\boxed{\\sqrt{3}/2}.", "\\frac{\\sqrt{3}}{2}").reason == "correct"
+    assert verifier.score("So \\boxed{1+x^2}.", "x^2+1").reason == "correct"
+    trace = render_solution("48/2 = 24 clips\n#### 72", "72", cfg.teacher.args["answer_line"])
+    assert cfg.teacher.name == "dataset" and verifier.score(trace, "72").reason == "correct"
 
 
 def test_lora_keeps_gradients_and_moments_to_the_adapters(tiny):

@@ -3,8 +3,9 @@
 A pool whose rows carry a human-written solution (GSM8K's rationale, MATH's solution) needs no teacher model: each
 problem's ``solution`` is its trace. GSM8K's calculator annotations are already stripped when the pool is read
 (:func:`stagewise_pl.data.loaders.strip_calculator`); its final ``#### N`` line is replaced by ``answer_line``
-(``teacher.args.answer_line``, e.g. ``"The answer is {answer}."``: the answer format the run's system prompt asks
-for), or kept when ``answer_line`` is empty. A solution without a ``####`` line gets ``answer_line`` appended.
+(``teacher.args.answer_line``, e.g. ``"The answer is {answer}."`` or ``"The answer is \\boxed{{answer}}."``: the
+answer format the run's system prompt asks for; ``{answer}`` is replaced by the gold), or kept when ``answer_line``
+is empty. A solution without a ``####`` line gets ``answer_line`` appended.
 The traces are counted as teacher texts by the phases that use them, as any teacher's. The dataset holds no
 critiques: ``critique`` raises, so a CFT phase needs ``teacher.critic`` set to another teacher.
 """
@@ -24,8 +25,9 @@ def render_solution(solution: str, answer: str, answer_line: str = "") -> str:
     in), or the solution as it is when ``answer_line`` is empty."""
     if not answer_line:
         return solution.strip()
+    line = answer_line.replace("{answer}", answer)  # not str.format: LaTeX braces (\\boxed{{answer}}) stay as written
     body = _FINAL.sub("", solution.rstrip()).rstrip()
-    return f"{body}\n{answer_line.format(answer=answer)}" if body else answer_line.format(answer=answer)
+    return f"{body}\n{line}" if body else line
 
 
 @TEACHERS.register("dataset")
