@@ -193,8 +193,11 @@ class DataConfig:
                                  factory=lambda: {"prompt": "prompt", "answer": "answer"})
     split: str = doc("train", "split of an hf dataset or of the synthetic task")
     limit: int = doc(0, "keep only the first N problems; 0 = all", ge=0)
+    skip: int = doc(0, "leave out the first N problems before limit (a slice disjoint from another run's)", ge=0)
     target: str = doc("teacher_trace", "SFT target: teacher_trace | reference (the short solution)",
                       choices=('reference', 'teacher_trace'))
+    answer_line: str = doc("", "target reference: the solution's final '#### N' line rendered as this ({answer} = the "
+                                "gold), e.g. 'The answer is {answer}.' as the system prompt asks; '' = as written")
     replay_target: str = doc("target", "what a phase's replayed problems train on: target = data.target; own = one "
                                        "of the student's own correct completions in the latest profile (replay "
                                        "then draws from the problems that profile saw solved)",

@@ -164,3 +164,27 @@ def test_a_run_teaches_a_hub_pool_from_its_own_solutions(tmp_path, gsm8k_dir, fa
     results = json.loads((run_dir / "eval" / "h.json").read_text())
     assert set(results) == {"gsm8k_test"} and results["gsm8k_test"]["by_level"]["all"]["n"] < 20
     assert "problems (filter calculator_steps<=3: kept" in capsys.readouterr().out
+
+
+def test_skip_leaves_out_the_first_problems_so_two_slices_are_disjoint(gsm8k_dir):
+    from stagewise_pl.data.loaders import load_pool
+
+    first, _ = load_pool(data_cfg(path=str(gsm8k_dir), subset="main", limit=10))
+    rest, report = load_pool(data_cfg(path=str(gsm8k_dir), subset="main", skip=10, limit=10))
+    every, _ = load_pool(data_cfg(path=str(gsm8k_dir), subset="main", limit=20))
+    assert [p.id for p in first + rest] == [p.id for p in every] and report.kept == 10
+    assert "after the first 10" in report.summary()
+    after, _ = load_pool(data_cfg(path=str(gsm8k_dir), subset="main", skip=10))
+    short, _ = load_pool(data_cfg(path=str(gsm8k_dir), subset="main", skip=10, filter="calculator_steps<=2"))
+    assert short and {p.id for p in short} <= {p.id for p in after} and not {p.id for p in short} & {p.id for p in first}
+
+
+def test_reference_targets_take_the_same_answer_line_as_the_dataset_teacher(gsm8k_dir):
+    from stagewise_pl.data.examples import sft_target
+    from stagewise_pl.data.loaders import load_pool
+    from stagewise_pl.teachers.base import make_teacher
+
+    p = load_pool(data_cfg(path=str(gsm8k_dir), subset="main", limit=1))[0][0]
+    line = "The answer is {answer}."
+    assert sft_target(p, "reference").endswith("#### 72")  # as written
+    assert sft_target(p, "reference", line) == make_teacher("dataset", {"answer_line": line}).traces([p])[0][0]

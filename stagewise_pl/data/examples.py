@@ -9,14 +9,19 @@ from stagewise_pl.data.sft import Example, example_from_ids
 from stagewise_pl.models.load import PromptRenderer
 
 
-def sft_target(problem: Problem, target: str) -> str:
-    """The completion to learn: the first teacher trace, or the dataset's reference solution."""
+def sft_target(problem: Problem, target: str, answer_line: str = "") -> str:
+    """The completion to learn: the first teacher trace, or the dataset's reference solution (its final ``#### N``
+    line rendered as ``answer_line`` when one is given, as the dataset teacher renders it)."""
     if target == "teacher_trace":
         if not problem.teacher_traces:
             raise ValueError(f"problem {problem.id} has no teacher trace (data.target=teacher_trace)")
         return problem.teacher_traces[0]
     if not problem.solution:
         raise ValueError(f"problem {problem.id} has no reference solution (data.target=reference)")
+    if answer_line:
+        from stagewise_pl.teachers.dataset import render_solution
+
+        return render_solution(problem.solution, problem.answer, answer_line)
     return problem.solution
 
 

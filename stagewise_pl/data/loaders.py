@@ -366,10 +366,12 @@ def load_pool(data_cfg, task=None) -> tuple[list[Problem], LoadReport]:
     """The training pool that ``data`` describes (``data.filter`` applied after ``data.limit``)."""
     from stagewise_pl.data.hub import HubRef
 
-    kw = dict(on_bad_row=data_cfg.on_bad_row, max_bad_fraction=data_cfg.max_bad_fraction, limit=data_cfg.limit)
+    skip = data_cfg.skip
+    kw = dict(on_bad_row=data_cfg.on_bad_row, max_bad_fraction=data_cfg.max_bad_fraction,
+              limit=data_cfg.limit + skip if data_cfg.limit else 0)
     if data_cfg.source == "synthetic":
         problems = task.split(data_cfg.split)
-        problems = problems[:data_cfg.limit] if data_cfg.limit else problems
+        problems = problems[:kw["limit"]] if kw["limit"] else problems
         loaded = problems, LoadReport(source=f"synthetic[{data_cfg.split}]", kept=len(problems))
     elif data_cfg.source == "jsonl":
         loaded = load_jsonl(data_cfg.path, fields=dict(data_cfg.fields), max_row_bytes=data_cfg.max_row_bytes, **kw)
@@ -380,4 +382,8 @@ def load_pool(data_cfg, task=None) -> tuple[list[Problem], LoadReport]:
         loaded = load_hub(HubRef(name, data_cfg.subset, data_cfg.split), data_cfg.format, dict(data_cfg.fields), **kw)
     else:
         loaded = load_benchmark(data_cfg.path, data_cfg.format, max_row_bytes=data_cfg.max_row_bytes, **kw)
+    if skip:  # the first problems left out (data.skip), before the filter as limit is
+        problems, report = loaded
+        report.source, report.kept = f"{report.source} after the first {skip}", max(0, len(problems) - skip)
+        loaded = problems[skip:], report
     return filtered(loaded, data_cfg.filter)

@@ -73,7 +73,7 @@ class SFTRunner(PhaseRunner):
         overrides this alone (see tests/phase_plugins.py)."""
         from stagewise_pl.data.examples import sft_target
 
-        return [(p.prompt, sft_target(p, self.cfg.data.target)) for p in problems]
+        return [(p.prompt, sft_target(p, self.cfg.data.target, self.cfg.data.answer_line)) for p in problems]
 
     def count_dataset_traces(self, problems) -> int:
         """How many of ``problems`` the built-in target makes learn a teacher trace of the dataset (a teacher wrote
