@@ -6,8 +6,10 @@ from pathlib import Path
 
 from stagewise_pl.cli import help_text, parse_args
 from stagewise_pl.config import ConfigError, load_config, to_yaml
+from stagewise_pl.runlock import RunLocked
 
 MISSING_FILES_EXIT = 4  # --dry-run: a file the run reads is missing (each named with where to get it)
+LOCKED_EXIT = 5  # another launch holds the run directory (its pid and host named)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +62,9 @@ def _main(args) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunLocked as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return LOCKED_EXIT
     except Exception as exc:
         from stagewise_pl.data.hub import HubError
         from stagewise_pl.data.problems import BadRowError

@@ -257,7 +257,18 @@ class Run:
         return str(chosen)
 
     def execute(self) -> Path:
-        """Run (or continue) the plan in one Lightning fit; returns the run directory."""
+        """Run (or continue) the plan in one Lightning fit; returns the run directory. The run directory's lock is
+        held throughout (:mod:`stagewise_pl.runlock`: a second launch on it is refused)."""
+        from stagewise_pl.runlock import RunLock
+
+        lock = RunLock(self.dir, self.log).acquire() if dist.is_main() else None
+        try:
+            return self._execute()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _execute(self) -> Path:
         if self.cfg.run.resume:
             self._check_resumed_config()
             self.check_format()

@@ -104,6 +104,46 @@ def test_two_kills_in_a_row_then_a_rerun_after_completion(tmp_path, args, golden
                 "resumed to the golden run; the rerun is a no-op (exit 0, says so)", 0)
 
 
+# ------------------------------------------------------------------ 3b. two launches on one run directory
+def test_a_second_launch_on_a_running_run_is_refused_and_the_first_ends_as_golden(tmp_path, args, golden,
+                                                                                    reliability):
+    """A Slurm requeue racing a manual resume: the second launch (resume=last) while the first runs is refused
+    (exit 5) naming the first's pid and host, and writes nothing; the first ends as the golden run."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "stagewise_pl.fit", *args, f"run.dir={run_dir}"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while not (run_dir / "checkpoints" / "last.ckpt").is_file() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert first.poll() is None, "the first launch ended before the second could race it"
+    second = fit(args + [f"run.dir={run_dir}", "resume=last"])
+    stdout, stderr = first.communicate(timeout=1800)
+    assert second.returncode == 5, second.stderr[-3000:]
+    assert f"in use by another launch: pid {first.pid} on host {socket.gethostname()}" in second.stderr
+    assert first.returncode == 0, stderr[-3000:]
+    assert outcome(run_dir) == golden and not (run_dir / "run.lock").exists()
+    reliability("a second launch (resume=last) while the run is running", "lock:second-launch",
+                "refused (exit 5) naming the first's pid and host; the first ends as the golden run", 0)
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_and_said(tmp_path, args, golden, reliability):
+    run_dir = tmp_path / "run"
+    killed = fit(args + [f"run.dir={run_dir}"], {"STAGEWISE_FAULT": "step:g:2"})
+    assert killed.returncode == -9 and (run_dir / "run.lock").is_file()  # SIGKILL: the lock file stays
+    left = json.loads((run_dir / "run.lock").read_text())["pid"]
+    out = resume(args, run_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"run.lock: taking over a stale lock, left by pid {left}" in out.stdout
+    assert outcome(run_dir) == golden
+    reliability("a lock left by a run that was killed", "lock:stale",
+                "taken over by the resume, said in its log; ends as the golden run", 0)
+
+
 # ------------------------------------------------------------------ 4. corrupt or missing checkpoints
 def corrupt(path: Path, how: str) -> None:
     data = path.read_bytes()

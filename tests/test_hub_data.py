@@ -109,8 +109,10 @@ def test_a_hub_name_that_cannot_be_reached_says_which_and_what_to_do_offline(tmp
 
 def test_hub_benchmarks_for_the_held_out_evaluation(gsm8k_dir):
     from stagewise_pl.config import ConfigError, load_config
-    from stagewise_pl.data.hub import HubRef, format_of, parse_benchmark
-    from stagewise_pl.data.loaders import load_eval_benchmark
+    from stagewise_pl.data.hub import FORMAT_NAMES, HUB_FORMATS, HubRef, format_of, parse_benchmark
+    from stagewise_pl.data.loaders import BENCHMARK_FORMATS, load_eval_benchmark
+
+    assert set(FORMAT_NAMES) == set(BENCHMARK_FORMATS) and set(HUB_FORMATS.values()) <= set(BENCHMARK_FORMATS)
 
     assert parse_benchmark("hf:openai/gsm8k:main:test") == HubRef("openai/gsm8k", "main", "test")
     assert parse_benchmark("hf:HuggingFaceH4/MATH-500") == HubRef("HuggingFaceH4/MATH-500", "", "test")
@@ -176,7 +178,8 @@ def test_skip_leaves_out_the_first_problems_so_two_slices_are_disjoint(gsm8k_dir
     assert "after the first 10" in report.summary()
     after, _ = load_pool(data_cfg(path=str(gsm8k_dir), subset="main", skip=10))
     short, _ = load_pool(data_cfg(path=str(gsm8k_dir), subset="main", skip=10, filter="calculator_steps<=2"))
-    assert short and {p.id for p in short} <= {p.id for p in after} and not {p.id for p in short} & {p.id for p in first}
+    ids = {p.id for p in short}
+    assert ids and ids <= {p.id for p in after} and not ids & {p.id for p in first}
 
 
 def test_reference_targets_take_the_same_answer_line_as_the_dataset_teacher(gsm8k_dir):

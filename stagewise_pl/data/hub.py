@@ -29,6 +29,11 @@ HUB_FORMATS: dict[str, str] = {
 }
 
 
+# the names of data.loaders.BENCHMARK_FORMATS (spelled here so that this module imports nothing of loaders; a test
+# keeps the two equal)
+FORMAT_NAMES = ("math500", "aime24", "amc23", "gsm8k", "minerva_math", "olympiadbench")
+
+
 class HubError(RuntimeError):
     """A dataset named by its hub name could not be loaded; the message names it and what to do offline."""
 
@@ -64,12 +69,10 @@ def parse_benchmark(entry: str) -> Optional[HubRef]:
 def format_of(ref: HubRef, fmt: str = "") -> str:
     """The benchmark format a hub dataset's rows are read with: ``fmt`` if given, else the known name's, else a
     format the name's last part starts with (a local copy in a directory named gsm8k); '' = the field map."""
-    from stagewise_pl.data.loaders import BENCHMARK_FORMATS
-
     if fmt or ref.name in HUB_FORMATS:
         return fmt or HUB_FORMATS[ref.name]
     last = ref.name.rstrip("/").split("/")[-1].lower()
-    return next((f for f in sorted(BENCHMARK_FORMATS, key=len, reverse=True) if last.startswith(f)), "")
+    return next((f for f in sorted(FORMAT_NAMES, key=len, reverse=True) if last.startswith(f)), "")
 
 
 def describe(ref: HubRef, fmt: str = "") -> str:
