@@ -44,7 +44,9 @@ Runs the plan of conf/NAME.yaml (default: the embedded CPU run: tiny model, synt
                      estimate, and exit
 exit codes: 0 done; 2 a bad configuration, argument or training data (the message names it); 3 a non-finite loss
   or a checkpoint that cannot be used; 4 (--dry-run) a file the run reads is missing (with where to get it);
-  5 another launch is running on run.dir (its pid and host named); 128 + N stopped by signal N after a checkpoint
+  5 another launch is running on run.dir (its pid and host named); 6 the disk refused a write (full, read-only;
+  the file named, what was written before intact: free space and resume=last); 7 the teacher's endpoint answered
+  nothing after its retries (named; its answers so far are cached); 128 + N stopped by signal N after a checkpoint
   (requeued under Slurm)
 """
 

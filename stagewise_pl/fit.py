@@ -6,10 +6,13 @@ from pathlib import Path
 
 from stagewise_pl.cli import help_text, parse_args
 from stagewise_pl.config import ConfigError, load_config, to_yaml
+from stagewise_pl.io import WriteError
 from stagewise_pl.runlock import RunLocked
 
 MISSING_FILES_EXIT = 4  # --dry-run: a file the run reads is missing (each named with where to get it)
 LOCKED_EXIT = 5  # another launch holds the run directory (its pid and host named)
+WRITE_EXIT = 6  # the disk refused a write (full, over quota, read-only): the file is named
+TEACHER_EXIT = 7  # the teacher's endpoint answered nothing after its retries (named, without its key)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +68,10 @@ def _main(args) -> int:
     except RunLocked as exc:
         print(f"error: {exc}", file=sys.stderr)
         return LOCKED_EXIT
+    except WriteError as exc:
+        print(f"error: {exc}. What the run wrote before it is intact: free space (or make the filesystem "
+              f"writable) and resume=last", file=sys.stderr)
+        return WRITE_EXIT
     except Exception as exc:
         from stagewise_pl.data.hub import HubError
         from stagewise_pl.data.problems import BadRowError
@@ -82,6 +89,13 @@ def _main(args) -> int:
         if isinstance(exc, (NonFiniteError, CheckpointError)):
             print(f"error: {exc}", file=sys.stderr)
             return 3
+        from stagewise_pl.teachers.base import TeacherUnavailable
+
+        if isinstance(exc, TeacherUnavailable):
+            print(f"error: the teacher did not answer: {exc}. The run stopped; its last checkpoint and the answers "
+                  f"received so far (the teacher's disk cache) are kept: resume=last when the endpoint answers "
+                  f"again asks for none of them twice", file=sys.stderr)
+            return TEACHER_EXIT
         raise
     return 0
 

@@ -7,17 +7,58 @@
 - :func:`fsync_dir` — make a rename in ``directory`` durable.
 
 Temporary names start with a dot and hold ``.tmp-<pid>`` so a later process can find and remove what a kill
-left (:func:`remove_partial`). This module imports nothing of the project: every layer may use it.
+left (:func:`remove_partial`). A write the disk refuses (full, over quota, read-only, too large) raises
+:class:`WriteError` naming the file; the file (or directory) as it was before is untouched. This module imports
+nothing of the project: every layer may use it.
+
+``STAGEWISE_FAULT=enospc:<folder>[#k]`` (tests): the k-th write into a folder of that name (``ledger``, ``eval``,
+``routing``; for a directory written whole, its own name: ``final``) fails as a full disk would.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
 import threading
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterator, Union
+
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+_disk_writes: Counter = Counter()
+
+
+class WriteError(OSError):
+    """A write the disk refused (full, over quota, read-only): the message names the file; what was there before
+    the write is intact."""
+
+    def __init__(self, code: int, path: Path, reason: str):
+        super().__init__(code, reason, str(path))
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return f"cannot write {self.path}: {self.strerror}"
+
+
+def _disk_fault(path: Path, folder: str) -> None:
+    """The test fault ``enospc:<folder>[#k]`` (see the module's docstring)."""
+    wanted = os.environ.get("STAGEWISE_FAULT", "")
+    if "enospc:" not in wanted:
+        return
+    point = f"enospc:{folder}"
+    _disk_writes[point] += 1
+    names = wanted.split(",")
+    if point in names or f"{point}#{_disk_writes[point]}" in names:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def _refused(exc: BaseException, path: Path) -> BaseException:
+    """``exc`` as a :class:`WriteError` naming ``path`` when the disk refused the write; otherwise as it is."""
+    if isinstance(exc, OSError) and not isinstance(exc, WriteError) and exc.errno in DISK_ERRNOS:
+        return WriteError(exc.errno, path, exc.strerror or os.strerror(exc.errno))
+    return exc
 
 
 def fsync_dir(directory: Path) -> None:
@@ -46,13 +87,17 @@ def atomic_file(path: Path, mode: str = "w", before_rename: Callable[[], None] =
         with open(tmp, mode, encoding=None if "b" in mode else encoding) as handle:
             yield handle
             handle.flush()
+            _disk_fault(path, path.parent.name)
             os.fsync(handle.fileno())
         before_rename()
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise
+        refused = _refused(exc, path)
+        if refused is exc:
+            raise
+        raise refused from exc
     fsync_dir(path.parent)
 
 
@@ -73,9 +118,15 @@ def atomic_dir(directory: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        _disk_fault(directory, directory.name)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
+    except BaseException as exc:
+        refused = _refused(exc, directory)
+        if refused is exc:
+            raise
+        raise refused from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     fsync_dir(directory.parent)

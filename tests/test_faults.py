@@ -305,6 +305,28 @@ def test_a_failing_disk_while_saving_is_a_clear_error_and_keeps_the_checkpoint_b
                 "error naming the file; the checkpoint before it intact and chosen by resume=last", 0)
 
 
+WRITES = {"enospc:ledger#2": "a ledger part (the profile's)", "enospc:routing#3": "a routing decision (GRPO's)",
+          "enospc:g": "the GRPO phase's export", "enospc:curves#2": "a phase's curves file",
+          "enospc:final": "the final model's export"}
+
+
+@pytest.mark.parametrize("point", list(WRITES))
+def test_a_full_disk_at_a_write_names_the_file_and_a_resume_after_ends_as_golden(tmp_path, args, golden, reliability,
+                                                                                 point):
+    """ENOSPC at the write of a ledger part, a routing or curves file, an export: exit 6 naming the file, no partial
+    file left, what was written before intact; after space is freed, resume=last ends as the golden run."""
+    run_dir = tmp_path / "run"
+    full = fit(args + [f"run.dir={run_dir}"], {"STAGEWISE_FAULT": point})
+    assert full.returncode == 6, full.stderr[-3000:]
+    assert "No space left on device. What the run wrote before it is intact" in full.stderr
+    assert f"cannot write {run_dir}/" in full.stderr and not partial_files(run_dir)
+    out = resume(args, run_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert outcome(run_dir) == golden
+    reliability(f"a full disk writing {WRITES[point]}", f"disk:{point}",
+                "error naming the file (exit 6); resumed after, ends as the golden run", 0)
+
+
 # ------------------------------------------------------------------ 5. bad data
 def test_bad_rows_are_counted_per_reason_with_file_and_line_and_good_rows_kept(tmp_path, reliability):
     from stagewise_pl.data.loaders import load_jsonl

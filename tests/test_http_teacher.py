@@ -61,7 +61,7 @@ class Handler(BaseHTTPRequestHandler):
             endpoint.seen.append((dict(self.headers), body, self.path))
             endpoint.in_flight += 1
             endpoint.max_in_flight = max(endpoint.max_in_flight, endpoint.in_flight)
-        status, payload, delay = endpoint.script(call, body)
+        status, payload, delay, *cut = endpoint.script(call, body)  # cut: bytes of the body left unsent
         time.sleep(delay)
         with endpoint.lock:  # before answering: the client may send its next request as soon as it reads this
             endpoint.in_flight -= 1
@@ -70,7 +70,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
-            self.wfile.write(payload)
+            self.wfile.write(payload[:len(payload) - (cut[0] if cut else 0)])
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up waiting (the timeout test)
 
@@ -162,6 +162,66 @@ def test_an_endpoint_that_is_down_raises_after_retries(key):
     with pytest.raises(TeacherError, match="cannot reach") as caught:
         t.traces(problems(2))
     assert t.stats["requests"] == 4 and t.stats["retries"] == 2 and key not in str(caught.value)
+
+
+def test_a_body_cut_short_is_retried_and_a_dead_endpoint_is_unavailable_not_silent(endpoint, key):
+    from stagewise_pl.teachers.base import TeacherUnavailable
+
+    def script(call, body):
+        status, payload, delay = choices(body)
+        return (status, payload, delay, 25) if call == 0 else (status, payload, delay)  # the first answer cut short
+
+    endpoint.script = script
+    t = teacher(endpoint, max_retries=2)
+    (got,), = t.traces(problems(1))
+    assert got.startswith("#0: ") and got.endswith("0+0")  # the whole answer, from the second try
+    assert t.stats["retries"] == 1 and len(endpoint.seen) == 2
+    endpoint.script = lambda call, body: answer(503, {"error": "overloaded"})
+    with pytest.raises(TeacherUnavailable, match=r"base_url='http://127\.0\.0\.1:\d+/v1'.*HTTP 503") as caught:
+        teacher(endpoint, max_retries=1).traces(problems(2))
+    assert key not in str(caught.value)
+
+
+def test_a_server_going_away_mid_call_stops_the_call_and_keeps_what_it_answered(endpoint, key, tmp_path):
+    """Two of four requests answered, then the server is gone: the call raises TeacherUnavailable (those two are
+    not 'no trace'), and the two answers are in the cache: asked again, only the other two are sent."""
+    from stagewise_pl.teachers.base import TeacherUnavailable
+
+    gone = {"down": True}
+    endpoint.script = lambda call, body: (answer(503, {"error": "bye"}) if gone["down"] and
+                                          body["messages"][0]["content"].endswith(("2+2", "3+3")) else choices(body))
+    t = teacher(endpoint, max_retries=1, cache_dir=tmp_path / "cache", concurrency=1)
+    with pytest.raises(TeacherUnavailable, match="2 of 4 requests failed: HTTP 503"):
+        t.traces(problems(4))
+    gone["down"] = False
+    endpoint.seen.clear()
+    again = teacher(endpoint, cache_dir=tmp_path / "cache").traces(problems(4))
+    assert [x[0][-3:] for x in again] == ["0+0", "1+1", "2+2", "3+3"]
+    assert sorted(body["messages"][0]["content"][-3:] for _, body, _ in endpoint.seen) == ["2+2", "3+3"]
+
+
+def test_a_peer_phase_stops_on_an_unavailable_teacher_and_goes_on_without_a_missing_trace(tmp_path):
+    """hpt and relift ask during RL: an endpoint that answers nothing stops the run (TeacherUnavailable goes
+    through); a teacher that has no trace for a problem (a plain TeacherError) leaves that problem untaught."""
+    from types import SimpleNamespace
+
+    from stagewise_pl.phases.mixed import MixedRunner
+    from stagewise_pl.teachers.base import TeacherError, TeacherUnavailable
+
+    for error, stops in ((TeacherUnavailable("down"), True), (TeacherError("no trace for p0"), False)):
+        def traces(problems, n=1, error=error):
+            raise error
+
+        said = []
+        runner = SimpleNamespace(m=SimpleNamespace(bridge=False), ctx=SimpleNamespace(
+            teachers=SimpleNamespace(teacher=lambda: SimpleNamespace(traces=traces)), log=said.append),
+            spec=SimpleNamespace(name="h"))
+        if stops:
+            with pytest.raises(TeacherUnavailable):
+                MixedRunner.ask(runner, problems(2))
+        else:
+            assert MixedRunner.ask(runner, problems(2)) == ({"p0": None, "p1": None}, 0, 0)
+            assert "the teacher gave no traces for 2 problems" in said[0]
 
 
 def test_cache_answers_a_restarted_teacher_without_requests(endpoint, tmp_path):
@@ -346,3 +406,56 @@ def test_a_run_with_the_http_teacher_keeps_the_key_out_and_pays_nothing_twice(en
     again = fit(args + [f"run.dir={tmp_path / 'again'}"], {KEY_ENV: key})
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(endpoint.seen) == asked  # every answer came from the disk cache
+
+
+@pytest.mark.slow  # three runs of a small hpt phase
+def test_an_endpoint_that_goes_away_mid_phase_stops_the_run_and_the_resume_asks_nothing_twice(endpoint, key, tmp_path,
+                                                                                           base_overrides, reliability):
+    """hpt asks for traces during RL. The endpoint answers its first requests, then goes away (503 on every
+    request): the run stops with exit 7 naming the endpoint (no key), its checkpoints kept. With the endpoint back,
+    resume=last ends with the weights of a run that never lost it, and no request is sent twice."""
+    from helpers import fit, same_weights
+
+    endpoint.script = arithmetic_teacher
+    settings = ["grpo.prompts_per_step=6", "grpo.num_generations=4", "grpo.max_new_tokens=24",
+                "trainer.checkpoint_every_n_steps=2", "run.deterministic=true", "eval.each_phase=false",
+                "grpo.levels=[4,5,6]", "phases=[{name: h, kind: hpt, steps: 6, lr: 1e-4}]"]
+
+    def args(cache):
+        return base_overrides + settings + [
+            "teacher.name=openai", f"teacher.args={{base_url: '{endpoint.url}', model: big, api_key_env: {KEY_ENV}, "
+                                   f"cache_dir: '{cache}', backoff_s: 0.01, timeout_s: 5, max_retries: 2}}"]
+
+    golden = tmp_path / "golden"
+    out = fit(args(tmp_path / "cache-golden") + [f"run.dir={golden}"], {KEY_ENV: key})
+    assert out.returncode == 0, out.stderr[-3000:]
+    asked = len(endpoint.seen)
+    assert asked >= 3  # enough requests to lose the endpoint after the first two
+    endpoint.seen.clear()
+    down = {"after": 2}  # answers two requests, then every request gets 503 until the endpoint is back
+
+    def flaky(call, body):
+        if down["after"] is not None and call >= down["after"]:
+            return answer(503, {"error": "the server is shutting down"})
+        return arithmetic_teacher(call, body)
+
+    endpoint.script = flaky
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    out = fit(args(cache) + [f"run.dir={run_dir}"], {KEY_ENV: key})
+    assert out.returncode == 7, out.stderr[-3000:]
+    assert f"the teacher did not answer: OpenAITeacher(base_url='{endpoint.url}'" in out.stderr
+    assert "HTTP 503" in out.stderr and key not in out.stdout + out.stderr
+    answered = [json.dumps(body, sort_keys=True) for _, body, _ in endpoint.seen[:2]]
+    down["after"] = None  # the endpoint is back
+    endpoint.seen.clear()
+    out = fit(args(cache) + [f"run.dir={run_dir}", "resume=last"], {KEY_ENV: key})
+    assert out.returncode == 0, out.stderr[-3000:]
+    again = [json.dumps(body, sort_keys=True) for _, body, _ in endpoint.seen]
+    assert not set(answered) & set(again) and len(set(again)) == len(again)  # nothing answered is asked again
+    assert same_weights(golden / "final", run_dir / "final")
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert key.encode() not in path.read_bytes(), path
+    reliability("the teacher's endpoint goes away mid-phase (hpt asking during RL)", "teacher:503-after-2",
+                "stops (exit 7) naming the endpoint, no key; resumed when back: golden weights, nothing asked twice",
+                0)

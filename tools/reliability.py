@@ -4,8 +4,9 @@
 
 The suite: tests/test_faults.py (golden runs, SIGKILL at every fault point, two kills, corrupt and missing
 checkpoints, bad data, NaN losses and rewards, a failing disk), tests/test_preempt.py (SIGUSR1, SIGTERM and
-Ctrl-C, with and without Slurm) and tests/test_exact.py (the default conf under a CPU load, SIGKILL at seeded
-random moments) and, with the smol extra installed, tests/test_real_model.py (SmolLM2-135M killed mid-plan, at
+Ctrl-C, with and without Slurm), tests/test_exact.py (the default conf under a CPU load, SIGKILL at seeded
+random moments), tests/test_http_teacher.py (a teacher endpoint that fails: retries, refusals, one that goes away
+mid-phase) and, with the smol extra installed, tests/test_real_model.py (SmolLM2-135M killed mid-plan, at
 the points of STAGEWISE_REAL_MODEL_KILLS). Each passing case adds a row; data lost is the sum over the rows (0
 expected). The slow marker is selected here (pyproject's addopts deselect it); a -m among the pytest args replaces
 that selection. CPU only, about 20 minutes on 2 cores. Exits with pytest's code.
@@ -37,7 +38,7 @@ def main() -> int:
     if not real:
         print(f"the real-model kill cases are left out: {INSTALL} adds them", file=sys.stderr)
     command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *marks, "tests/test_faults.py",
-               "tests/test_preempt.py", "tests/test_exact.py", *real, *rest]
+               "tests/test_preempt.py", "tests/test_exact.py", "tests/test_http_teacher.py", *real, *rest]
     code = subprocess.call(command, cwd=ROOT, env=env)
     print(f"reliability table: {args.out}" if Path(args.out).is_file() else "no table written (no case passed)")
     return code

@@ -82,10 +82,12 @@ class MixedRunner(GRPORunner):
             out: dict[str, Optional[str]] = {p.id: None for p in problems}
             out.update({it.problem_id: it.target for it in items})
             return out, bridge.teacher_texts, bridge.generated_tokens
-        from stagewise_pl.teachers.base import TeacherError
+        from stagewise_pl.teachers.base import TeacherError, TeacherUnavailable
 
         try:
             traces = self.ctx.teachers.teacher().traces(problems, n=1)
+        except TeacherUnavailable:
+            raise  # an endpoint that answers nothing stops the run (exit 7): training on without it would be silent
         except TeacherError as exc:
             self.ctx.log(f"phase {self.spec.name}: the teacher gave no traces for {len(problems)} problems ({exc})")
             traces = [[] for _ in problems]

@@ -9,7 +9,8 @@ fine-tuning needs diagnoses of the policy's failures. Every teacher answers two 
   of ``failed_completion`` and ends with a verdict line (:data:`VERDICT_INCORRECT` or
   :data:`VERDICT_CORRECT`).
 
-A teacher that cannot answer raises :class:`TeacherError` naming the problem and the reason.
+A teacher that cannot answer raises :class:`TeacherError` naming the problem and the reason; one whose endpoint
+answers nothing at all raises :class:`TeacherUnavailable` (the run stops; it does not train on without it).
 Teachers are registered by name in :data:`TEACHERS` (or found by dotted path).
 """
 from __future__ import annotations
@@ -27,6 +28,12 @@ TEACHERS: Registry = Registry("teacher")
 
 class TeacherError(RuntimeError):
     """A teacher could not answer for a problem; the message says which and why."""
+
+
+class TeacherUnavailable(TeacherError):
+    """The teacher's endpoint answered none of a call's requests after its retries (down, refusing, or gone away
+    mid-phase): not a teacher with nothing to say, so the run stops (exit 7) rather than train without it; the
+    answers it gave before are in its disk cache, and resume=last asks for none of them again."""
 
 
 class Teacher(Protocol):
@@ -63,12 +70,16 @@ def ask_each(teacher, method: str, items: Sequence[tuple]) -> list:
     if many is not None:
         try:
             return list(many(list(items)))
+        except TeacherUnavailable:
+            raise
         except TeacherError:
             return [None] * len(items)
     out = []
     for item in items:
         try:
             out.append(getattr(teacher, method)(*item))
+        except TeacherUnavailable:
+            raise
         except TeacherError:
             out.append(None)
     return out

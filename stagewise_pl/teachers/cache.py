@@ -179,7 +179,14 @@ class ChatTeacher:
         answers = [self.cache.get(k) if self.cache else None for k in keys]
         self._count("cache_hits", sum(a is not None for a in answers))
         todo = [i for i, a in enumerate(answers) if a is None]
-        for i, fresh in zip(todo, self._generate([requests[i] for i in todo]) if todo else []):
+        try:
+            generated = self._generate([requests[i] for i in todo]) if todo else []
+        except TeacherError as exc:  # an endpoint that went away mid-call: keep what it did answer, then stop
+            for i, fresh in zip(todo, getattr(exc, "answered", [])):
+                if fresh is not None and self.cache:
+                    self.cache.put(keys[i], requests[i], fresh)
+            raise
+        for i, fresh in zip(todo, generated):
             if fresh is not None and self.cache:
                 self.cache.put(keys[i], requests[i], fresh)
             answers[i] = fresh

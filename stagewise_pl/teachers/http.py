@@ -11,10 +11,12 @@ Failures are of three kinds:
   counted in ``stats["malformed"]``;
 - the endpoint refuses (any other 4xx, a redirect): not retried, asking again cannot help.
 
-A request that still has no answer after the retries is counted in ``stats["failed"]`` and its problem
-gets ``[]`` (or ``''``). But when every request of a call failed because the endpoint was unavailable
-or refused, the call raises :class:`TeacherError`: a down server or a bad key must not pass for a
-teacher with nothing to say.
+A request that still has no answer after the retries is counted in ``stats["failed"]``; a malformed or refused
+one leaves its problem ``[]`` (or ``''``). But when a request of a call is still unavailable after its retries, or
+every request was refused, the call raises :class:`~stagewise_pl.teachers.base.TeacherUnavailable` (the answers it
+did get are cached first): a server that went away or a bad key must not pass for a teacher with nothing to say.
+A run stops on it (exit 7); the answers received before are in the disk cache, so a resume asks for none of them
+again.
 
 The API key is read from the environment variable ``api_key_env`` at each request and goes into the
 ``Authorization`` header only: it is not stored on the object, not part of a cache key, and error
@@ -34,7 +36,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping, Optional
 
-from stagewise_pl.teachers.base import TEACHERS, TeacherError
+from stagewise_pl.teachers.base import TEACHERS, TeacherError, TeacherUnavailable
 from stagewise_pl.teachers.cache import ChatTeacher
 
 MAX_BACKOFF_S = 30.0
@@ -135,10 +137,17 @@ class OpenAITeacher(ChatTeacher):
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(bodies))) as pool:
             outcomes = list(pool.map(self._complete, bodies))
         failures = [o for o in outcomes if isinstance(o, _AttemptFailed)]
-        if len(failures) == len(outcomes) and not any(isinstance(f, _Malformed) for f in failures):
-            reasons = Counter(str(f) for f in failures)
-            raise TeacherError(f"{self!r}: all {len(failures)} requests failed: "
-                               + "; ".join(f"{reason} (x{k})" for reason, k in reasons.most_common()))
+        unavailable = [f for f in failures if isinstance(f, _Unavailable)]
+        whole = len(failures) == len(outcomes) and not any(isinstance(f, _Malformed) for f in failures)
+        if unavailable or whole:  # the endpoint, not the teacher: stop rather than train on without its answers
+            reasons = Counter(str(f) for f in (unavailable or failures))
+            what = f"all {len(failures)}" if len(failures) == len(outcomes) else \
+                f"{len(unavailable)} of {len(outcomes)}"
+            error = TeacherUnavailable(f"{self!r}: {what} requests failed: "
+                                       + "; ".join(f"{reason} (x{k})" for reason, k in reasons.most_common())
+                                       + f" (each tried {self.max_retries + 1} times, or refused at once)")
+            error.answered = [None if isinstance(o, _AttemptFailed) else o for o in outcomes]  # cached by _ask
+            raise error
         return [None if isinstance(o, _AttemptFailed) else o for o in outcomes]
 
     def _complete(self, body: dict) -> list[str] | _AttemptFailed:
