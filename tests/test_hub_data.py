@@ -1,7 +1,7 @@
 """Data a user names by its hub name (data.source=hf data.path=openai/gsm8k data.subset=main), filters on loaded
 problems (data.filter, eval.filter) and the dataset's own solutions as the teacher (teacher.name=dataset). No hub
 access here: a local directory in the hub's layout (a dataset repository's parquet files and its README's configs,
-made from the shared GSM8K rows) loads through the same datasets.load_dataset call, with the datasets library
+rows in GSM8K's format written by the test) loads through the same datasets.load_dataset call, the datasets library
 offline."""
 from __future__ import annotations
 
@@ -26,21 +26,34 @@ def hub_layout(root, rows_by_split: dict, subset: str = "main"):
     return root
 
 
+NATALIA = {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+                        "How many clips did Natalia sell altogether in April and May?",
+           "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
+                     "altogether in April and May.\n#### 72"}
+
+
+def gsm8k_rows(n: int, offset: int) -> list[dict]:
+    """``n`` rows in GSM8K's format (a question; a rationale with <<calculator>> annotations and ``#### answer``),
+    1 to 4 calculator steps each, made here so the tests read no data they do not write."""
+    rows = []
+    for i in range(offset, offset + n):
+        start, add, steps = 3 + i, 2 + i % 5, 1 + i % 4
+        lines, total = [], start
+        for _ in range(steps):
+            lines.append(f"Then there are {total}+{add} = <<{total}+{add}={total + add}>>{total + add} marbles.")
+            total += add
+        rows.append({"question": f"Sam has {start} marbles and gets {add} more, {steps} times. How many now?",
+                     "answer": "\n".join(lines) + f"\n#### {total}"})
+    return rows
+
+
 @pytest.fixture
 def gsm8k_dir(tmp_path, monkeypatch):
-    """The first 40 training and 20 test rows of GSM8K (../shared), as openai/gsm8k lays them out on the hub."""
-    from conftest import benchmarks_dir
-
+    """40 training and 20 test rows in GSM8K's format, laid out as openai/gsm8k is on the hub."""
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
-
-    def first(name, n):
-        lines = (benchmarks_dir() / name).read_text().splitlines()[:n]
-        return [{"question": json.loads(x)["question"], "answer": json.loads(x)["answer"]} for x in lines]
-
-    return hub_layout(tmp_path / "gsm8k", {"train": first("gsm8k_train.jsonl", 40), "test": first("gsm8k_test.jsonl",
-                                                                                                  20)})
+    return hub_layout(tmp_path / "gsm8k", {"train": [NATALIA] + gsm8k_rows(39, 0), "test": gsm8k_rows(20, 100)})
 
 
 def data_cfg(**kw):

@@ -45,7 +45,7 @@ def test_the_method_plan_is_checked_and_named():
 
 @pytest.mark.parametrize("phases,message", [
     ([phase("cft")], "phases.0: a cft phase reads failed rollouts .* no phase that records them "
-                     "\\(grpo or hpt or profile or relift\\) comes before"),
+                     "\\(grpo or hinted or hpt or luffy or profile or relift\\) comes before"),
     ([phase("profile"), phase("bridge_sft", select="hard", steps=0)], "phases.1: bridge_sft phases need steps"),
     ([phase("distill")], "phases.0.kind: unknown phase kind 'distill'"),
     ([phase("profile"), phase("sft", select="tricky")], "phases.1.select='tricky': no routing rule builds"),
