@@ -16,6 +16,9 @@ Points the stage manager and the parts it drives pass:
 - ``verify`` — inside a verifier call, with the pairs sent to a grading worker and no answer read;
 - ``ledger_rename`` — a ledger part written to its temporary file, not yet renamed into place.
 
+``enospc:<folder>`` is not a kill: the write of a file into a folder of that name (a directory written whole: its
+own name) fails as a full disk would (:mod:`stagewise_pl.io`).
+
 ``nan_loss:<phase>:<n>`` is not a kill: the loss of step n of that phase is made NaN (see
 :func:`poisoned`), to test the non-finite guard; in a GRPO phase, of the n-th rollout step that trains (a rollout
 step whose groups all carry no signal makes no update, so it has no loss to poison).

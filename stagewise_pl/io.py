@@ -9,7 +9,7 @@
 Temporary names start with a dot and hold ``.tmp-<pid>`` so a later process can find and remove what a kill
 left (:func:`remove_partial`). A write the disk refuses (full, over quota, read-only, too large) raises
 :class:`WriteError` naming the file; the file (or directory) as it was before is untouched. This module imports
-nothing of the project: every layer may use it.
+nothing of the project but :mod:`stagewise_pl.faults` (a leaf): every layer may use it.
 
 ``STAGEWISE_FAULT=enospc:<folder>[#k]`` (tests): the k-th write into a folder of that name (``ledger``, ``eval``,
 ``routing``; for a directory written whole, its own name: ``final``) fails as a full disk would.
@@ -22,12 +22,12 @@ import hashlib
 import os
 import shutil
 import threading
-from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterator, Union
 
+from stagewise_pl.faults import poisoned
+
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
-_disk_writes: Counter = Counter()
 
 
 class WriteError(OSError):
@@ -43,14 +43,8 @@ class WriteError(OSError):
 
 
 def _disk_fault(path: Path, folder: str) -> None:
-    """The test fault ``enospc:<folder>[#k]`` (see the module's docstring)."""
-    wanted = os.environ.get("STAGEWISE_FAULT", "")
-    if "enospc:" not in wanted:
-        return
-    point = f"enospc:{folder}"
-    _disk_writes[point] += 1
-    names = wanted.split(",")
-    if point in names or f"{point}#{_disk_writes[point]}" in names:
+    """The test fault ``enospc:<folder>[#k]`` (see the module's docstring; matched as every fault point is)."""
+    if poisoned(f"enospc:{folder}"):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 

@@ -22,7 +22,8 @@ def write_run(directory: Path, correct: list[int], before: list[int] = (), token
     (directory / "state.json").write_text(json.dumps({"finished": finished, "completed": completed}))
 
     def results(bits):
-        return {"synthetic-test": {"problems": {f"p{i}": [float(b), None] for i, b in enumerate(bits)}}}
+        return {"synthetic-test": {"by_level": {"all": {"n": len(bits), "pass@1": sum(bits) / len(bits)}},
+                                   "problems": {f"p{i}": [float(b), None] for i, b in enumerate(bits)}}}
 
     (directory / "eval" / "train.json").write_text(json.dumps(results(correct)))
     if before:

@@ -18,6 +18,8 @@ import math
 import sys
 from pathlib import Path
 
+from stagewise_pl.experiment.results import cell, read_run
+
 
 def sign_test(b: int, c: int) -> float:
     """Two-sided exact binomial sign test on b successes out of b + c at 1/2 (1.0 when there are no discordant)."""
@@ -39,27 +41,13 @@ def final_eval(run: Path, benchmark: str, label: str = "") -> dict:
 
 
 def runs_of(arm_dir: Path) -> dict[int, Path]:
+    """Seed -> run directory of the arm's finished runs."""
     out = {}
     for d in sorted(arm_dir.glob("seed-*")):
-        state = d / "state.json"
-        if state.is_file() and json.loads(state.read_text()).get("finished"):
+        run = read_run(d)
+        if run and run["finished"]:
             out[int(d.name.split("-")[1])] = d
     return out
-
-
-def spent(run: Path) -> dict[str, float]:
-    completed = json.loads((run / "state.json").read_text())["completed"]
-    return {key: sum(float(s.get(key, 0) or 0) for s in completed.values())
-            for key in ("generated_tokens", "teacher_texts", "optimizer_steps", "seconds")}
-
-
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return "-"
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return f"{m:.3f}"
-    return f"{m:.3f} ± {math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)):.3f}"
 
 
 def compare(root: Path, against: str, arms: list[str], benchmark: str = "") -> list[dict]:
@@ -75,7 +63,7 @@ def compare(root: Path, against: str, arms: list[str], benchmark: str = "") -> l
         runs = runs_of(root / arm)
         if runs:
             rows.append(row(arm, {s: final_eval(r, benchmark) for s, r in runs.items()}, ref_evals,
-                            {s: spent(r) for s, r in runs.items()}))
+                            {s: read_run(r) for s, r in runs.items()}))
     return rows
 
 
@@ -95,7 +83,7 @@ def row(name: str, evals: dict, ref_evals: dict, costs: dict) -> dict:
 
     return {"arm": name, "seeds": sorted(evals), "pass@1": accuracy, "b": b, "c": c, "p": sign_test(b, c),
             "generated_tokens": avg("generated_tokens"), "teacher_texts": avg("teacher_texts"),
-            "optimizer_steps": avg("optimizer_steps"), "minutes": None if not costs else avg("seconds") / 60}
+            "optimizer_steps": avg("optimizer_steps"), "minutes": None if not costs else avg("wall_s") / 60}
 
 
 def markdown(rows: list[dict], against: str) -> str:
@@ -104,7 +92,7 @@ def markdown(rows: list[dict], against: str) -> str:
     for r in rows:
         vs = "-" if r["arm"] == against else f"{r['b']} / {r['c']} (p = {r['p']:.2g})"
         num = lambda v, d=0: "-" if v is None else f"{v:,.{d}f}".replace(",", " ")  # noqa: E731
-        lines.append(f"| {r['arm']} | {','.join(map(str, r['seeds']))} | {mean_std(r['pass@1'])} | {vs} | "
+        lines.append(f"| {r['arm']} | {','.join(map(str, r['seeds']))} | {cell(r['pass@1'])} | {vs} | "
                      f"{num(r['generated_tokens'])} | {num(r['teacher_texts'])} | {num(r['optimizer_steps'])} | "
                      f"{num(r['minutes'], 1)} |")
     return "\n".join(lines)

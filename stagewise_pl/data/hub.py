@@ -84,6 +84,11 @@ def describe(ref: HubRef, fmt: str = "") -> str:
     return f"{ref}: datasets.load_dataset from {where}, rows read as {how}"
 
 
+def saved_to_disk(path: Path) -> bool:
+    """A directory ``datasets``' ``save_to_disk`` wrote (read by ``load_from_disk``, not ``load_dataset``)."""
+    return path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json"))
+
+
 def load_rows(ref: HubRef):
     """The rows of ``ref``'s split: a ``save_to_disk`` directory, or ``datasets.load_dataset`` (the hub, its cache,
     or a local directory in the hub's layout)."""
@@ -91,7 +96,7 @@ def load_rows(ref: HubRef):
 
     local = Path(ref.name).expanduser()
     try:
-        if local.is_dir() and ((local / "dataset_dict.json").is_file() or (local / "state.json").is_file()):
+        if saved_to_disk(local):
             loaded = datasets.load_from_disk(str(local))
             return loaded[ref.split] if isinstance(loaded, datasets.DatasetDict) else loaded
         return datasets.load_dataset(str(local) if local.is_dir() else ref.name, ref.subset or None, split=ref.split)

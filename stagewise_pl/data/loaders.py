@@ -357,9 +357,10 @@ def load_eval_benchmark(entry: str, limit: int = 0, filter_text: str = "") -> tu
 
 def saved_locally(path: str) -> bool:
     """A local data file, or a ``save_to_disk`` directory (not a dataset repository's files)."""
+    from stagewise_pl.data.hub import saved_to_disk
+
     local = Path(path).expanduser()
-    return local.is_file() or local.is_dir() and any((local / f).is_file() for f in ("dataset_dict.json",
-                                                                                     "state.json"))
+    return local.is_file() or saved_to_disk(local)
 
 
 def load_pool(data_cfg, task=None) -> tuple[list[Problem], LoadReport]:

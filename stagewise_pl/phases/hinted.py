@@ -101,7 +101,7 @@ class HintedRunner(MixedRunner):
             if p.id in self.shares:
                 correct = sum(groups.reasons[i * g + j] == "correct" for j in range(g))
                 self.shares[p.id] = next_share(self.shares[p.id], correct, g, self.h.step, self.h.lower_at)
-        trained, stats = super(MixedRunner, self).train_on(module, groups)  # grpo's update on the graded groups
+        trained, stats = super().train_on(module, groups)  # grpo's update on the graded groups
         if stats is not None and shares:
             stats.update(hint_share=sum(shares) / len(shares))
         return trained, stats

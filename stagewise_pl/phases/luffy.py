@@ -14,6 +14,7 @@ Traces are asked of the teacher once per problem (MixedRunner's cache, in the ch
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -99,7 +100,8 @@ class LUFFYRunner(MixedRunner):
                 ids = tok(have[p.id], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
                 cut = len(ids) > self.s.max_new_tokens
                 reward = float(v.reward)
-                self._rows[p.id] = (ids[:self.s.max_new_tokens], reward if reward == reward else 0.0, v.reason, cut)
+                reward = reward if math.isfinite(reward) else 0.0  # as sample_and_grade counts a NaN/inf
+                self._rows[p.id] = (ids[:self.s.max_new_tokens], reward, v.reason, cut)
         return {pid: self._rows[pid] for pid in {p.id for p in problems} if pid in self._rows}
 
     def train_on(self, module, groups: Groups) -> tuple[int, Optional[dict]]:
