@@ -75,6 +75,18 @@ def test_a_hub_layout_dataset_loads_by_name_subset_and_split(gsm8k_dir):
     assert len(test) == 20 and test[0].id != problems[0].id
 
 
+def test_two_local_directories_of_one_name_each_load_their_own_rows(tmp_path):
+    """The datasets cache keys a local directory by its name and layout: a second directory called gsm8k (or the
+    same one edited) must not be answered from the first one's cache, and the user's cache is not written."""
+    from stagewise_pl.data.loaders import load_pool
+
+    first = hub_layout(tmp_path / "a" / "gsm8k", {"train": gsm8k_rows(3, 0)})
+    second = hub_layout(tmp_path / "b" / "gsm8k", {"train": [NATALIA] + gsm8k_rows(4, 0)})
+    assert len(load_pool(data_cfg(path=str(first), subset="main"))[0]) == 3
+    problems, _ = load_pool(data_cfg(path=str(second), subset="main"))
+    assert len(problems) == 5 and problems[0].answer == "72"
+
+
 def test_a_filter_keeps_the_short_problems_and_the_report_counts_what_it_dropped(gsm8k_dir):
     from stagewise_pl.data.loaders import load_pool
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import operator
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -89,17 +90,22 @@ def saved_to_disk(path: Path) -> bool:
     return path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json"))
 
 
-def load_rows(ref: HubRef):
+def load_rows(ref: HubRef) -> list[dict]:
     """The rows of ``ref``'s split: a ``save_to_disk`` directory, or ``datasets.load_dataset`` (the hub, its cache,
-    or a local directory in the hub's layout)."""
+    or a local directory in the hub's layout). A local directory is read through a cache of its own, removed after:
+    the datasets cache keys a local directory by its name and layout, not by its files' content, so a second
+    directory of the same name (or the same one edited) would be answered from the first one's cache."""
     import datasets
 
     local = Path(ref.name).expanduser()
     try:
         if saved_to_disk(local):
             loaded = datasets.load_from_disk(str(local))
-            return loaded[ref.split] if isinstance(loaded, datasets.DatasetDict) else loaded
-        return datasets.load_dataset(str(local) if local.is_dir() else ref.name, ref.subset or None, split=ref.split)
+            return (loaded[ref.split] if isinstance(loaded, datasets.DatasetDict) else loaded).to_list()
+        if not local.is_dir():
+            return datasets.load_dataset(ref.name, ref.subset or None, split=ref.split).to_list()
+        with tempfile.TemporaryDirectory(prefix="stagewise-dataset-") as cache:
+            return datasets.load_dataset(str(local), ref.subset or None, split=ref.split, cache_dir=cache).to_list()
     except Exception as exc:  # noqa: BLE001  (datasets raises many kinds: say which dataset and what to do)
         raise HubError(
             f"cannot load the dataset {ref.name!r} (subset {ref.subset or '-'}, split {ref.split}): "
