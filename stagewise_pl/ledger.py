@@ -11,7 +11,13 @@ recorded twice and nothing a checkpoint counts is lost. ``rewind(phase, step)`` 
 know a step rather than a position.
 
 Queries: pass rate per problem in a phase, a problem's history across phases, the problems never
-solved in a phase. A pass is a verdict ``correct``.
+solved in a phase. A pass is a verdict ``correct``. They read an index kept between calls: the routing columns of
+each part (problem ids and phases as int32 codes, no completions), read once per part, so a query after a step
+reads only that step's part, and answered with Arrow's group-by, not Python rows; the completions a phase needs
+(critique fine-tuning's failures, self-replay's correct rollouts) are read only from the parts that hold that
+phase, three columns, filtered in the reader. The writer keeps the index on disk too, in segments of 256 parts
+(``ledger/.index``), so a cold process opens a few files, not one per step. ``tools/bench_ledger.py`` measures
+them at 10 million rollouts.
 """
 from __future__ import annotations
 
@@ -21,10 +27,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stagewise_pl.faults import fault_point
 from stagewise_pl.io import atomic_file, fsync_dir
+from stagewise_pl.ledger_index import LedgerIndex
 from stagewise_pl.records import RolloutRecord
 
 SCHEMA = pa.schema([
@@ -42,9 +50,9 @@ class DifficultyLedger:
         self.dir, self.run_id = Path(directory), run_id
         self.dir.mkdir(parents=True, exist_ok=True)
         if writer:  # the process that writes (rank 0) clears what a crash left half-written
-            for stale in self.dir.glob(".part-*.tmp*"):  # a write cut by a crash before its rename
-                stale.unlink(missing_ok=True)
-        self._table: Optional[pa.Table] = None
+            for stale in [*self.dir.glob(".part-*.tmp*"), *self.dir.glob(".index/.seg-*.tmp*")]:
+                stale.unlink(missing_ok=True)  # a write cut by a crash before its rename
+        self._index = LedgerIndex(self.dir, writer)
 
     # ------------------------------------------------------------------ writing
     def parts(self) -> list[Path]:
@@ -62,7 +70,6 @@ class DifficultyLedger:
         path = self.dir / f"part-{len(self.parts()):06d}.parquet"
         with atomic_file(path, "wb", before_rename=lambda: fault_point("ledger_rename")) as handle:
             pq.write_table(table, handle)
-        self._table = None
 
     # ------------------------------------------------------------------ position (checkpoints)
     def state_dict(self) -> dict:
@@ -78,7 +85,8 @@ class DifficultyLedger:
         for extra in parts[keep:]:
             extra.unlink()
         fsync_dir(self.dir)
-        self._table = None
+        self._index.drop_segments(keep)
+        self._index.reset()
 
     def rewind(self, phase: str, step: int) -> None:
         """Drop the records of ``phase`` from rollout step ``step`` on (RolloutSink). Parts are whole
@@ -95,96 +103,136 @@ class DifficultyLedger:
 
     # ------------------------------------------------------------------ reading
     def refresh(self) -> None:
-        """Forget the cached table (another process may have written parts)."""
-        self._table = None
+        """Read again from the parts (another process may have rewritten them); queries also notice by themselves
+        parts added, removed or rewritten since they last read."""
+        self._index.reset()
 
     def table(self) -> pa.Table:
-        if self._table is None:
-            parts = self.parts()
-            self._table = pa.concat_tables([pq.read_table(p) for p in parts]) if parts else SCHEMA.empty_table()
-        return self._table
+        """Every column of every part, read now and not kept (tests, exports): the queries below read less."""
+        parts = self.parts()
+        return pa.concat_tables([pq.read_table(p) for p in parts]) if parts else SCHEMA.empty_table()
 
     def __len__(self) -> int:
-        return self.table().num_rows
+        return self._view().num_rows
 
-    def _rows(self, columns: list[str]) -> list[dict]:
-        return self.table().select(columns).to_pylist()
+    def _view(self) -> pa.Table:
+        """The routing columns of every part, problems and phases coded (:mod:`stagewise_pl.ledger_index`)."""
+        return self._index.sync(self.parts())
+
+    def _select(self, problems=None, phases=None, first_index: int = 0, last_index: Optional[int] = None,
+                global_step: Optional[int] = None) -> pa.Table:
+        t, idx = self._view(), self._index
+        masks = []
+        if problems is not None:
+            masks.append(pc.is_in(t["problem"], value_set=idx.problems.codes(problems)))
+        if phases is not None:
+            masks.append(pc.is_in(t["phase"], value_set=idx.phases.codes(phases)))
+        if first_index > 0:
+            masks.append(pc.greater_equal(t["phase_index"], first_index))
+        if last_index is not None:
+            masks.append(pc.less_equal(t["phase_index"], last_index))
+        if global_step is not None:
+            masks.append(pc.equal(t["global_step"], global_step))
+        if not masks:
+            return t
+        mask = masks[0]
+        for more in masks[1:]:
+            mask = pc.and_(mask, more)
+        return t.filter(mask)
+
+    def _counts(self, t: pa.Table, keys: list[str]) -> list[dict]:
+        """Correct and graded rollouts per group of ``keys``, groups in order of first appearance."""
+        g = t.group_by(keys, use_threads=False).aggregate([("correct", "sum"), ("correct", "count")])
+        return g.rename_columns(keys + ["correct", "n"]).to_pylist()
 
     def pass_rates(self, phase: str) -> "OrderedDict[str, float]":
         """Problem id -> fraction of its graded rollouts in ``phase`` that were correct."""
-        counts: "OrderedDict[str, list[int]]" = OrderedDict()
-        for row in self._rows(["phase", "problem_id", "reason"]):
-            if row["phase"] == phase:
-                c = counts.setdefault(row["problem_id"], [0, 0])
-                c[0] += row["reason"] == "correct"
-                c[1] += 1
-        return OrderedDict((pid, ok / n) for pid, (ok, n) in counts.items())
+        groups = self._counts(self._select(phases=[phase]), ["problem"])
+        name = self._index.problems.names
+        return OrderedDict((name[g["problem"]], g["correct"] / g["n"]) for g in groups)
 
     def tally(self, problems, phases=None, first_index: int = 0, last_index: Optional[int] = None,
               global_step: Optional[int] = None) -> dict[str, list]:
         """Problem id -> [correct, graded, phases] over the rows of ``problems`` (None = any) whose phase is in
         ``phases`` (None = any), whose plan position lies in [first_index, last_index] and, given ``global_step``,
         graded at that optimizer step (under the same policy)."""
-        wanted, out = None if problems is None else set(problems), {}
-        for row in self._rows(["phase", "phase_index", "problem_id", "reason", "global_step"]):
-            if (wanted is not None and row["problem_id"] not in wanted) or (phases is not None
-                                                                            and row["phase"] not in phases):
-                continue
-            if row["phase_index"] < first_index or (last_index is not None and row["phase_index"] > last_index):
-                continue
-            if global_step is not None and row["global_step"] != global_step:
-                continue
-            entry = out.setdefault(row["problem_id"], [0, 0, []])
-            entry[0] += row["reason"] == "correct"
-            entry[1] += 1
-            if row["phase"] not in entry[2]:
-                entry[2].append(row["phase"])
+        t = self._select(problems, phases, first_index, last_index, global_step)
+        out, problem, phase = {}, self._index.problems.names, self._index.phases.names
+        for g in self._counts(t, ["problem", "phase"]):
+            entry = out.setdefault(problem[g["problem"]], [0, 0, []])
+            entry[0] += g["correct"]
+            entry[1] += g["n"]
+            entry[2].append(phase[g["phase"]])
         return out
 
     def tokens_by_phase(self) -> "OrderedDict[str, dict]":
         """Phase -> rollouts graded and completion tokens generated in it (a run's generation budget)."""
-        out: "OrderedDict[str, dict]" = OrderedDict()
-        for row in self._rows(["phase", "completion_tokens"]):
-            entry = out.setdefault(row["phase"], {"rollouts": 0, "tokens": 0})
-            entry["rollouts"] += 1
-            entry["tokens"] += int(row["completion_tokens"])
+        g = self._view().group_by("phase", use_threads=False).aggregate([("tokens", "count"), ("tokens", "sum")])
+        return OrderedDict((self._index.phases.names[c], {"rollouts": n, "tokens": int(tokens)})
+                           for c, n, tokens in zip(*(g[col].to_pylist() for col in ("phase", "tokens_count",
+                                                                                    "tokens_sum"))))
+
+    def phase_stats(self) -> list[dict]:
+        """Per phase, in order: kind, rollouts, problems, pass rate, share of problems never solved, mean
+        completion tokens, share truncated (the report's ledger table)."""
+        t = self._view()
+        per_phase = t.group_by("phase", use_threads=False).aggregate(
+            [("correct", "sum"), ("correct", "count"), ("tokens", "sum"), ("truncated", "sum")]).to_pylist()
+        unsolved: dict[int, list[int]] = {}
+        for g in self._counts(t, ["phase", "problem"]):
+            entry = unsolved.setdefault(g["phase"], [0, 0])
+            entry[0] += g["correct"] == 0
+            entry[1] += 1
+        out = []
+        for g in per_phase:
+            name, n = self._index.phases.names[g["phase"]], g["correct_count"]
+            out.append({"phase": name, "kind": self._index.kinds[name], "rollouts": n,
+                        "problems": unsolved[g["phase"]][1], "pass_rate": g["correct_sum"] / n,
+                        "never_solved": unsolved[g["phase"]][0] / unsolved[g["phase"]][1],
+                        "completion_tokens": g["tokens_sum"] / n, "truncated": g["truncated_sum"] / n})
         return out
 
     def history(self, problem_id: str) -> list[dict]:
         """One entry per phase the problem was graded in, in order: phase, kind, rollouts, pass rate."""
-        out: "OrderedDict[str, dict]" = OrderedDict()
-        for row in self._rows(["phase", "phase_index", "phase_kind", "problem_id", "reason"]):
-            if row["problem_id"] != problem_id:
-                continue
-            entry = out.setdefault(row["phase"], {"phase": row["phase"], "phase_index": row["phase_index"],
-                                                  "phase_kind": row["phase_kind"], "rollouts": 0, "correct": 0})
-            entry["rollouts"] += 1
-            entry["correct"] += row["reason"] == "correct"
-        return [dict(e, pass_rate=e["correct"] / e["rollouts"]) for e in out.values()]
+        t = self._select(problems=[problem_id])
+        g = t.group_by("phase", use_threads=False).aggregate([("correct", "sum"), ("correct", "count"),
+                                                              ("phase_index", "min")])
+        out = []
+        for c, ok, n, index in zip(*(g[col].to_pylist() for col in ("phase", "correct_sum", "correct_count",
+                                                                    "phase_index_min"))):
+            name = self._index.phases.names[c]
+            out.append({"phase": name, "phase_index": index, "phase_kind": self._index.kinds[name], "rollouts": n,
+                        "correct": ok, "pass_rate": ok / n})
+        return out
 
     def never_solved(self, phase: str) -> list[str]:
         """Problems graded in ``phase`` with no correct rollout there (critique fine-tuning's input)."""
         return [pid for pid, rate in self.pass_rates(phase).items() if rate == 0.0]
 
+    def _texts(self, phase: str, correct: bool, problem_id: Optional[str] = None) -> "OrderedDict[str, list[str]]":
+        """Problem id -> the completions of ``phase`` with reward > 0 (``correct``) or <= 0: only the parts that
+        hold the phase are opened, only three columns read, the rest filtered in the reader."""
+        self._view()
+        where = [("phase", "=", phase), ("reward", ">" if correct else "<=", 0.0)]
+        if problem_id is not None:
+            where.append(("problem_id", "=", problem_id))
+        out: "OrderedDict[str, list[str]]" = OrderedDict()
+        for part in self._index.parts_with(phase):
+            t = pq.read_table(part, columns=["problem_id", "completion"], filters=where)
+            for pid, text in zip(t["problem_id"].to_pylist(), t["completion"].to_pylist()):
+                if text is not None:
+                    out.setdefault(pid, []).append(text)
+        return out
+
     def failures_by_problem(self, phase: str) -> "OrderedDict[str, list[str]]":
         """Problem id -> the texts of its failed rollouts in ``phase`` (one pass over the ledger)."""
-        out: "OrderedDict[str, list[str]]" = OrderedDict()
-        for row in self._rows(["phase", "problem_id", "reward", "completion"]):
-            if row["phase"] == phase and row["reward"] <= 0 and row["completion"] is not None:
-                out.setdefault(row["problem_id"], []).append(row["completion"])
-        return out
+        return self._texts(phase, correct=False)
 
     def correct_by_problem(self, phase: str) -> "OrderedDict[str, list[str]]":
         """Problem id -> the texts of its correct rollouts in ``phase`` (profiles keep them with
         data.replay_target=own)."""
-        out: "OrderedDict[str, list[str]]" = OrderedDict()
-        for row in self._rows(["phase", "problem_id", "reward", "completion"]):
-            if row["phase"] == phase and row["reward"] > 0 and row["completion"] is not None:
-                out.setdefault(row["problem_id"], []).append(row["completion"])
-        return out
+        return self._texts(phase, correct=True)
 
     def failures(self, phase: str, problem_id: str) -> list[str]:
         """The texts of a problem's failed rollouts in ``phase``."""
-        return [row["completion"] for row in self._rows(["phase", "problem_id", "reward", "completion"])
-                if row["phase"] == phase and row["problem_id"] == problem_id and row["reward"] <= 0
-                and row["completion"] is not None]
+        return self._texts(phase, correct=False, problem_id=problem_id).get(problem_id, [])

@@ -75,25 +75,9 @@ def ledger_stats(run_dir: Path, phases: dict, bands: PassRateBands = DEFAULT_BAN
     ledger = DifficultyLedger(run_dir / "ledger", "report", writer=False)
     if not ledger.parts():
         return {"ledger": [], "buckets": OrderedDict(), "flows": []}
-    rows = ledger.table().select(["phase", "phase_kind", "problem_id", "reason", "completion_tokens",
-                                  "truncated"]).to_pylist()
-    by_phase: "OrderedDict[str, list[dict]]" = OrderedDict()
-    for r in rows:
-        by_phase.setdefault(r["phase"], []).append(r)
-    stats, buckets = [], OrderedDict()
-    for name, rs in by_phase.items():
-        per_problem: dict[str, list[int]] = {}
-        for r in rs:
-            c = per_problem.setdefault(r["problem_id"], [0, 0])
-            c[0] += r["reason"] == "correct"
-            c[1] += 1
-        stats.append({"phase": name, "kind": rs[0]["phase_kind"], "rollouts": len(rs), "problems": len(per_problem),
-                      "pass_rate": sum(r["reason"] == "correct" for r in rs) / len(rs),
-                      "never_solved": sum(1 for ok, _ in per_problem.values() if ok == 0) / len(per_problem),
-                      "completion_tokens": sum(r["completion_tokens"] for r in rs) / len(rs),
-                      "truncated": sum(bool(r["truncated"]) for r in rs) / len(rs)})
-        if rs[0]["phase_kind"] == "profile":
-            buckets[name] = {pid: bands.bucket(ok / n) for pid, (ok, n) in per_problem.items()}
+    stats = ledger.phase_stats()
+    buckets = OrderedDict((row["phase"], {pid: bands.bucket(r) for pid, r in ledger.pass_rates(row["phase"]).items()})
+                          for row in stats if row["kind"] == "profile")
     decisions = [_json(f) for f in sorted((run_dir / "routing").glob("*.json"))]
     for d in decisions:  # a profile's recorded evidence (reused, carried, kept) stands over its own rows
         if d.get("kind") == "profile" and d.get("evidence") is not None and d.get("phase") in phases:

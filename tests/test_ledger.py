@@ -37,6 +37,111 @@ def test_queries_across_phases(tmp_path):
     assert DifficultyLedger(tmp_path / "ledger", run_id="r1").pass_rates("2-grpo") == {"a": 0.125, "b": 1.0}
 
 
+def reference(rows, phase=None, problems=None, phases=None, first=0, last=None, step=None):
+    """The queries answered row by row from every column (what the ledger's coded, incremental index must equal)."""
+    keep = [r for r in rows if (phase is None or r["phase"] == phase) and (problems is None or r["problem_id"] in
+            problems) and (phases is None or r["phase"] in phases) and r["phase_index"] >= first
+            and (last is None or r["phase_index"] <= last) and (step is None or r["global_step"] == step)]
+    out = {}
+    for r in keep:
+        e = out.setdefault(r["problem_id"], [0, 0, []])
+        e[0] += r["reason"] == "correct"
+        e[1] += 1
+        if r["phase"] not in e[2]:
+            e[2].append(r["phase"])
+    return out
+
+
+def random_ledger(ledger, rng, parts, first_part=0):
+    phases = [("1-profile", 1, "profile"), ("2-grpo", 2, "grpo"), ("3-hpt", 3, "hpt")]
+    for k in range(first_part, first_part + parts):
+        name, index, kind = phases[min(k // 3, 2)]
+        rows = []
+        for _ in range(rng.randint(1, 12)):
+            pid, reward = f"p{rng.randint(0, 14)}", float(rng.random() < 0.4)
+            rows.append(RolloutRecord(name, kind, k, pid, rng.randint(0, 7), reward,
+                                      "correct" if reward else rng.choice(["wrong", "no_answer"]), rng.randint(1, 99),
+                                      rng.random() < 0.2, False, None if rng.random() < 0.1 else f"{pid} {k}",
+                                      0, index, rng.randint(0, 2)))
+        ledger.record(rows)
+
+
+@pytest.mark.parametrize("segment", [256, 2])
+def test_queries_equal_a_row_by_row_reading_while_parts_are_added_removed_and_rewritten(tmp_path, monkeypatch,
+                                                                                         segment):
+    """Each query against the same question asked of every row; with segments of 2 parts the writer keeps its
+    index on disk as it goes, a cold handle reads it, and a resume to an earlier part drops what it covered."""
+    import random
+
+    import stagewise_pl.ledger_index as index
+    from stagewise_pl.report import ledger_stats
+
+    monkeypatch.setattr(index, "SEGMENT_PARTS", segment)
+    rng = random.Random(0)
+    ledger = DifficultyLedger(tmp_path / "ledger", run_id="r")
+    other = DifficultyLedger(tmp_path / "ledger", run_id="r", writer=False)  # another process's handle
+    random_ledger(ledger, rng, 5)
+    assert other.pass_rates("1-profile")  # reads the five parts; later checks see what changed since
+    for round_ in range(3):
+        rows = ledger.table().to_pylist()
+        for handle in (ledger, other):
+            for phase in ("1-profile", "2-grpo", "3-hpt", "none"):
+                want = reference(rows, phase)
+                assert handle.pass_rates(phase) == {pid: c / n for pid, (c, n, _) in want.items()}
+                assert list(handle.pass_rates(phase)) == list(want)  # order of first appearance
+                fails = {}
+                for r in rows:
+                    if r["phase"] == phase and r["reward"] <= 0 and r["completion"] is not None:
+                        fails.setdefault(r["problem_id"], []).append(r["completion"])
+                assert handle.failures_by_problem(phase) == fails
+                assert handle.failures(phase, "p3") == fails.get("p3", [])
+            for kw in ({}, {"problems": {"p1", "p2", "zz"}}, {"phases": {"2-grpo", "3-hpt"}, "first": 2},
+                       {"last": 2, "step": 1}):
+                got = handle.tally(kw.get("problems"), kw.get("phases"), kw.get("first", 0), kw.get("last"),
+                                   kw.get("step"))
+                assert got == reference(rows, **kw)
+            assert handle.tokens_by_phase() == {ph: {"rollouts": sum(r["phase"] == ph for r in rows),
+                                                     "tokens": sum(r["completion_tokens"] for r in rows
+                                                                   if r["phase"] == ph)}
+                                                for ph in dict.fromkeys(r["phase"] for r in rows)}
+            assert [h["rollouts"] for h in handle.history("p4")] == [
+                sum(r["problem_id"] == "p4" and r["phase"] == ph for r in rows)
+                for ph in dict.fromkeys(r["phase"] for r in rows if r["problem_id"] == "p4")]
+            assert len(handle) == len(rows)
+        segments = sorted(p.name for p in (tmp_path / "ledger" / ".index").glob("seg-*"))
+        assert segments == ([] if segment == 256 else
+                            [f"seg-{a:06d}-{a + 1:06d}.parquet" for a in range(0, len(ledger.parts()) - 1, 2)])
+        stats = ledger_stats(tmp_path, {})["ledger"]  # a cold handle: the segments, then the parts after them
+        assert [(s["phase"], s["rollouts"]) for s in stats] == [
+            (ph, sum(r["phase"] == ph for r in rows)) for ph in dict.fromkeys(r["phase"] for r in rows)]
+        if round_ == 0:
+            random_ledger(ledger, rng, 3, first_part=5)  # parts added after the other handle read
+        elif round_ == 1:  # a resume elsewhere: back to 4 parts, then other rollouts under the same names
+            DifficultyLedger(tmp_path / "ledger", run_id="r").load_state_dict({"parts": 4})
+            random_ledger(DifficultyLedger(tmp_path / "ledger", run_id="r"), rng, 4, first_part=4)
+
+
+def test_a_damaged_index_segment_is_not_read_and_the_writer_makes_it_again(tmp_path, monkeypatch):
+    import random
+
+    import stagewise_pl.ledger_index as index
+
+    monkeypatch.setattr(index, "SEGMENT_PARTS", 2)
+    ledger = DifficultyLedger(tmp_path / "ledger", run_id="r")
+    random_ledger(ledger, random.Random(1), 5)
+    want = (ledger.pass_rates("2-grpo"), ledger.tally(None), ledger.tokens_by_phase())
+    segment = tmp_path / "ledger" / ".index" / "seg-000000-000001.parquet"
+    segment.write_bytes(b"not parquet")
+    reader = DifficultyLedger(tmp_path / "ledger", run_id="r", writer=False)
+    assert (reader.pass_rates("2-grpo"), reader.tally(None), reader.tokens_by_phase()) == want
+    assert segment.read_bytes() == b"not parquet"  # a reader leaves the files as they are
+    writer = DifficultyLedger(tmp_path / "ledger", run_id="r")
+    assert (writer.pass_rates("2-grpo"), writer.tally(None), writer.tokens_by_phase()) == want
+    assert segment.read_bytes()[:4] == b"PAR1"
+    assert sorted(p.name for p in segment.parent.iterdir()) == ["seg-000000-000001.parquet",
+                                                                  "seg-000002-000003.parquet"]
+
+
 def test_writes_are_whole_parts_and_a_torn_write_is_never_read(tmp_path):
     ledger = DifficultyLedger(tmp_path / "ledger", run_id="r")
     ledger.record(group("p", 1, 0, "a", [1, 0]))
@@ -159,3 +264,22 @@ def test_a_profile_cut_short_is_redone_to_the_same_ledger(tmp_path):
     a = DifficultyLedger(tmp_path / "straight" / "ledger", "x").table().drop(["run_id"])
     b = DifficultyLedger(tmp_path / "cut" / "ledger", "x").table().drop(["run_id"])
     assert a.num_rows == 160 and a.equals(b)
+
+
+@pytest.mark.slow
+def test_the_ledger_benchmark_answers_as_the_naive_path_does_and_prints_its_table(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(root / "tools" / "bench_ledger.py"), "--rows", "3000", "70000",
+                          "--naive-max", "70000", "--dir", str(tmp_path / "b"), "--json", str(tmp_path / "b.json")],
+                         capture_output=True, text=True, timeout=900, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]  # it exits 1 where the two paths' answers differ in size
+    figures = json.loads((tmp_path / "b.json").read_text())
+    assert {(r["rows"], r["op"], r["path"]) for r in figures} == {
+        (rows, op, path) for rows in (3000, 70000) for op in ("route", "evidence", "budget", "cft", "report", "append")
+        for path in ("stagewise_pl", "naive")}
+    assert all(r["seconds"] > 0 and r["size"] > 0 for r in figures)
+    assert out.stdout.count("| 70,000 |") == 6
