@@ -46,8 +46,9 @@ exit codes: 0 done; 2 a bad configuration, argument or training data (the messag
   or a checkpoint that cannot be used; 4 (--dry-run) a file the run reads is missing (with where to get it);
   5 another launch is running on run.dir (its pid and host named); 6 the disk refused a write (full, read-only;
   the file named, what was written before intact: free space and resume=last); 7 the teacher's endpoint answered
-  nothing after its retries (named; its answers so far are cached); 128 + N stopped by signal N after a checkpoint
-  (requeued under Slurm)
+  nothing after its retries (named; its answers so far are cached); 8 the rollout engine (vLLM) died in a
+  generation call (resume=last starts a new one); 128 + N stopped by signal N after a checkpoint (requeued under
+  Slurm)
 """
 
 

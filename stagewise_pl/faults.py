@@ -14,7 +14,11 @@ Points the stage manager and the parts it drives pass:
 - ``sft_backward`` — inside an SFT step, after the backward pass and before the optimizer step;
 - ``decode`` — inside a rollout, after a decoding step of the HF engine;
 - ``verify`` — inside a verifier call, with the pairs sent to a grading worker and no answer read;
-- ``ledger_rename`` — a ledger part written to its temporary file, not yet renamed into place.
+- ``ledger_rename`` — a ledger part written to its temporary file, not yet renamed into place;
+- ``engine_generate`` — inside a rollout, as the vLLM engine (which lives in the training process) is called.
+
+``engine_dead`` is not a kill: vLLM's engine core is shut down just before a generation call, which then fails
+as it does when the engine core dies (:mod:`stagewise_pl.rollout.vllm_engine`).
 
 ``enospc:<folder>`` is not a kill: the write of a file into a folder of that name (a directory written whole: its
 own name) fails as a full disk would (:mod:`stagewise_pl.io`).

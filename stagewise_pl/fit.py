@@ -13,6 +13,7 @@ MISSING_FILES_EXIT = 4  # --dry-run: a file the run reads is missing (each named
 LOCKED_EXIT = 5  # another launch holds the run directory (its pid and host named)
 WRITE_EXIT = 6  # the disk refused a write (full, over quota, read-only): the file is named
 TEACHER_EXIT = 7  # the teacher's endpoint answered nothing after its retries (named, without its key)
+ENGINE_EXIT = 8  # the rollout engine (vLLM's engine core) died or failed in a generation call
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +97,12 @@ def _main(args) -> int:
                   f"received so far (the teacher's disk cache) are kept: resume=last when the endpoint answers "
                   f"again asks for none of them twice", file=sys.stderr)
             return TEACHER_EXIT
+        from stagewise_pl.rollout.base import EngineFailed
+
+        if isinstance(exc, EngineFailed):
+            print(f"error: {exc}. The run stopped; its last checkpoint is kept: resume=last starts a new engine and "
+                  f"goes on from it", file=sys.stderr)
+            return ENGINE_EXIT
         raise
     return 0
 

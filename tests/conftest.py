@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -103,6 +104,10 @@ def reliability(request):
 def pytest_sessionfinish(session, exitstatus):
     if not SHARED_CACHE:
         shutil.rmtree(SESSION_CACHE, ignore_errors=True)
+    rows = os.environ.get("STAGEWISE_RELIABILITY_ROWS")  # tools/reliability.py: the rows of one of its sessions
+    if rows:
+        Path(rows).write_text(json.dumps({"rows": RELIABILITY, "failed": session.testsfailed,
+                                          "collected": session.testscollected}))
     out = os.environ.get("STAGEWISE_RELIABILITY_OUT")
     if not out or not RELIABILITY:
         return

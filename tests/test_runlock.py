@@ -55,3 +55,30 @@ def test_a_launch_on_a_directory_in_use_exits_5_and_writes_nothing(tmp_path):
     assert out.returncode == 5, out.stderr[-2000:]
     assert f"is in use by another launch: pid {proc.pid} on host {socket.gethostname()}" in out.stderr
     assert sorted(p.name for p in run_dir.iterdir()) == ["run.lock"]
+
+
+def test_an_engine_that_fails_in_a_rollout_stops_the_run_with_its_own_exit_code(tmp_path, fast_overrides,
+                                                                                 monkeypatch, capsys):
+    """The exit and the message a dead rollout engine gives (the vLLM engine raises EngineFailed: its own tests,
+    tests/vllm_engine/test_vllm_faults.py, kill it for real and resume); the last checkpoint is kept."""
+    from stagewise_pl.fit import ENGINE_EXIT, main
+    from stagewise_pl.rollout.base import EngineFailed
+    from stagewise_pl.rollout.hf import HFEngine
+
+    calls = []
+    original = HFEngine.generate
+
+    def dies_on_the_third_call(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise EngineFailed("the vLLM engine failed while generating (g: 4 prompts x 4): EngineDeadError: gone")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(HFEngine, "generate", dies_on_the_third_call)
+    run_dir = tmp_path / "run"
+    assert main(fast_overrides + [f"run.dir={run_dir}", "eval.k=0", "eval.before=false",
+                                  "phases=[{name: g, kind: grpo, steps: 4, lr: 1e-3}]", "grpo.prompts_per_step=4",
+                                  "grpo.num_generations=4", "trainer.checkpoint_every_n_steps=1"]) == ENGINE_EXIT == 8
+    err = capsys.readouterr().err
+    assert "EngineDeadError: gone. The run stopped; its last checkpoint is kept: resume=last" in err
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and not (run_dir / "run.lock").exists()

@@ -9,6 +9,11 @@ from stagewise_pl.registry import Registry
 ENGINES: Registry = Registry("rollout engine")
 
 
+class EngineFailed(RuntimeError):
+    """The rollout engine died or failed in a generation call (an engine with a life of its own: vLLM's engine core);
+    the run stops at its last checkpoint and a resume starts a new engine."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     n: int = 1

@@ -9,6 +9,8 @@
 - After each sync, :meth:`canary` samples a few tokens with vLLM, recomputes their log-probs with
   the training model, and raises :class:`StaleWeightsError` if they differ by more than the
   tolerance -- the check that catches stale weights (comparing sampled text would not).
+- A generation call that fails (the engine core dead, or any error inside vLLM) raises :class:`EngineFailed`
+  naming the call: the run stops at its last checkpoint (exit 8) and ``resume=last`` starts a new engine.
 - Sleep/wake (freeing the KV cache between rollouts) exists only on GPUs: on CPU vLLM rejects
   ``enable_sleep_mode`` and :meth:`sleep` / :meth:`wake_up` do nothing -- unverified here.
 
@@ -21,7 +23,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from stagewise_pl.rollout.base import ENGINES, RolloutBatch, SamplingParams
+from stagewise_pl.faults import fault_point, poisoned
+from stagewise_pl.rollout.base import ENGINES, EngineFailed, RolloutBatch, SamplingParams
 
 
 class StaleWeightsError(RuntimeError):
@@ -63,7 +66,14 @@ class VLLMEngine:
         params = self._vllm.SamplingParams(
             n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_new_tokens,
             stop=list(sampling.stop) or None, seed=sampling.seed, logprobs=0 if sampling.logprobs else None)
-        outputs = self.llm.generate(list(prompts), params, use_tqdm=False)
+        fault_point("engine_generate")  # (tests) SIGKILL in a rollout: the engine lives in this process
+        try:
+            if poisoned("engine_dead"):  # (tests) vLLM's engine core shut down under the run, as when it dies
+                self.llm.llm_engine.engine_core.shutdown()
+            outputs = self.llm.generate(list(prompts), params, use_tqdm=False)
+        except Exception as exc:  # noqa: BLE001  (vLLM raises EngineDeadError, RuntimeError, ...: say what died)
+            raise EngineFailed(f"the vLLM engine failed while generating ({desc}: {len(prompts)} prompts x "
+                               f"{sampling.n}): {type(exc).__name__}: {exc}") from exc
         batch = RolloutBatch(n=sampling.n, prompt_ids=[], completion_ids=[], texts=[], finish_reasons=[],
                              logprobs=[] if sampling.logprobs else None)
         for out in outputs:
