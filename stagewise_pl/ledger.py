@@ -53,6 +53,7 @@ class DifficultyLedger:
             for stale in [*self.dir.glob(".part-*.tmp*"), *self.dir.glob(".index/.seg-*.tmp*")]:
                 stale.unlink(missing_ok=True)  # a write cut by a crash before its rename
         self._index = LedgerIndex(self.dir, writer)
+        self._pairs_cache, self._pairs_of = None, None
 
     # ------------------------------------------------------------------ writing
     def parts(self) -> list[Path]:
@@ -172,23 +173,41 @@ class DifficultyLedger:
                            for c, n, tokens in zip(*(g[col].to_pylist() for col in ("phase", "tokens_count",
                                                                                     "tokens_sum"))))
 
+    def _pairs(self) -> pa.Table:
+        """Correct and graded rollouts per (phase, problem), in order of first appearance: one group-by over the
+        index, kept until a part is added (the report reads it for every phase and every profile's buckets)."""
+        t = self._view()
+        if self._pairs_of is not t:
+            g = t.group_by(["phase", "problem"], use_threads=False).aggregate([("correct", "sum"),
+                                                                                ("correct", "count")])
+            self._pairs_cache, self._pairs_of = g.rename_columns(["phase", "problem", "correct", "n"]), t
+        return self._pairs_cache
+
+    def pass_rates_by_phase(self, phases) -> "OrderedDict[str, OrderedDict[str, float]]":
+        """:meth:`pass_rates` of each of ``phases`` (those with rows), from one group-by."""
+        pairs = self._pairs()
+        pairs = pairs.filter(pc.is_in(pairs["phase"], value_set=self._index.phases.codes(phases)))
+        out: "OrderedDict[str, OrderedDict[str, float]]" = OrderedDict()
+        phase, problem = self._index.phases.names, self._index.problems.names
+        for c, pid, ok, n in zip(*(pairs[col].to_pylist() for col in ("phase", "problem", "correct", "n"))):
+            out.setdefault(phase[c], OrderedDict())[problem[pid]] = ok / n
+        return out
+
     def phase_stats(self) -> list[dict]:
         """Per phase, in order: kind, rollouts, problems, pass rate, share of problems never solved, mean
         completion tokens, share truncated (the report's ledger table)."""
-        t = self._view()
-        per_phase = t.group_by("phase", use_threads=False).aggregate(
+        per_phase = self._view().group_by("phase", use_threads=False).aggregate(
             [("correct", "sum"), ("correct", "count"), ("tokens", "sum"), ("truncated", "sum")]).to_pylist()
-        unsolved: dict[int, list[int]] = {}
-        for g in self._counts(t, ["phase", "problem"]):
-            entry = unsolved.setdefault(g["phase"], [0, 0])
-            entry[0] += g["correct"] == 0
-            entry[1] += 1
+        pairs = self._pairs()
+        pairs = pairs.append_column("unsolved", pc.equal(pairs["correct"], 0))
+        unsolved = {g["phase"]: g for g in pairs.group_by("phase", use_threads=False).aggregate(
+            [("unsolved", "sum"), ("unsolved", "count")]).to_pylist()}
         out = []
         for g in per_phase:
-            name, n = self._index.phases.names[g["phase"]], g["correct_count"]
+            name, n, u = self._index.phases.names[g["phase"]], g["correct_count"], unsolved[g["phase"]]
             out.append({"phase": name, "kind": self._index.kinds[name], "rollouts": n,
-                        "problems": unsolved[g["phase"]][1], "pass_rate": g["correct_sum"] / n,
-                        "never_solved": unsolved[g["phase"]][0] / unsolved[g["phase"]][1],
+                        "problems": u["unsolved_count"], "pass_rate": g["correct_sum"] / n,
+                        "never_solved": u["unsolved_sum"] / u["unsolved_count"],
                         "completion_tokens": g["tokens_sum"] / n, "truncated": g["truncated_sum"] / n})
         return out
 

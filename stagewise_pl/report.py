@@ -13,7 +13,7 @@ import base64
 import html
 import json
 import sys
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Optional
 
@@ -76,8 +76,8 @@ def ledger_stats(run_dir: Path, phases: dict, bands: PassRateBands = DEFAULT_BAN
     if not ledger.parts():
         return {"ledger": [], "buckets": OrderedDict(), "flows": []}
     stats = ledger.phase_stats()
-    buckets = OrderedDict((row["phase"], {pid: bands.bucket(r) for pid, r in ledger.pass_rates(row["phase"]).items()})
-                          for row in stats if row["kind"] == "profile")
+    rates = ledger.pass_rates_by_phase([row["phase"] for row in stats if row["kind"] == "profile"])
+    buckets = OrderedDict((name, {pid: bands.bucket(r) for pid, r in by.items()}) for name, by in rates.items())
     decisions = [_json(f) for f in sorted((run_dir / "routing").glob("*.json"))]
     for d in decisions:  # a profile's recorded evidence (reused, carried, kept) stands over its own rows
         if d.get("kind") == "profile" and d.get("evidence") is not None and d.get("phase") in phases:
@@ -88,8 +88,8 @@ def ledger_stats(run_dir: Path, phases: dict, bands: PassRateBands = DEFAULT_BAN
     flows = []
     for a, b in zip(names, names[1:]):
         common = [pid for pid in buckets[a] if pid in buckets[b]]
-        matrix = {x: {y: sum(1 for pid in common if buckets[a][pid] == x and buckets[b][pid] == y)
-                      for y in BUCKET_ORDER} for x in BUCKET_ORDER}
+        moved = Counter((buckets[a][pid], buckets[b][pid]) for pid in common)
+        matrix = {x: {y: moved[(x, y)] for y in BUCKET_ORDER} for x in BUCKET_ORDER}
         flows.append({"from": a, "to": b, "problems": len(common), "matrix": matrix})
     counts = OrderedDict((name, {k: sum(1 for v in m.values() if v == k) for k in BUCKET_ORDER})
                          for name, m in buckets.items())

@@ -108,6 +108,8 @@ def test_queries_equal_a_row_by_row_reading_while_parts_are_added_removed_and_re
                 sum(r["problem_id"] == "p4" and r["phase"] == ph for r in rows)
                 for ph in dict.fromkeys(r["phase"] for r in rows if r["problem_id"] == "p4")]
             assert len(handle) == len(rows)
+            assert handle.pass_rates_by_phase(["3-hpt", "1-profile", "none"]) == {
+                ph: handle.pass_rates(ph) for ph in ("1-profile", "3-hpt") if handle.pass_rates(ph)}
         segments = sorted(p.name for p in (tmp_path / "ledger" / ".index").glob("seg-*"))
         assert segments == ([] if segment == 256 else
                             [f"seg-{a:06d}-{a + 1:06d}.parquet" for a in range(0, len(ledger.parts()) - 1, 2)])

@@ -18,7 +18,8 @@ What is measured, each in a fresh process (a resumed run or the report opens the
   append    after a first query, one more part recorded and the query again: the second query's time (a phase's
             step loop)
 
-    python tools/bench_ledger.py [--rows 100000 1000000 10000000] [--naive-max 1000000] [--dir D] [--json PATH]
+    python tools/bench_ledger.py [--rows 100000 1000000 10000000] [--naive-max 1000000] [--ops ...] [--dir D]
+                                 [--json PATH]
 
 The naive path is run up to --naive-max rows (above it its rows say "not run"); run on an otherwise idle machine.
 """
@@ -217,6 +218,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
     parser.add_argument("--naive-max", type=int, default=1_000_000, help="largest ledger the naive path reads")
+    parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="what to measure (default: all)")
     parser.add_argument("--dir", type=Path, help="where the synthetic ledgers go (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
@@ -235,7 +237,7 @@ def main() -> int:
             disk = sum(p.stat().st_size for p in (directory / "ledger").iterdir()) / 2 ** 20
             print(f"{rows:,} rows: {plan['parts']} parts, {len(plan['phases'])} phases, {disk:.0f} MB on disk, "
                   f"built in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-            for op in OPS:
+            for op in args.ops:
                 for path in ("stagewise_pl", "naive"):
                     if path == "naive" and rows > args.naive_max:
                         results.append({"rows": rows, "op": op, "path": path, "seconds": None, "peak_rss_mb": None})
@@ -248,7 +250,7 @@ def main() -> int:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
     for rows in args.rows:  # both paths must give the same answer (the report's differ in what they count)
-        for op in OPS[:4] + OPS[5:]:
+        for op in [o for o in args.ops if o != "report"]:
             sizes = {r["path"]: r.get("size") for r in results if r["rows"] == rows and r["op"] == op}
             if sizes.get("naive") is not None and sizes["naive"] != sizes["stagewise_pl"]:
                 raise SystemExit(f"{rows} rows, {op}: stagewise_pl answered {sizes['stagewise_pl']} items, the "
@@ -256,7 +258,7 @@ def main() -> int:
     print("| rows | what | stagewise_pl s | peak MB | naive s | peak MB | speed-up |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     for rows in args.rows:
-        for op in OPS:
+        for op in args.ops:
             ours, naive = (next(r for r in results if r["rows"] == rows and r["op"] == op and r["path"] == p)
                            for p in ("stagewise_pl", "naive"))
             if naive["seconds"] is None:
