@@ -68,16 +68,16 @@ def test_an_engine_that_fails_in_a_rollout_stops_the_run_with_its_own_exit_code(
     calls = []
     original = HFEngine.generate
 
-    def dies_on_the_third_call(self, *args, **kwargs):
+    def dies_on_the_second_call(self, *args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 2:
             raise EngineFailed("the vLLM engine failed while generating (g: 4 prompts x 4): EngineDeadError: gone")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(HFEngine, "generate", dies_on_the_third_call)
+    monkeypatch.setattr(HFEngine, "generate", dies_on_the_second_call)
     run_dir = tmp_path / "run"
     assert main(fast_overrides + [f"run.dir={run_dir}", "eval.k=0", "eval.before=false",
-                                  "phases=[{name: g, kind: grpo, steps: 4, lr: 1e-3}]", "grpo.prompts_per_step=4",
+                                  "phases=[{name: g, kind: grpo, steps: 2, lr: 1e-3}]", "grpo.prompts_per_step=4",
                                   "grpo.num_generations=4", "trainer.checkpoint_every_n_steps=1"]) == ENGINE_EXIT == 8
     err = capsys.readouterr().err
     assert "EngineDeadError: gone. The run stopped; its last checkpoint is kept: resume=last" in err
