@@ -103,11 +103,6 @@ class DifficultyLedger:
             self.load_state_dict({"parts": keep})
 
     # ------------------------------------------------------------------ reading
-    def refresh(self) -> None:
-        """Read again from the parts (another process may have rewritten them); queries also notice by themselves
-        parts added, removed or rewritten since they last read."""
-        self._index.reset()
-
     def table(self) -> pa.Table:
         """Every column of every part, read now and not kept (tests, exports): the queries below read less."""
         parts = self.parts()

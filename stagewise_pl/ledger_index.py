@@ -44,9 +44,15 @@ class Codes:
         encoded = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
         if not pa.types.is_dictionary(encoded.type):
             encoded = encoded.dictionary_encode()
-        mapping = [self._code.setdefault(s, len(self._code)) for s in encoded.dictionary.to_pylist()]
-        self.names.extend(list(self._code)[len(self.names):])
+        mapping = [self._code_of(s) for s in encoded.dictionary.to_pylist()]
         return pc.take(pa.array(mapping, pa.int32()), encoded.indices)
+
+    def _code_of(self, name: str) -> int:
+        code = self._code.get(name)
+        if code is None:
+            code = self._code[name] = len(self.names)
+            self.names.append(name)
+        return code
 
     def codes(self, names) -> pa.Array:
         return pa.array([self._code[s] for s in names if s in self._code], pa.int32())
@@ -80,7 +86,7 @@ class LedgerIndex:
         self.seen: list[list] = []  # stamp of each part read, in order
         self.part_phases: list[set[str]] = []
         self.chunks: list[pa.Table] = []
-        self.pending: list[pa.Table] = []  # raw rows of the parts after the last segment (the writer's next one)
+        self.pending: list[tuple] = []  # (raw rows, phase pairs) of the parts after the last segment
         self._table: Optional[pa.Table] = None
 
     # ------------------------------------------------------------------ keeping up with the parts
@@ -115,7 +121,7 @@ class LedgerIndex:
         self.seen.extend(stamps)
         self._table = None
         if phases is None and self.writer:
-            self.pending.append(raw)
+            self.pending.append((raw, per_part[0]))
             if len(self.seen) % SEGMENT_PARTS == 0:
                 self._write_segment()
 
@@ -140,8 +146,8 @@ class LedgerIndex:
             self._add(raw, stamps, phases=meta["phases"])
 
     def _write_segment(self) -> None:
-        raw, first = pa.concat_tables(self.pending), len(self.seen) - len(self.pending)
-        phases = [_phases_of(t) for t in self.pending]
+        raw, first = pa.concat_tables([t for t, _ in self.pending]), len(self.seen) - len(self.pending)
+        phases = [pairs for _, pairs in self.pending]
         self.pending = []
         table = pa.table({"phase": raw["phase"], "phase_index": raw["phase_index"], "phase_kind": raw["phase_kind"],
                           "problem_id": raw["problem_id"], "correct": pc.equal(raw["reason"].cast(pa.string()),

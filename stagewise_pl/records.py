@@ -52,6 +52,3 @@ class NullSink:
 
     def rewind(self, phase: str, step: int) -> None:
         pass
-
-    def refresh(self) -> None:
-        pass

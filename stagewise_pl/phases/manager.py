@@ -94,8 +94,7 @@ class PhaseManager(L.Callback):
                               f"resume anyway")
         if dist.is_main():
             self.ctx.ledger.load_state_dict(state["ledger"])  # parts written after the checkpoint are redone
-        dist.barrier()
-        self.ctx.ledger.refresh()
+        dist.barrier()  # every rank's ledger queries then see the parts as rank 0 left them (by their stamps)
         self.decisions.clear()
         self.decisions.update(state["decisions"])
         self._resumed = state

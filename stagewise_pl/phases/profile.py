@@ -73,8 +73,7 @@ class ProfileRunner(PhaseRunner):
             self.evidence[pid] = tally
         if dist.is_main():
             self.ctx.ledger.record([r for _, _, rows in results for r in rows])
-        dist.barrier()
-        self.ctx.ledger.refresh()
+        dist.barrier()  # rank 0's part is written: every rank's next ledger query reads it
         self.position += 1
 
     def sample(self, module, mine: list, step: int) -> list:
