@@ -14,7 +14,8 @@ What is measured, each in a fresh process (a resumed run or the report opens the
             last profile (stagewise_pl.phases.profile)
   budget    tokens by phase (the token budget, the run summary)
   cft       the failed rollouts of the last GRPO phase by problem (critique fine-tuning's input)
-  report    the report's ledger table, buckets and flows between profiles (stagewise_pl.report.ledger_stats)
+  report    the report's ledger table, buckets and flows between profiles (stagewise_pl.report.ledger_stats); its
+            size is phases + flows, the naive one's pass rates + phases (the two count differently)
   append    after a first query, one more part recorded and the query again: the second query's time (a phase's
             step loop)
 
@@ -90,6 +91,8 @@ def build(directory: Path, rows: int, seed: int = 0) -> dict:
             if written >= rows:
                 break
         index += 1
+        if written >= rows:  # a phase enters the plan only with rows of its own
+            break
         grpo = f"{2 * r + 2}-grpo"
         phases.append({"name": grpo, "kind": "grpo", "index": index})
         for _ in range(GRPO_STEPS):
@@ -193,7 +196,8 @@ def measure(directory: Path, path: str, op: str) -> dict:
         if path == "stagewise_pl":
             from stagewise_pl.report import ledger_stats
 
-            size = len(ledger_stats(directory, {p["name"]: {} for p in plan["phases"]})["flows"])
+            stats = ledger_stats(directory, {p["name"]: {} for p in plan["phases"]})
+            size = len(stats["ledger"]) + len(stats["flows"])  # phase rows and flows between profiles
         else:
             size = ledger.report(profiles)
     elif op == "append":
@@ -252,6 +256,8 @@ def main() -> int:
     for rows in args.rows:  # both paths must give the same answer (the report's differ in what they count)
         for op in [o for o in args.ops if o != "report"]:
             sizes = {r["path"]: r.get("size") for r in results if r["rows"] == rows and r["op"] == op}
+            if sizes["stagewise_pl"] == 0:  # a query that finds nothing times nothing
+                raise SystemExit(f"{rows} rows, {op}: the query answered no items, so its time measures nothing")
             if sizes.get("naive") is not None and sizes["naive"] != sizes["stagewise_pl"]:
                 raise SystemExit(f"{rows} rows, {op}: stagewise_pl answered {sizes['stagewise_pl']} items, the "
                                  f"naive path {sizes['naive']}")
