@@ -21,6 +21,7 @@ them at 10 million rollouts.
 """
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from dataclasses import asdict
 from pathlib import Path
@@ -31,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stagewise_pl.faults import fault_point
-from stagewise_pl.io import atomic_file, fsync_dir
+from stagewise_pl.io import atomic_file, atomic_write, fsync_dir
 from stagewise_pl.ledger_index import LedgerIndex
 from stagewise_pl.records import RolloutRecord
 
@@ -41,6 +42,9 @@ SCHEMA = pa.schema([
     ("reward", pa.float64()), ("reason", pa.string()), ("completion_tokens", pa.int32()), ("truncated", pa.bool_()),
     ("zero_group", pa.bool_()), ("completion", pa.string()), ("round", pa.int32()),
 ])
+
+
+ROLLED_BACK = "rolled_back.json"  # the phases a gate rolled back (stagewise_pl.routing.gate)
 
 
 class DifficultyLedger:
@@ -71,6 +75,17 @@ class DifficultyLedger:
         path = self.dir / f"part-{len(self.parts()):06d}.parquet"
         with atomic_file(path, "wb", before_rename=lambda: fault_point("ledger_rename")) as handle:
             pq.write_table(table, handle)
+
+    def mark_rolled_back(self, phase: str) -> None:
+        """List ``phase`` as rolled back by a phase gate: its rows stay, read as from a phase whose weights are gone."""
+        names = self.rolled_back()
+        if phase not in names:
+            atomic_write(self.dir / ROLLED_BACK, json.dumps(names + [phase]))
+
+    def rolled_back(self) -> list[str]:
+        """The phases a gate rolled back, in order."""
+        path = self.dir / ROLLED_BACK
+        return json.loads(path.read_text()) if path.is_file() else []
 
     # ------------------------------------------------------------------ position (checkpoints)
     def state_dict(self) -> dict:

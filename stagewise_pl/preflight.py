@@ -15,6 +15,11 @@ def plan_phases(cfg: Config, rules=None) -> list:
     from stagewise_pl.routing import make_rules
 
     rules = make_rules(cfg.routing.rules) if rules is None else rules
+    from stagewise_pl.routing.gate import gates_of
+
+    if gates_of(rules) and not cfg.data.dev_size:
+        raise ConfigError("routing.rules: a phase gate judges phases by the development split; set data.dev_size "
+                          "(problems taken from the pool into it), e.g. data.dev_size=64")
     traits = kind_traits(p.kind for p in cfg.phases)
     phases = build_plan(cfg.phases, traits, [rule_info(r) for r in rules])
     check_step_budget(cfg.budget.optimizer_steps, phases, traits)

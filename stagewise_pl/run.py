@@ -161,6 +161,7 @@ class Run:
         policy, tokenizer = load_policy(base, cfg.model.dtype, cfg.model.attn_implementation, cfg.model.hub_kernels)
         renderer = PromptRenderer(tokenizer, cfg.model.system_prompt)
         pool = self._drop_too_long(pool, report, policy, tokenizer, renderer)
+        pool, dev_problems = self._carve_dev(pool)
         if cfg.model.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.model.lora_rank:
@@ -182,6 +183,11 @@ class Run:
                                 ledger=ledger, rundir=self.rundir, task=task, prompts=self.prompts, bands=bands,
                                 heldout=heldout, log=self.log, signals=self.signals, rate_key=self.rate_key(),
                                 renderer=renderer)
+        if dev_problems:
+            from stagewise_pl.phases.dev import DevSplit
+
+            self.ctx.dev = DevSplit(dev_problems, cfg.data.dev_k, cfg.eval.temperature, self.ctx.max_new_tokens(),
+                                    cfg.run.seed, verifier, renderer, engines.for_evaluation, self.rundir)
         if self.prompts:  # phases that use the teacher: one that cannot be built stops the run now, not hours in
             from stagewise_pl.teachers import TeacherError
 
@@ -189,6 +195,19 @@ class Run:
                 self.ctx.teachers.teacher(), self.ctx.teachers.critic()
             except TeacherError as exc:
                 raise ConfigError(f"teacher: {exc}") from None
+
+    def _carve_dev(self, pool: list) -> tuple[list, list]:
+        """The training pool without the development split (data.dev_size), and the split."""
+        from stagewise_pl.phases.dev import carve_dev
+
+        try:
+            pool, dev = carve_dev(pool, self.cfg.data.dev_size, self.cfg.run.seed)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if dev:
+            self.log(f"development split: {len(dev)} problems (data.dev_size), never trained on or profiled; "
+                     f"{len(pool)} left in the training pool")
+        return pool, dev
 
     def _drop_too_long(self, pool, report, policy, tokenizer, render) -> list:
         """Pool problems whose rendered prompt does not fit the model's context are bad rows (prompt_too_long)."""
@@ -379,6 +398,11 @@ class Run:
                 sections.append(f"## {name}: greedy pass@1 and mean sampled pass rate by level\n\n"
                                 f"{format_table(results)}\n")
                 console.append(f"\n{name}: held-out greedy pass@1 by level\n{compact_table(results)}")
+        gated = [(name, s) for name, s in self.rundir.completed().items() if "dev_accuracy" in s]
+        if gated:
+            sections.append("## The development split after each training phase\n\n| phase | dev accuracy | gate |\n"
+                            "|---|---:|---|\n" + "".join(f"| {name} | {s['dev_accuracy']:.3f} | {s.get('gate', '')} |\n"
+                                                         for name, s in gated))
         atomic_write(self.dir / "summary.md", "\n".join(sections))
         # the console gets the narrow table; summary.md keeps the wide one (mean p and buckets per phase)
         self.log("\n" + "\n".join(console))

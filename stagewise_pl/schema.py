@@ -202,6 +202,11 @@ class DataConfig:
                                        "of the student's own correct completions in the latest profile (replay "
                                        "then draws from the problems that profile saw solved)",
                                        choices=('own', 'target'))
+    dev_size: int = doc(0, "problems drawn (seeded by run.seed) from the gradable pool into a development split: "
+                           "never trained on or profiled, graded after every training phase (a phase gate reads it; "
+                           "its tokens count in the budget); 0 = no split", ge=0)
+    dev_k: int = doc(0, "samples per development problem at eval.temperature (its score: the share correct); "
+                        "0 = one greedy completion", ge=0)
     on_bad_row: str = doc("error", "error = stop at the first bad row with file:line; skip = count and skip",
                           choices=('error', 'skip'))
     max_bad_fraction: float = doc(0.05, "with on_bad_row=skip, abort if more rows than this are bad", ge=0.0, le=1.0)

@@ -109,6 +109,7 @@ class PhaseContext:
     prompts: dict = field(default_factory=dict)  # prompt templates of the bridge and critique phases
     bands: PassRateBands = DEFAULT_BANDS  # the routing's pass-rate bands: hard / medium / easy
     heldout: Any = None  # HeldOutEvaluation: evaluate(label) -> results by evaluation set
+    dev: Any = None  # the development split (phases.dev.DevSplit), graded after training phases; None: no split
     log: Callable[..., None] = print
     signals: Any = None  # the SignalWatch of the launch (stop requests), or None
     # how the routing rules that read profiles classify a pass rate (routing.evidence.rate_key; None = unknown, a

@@ -34,6 +34,7 @@ from stagewise_pl.io import atomic_write
 from stagewise_pl.phases.base import PhaseRunner, runner_class
 from stagewise_pl.phases.context import PhaseContext
 from stagewise_pl.phases.driver import relabel_progress
+from stagewise_pl.phases.gating import PhaseGating
 from stagewise_pl.plan import PhaseSpec, earlier
 from stagewise_pl.preempt import Preempted
 from stagewise_pl.routing import RoutingView
@@ -73,6 +74,7 @@ class PhaseManager(L.Callback):
         self._resumed: Optional[dict] = None  # state loaded from a checkpoint, applied when the runner exists
         self.columns: dict = {}  # evaluation label -> results
         self.phase_started = time.time()
+        self.gating = PhaseGating(ctx, self.rules)  # the development split and the phase gates
 
     @property
     def state_key(self) -> str:
@@ -125,9 +127,11 @@ class PhaseManager(L.Callback):
             # Lightning counts optimizer steps through hooks it puts on the optimizers at the start of each
             # batch: the optimizer built within this batch needs them now
             trainer.fit_loop.epoch_loop.manual_optimization.on_run_start()
+            self.gating.snapshot(self.runner.spec)
             self.runner.start(module, resumed=False)
             relabel_progress(trainer, f"phase {self.runner.spec.name}")
             self.save(module.trainer)
+            self.gating.prune(self.runner.spec)
         runner, saved = self.runner, False
         if step == runner.position and not runner.done():  # else a step beyond the phase's count (offered
             runner.step(module, step)                      # before the phase knew it): nothing to do
@@ -245,6 +249,9 @@ class PhaseManager(L.Callback):
         for spec in self.specs[:max(0, self.pos)]:  # a resumed run shows the phases it did not rerun
             if ctx.rundir.eval_file(spec.name).is_file():
                 self.evaluate(spec.name)
+        self.gating.grade_before()
+        if self._resumed is None:
+            self.gating.snapshot(self.runner.spec)
         self.runner.start(pl_module, resumed=self._resumed is not None)
         relabel_progress(trainer, f"phase {self.runner.spec.name}")
 
@@ -281,6 +288,14 @@ class PhaseManager(L.Callback):
             save_policy(ctx.policy, ctx.tokenizer, ctx.rundir.export_dir(spec.name), ctx.renderer.system_prompt)
         if not traits.uses_pool or (trained and ctx.cfg.eval.each_phase):
             self.evaluate(spec.name)
+        gate = self.gating.close(spec, self.decisions, summary) if trained else None
+        if gate is not None:  # the phase's routing decision records what the gate did
+            self.decisions[spec.name] = {**self.decisions[spec.name], "gate": gate}
+            if dist.is_main():
+                atomic_write(ctx.rundir.phase_file("routing", spec.number, spec.name),
+                             json.dumps(self.decisions[spec.name], indent=1))
+            ctx.log(f"phase {spec.name}: gate {gate['gate']}: {gate['action']} ({gate['reason']}; development "
+                    f"accuracy {gate['before']:.3f} after {gate['against']} -> {gate['after']:.3f})")
         if dist.is_main():
             curves = runner.curves()
             if curves:
