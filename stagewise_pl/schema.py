@@ -200,8 +200,9 @@ class DataConfig:
                                 "gold), e.g. 'The answer is {answer}.' as the system prompt asks; '' = as written")
     replay_target: str = doc("target", "what a phase's replayed problems train on: target = data.target; own = one "
                                        "of the student's own correct completions in the latest profile (replay "
-                                       "then draws from the problems that profile saw solved)",
-                                       choices=('own', 'target'))
+                                       "then draws from the problems that profile saw solved); own_easy = the same, "
+                                       "from the problems that profile found easy (self-replay of what the model "
+                                       "can do)", choices=('own', 'own_easy', 'target'))
     dev_size: int = doc(0, "problems drawn (seeded by run.seed) from the gradable pool into a development split: "
                            "never trained on or profiled, graded after every training phase (a phase gate reads it; "
                            "its tokens count in the budget); 0 = no split", ge=0)

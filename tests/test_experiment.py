@@ -320,15 +320,17 @@ def test_quick_experiment_makes_every_cell_and_plot(tmp_path):
         assert imread(root / name).shape[0] > 100
 
 
-def test_own_replay_trains_on_the_students_correct_profile_solutions(tmp_path, base_overrides):
+@pytest.mark.parametrize("target", ["own", pytest.param("own_easy", marks=pytest.mark.slow)])
+def test_own_replay_trains_on_the_students_correct_profile_solutions(tmp_path, base_overrides, target):
     """data.replay_target=own: the replayed problems are ones the latest profile saw solved, each with one of the
-    student's own completions there that the verifier graded correct; the routing records them."""
+    student's own completions there that the verifier graded correct; the routing records them. own_easy
+    (self-replay): only problems that profile found easy."""
     from stagewise_pl.fit import main as fit
     from stagewise_pl.ledger import DifficultyLedger
 
     run = tmp_path / "run"
     assert fit(["conf=default", *base_overrides, "eval.each_phase=false", "profile.k=4", "trainer.batch_size=8",
-                "data.replay_target=own", "profile.limit=24",
+                f"data.replay_target={target}", "profile.limit=24",
                 "phases=[{name: p, kind: profile}, {name: s, kind: sft, select: hard, replay: 0.5, steps: 2}]",
                 f"run.dir={run}"]) == 0
     routing = json.loads((run / "routing" / "02-s.json").read_text())
@@ -338,6 +340,11 @@ def test_own_replay_trains_on_the_students_correct_profile_solutions(tmp_path, b
     correct = {(r["problem_id"], r["completion"]) for r in rows if r["phase"] == "p" and r["reason"] == "correct"}
     assert all((pid, text) in correct for pid, text in own.items())
     assert not set(own) & set(routing["ids"]["hard"])  # replay comes from outside the taught bucket
+    easy = set(routing["ids"]["easy"])
+    if target == "own_easy":
+        assert set(own) <= easy
+    else:  # own draws from every problem the profile saw solved: medium ones too, in this run
+        assert set(own) - easy
 
 
 SKILL_ARMS = ["stagewise", "distill", "rl", "relift"]  # the method, a teacher-only, an RL-only and a peer arm

@@ -192,10 +192,11 @@ class PhaseManager(L.Callback):
                                {n: d["evidence"] for n, d in self.decisions.items() if "evidence" in d})
             buckets, chosen = route_phase(spec, self.rules, view, ctx.log)
         solved = None
-        if spec.replay > 0 and cfg.data.replay_target == "own":
-            solved = self.own_solutions(spec)
+        if spec.replay > 0 and cfg.data.replay_target in ("own", "own_easy"):
+            solved = self.own_solutions(spec, easy_only=cfg.data.replay_target == "own_easy")
             if not solved:
-                ctx.log(f"phase {spec.name}: data.replay_target=own, but no earlier profile solved a problem: "
+                ctx.log(f"phase {spec.name}: data.replay_target={cfg.data.replay_target}, but no earlier profile "
+                        f"solved a problem{' it found easy' if cfg.data.replay_target == 'own_easy' else ''}: "
                         f"no replay")
         levels, limit = runner_class(spec.kind).selection_limits(cfg)
         decision = select_problems(spec, traits, source, chosen, cfg.run.seed, levels, limit, solved, buckets,
@@ -203,9 +204,10 @@ class PhaseManager(L.Callback):
         atomic_write(ctx.rundir.phase_file("routing", spec.number, spec.name), json.dumps(decision, indent=1))
         return decision
 
-    def own_solutions(self, spec: PhaseSpec) -> dict[str, list[str]]:
+    def own_solutions(self, spec: PhaseSpec, easy_only: bool = False) -> dict[str, list[str]]:
         """Problem id -> the student's correct completions in the latest profile before ``spec`` ({} if none):
-        profiles keep them with data.replay_target=own (the option is defined on profiles)."""
+        profiles keep them with data.replay_target=own or own_easy (the option is defined on profiles). ``easy_only``:
+        only the problems that profile put in the easy bucket (the run's pass-rate bands)."""
         profiles = [s for s in earlier(self.specs, spec) if s.kind == "profile"]
         if not profiles:
             return {}
@@ -217,6 +219,11 @@ class PhaseManager(L.Callback):
             older = ledger.correct_by_problem(source)
             solved.update({pid: older[pid] for pid, e in evidence.items()
                            if e.get("how") == "kept" and e["from"] == source and pid in older and pid not in solved})
+        if easy_only:
+            rates = ({pid: e["c"] / e["n"] for pid, e in evidence.items() if e["n"]} if evidence
+                     else ledger.pass_rates(latest))
+            solved = {pid: texts for pid, texts in solved.items()
+                      if pid in rates and self.ctx.bands.bucket(rates[pid]) == "easy"}
         return solved
 
     def enter(self, pos: int, runner_state: Optional[dict]) -> None:
