@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Mapping, Optional, Sequence
 
 from stagewise_pl.config import ConfigError
@@ -52,12 +52,23 @@ class PhaseSpec:
     limit: int = 0
     replay: float = 0.0
     fallback: str = ""
+    passes: float = 0.0  # supervised kinds: passes over the items, at most ``steps``; the rest go to carry_to
+    carry_to: str = ""  # the later phase that gets the steps ``passes`` leaves (resolved by build_plan)
 
     def step_count(self, n_items: int, batch_size: int) -> int:
-        """Steps this phase runs: ``steps``, or ``epochs`` passes over ``n_items`` in batches of ``batch_size``."""
+        """Steps this phase runs: ``steps``; or ``epochs`` passes over ``n_items`` in batches of ``batch_size``; or
+        ``passes`` over them, at most ``steps``."""
         if self.epochs > 0:
             return max(1, round(self.epochs * n_items / batch_size))
+        if self.passes > 0:
+            return min(self.steps, max(1, round(self.passes * n_items / batch_size))) if n_items else 0
         return self.steps
+
+
+def carried_steps(plan: Sequence[PhaseSpec], spec: PhaseSpec, completed: Mapping[str, dict]) -> int:
+    """The steps earlier phases with ``passes`` left unused and gave to ``spec`` (their summaries say)."""
+    summaries = [completed.get(s.name, {}) for s in plan[:spec.number - 1]]
+    return sum(int(s.get("carried_steps", 0)) for s in summaries if s.get("carried_to") == spec.name)
 
 
 @dataclass(frozen=True)
@@ -119,6 +130,12 @@ def build_plan(phases: Sequence, traits: Mapping[str, PhaseTraits], rules: Seque
         if p.epochs > 0 and not t.supervised:
             raise ConfigError(f"{key}.epochs: only supervised phases ({', '.join(supervised)}) take an epoch count "
                               f"(kind is {p.kind})")
+        passes = float(getattr(p, "passes", 0.0) or 0.0)
+        if passes > 0 and (not t.supervised or p.epochs > 0):
+            raise ConfigError(f"{key}.passes: only supervised phases take passes, and not with epochs (kind "
+                              f"{p.kind}, epochs {p.epochs:g})")
+        if getattr(p, "carry_to", "") and passes <= 0:
+            raise ConfigError(f"{key}.carry_to: only a phase with passes leaves steps to carry")
         if p.replay > 0 and not t.supervised:
             raise ConfigError(f"{key}.replay: only supervised phases ({', '.join(supervised)}) replay other "
                               f"problems (kind is {p.kind})")
@@ -127,16 +144,32 @@ def build_plan(phases: Sequence, traits: Mapping[str, PhaseTraits], rules: Seque
             raise ConfigError(f"{key}: a {p.kind} phase reads failed rollouts from the ledger, and no phase that "
                               f"records them ({' or '.join(recorders)}) comes before phase {i}")
         specs.append(PhaseSpec(i + 1, p.name or f"{i + 1}-{short_kind(p.kind)}", p.kind, select, p.steps,
-                               float(p.epochs), p.lr, p.batch_size, p.temperature, p.limit, float(p.replay), fallback))
+                               float(p.epochs), p.lr, p.batch_size, p.temperature, p.limit, float(p.replay), fallback,
+                               passes, getattr(p, "carry_to", "") or ""))
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ConfigError(f"phases: names must be unique, got {names}")
-    return specs
+    return [resolve_carry(specs, s, traits) if s.passes > 0 else s for s in specs]
+
+
+def resolve_carry(specs: Sequence[PhaseSpec], spec: PhaseSpec, traits: Mapping[str, PhaseTraits]) -> PhaseSpec:
+    """``carry_to`` named (a later phase) or found: the next phase that spends a token budget ('' if none)."""
+    later = list(specs[spec.number:])
+    if spec.carry_to:
+        target = next((s for s in later if s.name == spec.carry_to), None)
+        if target is None or not traits[target.kind].trains or target.passes > 0 or target.epochs > 0:
+            raise ConfigError(f"phases.{spec.number - 1}.carry_to={spec.carry_to!r}: not a later training phase "
+                              f"that runs `steps` (later: {', '.join(s.name for s in later) or 'none'})")
+        return spec
+    target = next((s for s in later if traits[s.kind].token_budgeted), None)
+    return replace(spec, carry_to=target.name if target is not None else "")
 
 
 def fingerprint(specs: Sequence[PhaseSpec], rules: Sequence[dict], data_digest: str) -> str:
-    """A digest of the plan, the rules and the training data: a resumed run must match it (unless forced)."""
-    text = json.dumps({"plan": [asdict(s) for s in specs], "rules": list(rules), "data": data_digest},
+    """A digest of the plan, the rules and the training data: a resumed run must match it (unless forced). Fields
+    added later count only when set, so a plan that does not use them keeps the digest it had."""
+    plan = [{k: v for k, v in asdict(s).items() if k not in ("passes", "carry_to") or v} for s in specs]
+    text = json.dumps({"plan": plan, "rules": list(rules), "data": data_digest},
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -146,7 +179,9 @@ def describe(specs: Sequence[PhaseSpec], traits: Mapping[str, PhaseTraits]) -> l
     out = []
     for s in specs:
         unit = traits[s.kind].step_unit if s.kind in traits else "step"
-        count = "" if not unit else f", {s.epochs:g} epochs" if s.epochs > 0 else f", {s.steps} steps"
+        count = "" if not unit else f", {s.epochs:g} epochs" if s.epochs > 0 else \
+            f", {s.passes:g} passes, at most {s.steps} steps (the rest to {s.carry_to or 'no phase'})" if s.passes > 0 \
+            else f", {s.steps} steps"
         extra = "".join(f", {k} {v}" for k, v in (("lr", s.lr), ("batch", s.batch_size), ("temperature", s.temperature),
                                                    ("limit", s.limit or None), ("replay", s.replay or None),
                                                    ("fallback", s.fallback or None))

@@ -583,6 +583,10 @@ class PhaseConfig:
                              "0 = none", ge=0.0, lt=1.0)
     fallback: str = doc("", "a bucket to work on when select's is empty (e.g. cft on unsolved_in_rl falls back to "
                             "hard), so the phase still spends its budget; '' = an empty bucket skips the phase")
+    passes: float = doc(0.0, "supervised kinds: P passes over the selected problems, at most `steps` (the phase's "
+                             "share); the steps it leaves unused go to carry_to. 0 = run `steps`", ge=0.0)
+    carry_to: str = doc("", "with passes: the later phase (by name) that gets the steps left unused; '' = the next "
+                            "phase that spends a token budget (grpo and its kin)")
 
 
 @dataclass

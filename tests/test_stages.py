@@ -43,6 +43,46 @@ def test_the_method_plan_is_checked_and_named():
     assert lines[1] == "2-sft: sft on hard, 2 epochs" and lines[3].startswith("4-grpo: grpo on medium, 30 steps, lr")
 
 
+def test_passes_size_a_phase_to_its_bucket_within_its_share_and_carry_the_rest():
+    plan = build_plan([phase("profile"), phase("sft", select="hard", steps=20, passes=2.0),
+                       phase("profile"), phase("grpo", select="medium", steps=10), phase("grpo", name="g2")],
+                      KINDS, RULES)
+    cft = plan[1]
+    assert cft.carry_to == "4-grpo"  # the next phase that spends a token budget
+    assert cft.step_count(n_items=6, batch_size=16) == 1 and cft.step_count(100, 16) == 12  # 2 passes
+    assert cft.step_count(1000, 16) == 20 and cft.step_count(0, 16) == 0  # at most its share; nothing to pass over
+    assert "2 passes, at most 20 steps (the rest to 4-grpo)" in describe(plan, KINDS)[1]
+    named = build_plan([phase("sft", steps=8, passes=1.0, carry_to="b"), phase("sft", name="b", steps=3)], KINDS)
+    assert named[0].carry_to == "b"
+    from stagewise_pl.plan import carried_steps
+
+    done = {"1-sft": {"carried_steps": 5, "carried_to": "b"}, "b": {"carried_steps": 9, "carried_to": "b"}}
+    assert carried_steps(named, named[1], done) == 5  # only earlier phases give
+    plain = build_plan([phase("sft", steps=8)], KINDS)
+    assert fingerprint(plain, [], "d") != fingerprint(build_plan([phase("sft", steps=8, passes=1.0)], KINDS), [], "d")
+    for bad, message in (([phase("grpo", passes=1.0)], "phases.0.passes: only supervised"),
+                         ([phase("sft", epochs=1.0, passes=1.0)], "not with epochs"),
+                         ([phase("sft", carry_to="x")], "carry_to: only a phase with passes"),
+                         ([phase("sft", passes=1.0, carry_to="x"), phase("sft", name="y")], "carry_to='x': not a later"),
+                         ([phase("sft", name="y"), phase("sft", passes=1.0, carry_to="y")], "not a later")):
+        with pytest.raises(ConfigError, match=message):
+            build_plan(bad, KINDS)
+
+
+@pytest.mark.slow
+def test_a_phase_with_passes_gives_its_unused_steps_to_the_phase_named(tmp_path, base_overrides):
+    run = tmp_path / "run"
+    out = fit(base_overrides + ["eval.each_phase=false", "profile.k=4", "profile.limit=24", "trainer.batch_size=16",
+                                "phases=[{name: p, kind: profile}, {name: a, kind: sft, select: hard, steps: 10, "
+                                "passes: 1.0, carry_to: b}, {name: b, kind: sft, steps: 2}]", f"run.dir={run}"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    done = json.loads((run / "state.json").read_text())["completed"]
+    hard = json.loads((run / "routing" / "02-a.json").read_text())["counts"]["hard"]
+    assert 0 < hard <= 24 and done["a"]["steps"] == max(1, round(hard / 16))  # one pass over its bucket
+    assert done["a"]["carried_to"] == "b" and done["a"]["steps"] + done["a"]["carried_steps"] == 10
+    assert done["b"]["steps"] == 2 + done["a"]["carried_steps"]
+
+
 @pytest.mark.parametrize("phases,message", [
     ([phase("cft")], "phases.0: a cft phase reads failed rollouts .* no phase that records them "
                      "\\(grpo or hinted or hpt or luffy or profile or relift\\) comes before"),

@@ -75,7 +75,8 @@ class PhaseGating:
             return None
         decision = None
         if dist.is_main():
-            charged = any("dev_tokens" in s for s in self.ctx.completed().values())
+            completed = self.ctx.completed()  # the grading before the first phase is charged to the first one graded
+            charged = any("dev_tokens" in completed.get(s.name, {}) for s in self.ctx.plan[:spec.number - 1])
             after = self.dev.grade(spec.name)
             fault_point("gate_grade")
             tokens = after["tokens"] + (0 if charged else self.dev.grade("before")["tokens"])

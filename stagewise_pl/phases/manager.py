@@ -20,6 +20,7 @@ import json
 import os
 import random
 import time
+from dataclasses import replace
 from typing import Optional, Sequence
 
 import lightning as L
@@ -35,7 +36,7 @@ from stagewise_pl.phases.base import PhaseRunner, runner_class
 from stagewise_pl.phases.context import PhaseContext
 from stagewise_pl.phases.driver import relabel_progress
 from stagewise_pl.phases.gating import PhaseGating
-from stagewise_pl.plan import PhaseSpec, earlier
+from stagewise_pl.plan import PhaseSpec, carried_steps, earlier
 from stagewise_pl.preempt import Preempted
 from stagewise_pl.routing import RoutingView
 from stagewise_pl.routing.selection import Selection, route_phase, rule_names, select_problems
@@ -229,6 +230,10 @@ class PhaseManager(L.Callback):
     def enter(self, pos: int, runner_state: Optional[dict]) -> None:
         spec = self.specs[pos]
         selection = self.selection(spec)
+        carried = carried_steps(self.specs, spec, self.ctx.completed())
+        if carried:  # steps earlier phases with `passes` left unused
+            self.ctx.log(f"phase {spec.name}: {spec.steps} steps + {carried} carried from earlier phases")
+            spec = replace(spec, steps=spec.steps + carried)
         runner = runner_class(spec.kind)(self.ctx, spec, selection)
         if runner_state is not None:
             runner.load_state_dict(runner_state)

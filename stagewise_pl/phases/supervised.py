@@ -172,14 +172,17 @@ class SFTRunner(PhaseRunner):
         return parts
 
     def summary(self) -> dict:
+        spec = self.spec  # with passes: the steps of its share it did not use, and the phase they go to
+        carried = {"carried_steps": spec.steps - self.steps, "carried_to": spec.carry_to} \
+            if spec.passes > 0 and spec.carry_to else {}
         if not self.problems and not self.examples:
-            return {"kind": self.kind, "steps": 0, "problems": 0}
+            return {"kind": self.kind, "steps": 0, "problems": 0, **carried}
         tail = self.losses[-max(1, len(self.losses) // 10):]
         return {"kind": self.kind, "steps": self.position, "optimizer_steps": len(self.losses),
                 "problems": len(self.problems), "examples": len(self.examples),
                 "final_loss": round(sum(tail) / len(tail), 4) if tail else None, "target": self.cfg.data.target,
                 "teacher_texts": self.teacher_texts(),
-                **({"nonfinite_skipped": self.guard.skipped} if self.guard.skipped else {})}
+                **({"nonfinite_skipped": self.guard.skipped} if self.guard.skipped else {}), **carried}
 
 
 class TaughtRunner(SFTRunner):
