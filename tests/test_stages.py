@@ -63,7 +63,8 @@ def test_passes_size_a_phase_to_its_bucket_within_its_share_and_carry_the_rest()
     for bad, message in (([phase("grpo", passes=1.0)], "phases.0.passes: only supervised"),
                          ([phase("sft", epochs=1.0, passes=1.0)], "not with epochs"),
                          ([phase("sft", carry_to="x")], "carry_to: only a phase with passes"),
-                         ([phase("sft", passes=1.0, carry_to="x"), phase("sft", name="y")], "carry_to='x': not a later"),
+                         ([phase("sft", passes=1.0, carry_to="x"), phase("sft", name="y")],
+                          "carry_to='x': not a later"),
                          ([phase("sft", name="y"), phase("sft", passes=1.0, carry_to="y")], "not a later")):
         with pytest.raises(ConfigError, match=message):
             build_plan(bad, KINDS)

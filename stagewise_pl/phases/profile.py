@@ -109,7 +109,8 @@ class ProfileRunner(PhaseRunner):
                         drawn[problem.id].append((rnd, float(graded.rewards[i, j]), graded.reasons[r],
                                                   len(graded.completion_ids[r]), graded.truncated[r], graded.texts[r]))
                     add(tallies[problem.id], [graded.reasons[r] == "correct" for r in rows])
-        keep_correct = cfg.data.replay_target in ("own", "own_easy")  # correct texts are kept only when replay trains on them
+        # correct texts are kept only when replay trains on them
+        keep_correct = cfg.data.replay_target in ("own", "own_easy")
         out = []
         for problem in mine:
             samples = drawn[problem.id]
