@@ -3,7 +3,8 @@
 :class:`DevAccuracyGate` rolls a training phase back when the development split's accuracy fell by more than a
 margin from the last kept state. The margin by default is ``z`` standard errors of the development accuracy before
 the phase (the split's own sampling noise: the spread of its per-problem scores over the square root of its size,
-at least one problem in ``n``), so a small split tolerates larger drops than a large one.
+at least one problem in ``n``), so a small split tolerates larger drops than a large one. ``action: retry`` runs
+such a phase once more from its start at half its learning rate instead of only rolling it back.
 
     routing:
       rules:
@@ -21,7 +22,11 @@ from stagewise_pl.routing.gate import GateDecision, PhaseGate
 class DevAccuracyGate(PhaseGate):
     name = "dev_accuracy_gate"
 
-    def __init__(self, margin: Optional[float] = None, z: float = 1.0, kinds: Optional[list] = None):
+    def __init__(self, margin: Optional[float] = None, z: float = 1.0, kinds: Optional[list] = None,
+                 action: str = "rollback"):
+        if action not in ("rollback", "retry"):
+            raise ValueError(f"action must be rollback or retry (once, at half the learning rate), got {action!r}")
+        self.action = action
         if margin is not None and margin < 0:
             raise ValueError(f"margin must be >= 0 (or null: z standard errors), got {margin}")
         if z < 0:
@@ -35,7 +40,7 @@ class DevAccuracyGate(PhaseGate):
         if self.kinds is not None and phase.kind not in self.kinds:
             action, reason = "keep", f"kind {phase.kind} is not judged"
         elif drop > margin + 1e-12:
-            action, reason = "rollback", f"development accuracy fell {drop:.3f} > margin {margin:.3f}"
+            action, reason = self.action, f"development accuracy fell {drop:.3f} > margin {margin:.3f}"
         else:
             action, reason = "keep", f"development accuracy changed {-drop:+.3f} (margin {margin:.3f})"
         return GateDecision(action, before["accuracy"], after["accuracy"], round(margin, 6), against, self.name,

@@ -67,7 +67,7 @@ class PhaseSpec:
 
 def carried_steps(plan: Sequence[PhaseSpec], spec: PhaseSpec, completed: Mapping[str, dict]) -> int:
     """The steps earlier phases with ``passes`` left unused and gave to ``spec`` (their summaries say)."""
-    summaries = [completed.get(s.name, {}) for s in plan[:spec.number - 1]]
+    summaries = [completed.get(s.name, {}) for s in earlier(plan, spec)]
     return sum(int(s.get("carried_steps", 0)) for s in summaries if s.get("carried_to") == spec.name)
 
 
@@ -90,9 +90,20 @@ def short_kind(kind: str) -> str:
     return kind.replace(":", ".").rpartition(".")[2].lower() if (":" in kind or "." in kind) else kind
 
 
+def position(plan: Sequence[PhaseSpec], spec: PhaseSpec) -> int:
+    """Where ``spec`` stands in ``plan``: by name (a plan may hold a phase a gate added, see routing.gate), else by
+    its number."""
+    return next((i for i, s in enumerate(plan) if s.name == spec.name), spec.number - 1)
+
+
 def earlier(plan: Sequence[PhaseSpec], spec: PhaseSpec, since: Optional[PhaseSpec] = None) -> list[PhaseSpec]:
     """The phases of ``plan`` that run before ``spec`` (after ``since`` when given), in order."""
-    return list(plan[since.number if since is not None else 0:spec.number - 1])
+    return list(plan[position(plan, since) + 1 if since is not None else 0:position(plan, spec)])
+
+
+def later(plan: Sequence[PhaseSpec], spec: PhaseSpec) -> list[PhaseSpec]:
+    """The phases of ``plan`` that run after ``spec``, in order."""
+    return list(plan[position(plan, spec) + 1:])
 
 
 def build_plan(phases: Sequence, traits: Mapping[str, PhaseTraits], rules: Sequence[RuleInfo] = ()) -> list[PhaseSpec]:

@@ -119,3 +119,45 @@ def test_a_kill_while_the_gate_grades_or_restores_resumes_to_the_uninterrupted_r
     out = resume(args, run_dir)
     assert out.returncode == 0, out.stderr[-3000:]
     assert outcome(run_dir) == outcome(gated[0])
+
+
+RETRY_PLAN = ("phases=[{name: s1, kind: sft, steps: 4, lr: 2e-4}, {name: p, kind: profile, limit: 40}, "
+              "{name: s2, kind: sft, steps: 4, lr: 0.05}, {name: s3, kind: sft, steps: 2, lr: 2e-4}]")
+RETRY_SETTINGS = [s for s in SETTINGS if not s.startswith(("phases=", "routing.rules="))] + [
+    RETRY_PLAN, RULES.replace("{margin: 0.3}", "{margin: 0.3, action: retry}")]
+
+
+@pytest.fixture(scope="module")
+def retried(tmp_path_factory, base_overrides):
+    run_dir = tmp_path_factory.mktemp("retried") / "run"
+    out = fit(base_overrides + RETRY_SETTINGS + [f"run.dir={run_dir}"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.slow
+def test_a_retry_runs_the_phase_again_from_its_start_at_half_the_learning_rate_once(retried):
+    import csv
+
+    routing = {f.name: json.loads(f.read_text()) for f in (retried / "routing").glob("*.json")}
+    assert routing["03-s2.json"]["gate"]["action"] == "retry"
+    again = routing["03-s2-retry.json"]
+    assert again["retry_of"] == "s2" and again["selected"] == routing["03-s2.json"]["selected"]
+    assert again["gate"]["action"] in ("keep", "rollback") and again["gate"]["against"] == "s1"  # never retried twice
+    done = json.loads((retried / "state.json").read_text())["completed"]
+    assert list(done) == ["s1", "p", "s2", "s2-retry", "s3"] and done["s2-retry"]["steps"] == 4
+    rows = list(csv.DictReader(open(retried / "logs" / "metrics.csv")))
+    peak = {name: max(float(r[f"{name}/train/lr"]) for r in rows if r.get(f"{name}/train/lr")) for name in
+            ("s2", "s2-retry")}
+    assert peak["s2-retry"] == pytest.approx(peak["s2"] / 2)
+    assert json.loads((retried / "ledger" / "rolled_back.json").read_text())[0] == "s2"
+
+
+@pytest.mark.slow
+def test_a_kill_inside_a_retried_phase_resumes_to_the_uninterrupted_run(tmp_path, base_overrides, retried):
+    args = base_overrides + RETRY_SETTINGS
+    run_dir = tmp_path / "run"
+    assert fit(args + [f"run.dir={run_dir}"], {"STAGEWISE_FAULT": "step:s2-retry:3"}).returncode == -9
+    out = resume(args, run_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert outcome(run_dir) == outcome(retried)

@@ -8,6 +8,7 @@ the next phase's first checkpoint is written), and the decision is recomputed fr
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -15,8 +16,8 @@ import torch
 from stagewise_pl import dist
 from stagewise_pl.faults import fault_point
 from stagewise_pl.io import atomic_file
-from stagewise_pl.plan import PhaseSpec
-from stagewise_pl.routing.gate import gates_of, judge
+from stagewise_pl.plan import PhaseSpec, earlier
+from stagewise_pl.routing.gate import RETRY, gates_of, judge
 
 
 class PhaseGating:
@@ -61,22 +62,22 @@ class PhaseGating:
     def against(self, spec: PhaseSpec, decisions: dict) -> str:
         """The label the phase is judged against: the last earlier phase a gate kept, else ``before``."""
         label = "before"
-        for earlier in self.ctx.plan[:spec.number]:
-            gate = decisions.get(earlier.name, {}).get("gate")
+        for done in earlier(self.ctx.plan, spec):
+            gate = decisions.get(done.name, {}).get("gate")
             if gate and gate["action"] == "keep":
-                label = earlier.name
+                label = done.name
         return label
 
-    def close(self, spec: PhaseSpec, decisions: dict, summary: dict) -> Optional[dict]:
+    def close(self, spec: PhaseSpec, decisions: dict, summary: dict, last: bool = False) -> Optional[dict]:
         """Grade the split after a training phase, ask the gates, roll back if one says so. Updates ``summary``
         (development accuracy, its tokens, counted in ``generated_tokens``; the gate's action) and returns the gate's
-        decision (None without gates)."""
+        decision (None without gates). A ``retry`` of a retried phase or of the plan's ``last`` phase is a rollback."""
         if self.dev is None:
             return None
         decision = None
         if dist.is_main():
             completed = self.ctx.completed()  # the grading before the first phase is charged to the first one graded
-            charged = any("dev_tokens" in completed.get(s.name, {}) for s in self.ctx.plan[:spec.number - 1])
+            charged = any("dev_tokens" in completed.get(s.name, {}) for s in earlier(self.ctx.plan, spec))
             after = self.dev.grade(spec.name)
             fault_point("gate_grade")
             tokens = after["tokens"] + (0 if charged else self.dev.grade("before")["tokens"])
@@ -86,11 +87,14 @@ class PhaseGating:
             if self.gates:
                 label = self.against(spec, decisions)
                 decision = judge(self.gates, spec, self.dev.grade(label), after, label).to_dict()
+                if decision["action"] == "retry" and (last or spec.name.endswith(RETRY)):
+                    why = "the plan's last phase" if last else "a retry"
+                    decision.update(action="rollback", reason=decision["reason"] + f"; {why} is not retried")
         decision = dist.broadcast(decision)
         if decision is None:
             return None
         summary["gate"] = decision["action"]
-        if decision["action"] == "rollback":
+        if decision["action"] in ("rollback", "retry"):
             self.rollback(spec)
         return decision
 
@@ -105,3 +109,8 @@ class PhaseGating:
             self.ctx.ledger.mark_rolled_back(spec.name)
         dist.barrier()
 
+
+def retry_spec(spec: PhaseSpec, base_lr: float) -> PhaseSpec:
+    """The phase run once more after a gate's ``retry``: same kind, problems and steps, half the learning rate; it
+    gives no steps to a later phase (the first run's carry stands)."""
+    return replace(spec, name=spec.name + RETRY, lr=(spec.lr if spec.lr is not None else base_lr) * 0.5, carry_to="")

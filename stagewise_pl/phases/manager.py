@@ -35,7 +35,7 @@ from stagewise_pl.io import atomic_write
 from stagewise_pl.phases.base import PhaseRunner, runner_class
 from stagewise_pl.phases.context import PhaseContext
 from stagewise_pl.phases.driver import relabel_progress
-from stagewise_pl.phases.gating import PhaseGating
+from stagewise_pl.phases.gating import PhaseGating, retry_spec
 from stagewise_pl.plan import PhaseSpec, carried_steps, earlier
 from stagewise_pl.preempt import Preempted
 from stagewise_pl.routing import RoutingView
@@ -68,7 +68,8 @@ class PhaseManager(L.Callback):
     """Runs the plan inside one Lightning fit; its state is in every checkpoint."""
 
     def __init__(self, ctx: PhaseContext, rules: Sequence, fingerprint: str = ""):
-        self.ctx, self.specs, self.rules, self.fingerprint = ctx, list(ctx.plan), list(rules), fingerprint
+        # specs is the context's plan itself: a phase a gate retries is added to it (see routing.gate)
+        self.ctx, self.specs, self.rules, self.fingerprint = ctx, ctx.plan, list(rules), fingerprint
         self.pos = -1  # the current phase (index into specs); -1 = not started
         self.runner: Optional[PhaseRunner] = None
         self.decisions: dict[str, dict] = ctx.decisions  # shared with the runners (a profile reads earlier ones)
@@ -100,6 +101,9 @@ class PhaseManager(L.Callback):
         dist.barrier()  # every rank's ledger queries then see the parts as rank 0 left them (by their stamps)
         self.decisions.clear()
         self.decisions.update(state["decisions"])
+        for spec in list(self.specs):  # the phases a gate added before the checkpoint
+            if self.decisions.get(spec.name, {}).get("gate", {}).get("action") == "retry":
+                self.add_retry(spec)
         self._resumed = state
         set_rng_states(state["rng"])
 
@@ -118,10 +122,19 @@ class PhaseManager(L.Callback):
             self.enter(resumed["phase"] if resumed else 0, resumed["runner"] if resumed else None)
         return self.runner.configure_optimizers(module)
 
+    def add_retry(self, spec: PhaseSpec) -> PhaseSpec:
+        """After a gate's ``retry`` of ``spec``: its second run, on the same problems, next in the plan."""
+        again = retry_spec(spec, self.ctx.cfg.optim.lr)
+        if all(s.name != again.name for s in self.specs):
+            self.specs.insert(self.specs.index(spec) + 1, again)
+            self.decisions.setdefault(again.name, {**{k: v for k, v in self.decisions[spec.name].items()
+                                                      if k not in ("gate", "evidence")}, "retry_of": spec.name})
+        return again
+
     def step(self, module, token) -> None:
         pos, step = token
         if pos != self.pos:
-            self.close_phase(module)
+            self.close_phase(module, last=False)
             self.enter(pos, None)
             trainer = module.trainer
             trainer.strategy.setup_optimizers(trainer)
@@ -269,7 +282,7 @@ class PhaseManager(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         """The stream has ended: every phase has run. Close the last one and write the final checkpoint."""
-        self.close_phase(pl_module)
+        self.close_phase(pl_module, last=True)
         self.save(trainer)
         # what this rank trained on, phase by phase: every rank must have seen the same routing
         digests = {name: hashlib.sha256(json.dumps(d["selected"]).encode()).hexdigest()[:16]
@@ -277,7 +290,7 @@ class PhaseManager(L.Callback):
         digests["final weights"] = weights_digest(pl_module.policy)
         atomic_write(self.ctx.rundir / "routing" / "ranks" / f"rank-{dist.rank()}.json", json.dumps(digests, indent=1))
 
-    def close_phase(self, module) -> None:
+    def close_phase(self, module, last: bool = False) -> None:
         """Close the current phase: summary, export, evaluation, state.json (the run's own end is ``Run.finish``)."""
         from stagewise_pl.models.export import save_policy
 
@@ -300,7 +313,7 @@ class PhaseManager(L.Callback):
             save_policy(ctx.policy, ctx.tokenizer, ctx.rundir.export_dir(spec.name), ctx.renderer.system_prompt)
         if not traits.uses_pool or (trained and ctx.cfg.eval.each_phase):
             self.evaluate(spec.name)
-        gate = self.gating.close(spec, self.decisions, summary) if trained else None
+        gate = self.gating.close(spec, self.decisions, summary, last) if trained else None
         if gate is not None:  # the phase's routing decision records what the gate did
             self.decisions[spec.name] = {**self.decisions[spec.name], "gate": gate}
             if dist.is_main():
@@ -308,6 +321,11 @@ class PhaseManager(L.Callback):
                              json.dumps(self.decisions[spec.name], indent=1))
             ctx.log(f"phase {spec.name}: gate {gate['gate']}: {gate['action']} ({gate['reason']}; development "
                     f"accuracy {gate['before']:.3f} after {gate['against']} -> {gate['after']:.3f})")
+            if gate["action"] == "retry":
+                again = self.add_retry(self.specs[self.pos])
+                if dist.is_main():
+                    atomic_write(ctx.rundir.phase_file("routing", again.number, again.name),
+                                 json.dumps(self.decisions[again.name], indent=1))
         if dist.is_main():
             curves = runner.curves()
             if curves:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from stagewise_pl.plan import PhaseSpec, PhaseTraits, earlier
+from stagewise_pl.plan import PhaseSpec, PhaseTraits, earlier, later
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ def spent_before(completed: Mapping[str, dict], plan: Sequence[PhaseSpec], curre
     done = [s for s in earlier(plan, current) if s.name in completed]
     tokens = sum(int(completed[s.name].get("generated_tokens", 0)) for s in done)
     latest = {s.kind: completed[s.name] for s in done}
-    reserve = sum(int(latest.get(s.kind, {}).get("generated_tokens", 0)) for s in plan[current.number:]
+    reserve = sum(int(latest.get(s.kind, {}).get("generated_tokens", 0)) for s in later(plan, current)
                   if traits[s.kind].generates and not traits[s.kind].token_budgeted)
     sampled = [completed[s.name] for s in done
                if traits[s.kind].records_rollouts and completed[s.name].get("rollouts")]
@@ -40,7 +40,7 @@ def spent_before(completed: Mapping[str, dict], plan: Sequence[PhaseSpec], curre
 
 def budgeted_steps_after(plan: Sequence[PhaseSpec], current: PhaseSpec, traits: Mapping[str, PhaseTraits]) -> int:
     """The update steps of the budgeted phases after ``current``."""
-    return sum(s.steps or 0 for s in plan[current.number:] if traits[s.kind].token_budgeted)
+    return sum(s.steps or 0 for s in later(plan, current) if traits[s.kind].token_budgeted)
 
 
 def prompts_for_step(budget: int, before: SpentBefore, spent_now: int, updates_left: int, later_steps: int,

@@ -9,7 +9,10 @@ has a :meth:`PhaseGate.judge` method. After every training phase the phase manag
 - ``rollback``: the policy returns to the weights it had when the phase started (a file the manager writes at every
   training phase's start while a gate is configured; each phase builds its own optimizer and schedule, so the
   optimizer state returns with them: the next phase starts from a fresh one, as it would have). The phase's ledger
-  rows stay and the ledger lists the phase as rolled back; its steps and tokens stay spent.
+  rows stay and the ledger lists the phase as rolled back; its steps and tokens stay spent;
+- ``retry``: rolled back as above, then run once more from its start weights at half its learning rate, as a phase
+  ``<name>-retry`` on the same problems (its own steps and tokens, spent too), judged against the same grading; a
+  retry is not retried (its ``retry`` is a rollback), and neither is the plan's last phase (nothing runs after it).
 
 The decision goes into the phase's routing decision (``routing/NN-<phase>.json``, ``"gate"``), its summary
 (``state.json``, ``summary.md``, the report) and the log. The development accuracy the next phase is judged against
@@ -23,7 +26,8 @@ from typing import Optional
 from stagewise_pl.plan import PhaseSpec
 from stagewise_pl.routing.rules import RoutingRule, RoutingView
 
-ACTIONS = ("keep", "rollback")
+ACTIONS = ("keep", "rollback", "retry")
+RETRY = "-retry"  # the suffix of a retried phase's name
 
 
 @dataclass(frozen=True)
