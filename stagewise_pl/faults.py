@@ -17,7 +17,9 @@ Points the stage manager and the parts it drives pass:
 - ``ledger_rename`` — a ledger part written to its temporary file, not yet renamed into place;
 - ``engine_generate`` — inside a rollout, as the vLLM engine (which lives in the training process) is called;
 - ``gate_grade`` — a training phase's development split graded (its file written), before the gates judge it;
-- ``gate_restore`` — a phase gate's rollback: the start weights loaded into the policy, the ledger not yet marked.
+- ``gate_restore`` — a phase gate's rollback: the start weights loaded into the policy, the ledger not yet marked;
+- ``gate_cleared`` — at the run's end, the last checkpoint written and the start weights removed, the run not yet
+  marked finished.
 
 ``engine_dead`` is not a kill: vLLM's engine core is shut down just before a generation call, which then fails
 as it does when the engine core dies (:mod:`stagewise_pl.rollout.vllm_engine`).

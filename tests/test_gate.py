@@ -105,12 +105,11 @@ def test_a_phase_that_hurts_the_split_is_rolled_back_to_its_start_weights(gated)
     assert state["s1"]["dev_tokens"] > 0 and state["s1"]["generated_tokens"] == state["s1"]["dev_tokens"]
     assert state["s2"]["gate"] == "rollback" and "rollback" in (run_dir / "summary.md").read_text()
     assert "gate dev_accuracy_gate: rollback" in out.stdout + out.stderr
-    assert not list((run_dir / "gate").glob("*.pt")) or [p.name for p in (run_dir / "gate").glob("*.pt")] == [
-        "03-s2.pt"]  # only the last training phase's start weights may remain
+    assert not list((run_dir / "gate").glob("*.pt"))  # the start weights are removed at the run's end
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", ["gate_grade#2", "gate_restore#1"])
+@pytest.mark.parametrize("point", ["gate_grade#2", "gate_restore#1", "gate_cleared"])
 def test_a_kill_while_the_gate_grades_or_restores_resumes_to_the_uninterrupted_run(tmp_path, base_overrides, gated,
                                                                                       point):
     args = base_overrides + SETTINGS

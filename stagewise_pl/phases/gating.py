@@ -58,6 +58,14 @@ class PhaseGating:
                 if path.name != keep:
                     path.unlink(missing_ok=True)
 
+    def clear(self) -> None:
+        """At the run's end (its last checkpoint written): the start weights are no longer needed."""
+        folder = self.ctx.rundir / "gate"
+        if dist.is_main() and folder.is_dir():
+            for path in folder.glob("*.pt"):
+                path.unlink(missing_ok=True)
+        fault_point("gate_cleared")
+
     # --------------------------------------------------------------- a phase's end
     def against(self, spec: PhaseSpec, decisions: dict) -> str:
         """The label the phase is judged against: the last earlier phase a gate kept, else ``before``."""
@@ -101,6 +109,8 @@ class PhaseGating:
     def rollback(self, spec: PhaseSpec) -> None:
         path = self.snapshot_file(spec)
         if not path.is_file():
+            if spec.name in self.ctx.ledger.rolled_back():
+                return  # the run's end removed the file after a checkpoint of the restored weights: loaded from it
             raise RuntimeError(f"phase {spec.name}: a gate rolls it back, but its start weights {path} are missing")
         state = torch.load(path, map_location="cpu", weights_only=True)
         self.ctx.policy.load_state_dict(state)

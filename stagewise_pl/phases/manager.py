@@ -284,6 +284,7 @@ class PhaseManager(L.Callback):
         """The stream has ended: every phase has run. Close the last one and write the final checkpoint."""
         self.close_phase(pl_module, last=True)
         self.save(trainer)
+        self.gating.clear()
         # what this rank trained on, phase by phase: every rank must have seen the same routing
         digests = {name: hashlib.sha256(json.dumps(d["selected"]).encode()).hexdigest()[:16]
                    for name, d in self.decisions.items()}
