@@ -173,7 +173,9 @@ def test_a_rerun_resumes_what_was_stopped_and_skips_what_finished(tmp_path):
     (run / "checkpoints").mkdir()
     (run / "checkpoints" / "previous.ckpt").write_bytes(b"x")
     assert resume_args(run) == ["resume=last"]  # the fit verifies the checkpoint and falls back if asked
-    (run / "state.json").write_text(json.dumps({"completed": {}, "finished": True}))
+    (run / "state.json").write_text(json.dumps({"completed": {
+        "p": {"kind": "profile", "generated_tokens": 300, "seconds": 10.0},
+        "g": {"kind": "grpo", "generated_tokens": 700, "seconds": 30.0, "optimizer_steps": 2}}, "finished": True}))
     assert finished(run)
 
 
@@ -207,15 +209,20 @@ def test_on_the_skill_task_the_table_splits_skill_levels_from_the_rest(tmp_path)
                 "9": {"n": 150, "pass@1": 0.1}, "all": {"n": 240, "pass@1": 0.2}}
     assert group_pass(by_level, ["7", "8", "9"]) == pytest.approx((25 + 15) / 200)
     assert group_pass(by_level, ["1", "6"]) == pytest.approx(10 / 40) and group_pass(by_level, ["8"]) is None
-    (run / "state.json").write_text(json.dumps({"completed": {}, "finished": True}))
+    (run / "state.json").write_text(json.dumps({"completed": {
+        "p": {"kind": "profile", "generated_tokens": 300, "seconds": 10.0},
+        "g": {"kind": "grpo", "generated_tokens": 700, "seconds": 30.0, "optimizer_steps": 2}}, "finished": True}))
     (run / "eval").mkdir()
     (run / "eval" / "before.json").write_text(json.dumps({"synthetic-test": {"by_level": by_level}}))
     got = read_run(run)
     assert got["skill_levels"] == ["7", "8", "9"]
     assert got["skill"] == pytest.approx(40 / 200) and got["rest"] == pytest.approx(10 / 40)
+    assert got["profile_tokens"] == pytest.approx(0.3) and got["profile_time"] == pytest.approx(0.25)
     arm = {"title": "x", "seeds_done": [0], "pass@1": [0.2], "skill": [0.2], "rest": [0.25], "levels": {},
-           "generated_tokens": [1], "optimizer_steps": [1], "teacher_texts": [3], "wall_s": [1.0]}
+           "generated_tokens": [1], "optimizer_steps": [1], "teacher_texts": [3], "wall_s": [1.0],
+           "profile_tokens": [got["profile_tokens"]], "profile_time": [got["profile_time"]]}
     header, rows = table({"arms": {"x": arm}})
+    assert rows[0][header.index("profiles' share of tokens")] == "0.30"
     assert header[2:5] == ["pass@1 (all)", "pass@1 (skill levels)", "pass@1 (other levels)"]
     assert rows[0][3:5] == ["0.200", "0.250"] and rows[0][header.index("teacher texts")] == "3"
     header, _ = table({"arms": {"x": dict(arm, skill=[], rest=[])}})

@@ -83,18 +83,20 @@ def row(name: str, evals: dict, ref_evals: dict, costs: dict) -> dict:
 
     return {"arm": name, "seeds": sorted(evals), "pass@1": accuracy, "b": b, "c": c, "p": sign_test(b, c),
             "generated_tokens": avg("generated_tokens"), "teacher_texts": avg("teacher_texts"),
-            "optimizer_steps": avg("optimizer_steps"), "minutes": None if not costs else avg("wall_s") / 60}
+            "optimizer_steps": avg("optimizer_steps"), "minutes": None if not costs else avg("wall_s") / 60,
+            "profile_tokens": avg("profile_tokens")}
 
 
 def markdown(rows: list[dict], against: str) -> str:
     lines = [f"| arm | seeds | held-out pass@1 | vs {against}: better / worse (sign test p) | tokens generated | "
-             f"teacher texts | optimizer steps | minutes |", "|---|---|---|---|---|---|---|---|"]
+             f"teacher texts | optimizer steps | minutes | profiles' share of tokens |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         vs = "-" if r["arm"] == against else f"{r['b']} / {r['c']} (p = {r['p']:.2g})"
         num = lambda v, d=0: "-" if v is None else f"{v:,.{d}f}".replace(",", " ")  # noqa: E731
         lines.append(f"| {r['arm']} | {','.join(map(str, r['seeds']))} | {cell(r['pass@1'])} | {vs} | "
                      f"{num(r['generated_tokens'])} | {num(r['teacher_texts'])} | {num(r['optimizer_steps'])} | "
-                     f"{num(r['minutes'], 1)} |")
+                     f"{num(r['minutes'], 1)} | {num(r['profile_tokens'], 2)} |")
     return "\n".join(lines)
 
 

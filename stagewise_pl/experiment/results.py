@@ -22,8 +22,8 @@ def read_run(directory: Path) -> Optional[dict]:
         return None
     state = json.loads(state_path.read_text())
     phases = state.get("completed", {})
-    steps = tokens = texts = 0
-    wall = 0.0
+    steps = tokens = texts = profile_tokens = 0
+    wall = profile_s = 0.0
     points = []  # (label, cumulative optimizer steps, eval dict)
     for label in ["before", *phases]:
         summary = phases.get(label, {})
@@ -31,6 +31,9 @@ def read_run(directory: Path) -> Optional[dict]:
         tokens += int(summary.get("generated_tokens", 0))
         texts += int(summary.get("teacher_texts", 0))
         wall += float(summary.get("seconds", 0.0))
+        if summary.get("kind") == "profile":  # what measuring the policy cost (issue Earn: at most a fifth)
+            profile_tokens += int(summary.get("generated_tokens", 0))
+            profile_s += float(summary.get("seconds", 0.0))
         path = directory / "eval" / f"{label}.json"
         if path.is_file():
             results = json.loads(path.read_text())
@@ -50,6 +53,8 @@ def read_run(directory: Path) -> Optional[dict]:
             "skill": group_pass(final, skills) if skills else None,
             "rest": group_pass(final, [lvl for lvl in final if lvl != "all" and lvl not in skills]) if skills else None,
             "wall_s": wall, "points": points, "rewards": rewards,
+            "profile_tokens": profile_tokens / tokens if tokens else 0.0,
+            "profile_time": profile_s / wall if wall else 0.0,
             "phases": {n: s.get("kind") for n, s in phases.items()}}
 
 
@@ -108,6 +113,8 @@ def collect(exp: Experiment, root: Path) -> dict:
             "teacher_texts": [r["teacher_texts"] for r in done.values()],
             "optimizer_steps": [r["optimizer_steps"] for r in done.values()],
             "wall_s": [r["wall_s"] for r in done.values()],
+            "profile_tokens": [r["profile_tokens"] for r in done.values()],
+            "profile_time": [r["profile_time"] for r in done.values()],
             "trajectory": trajectory([r["points"] for r in done.values()]),
             "flow": flow([r["points"] for r in done.values()]),
             "rewards": average_series([r["rewards"] for r in done.values()]),
@@ -156,13 +163,15 @@ def table(data: dict) -> tuple[list[str], list[list[str]]]:
     levels = sorted({lvl for a in data["arms"].values() for lvl in a["levels"]}, key=lambda s: (len(s), s))
     split = any(a.get("skill") for a in data["arms"].values())  # the skill task: skill levels and the rest apart
     header = ["arm", "seeds", "pass@1 (all)", *(["pass@1 (skill levels)", "pass@1 (other levels)"] if split else []),
-              *[f"L{lvl}" for lvl in levels], "tokens generated", "optimizer steps", "teacher texts", "wall time (s)"]
+              *[f"L{lvl}" for lvl in levels], "tokens generated", "optimizer steps", "teacher texts", "wall time (s)",
+              "profiles' share of tokens", "profiles' share of time"]
     rows = []
     for a in data["arms"].values():
         rows.append([a["title"], str(len(a["seeds_done"])), cell(a["pass@1"]),
                      *([cell(a.get("skill", [])), cell(a.get("rest", []))] if split else []),
                      *[cell(a["levels"].get(lvl, []), 2) for lvl in levels], cell(a["generated_tokens"], 0),
-                     cell(a["optimizer_steps"], 0), cell(a["teacher_texts"], 0), cell(a["wall_s"], 0)])
+                     cell(a["optimizer_steps"], 0), cell(a["teacher_texts"], 0), cell(a["wall_s"], 0),
+                     cell(a.get("profile_tokens", []), 2), cell(a.get("profile_time", []), 2)])
     return header, rows
 
 
