@@ -318,7 +318,8 @@ def test_quick_experiment_makes_every_cell_and_plot(tmp_path):
     titles = {a.name: a.title for a in exp.arms}
     for row in table:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert len(cells) == 13 and all(c and c != "-" for c in cells), row  # arm, seeds, all, L1-L6, tokens...
+        # arm, seeds, all, L1-L6, tokens, steps, texts, wall time, the profiles' shares of tokens and time
+        assert len(cells) == 15 and all(c and c != "-" for c in cells), row
         assert all(("±" in c) == (cells[0] in {titles[n] for n in twice}) for c in cells[2:]), row
     missing = next(line for line in text.splitlines() if line.startswith("**Runs missing"))
     assert all((titles[n] in missing) == (n not in twice) for n in titles), missing
