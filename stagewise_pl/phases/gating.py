@@ -44,27 +44,21 @@ class PhaseGating:
         if dist.is_main():
             path = self.snapshot_file(spec)
             path.parent.mkdir(parents=True, exist_ok=True)
-            state = {k: v.detach().cpu().clone() for k, v in self.ctx.policy.state_dict().items()}
             with atomic_file(path, "wb") as handle:
-                torch.save(state, handle)
+                torch.save(self.ctx.policy.state_dict(), handle)
         dist.barrier()
 
-    def prune(self, current: PhaseSpec) -> None:
-        """Remove the start weights of the phases before ``current`` (its own first checkpoint is written)."""
-        if dist.is_main() and self.gates:
-            folder = self.ctx.rundir / "gate"
-            keep = self.snapshot_file(current).name
-            for path in folder.glob("*.pt") if folder.is_dir() else []:
-                if path.name != keep:
-                    path.unlink(missing_ok=True)
-
-    def clear(self) -> None:
-        """At the run's end (its last checkpoint written): the start weights are no longer needed."""
+    def prune(self, current: Optional[PhaseSpec]) -> None:
+        """Remove the start weights of every phase but ``current`` (its own first checkpoint is written); None: of
+        every phase, at the run's end once its last checkpoint is written."""
         folder = self.ctx.rundir / "gate"
         if dist.is_main() and folder.is_dir():
+            keep = None if current is None else self.snapshot_file(current).name
             for path in folder.glob("*.pt"):
-                path.unlink(missing_ok=True)
-        fault_point("gate_cleared")
+                if path.name != keep:
+                    path.unlink(missing_ok=True)
+        if current is None:
+            fault_point("gate_cleared")
 
     # --------------------------------------------------------------- a phase's end
     def against(self, spec: PhaseSpec, decisions: dict) -> str:
@@ -95,7 +89,7 @@ class PhaseGating:
             if self.gates:
                 label = self.against(spec, decisions)
                 decision = judge(self.gates, spec, self.dev.grade(label), after, label).to_dict()
-                if decision["action"] == "retry" and (last or spec.name.endswith(RETRY)):
+                if decision["action"] == "retry" and (last or "retry_of" in decisions.get(spec.name, {})):
                     why = "the plan's last phase" if last else "a retry"
                     decision.update(action="rollback", reason=decision["reason"] + f"; {why} is not retried")
         decision = dist.broadcast(decision)

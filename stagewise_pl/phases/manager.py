@@ -284,7 +284,7 @@ class PhaseManager(L.Callback):
         """The stream has ended: every phase has run. Close the last one and write the final checkpoint."""
         self.close_phase(pl_module, last=True)
         self.save(trainer)
-        self.gating.clear()
+        self.gating.prune(None)
         # what this rank trained on, phase by phase: every rank must have seen the same routing
         digests = {name: hashlib.sha256(json.dumps(d["selected"]).encode()).hexdigest()[:16]
                    for name, d in self.decisions.items()}
@@ -300,10 +300,7 @@ class PhaseManager(L.Callback):
         summary = dict(runner.summary(), seconds=round(time.time() - self.phase_started, 1))
         extra = runner.record()  # what the phase adds to its routing decision (a profile: its evidence)
         if extra:
-            self.decisions[spec.name] = {**self.decisions[spec.name], **extra}
-            if dist.is_main():
-                atomic_write(ctx.rundir.phase_file("routing", spec.number, spec.name),
-                             json.dumps(self.decisions[spec.name], indent=1))
+            self.add_to_decision(spec, extra)
         summary["select"] = spec.select
         if spec.select != "all":
             summary["buckets"] = self.decisions[spec.name]["counts"]
@@ -316,17 +313,11 @@ class PhaseManager(L.Callback):
             self.evaluate(spec.name)
         gate = self.gating.close(spec, self.decisions, summary, last) if trained else None
         if gate is not None:  # the phase's routing decision records what the gate did
-            self.decisions[spec.name] = {**self.decisions[spec.name], "gate": gate}
-            if dist.is_main():
-                atomic_write(ctx.rundir.phase_file("routing", spec.number, spec.name),
-                             json.dumps(self.decisions[spec.name], indent=1))
+            self.add_to_decision(spec, {"gate": gate})
             ctx.log(f"phase {spec.name}: gate {gate['gate']}: {gate['action']} ({gate['reason']}; development "
                     f"accuracy {gate['before']:.3f} after {gate['against']} -> {gate['after']:.3f})")
             if gate["action"] == "retry":
-                again = self.add_retry(self.specs[self.pos])
-                if dist.is_main():
-                    atomic_write(ctx.rundir.phase_file("routing", again.number, again.name),
-                                 json.dumps(self.decisions[again.name], indent=1))
+                self.add_to_decision(self.add_retry(self.specs[self.pos]), {})
         if dist.is_main():
             curves = runner.curves()
             if curves:
@@ -337,6 +328,13 @@ class PhaseManager(L.Callback):
         if spec.name in self.columns:
             ctx.log(ctx.heldout.accuracy_line(spec.name, self.columns[spec.name]))
         fault_point(f"phase_end:{spec.name}")
+
+    def add_to_decision(self, spec: PhaseSpec, extra: dict) -> None:
+        """Add ``extra`` to the phase's routing decision, and write it to routing/NN-<phase>.json (rank 0)."""
+        self.decisions[spec.name] = {**self.decisions[spec.name], **extra}
+        if dist.is_main():
+            atomic_write(self.ctx.rundir.phase_file("routing", spec.number, spec.name),
+                         json.dumps(self.decisions[spec.name], indent=1))
 
     def save(self, trainer) -> None:
         """``last.ckpt``: written aside, its digest recorded, then renamed into place (see
